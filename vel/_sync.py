@@ -1,0 +1,59 @@
+"""Run vel coroutines from plain (synchronous) code.
+
+The spec calls ``agent.ctxmgr.get_session_context(...)`` without ``await``, possibly from
+inside a running event loop. Blocking that loop on its own work would deadlock, so plain calls
+run on one helper thread with its own loop (an anyio blocking portal), started on first use.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_portal: BlockingPortal | None = None
+_portal_cm: AbstractContextManager[BlockingPortal] | None = None
+_portal_thread: int | None = None
+
+
+def _get_portal() -> BlockingPortal:
+    global _portal, _portal_cm
+    with _lock:
+        if _portal is None:
+            _portal_cm = start_blocking_portal()
+            _portal = _portal_cm.__enter__()
+            _portal.call(_remember_thread)
+            atexit.register(_stop_portal)
+        return _portal
+
+
+async def _remember_thread() -> None:
+    global _portal_thread
+    _portal_thread = threading.get_ident()
+
+
+def _stop_portal() -> None:
+    global _portal, _portal_cm
+    with _lock:
+        if _portal_cm is not None:
+            _portal_cm.__exit__(None, None, None)
+        _portal = _portal_cm = None
+
+
+def in_helper_thread() -> bool:
+    """True on vel's own helper loop (where plain calls run)."""
+    return threading.get_ident() == _portal_thread
+
+
+def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """Run ``await func(*args)`` to completion on the helper loop and return its result."""
+    if in_helper_thread():
+        raise RuntimeError("a plain vel call was made from vel's own helper loop; await the a* twin")
+    return _get_portal().call(func, *args)

@@ -1,0 +1,370 @@
+"""Agent: one conversational turn at a time, with session memory.
+
+A turn loads the session's window, calls the model (streaming), runs requested tools until
+the model answers in text (or ``policies['max_steps']`` is reached), then commits the turn's
+new messages (user, assistant tool calls, tool results, final answer) in **one** atomic
+append. A turn that fails or is cancelled commits nothing: the session is exactly as it was.
+Two turns of the same session are serialised by the store's turn lock (across processes for
+the database and redis stores), so their messages never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vel import events as ev
+from vel.context import ContextManager
+from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
+from vel.messages import Message, validate_message, validate_session_id
+from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
+from vel.stores import StorageSpec, release_store, acquire_store
+from vel.tools import Tool, build_tools, render_output
+
+DEFAULT_MAX_STEPS = 8
+
+
+class CancelToken(Protocol):
+    """Anything with ``is_set()`` and ``wait()``, such as ``asyncio.Event``."""
+
+    def is_set(self) -> bool: ...
+
+    async def wait(self) -> Any: ...
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@dataclass
+class _Outcome:
+    text: str = ""
+    error: BaseException | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _PendingCall:
+    call_id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class _Step:
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _PendingCall] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+    text_block: str | None = None
+
+
+class Agent:
+    """An LLM agent with session memory.
+
+    Args:
+        id: the agent's name (used in logs).
+        model: ``{'provider': 'openai', 'model': 'gpt-4o', 'api_key'?: ..., 'base_url'?: ...}``.
+        session_storage: ``'memory'`` (default), ``'database'`` (Postgres, ``POSTGRES_DSN``),
+            ``'redis'`` (Redis hot tier written behind to Postgres), or a store object.
+        context_manager: a :class:`ContextManager` (default: full history).
+        system_prompt: sent first at every model call; never stored in the session.
+        tools: Python callables, :class:`~vel.tools.Tool` objects or tool spec dicts.
+        generation_config: extra chat-completions parameters (``temperature``, ...).
+        policies: ``max_steps`` (default 8), ``turn_lock`` (default True),
+            ``lock_timeout`` seconds (default 30).
+
+    Raises:
+        ConfigurationError: unknown provider or storage mode, or missing ``POSTGRES_DSN``.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        model: Mapping[str, Any],
+        session_storage: StorageSpec = "memory",
+        context_manager: ContextManager | None = None,
+        system_prompt: str | None = None,
+        tools: Sequence[Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+        policies: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(id, str) or not id:
+            raise ConfigurationError("Agent id must be a non-empty str")
+        self.id = id
+        self.model = dict(model)
+        self.system_prompt = system_prompt
+        self.generation_config = dict(generation_config or {})
+        self.policies = dict(policies or {})
+        self.max_steps = int(self.policies.get("max_steps", DEFAULT_MAX_STEPS))
+        if self.max_steps < 1:
+            raise ConfigurationError("policies['max_steps'] must be at least 1")
+        self.turn_lock = bool(self.policies.get("turn_lock", True))
+        self.lock_timeout = float(self.policies.get("lock_timeout", 30.0))
+        self.tools: dict[str, Tool] = build_tools(tools)
+        self.provider: Provider = make_provider(self.model)
+        self.store, self._store_key = acquire_store(session_storage)
+        self.ctxmgr = context_manager if context_manager is not None else ContextManager()
+        self.ctxmgr.bind(self.store)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Agent(id={self.id!r}, model={self.model.get('model')!r}, store={self.store!r})"
+
+    async def __aenter__(self) -> Agent:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Drain pending writes and release the model client and store. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.provider.aclose()
+        await release_store(self.store, self._store_key)
+
+    # -- public API ----------------------------------------------------------------------
+
+    async def run(
+        self,
+        input: Mapping[str, Any],
+        session_id: str | None = None,
+        *,
+        cancel_token: CancelToken | None = None,
+    ) -> str:
+        """Run one turn and return the final answer text.
+
+        Args:
+            input: ``{'message': str}`` (the session's history is used and extended) or
+                ``{'messages': [...]}`` (the caller owns the history: nothing is loaded or
+                stored).
+            session_id: the conversation to continue; None for a one-off call.
+            cancel_token: setting it cancels the turn (raises TurnCancelledError).
+
+        Raises:
+            InvalidInputError, ProviderError, StoreError, TurnCancelledError.
+        """
+        outcome = _Outcome()
+        async for _ in self._turn(input, session_id, cancel_token, outcome):
+            pass
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.cancelled:
+            raise TurnCancelledError("the turn was cancelled; the session is unchanged")
+        return outcome.text
+
+    async def run_stream(
+        self,
+        input: Mapping[str, Any],
+        session_id: str | None = None,
+        *,
+        cancel_token: CancelToken | None = None,
+    ) -> AsyncIterator[ev.Event]:
+        """Run one turn, yielding Vercel AI SDK UI stream events (see :mod:`vel.events`).
+
+        Failures are reported as a final ``error`` event rather than raised; a set
+        ``cancel_token`` ends the stream with ``abort`` then ``finish``. Closing the
+        generator early cancels the turn the same way (no event can follow the close).
+        """
+        async for event in self._turn(input, session_id, cancel_token, _Outcome()):
+            yield event
+
+    # -- the turn --------------------------------------------------------------------------
+
+    def _parse_input(self, input: Mapping[str, Any]) -> tuple[list[Message], bool]:
+        if not isinstance(input, Mapping):
+            raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
+        if "messages" in input:
+            messages = input["messages"]
+            if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+                raise InvalidInputError("input['messages'] must be a list of message dicts")
+            return [validate_message(m) for m in messages], True
+        if "message" in input:
+            content = input["message"]
+            if not isinstance(content, (str, list)):
+                raise InvalidInputError("input['message'] must be a str (or content parts)")
+            return [{"role": "user", "content": content}], False
+        raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
+
+    def _lock(self, session_id: str | None) -> AbstractAsyncContextManager[Any]:
+        if session_id is None or not self.turn_lock or not self.ctxmgr.stores_history:
+            return nullcontext()
+        return self.store.turn_lock(session_id, self.lock_timeout)
+
+    async def _turn(
+        self,
+        input: Mapping[str, Any],
+        session_id: str | None,
+        cancel_token: CancelToken | None,
+        outcome: _Outcome,
+    ) -> AsyncIterator[ev.Event]:
+        run_id = uuid.uuid4().hex
+        yield ev.start(run_id)
+        open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
+        try:
+            new_messages, client_owned = self._parse_input(input)
+            if session_id is not None:
+                validate_session_id(session_id)
+            keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
+            async with self._lock(session_id if keep else None):
+                await self.ctxmgr.aprepare_run(
+                    run_id, None if client_owned else session_id, new_messages
+                )
+                for _ in range(self.max_steps):
+                    has_calls = False
+                    steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
+                    async for event in steps:
+                        if event["type"] == "tool-input-available":
+                            has_calls = True
+                        yield event
+                    if not has_calls:
+                        break
+                if keep:
+                    assert session_id is not None
+                    # Not cancellable: an interrupted append could be stored yet reported lost.
+                    await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+            yield ev.finish()
+        except _Cancelled:
+            outcome.cancelled = True
+            for closing in reversed(open_blocks):
+                yield closing
+            yield ev.abort()
+            yield ev.finish()
+        except VelError as exc:
+            outcome.error = exc
+            for closing in reversed(open_blocks):
+                yield closing
+            yield ev.error(str(exc))
+        finally:
+            self.ctxmgr.end_run(run_id)
+
+    async def _step(
+        self,
+        run_id: str,
+        session_id: str | None,
+        cancel_token: CancelToken | None,
+        open_blocks: list[ev.Event],
+        outcome: _Outcome,
+    ) -> AsyncIterator[ev.Event]:
+        yield ev.start_step()
+        open_blocks.append(ev.finish_step())
+        messages = self.ctxmgr.messages_for_llm(run_id, session_id)
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        step = _Step()
+        tools = [t.openai_schema() for t in self.tools.values()]
+        chunks = self.provider.stream(messages, tools, self.generation_config)
+        try:
+            while True:
+                chunk = await _until_cancelled(anext(chunks, None), cancel_token)
+                if chunk is None:
+                    break
+                if isinstance(chunk, TextChunk):
+                    if step.text_block is None:
+                        step.text_block = uuid.uuid4().hex
+                        yield ev.text_start(step.text_block)
+                        open_blocks.append(ev.text_end(step.text_block))
+                    step.text.append(chunk.text)
+                    yield ev.text_delta(step.text_block, chunk.text)
+                elif isinstance(chunk, ToolCallChunk):
+                    call = step.calls.get(chunk.index)
+                    if call is None:
+                        call = _PendingCall(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}",
+                                            chunk.name or "")
+                        step.calls[chunk.index] = call
+                        yield ev.tool_input_start(call.call_id, call.name)
+                        open_blocks.append(ev.tool_output_error(call.call_id, "turn ended"))
+                    if chunk.arguments:
+                        call.arguments += chunk.arguments
+                        yield ev.tool_input_delta(call.call_id, chunk.arguments)
+                elif isinstance(chunk, UsageChunk):
+                    step.usage = chunk.usage
+        finally:
+            await chunks.aclose()
+        if step.text_block is not None:
+            open_blocks.remove(ev.text_end(step.text_block))
+            yield ev.text_end(step.text_block)
+        text = "".join(step.text)
+        ordered = [step.calls[i] for i in sorted(step.calls)]
+        assistant: Message = {"role": "assistant", "content": text or None}
+        if ordered:
+            assistant["tool_calls"] = [
+                {"id": c.call_id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in ordered
+            ]
+        else:
+            assistant["content"] = text
+        self.ctxmgr.record(run_id, [assistant])
+        if ordered:
+            parsed: list[Any] = []
+            for call in ordered:
+                try:
+                    value = json.loads(call.arguments) if call.arguments.strip() else {}
+                except json.JSONDecodeError:
+                    value = call.arguments
+                parsed.append(value)
+                yield ev.tool_input_available(call.call_id, call.name, value)
+            results = await _until_cancelled(
+                asyncio.gather(*(self._call_tool(c, a) for c, a in zip(ordered, parsed,
+                                                                        strict=True))),
+                cancel_token,
+            )
+            tool_messages: list[Message] = []
+            for call, (ok, value) in zip(ordered, results, strict=True):
+                open_blocks.remove(ev.tool_output_error(call.call_id, "turn ended"))
+                if ok:
+                    yield ev.tool_output_available(call.call_id, value)
+                    content = render_output(value)
+                else:
+                    yield ev.tool_output_error(call.call_id, value)
+                    content = f"Error: {value}"
+                tool_messages.append({"role": "tool", "tool_call_id": call.call_id,
+                                      "content": content})
+            self.ctxmgr.record(run_id, tool_messages)
+        if step.usage is not None:
+            yield ev.response_metadata(step.usage)
+        open_blocks.remove(ev.finish_step())
+        yield ev.finish_step()
+        outcome.text = text
+
+    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any]:
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return False, f"unknown tool {call.name!r}"
+        if not isinstance(arguments, dict):
+            return False, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
+        try:
+            return True, await tool.call(arguments)
+        except Exception as exc:  # a tool's failure is reported to the model, not raised
+            return False, f"{type(exc).__name__}: {exc}"
+
+
+async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:
+    """Await ``awaitable`` unless ``cancel_token`` is set first (then raise _Cancelled)."""
+    if cancel_token is None:
+        return await awaitable
+    if cancel_token.is_set():
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise _Cancelled
+    work = asyncio.ensure_future(awaitable)
+    waiter = asyncio.ensure_future(cancel_token.wait())
+    try:
+        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise _Cancelled

@@ -1,0 +1,118 @@
+"""Validation and encoding of session ids and chat messages.
+
+Every store validates through here before touching its backend, so bad input is rejected with
+:class:`~vel.errors.InvalidInputError` and never reaches (or corrupts) stored data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from vel.errors import InvalidInputError
+
+Message = dict[str, Any]
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_SESSION_ID_BYTES = 512
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_MESSAGES_PER_APPEND = 1000
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it is usable as a key, else raise InvalidInputError.
+
+    Any non-empty text up to 512 UTF-8 bytes is accepted, braces, colons and newlines
+    included (stores escape nothing: ids are placed where no character is special). NUL is
+    refused because Postgres text cannot hold it.
+    """
+    if not isinstance(session_id, str):
+        raise InvalidInputError(f"session_id must be a str, got {type(session_id).__name__}")
+    if not session_id:
+        raise InvalidInputError("session_id must not be empty")
+    if "\x00" in session_id:
+        raise InvalidInputError("session_id must not contain NUL characters")
+    try:
+        size = len(session_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError("session_id must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_SESSION_ID_BYTES:
+        raise InvalidInputError(
+            f"session_id is {size} bytes; the limit is {MAX_SESSION_ID_BYTES} bytes"
+        )
+    return session_id
+
+
+def validate_message(message: object) -> Message:
+    """Check one chat message's shape (a dict with a known ``role``)."""
+    if not isinstance(message, Mapping):
+        raise InvalidInputError(f"a message must be a dict, got {type(message).__name__}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise InvalidInputError(f"message role must be one of {sorted(ROLES)}, got {role!r}")
+    return dict(message)
+
+
+def encode_message(message: object) -> str:
+    """Validate ``message`` and return its compact JSON text."""
+    checked = validate_message(message)
+    try:
+        text = json.dumps(checked, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise InvalidInputError("message is nested too deeply to store as JSON") from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"message is not JSON-serialisable: {exc}") from None
+    if "\\u0000" in text:
+        # Postgres jsonb rejects the NUL escape; refuse it here so every tier accepts the same.
+        raise InvalidInputError("message text must not contain NUL characters")
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInputError("message must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidInputError(
+            f"message is {size} bytes of JSON; the limit is {MAX_MESSAGE_BYTES} bytes"
+        )
+    return text
+
+
+def encode_messages(messages: Iterable[object]) -> list[str]:
+    """Validate and encode a batch for one append."""
+    if isinstance(messages, (str, bytes, Mapping)):
+        raise InvalidInputError("messages must be a list of message dicts")
+    encoded = [encode_message(m) for m in messages]
+    if len(encoded) > MAX_MESSAGES_PER_APPEND:
+        raise InvalidInputError(
+            f"{len(encoded)} messages in one append; the limit is {MAX_MESSAGES_PER_APPEND}"
+        )
+    return encoded
+
+
+def new_message_ids(count: int) -> list[str]:
+    """Fresh ids, generated once per append and kept across its retries."""
+    return [uuid.uuid4().hex for _ in range(count)]
+
+
+def check_message_ids(message_ids: Sequence[str] | None, count: int) -> list[str]:
+    if message_ids is None:
+        return new_message_ids(count)
+    ids = list(message_ids)
+    if len(ids) != count or len(set(ids)) != count:
+        raise InvalidInputError("message_ids must be unique and one per message")
+    for mid in ids:
+        if not isinstance(mid, str) or not _MESSAGE_ID.fullmatch(mid):
+            raise InvalidInputError(
+                "each message id must be 1-64 characters of letters, digits, '_', '-', '.' or ':'"
+            )
+    return ids
+
+
+def decode_message(text: str | bytes) -> Message:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise InvalidInputError("stored message is not a JSON object")
+    return value

@@ -1,0 +1,105 @@
+"""OpenAI chat completions (streaming) through ``openai.AsyncOpenAI``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import openai
+
+from vel._loops import PerLoop
+from vel.errors import ConfigurationError, ProviderError
+from vel.messages import Message
+from vel.providers.base import Chunk, TextChunk, ToolCallChunk, UsageChunk
+
+_CLIENT_OPTIONS = ("api_key", "base_url", "organization", "timeout", "max_retries")
+
+
+class OpenAIProvider:
+    """Streams completions from an OpenAI-compatible endpoint.
+
+    One ``AsyncOpenAI`` client per event loop is created on first use and reused for every
+    run (its connection pool belongs to that loop). The SDK reads ``OPENAI_API_KEY`` and
+    ``OPENAI_BASE_URL`` itself when the model dict gives no ``api_key`` / ``base_url``.
+    Extra client options can be passed as ``model['client']`` (e.g. ``{'http_client': ...}``).
+    """
+
+    def __init__(self, model: Mapping[str, Any]) -> None:
+        name = model.get("model")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError("model['model'] must name the model, e.g. 'gpt-4o'")
+        self.model = name
+        self._options: dict[str, Any] = {k: model[k] for k in _CLIENT_OPTIONS if k in model}
+        self._options.update(model.get("client") or {})
+        self._clients: PerLoop[openai.AsyncOpenAI] = PerLoop(self._make_client, _close_client)
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(model={self.model!r})"
+
+    async def _make_client(self) -> openai.AsyncOpenAI:
+        try:
+            return openai.AsyncOpenAI(**self._options)
+        except openai.OpenAIError as exc:
+            raise ConfigurationError(
+                "no OpenAI API key: set OPENAI_API_KEY or pass model={'api_key': ...}"
+            ) from exc
+
+    async def stream(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[dict[str, Any]],
+        generation_config: Mapping[str, Any],
+    ) -> AsyncIterator[Chunk]:
+        client = await self._clients.get()
+        request: dict[str, Any] = dict(generation_config)
+        if tools:
+            request["tools"] = list(tools)
+        try:
+            response = await client.chat.completions.create(
+                model=self.model,
+                messages=list(messages),  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                **request,
+            )
+        except openai.APIStatusError as exc:
+            raise ProviderError(f"model provider returned HTTP {exc.status_code}: "
+                                f"{_error_text(exc)}") from exc
+        except openai.OpenAIError as exc:
+            raise ProviderError(f"model provider request failed: {exc}") from exc
+        try:
+            async for chunk in response:
+                if chunk.usage is not None:
+                    yield UsageChunk(chunk.usage.model_dump(exclude_none=True))
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.content:
+                        yield TextChunk(delta.content)
+                    for call in delta.tool_calls or ():
+                        function = call.function
+                        yield ToolCallChunk(
+                            index=call.index,
+                            call_id=call.id,
+                            name=function.name if function else None,
+                            arguments=(function.arguments or "") if function else "",
+                        )
+        except openai.OpenAIError as exc:
+            raise ProviderError(f"model stream broke: {exc}") from exc
+        finally:
+            await response.close()
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+
+async def _close_client(client: openai.AsyncOpenAI) -> None:
+    await client.close()
+
+
+def _error_text(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+    return exc.message

@@ -1,0 +1,125 @@
+"""The one module that reads ``os.environ``.
+
+Configuration flows keyword argument -> URL -> environment: every store takes explicit
+arguments, and :func:`load_settings` supplies the environment's values for whatever was not
+given. The openai SDK keeps reading its own ``OPENAI_*`` variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from vel.errors import ConfigurationError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Values read from the environment (all optional).
+
+    Attributes:
+        postgres_dsn: ``POSTGRES_DSN``.
+        redis_url: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
+        key_prefix: ``VEL_KEY_PREFIX``, namespace of every Redis key (default ``vel``).
+        hot_ttl: ``VEL_HOT_TTL`` seconds a clean session stays in Redis after its last use.
+        retention_ttl: ``VEL_RETENTION_TTL`` seconds a session lives after its last write
+            (both tiers); unset means forever.
+        max_unflushed: ``VEL_MAX_UNFLUSHED`` bound on messages waiting for Postgres.
+        backpressure_wait: ``VEL_BACKPRESSURE_WAIT`` seconds an append waits for the backlog
+            to drain before raising; 0 raises at once.
+        pg_pool_max: ``VEL_PG_POOL_MAX`` Postgres connections per process.
+        redis_pool_max: ``VEL_REDIS_POOL_MAX`` Redis connections per process.
+        op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
+        migrate_on_start: ``VEL_MIGRATE`` = 1 applies migrations when a store opens.
+        flusher: ``VEL_FLUSHER`` = ``embedded`` (default) or ``off`` (a standalone
+            ``vel flusher`` does the work).
+    """
+
+    postgres_dsn: str | None = None
+    redis_url: str = DEFAULT_REDIS_URL
+    key_prefix: str = "vel"
+    hot_ttl: float = 3600.0
+    retention_ttl: float | None = None
+    max_unflushed: int = 100_000
+    backpressure_wait: float = 5.0
+    pg_pool_max: int = 10
+    redis_pool_max: int = 50
+    op_timeout: float = 5.0
+    migrate_on_start: bool = False
+    flusher: str = "embedded"
+
+
+def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ConfigurationError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read vel's settings from ``env`` (default: the process environment).
+
+    Raises:
+        ConfigurationError: a variable is set to something unusable.
+    """
+    env = os.environ if env is None else env
+    base = Settings()
+    flusher = env.get("VEL_FLUSHER", base.flusher) or base.flusher
+    if flusher not in ("embedded", "off"):
+        raise ConfigurationError(f"VEL_FLUSHER must be 'embedded' or 'off', got {flusher!r}")
+    hot_ttl = _float(env, "VEL_HOT_TTL", base.hot_ttl)
+    backpressure_wait = _float(env, "VEL_BACKPRESSURE_WAIT", base.backpressure_wait)
+    op_timeout = _float(env, "VEL_OP_TIMEOUT", base.op_timeout)
+    assert hot_ttl is not None and backpressure_wait is not None and op_timeout is not None
+    return Settings(
+        postgres_dsn=env.get("POSTGRES_DSN") or None,
+        redis_url=env.get("REDIS_URL") or base.redis_url,
+        key_prefix=env.get("VEL_KEY_PREFIX") or base.key_prefix,
+        hot_ttl=hot_ttl,
+        retention_ttl=_float(env, "VEL_RETENTION_TTL", None),
+        max_unflushed=_int(env, "VEL_MAX_UNFLUSHED", base.max_unflushed),
+        backpressure_wait=backpressure_wait,
+        pg_pool_max=_int(env, "VEL_PG_POOL_MAX", base.pg_pool_max),
+        redis_pool_max=_int(env, "VEL_REDIS_POOL_MAX", base.redis_pool_max),
+        op_timeout=op_timeout,
+        migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
+        flusher=flusher,
+    )
+
+
+def redact(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for errors and logs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def failpoint_spec(env: Mapping[str, str] | None = None) -> str:
+    """``VEL_FAILPOINTS``: fault injection for vel's own fault tests (empty: off)."""
+    env = os.environ if env is None else env
+    return env.get("VEL_FAILPOINTS", "")

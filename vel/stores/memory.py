@@ -1,0 +1,176 @@
+"""MemoryStore: sessions in a dict of this process (``session_storage='memory'``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from vel.messages import (
+    Message,
+    check_message_ids,
+    decode_message,
+    encode_messages,
+    validate_session_id,
+)
+from vel.stores._locks import KeyedLocks
+from vel.stores.base import SessionInfo
+
+
+@dataclass
+class _Session:
+    created: float
+    updated: float
+    last_seq: int = 0
+    # (message_id, json text); the seq of entry i is last_seq - len(entries) + 1 + i.
+    entries: list[tuple[str, str]] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+
+
+class MemoryStore:
+    """Sessions kept in this process only: fast, lost on restart, not shared.
+
+    Messages are stored as JSON text, so what comes back is always a fresh copy and what
+    goes in must be JSON-serialisable, exactly as with the durable stores.
+
+    Args:
+        retention_ttl: seconds after its last write that a session expires (None: never).
+    """
+
+    def __init__(self, retention_ttl: float | None = None) -> None:
+        self.retention_ttl = retention_ttl
+        self._sessions: dict[str, _Session] = {}
+        # Plain calls run on vel's helper thread while the agent's loop runs elsewhere.
+        self._mutex = threading.Lock()
+        self._locks = KeyedLocks()
+        self._appends = 0
+        self._deduplicated = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(sessions={len(self._sessions)})"
+
+    def _live(self, session_id: str, now: float) -> _Session | None:
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if self.retention_ttl is not None and now - session.updated >= self.retention_ttl:
+            del self._sessions[session_id]
+            return None
+        return session
+
+    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        validate_session_id(session_id)
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None or limit == 0:
+                return []
+            entries = session.entries if limit is None else session.entries[-limit:]
+            texts = [text for _, text in entries]
+        return [decode_message(t) for t in texts]
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
+        validate_session_id(session_id)
+        texts = encode_messages(messages)
+        ids = check_message_ids(message_ids, len(texts))
+        now = time.time()
+        with self._mutex:
+            session = self._live(session_id, now)
+            if session is None:
+                session = self._sessions[session_id] = _Session(created=now, updated=now)
+            if ids and ids[0] in session.ids:
+                self._deduplicated += 1
+                return max(session.ids.get(i, 0) for i in ids)
+            if texts:
+                for offset, (mid, text) in enumerate(zip(ids, texts, strict=True), start=1):
+                    session.entries.append((mid, text))
+                    session.ids[mid] = session.last_seq + offset
+                session.last_seq += len(texts)
+                session.updated = now
+                self._appends += 1
+            elif not session.entries:
+                del self._sessions[session_id]
+            return session.last_seq
+
+    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+        validate_session_id(session_id)
+        texts = encode_messages(messages)
+        ids = check_message_ids(None, len(texts))
+        now = time.time()
+        with self._mutex:
+            old = self._live(session_id, now)
+            if not texts:
+                self._sessions.pop(session_id, None)
+                return
+            session = _Session(created=old.created if old else now, updated=now)
+            session.entries = list(zip(ids, texts, strict=True))
+            session.ids = {mid: seq for seq, mid in enumerate(ids, start=1)}
+            session.last_seq = len(texts)
+            self._sessions[session_id] = session
+
+    async def clear(self, session_id: str) -> None:
+        validate_session_id(session_id)
+        with self._mutex:
+            self._sessions.pop(session_id, None)
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        now = time.time()
+        with self._mutex:
+            live = [
+                (sid, s)
+                for sid in list(self._sessions)
+                if (s := self._live(sid, now)) is not None
+                and (inactive_for is None or now - s.updated >= inactive_for)
+            ]
+        live.sort(key=lambda item: item[1].updated)
+
+        def stamp(t: float) -> datetime:
+            return datetime.fromtimestamp(t, UTC)
+
+        return [
+            SessionInfo(
+                session_id=sid,
+                message_count=len(s.entries),
+                created_at=stamp(s.created),
+                updated_at=stamp(s.updated),
+                expires_at=None
+                if self.retention_ttl is None
+                else stamp(s.updated + self.retention_ttl),
+            )
+            for sid, s in live[:limit]
+        ]
+
+    async def purge_expired(self) -> int:
+        now = time.time()
+        with self._mutex:
+            before = len(self._sessions)
+            for sid in list(self._sessions):
+                self._live(sid, now)
+            return before - len(self._sessions)
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(validate_session_id(session_id), timeout)
+
+    async def stats(self) -> dict[str, float]:
+        with self._mutex:
+            return {
+                "sessions": len(self._sessions),
+                "messages": sum(len(s.entries) for s in self._sessions.values()),
+                "appends": self._appends,
+                "duplicates_suppressed": self._deduplicated,
+                "lock_waits": self._locks.waits,
+            }
+
+    async def aclose(self) -> None:
+        return None

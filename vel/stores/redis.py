@@ -1,0 +1,590 @@
+"""RedisStore: the Redis tier (hot, shared by every worker), also usable on its own.
+
+In write-behind mode (inside :class:`~vel.stores.tiered.TieredStore`) an append marks the
+session dirty and removes its TTL; the flusher copies it to Postgres and only then gives it
+back its idle TTL, so unflushed data never expires and, under ``volatile-*`` eviction, is never
+evicted. In Redis-only mode (``session_storage='redis'`` without ``POSTGRES_DSN``) every write
+and read slides the session's TTL, and the TTL ends the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.commands.core import AsyncScript
+
+from vel import failpoints
+from vel._loops import PerLoop
+from vel.errors import (
+    BackpressureError,
+    ConfigurationError,
+    SessionLockedError,
+    StoreError,
+    StoreFullError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from vel.messages import (
+    Message,
+    check_message_ids,
+    decode_message,
+    encode_messages,
+    validate_session_id,
+)
+from vel.settings import Settings, load_settings, redact
+from vel.stores import redis_scripts as lua
+from vel.stores.base import SessionInfo
+from vel.stores.redis_keys import DEFAULT_BUCKETS, KeyLayout, SessionKeys
+
+log = logging.getLogger("vel.redis")
+T = TypeVar("T")
+
+MISS, REPLAY, BACKPRESSURE, DAMAGED = -1, -2, -3, -4
+
+
+def _ms(seconds: float | None) -> int:
+    return 0 if not seconds else max(1, int(seconds * 1000))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """What a flusher has to copy for one session."""
+
+    session_id: str
+    gen: int
+    fgen: int
+    flushed: int
+    seq: int
+    rows: list[tuple[int, str, str]]  # (seq, message id, message JSON)
+
+
+class _Client:
+    """One loop's Redis client and its registered scripts."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.load = redis.register_script(lua.LOAD)
+        self.append = redis.register_script(lua.APPEND)
+        self.seed = redis.register_script(lua.SEED)
+        self.replace = redis.register_script(lua.REPLACE)
+        self.claim = redis.register_script(lua.CLAIM)
+        self.pending = redis.register_script(lua.PENDING)
+        self.ack = redis.register_script(lua.ACK)
+        self.renew = redis.register_script(lua.RENEW_LOCK)
+        self.release = redis.register_script(lua.RELEASE_LOCK)
+
+
+def _split(item: bytes) -> tuple[str, str]:
+    mid, _, text = item.partition(b"\n")
+    return mid.decode(), text.decode()
+
+
+class RedisStore:
+    """Sessions in Redis.
+
+    Args:
+        url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
+            ``redis://127.0.0.1:6379/0``).
+        client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
+        write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
+        key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
+        buckets: hash-slot buckets (part of the key layout: same value in every process).
+        hot_ttl: seconds a clean session stays after its last use (``VEL_HOT_TTL``).
+        retention_ttl: in Redis-only mode, caps the TTL (``VEL_RETENTION_TTL``).
+        max_unflushed: bound on messages waiting for Postgres (``VEL_MAX_UNFLUSHED``).
+        backpressure_wait: seconds an append waits for the backlog to drain, then raises
+            BackpressureError (0: raise at once).
+        flush_delay: seconds a new dirty session waits before it is due, so several turns
+            coalesce into one Postgres write.
+        op_timeout: socket timeout of every Redis call.
+        pool_max: connections per process (per event loop).
+        lock_lease: seconds a turn lock lives without renewal (renewed while held).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        write_behind: bool = False,
+        key_prefix: str | None = None,
+        buckets: int = DEFAULT_BUCKETS,
+        hot_ttl: float | None = None,
+        retention_ttl: float | None = None,
+        max_unflushed: int | None = None,
+        backpressure_wait: float | None = None,
+        flush_delay: float = 0.05,
+        op_timeout: float | None = None,
+        pool_max: int | None = None,
+        lock_lease: float = 60.0,
+        settings: Settings | None = None,
+    ) -> None:
+        s = settings or load_settings()
+        self.url = url or s.redis_url
+        self.keys = KeyLayout(key_prefix or s.key_prefix, buckets)
+        self.write_behind = write_behind
+        hot = s.hot_ttl if hot_ttl is None else hot_ttl
+        retention = s.retention_ttl if retention_ttl is None else retention_ttl
+        if retention is not None and retention > 0:
+            hot = min(hot, retention) if hot > 0 else retention
+        self.hot_ttl = hot
+        self.retention_ttl = retention
+        self.max_unflushed = s.max_unflushed if max_unflushed is None else max_unflushed
+        self.backpressure_wait = (
+            s.backpressure_wait if backpressure_wait is None else backpressure_wait
+        )
+        self.flush_delay = flush_delay
+        self.op_timeout = s.op_timeout if op_timeout is None else op_timeout
+        self.pool_max = s.redis_pool_max if pool_max is None else pool_max
+        self.lock_lease = lock_lease
+        self._injected = client
+        if client is None:
+            self._check_url(self.url)
+        self._clients: PerLoop[_Client] = PerLoop(self._connect, self._disconnect)
+        self.counters: dict[str, float] = {
+            "appends": 0,
+            "duplicates_suppressed": 0,
+            "backpressure_rejections": 0,
+            "lock_waits": 0,
+            "damaged_reads": 0,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, write_behind: bool) -> RedisStore:
+        return cls(settings=settings, write_behind=write_behind)
+
+    def __repr__(self) -> str:
+        mode = "write-behind" if self.write_behind else "redis-only"
+        return f"RedisStore({redact(self.url)!r}, prefix={self.keys.prefix!r}, {mode})"
+
+    @staticmethod
+    def _check_url(url: str) -> None:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"REDIS_URL must start with redis://, rediss:// or unix://, got {redact(url)!r}"
+            )
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def _connect(self) -> _Client:
+        if self._injected is not None:
+            return _Client(self._injected)
+        try:
+            client = aioredis.Redis.from_url(
+                self.url,
+                max_connections=self.pool_max,
+                socket_timeout=self.op_timeout,
+                socket_connect_timeout=self.op_timeout,
+                health_check_interval=30,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"bad REDIS_URL {redact(self.url)!r}: {exc}") from None
+        return _Client(client)
+
+    async def _disconnect(self, client: _Client) -> None:
+        if self._injected is None:
+            await client.redis.aclose()
+
+    async def client(self) -> _Client:
+        return await self._clients.get()
+
+    async def call(self, what: str, make: Callable[[_Client], Awaitable[T]]) -> T:
+        """Run one Redis operation, mapping redis-py errors to vel's, once."""
+        client = await self._clients.get()
+        try:
+            async with asyncio.timeout(self.op_timeout + 1.0):
+                return await make(client)
+        except rexc.ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise StoreFullError(f"Redis is out of memory during {what}; nothing was "
+                                     "stored (raise maxmemory or flush faster)") from exc
+            raise StoreError(f"Redis rejected {what}: {exc}") from exc
+        except rexc.AuthenticationError as exc:
+            raise ConfigurationError(f"Redis refused the credentials in "
+                                     f"{redact(self.url)!r}") from exc
+        except (rexc.TimeoutError, TimeoutError) as exc:
+            raise StoreTimeoutError(f"Redis did not answer {what} within "
+                                    f"{self.op_timeout} s") from exc
+        except (rexc.ConnectionError, OSError) as exc:
+            raise StoreUnavailableError(f"Redis at {redact(self.url)} is unreachable during "
+                                        f"{what}: {exc}") from exc
+        except rexc.RedisError as exc:
+            raise StoreError(f"Redis failed during {what}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.call("PING", lambda c: c.redis.ping()))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
+        """The window, or None when the session is not in Redis (a miss)."""
+        keys = self.keys.session(validate_session_id(session_id))
+        args = [-1 if limit is None else limit, _ms(self.hot_ttl), "1" if self.write_behind else "0"]
+        reply: list[Any] = await self.call(
+            "load", lambda c: c.load(keys=list(keys.data[:2]) + [keys.replays], args=args)
+        )
+        head = int(reply[0])
+        if head == MISS:
+            return None
+        if head == DAMAGED:
+            self.counters["damaged_reads"] += 1
+            raise StoreError(
+                f"session {session_id!r} lost part of its data in Redis while unflushed; "
+                "check maxmemory-policy (never allkeys-*) with `vel doctor`"
+            )
+        return [decode_message(_split(item)[1]) for item in reply[1:]]
+
+    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        messages = await self.read(session_id, limit)
+        return [] if messages is None else messages
+
+    async def exists(self, session_id: str) -> bool:
+        keys = self.keys.session(session_id)
+        return bool(await self.call("exists", lambda c: c.redis.exists(keys.meta)))
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def try_append(
+        self, session_id: str, items: Sequence[str], first_id: str
+    ) -> tuple[int, int]:
+        """Run the append script once: returns (code, value) where code is 0 on success."""
+        keys = self.keys.session(session_id)
+        per_bucket = max(1, -(-self.max_unflushed // self.keys.buckets))
+        args: list[Any] = [
+            now_ms(),
+            "wb" if self.write_behind else "ro",
+            _ms(self.hot_ttl),
+            _ms(self.flush_delay),
+            per_bucket,
+            session_id,
+            first_id,
+            *items,
+        ]
+        reply = await self.call(
+            "append",
+            lambda c: c.append(
+                keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog], args=args
+            ),
+        )
+        head = int(reply[0])
+        if head >= 0:
+            self.counters["appends"] += 1
+            await failpoints.hit("after_append_script")
+            return 0, head
+        return head, int(reply[1]) if len(reply) > 1 else 0
+
+    async def append_items(
+        self,
+        session_id: str,
+        items: Sequence[str],
+        first_id: str,
+        on_miss: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        """Append encoded items, retrying replays, misses and backpressure as configured."""
+        deadline = time.monotonic() + self.backpressure_wait
+        delay = 0.01
+        for attempt in range(1000):
+            try:
+                code, value = await self.try_append(session_id, items, first_id)
+            except StoreUnavailableError:
+                # Safe to retry: the first message id makes a replayed append a no-op.
+                if attempt >= 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            if code == 0:
+                return value
+            if code == REPLAY:
+                self.counters["duplicates_suppressed"] += 1
+                return value
+            if code == MISS:
+                if on_miss is None:
+                    raise StoreError("append found no session and has no way to create it")
+                await on_miss()
+                continue
+            if code == BACKPRESSURE:
+                if time.monotonic() >= deadline:
+                    self.counters["backpressure_rejections"] += 1
+                    raise BackpressureError(
+                        f"{value} messages are waiting for Postgres in this bucket "
+                        f"(bound {self.max_unflushed} in all); retry later"
+                    )
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+                continue
+            raise StoreError(f"unexpected append reply {code}")
+        raise StoreError("append did not settle after 1000 attempts")
+
+    @staticmethod
+    def encode(messages: Sequence[Message], message_ids: Sequence[str] | None) -> list[str]:
+        texts = encode_messages(messages)
+        ids = check_message_ids(message_ids, len(texts))
+        return [f"{mid}\n{text}" for mid, text in zip(ids, texts, strict=True)]
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
+        validate_session_id(session_id)
+        items = self.encode(messages, message_ids)
+        if not items:
+            return await self.last_seq(session_id)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        return await self.append_items(session_id, items, items[0].partition("\n")[0])
+
+    async def last_seq(self, session_id: str) -> int:
+        keys = self.keys.session(validate_session_id(session_id))
+        raw = await self.call("hget", lambda c: c.redis.hget(keys.meta, "seq"))
+        return int(raw or 0)
+
+    async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
+        """Replace (no items: clear). Returns the new generation, or MISS."""
+        keys = self.keys.session(session_id)
+        args: list[Any] = [
+            now_ms(), "wb" if self.write_behind else "ro", _ms(self.hot_ttl), session_id, *items
+        ]
+        reply = await self.call(
+            "replace",
+            lambda c: c.replace(
+                keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog], args=args
+            ),
+        )
+        return int(reply[0])
+
+    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+        validate_session_id(session_id)
+        items = self.encode(messages, None)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        await self.try_replace(session_id, items)
+
+    async def clear(self, session_id: str) -> None:
+        await self.replace(session_id, [])
+
+    async def seed(
+        self,
+        session_id: str,
+        token: str,
+        gen: int,
+        last_seq: int,
+        rows: Sequence[tuple[int, str, str]],
+        created_ms: int,
+        updated_ms: int,
+    ) -> int:
+        """Install a snapshot read from Postgres (see SEED). Returns 1, 0 or -1."""
+        keys = self.keys.session(session_id)
+        args: list[Any] = [token, _ms(self.hot_ttl), gen, last_seq, created_ms, updated_ms]
+        args += [f"{mid}\n{text}" for _, mid, text in rows]
+        reply = await self.call(
+            "seed", lambda c: c.seed(keys=[*keys.data, keys.warm_lock], args=args)
+        )
+        return int(reply)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def try_lock(self, key: str, token: str, lease: float) -> bool:
+        return bool(
+            await self.call("lock", lambda c: c.redis.set(key, token, nx=True, px=_ms(lease)))
+        )
+
+    async def renew_lock(self, key: str, token: str, lease: float) -> bool:
+        return bool(
+            await self.call("renew", lambda c: c.renew(keys=[key], args=[token, _ms(lease)]))
+        )
+
+    async def release_lock(self, key: str, token: str) -> None:
+        await self.call("unlock", lambda c: c.release(keys=[key], args=[token]))
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self._turn_lock(self.keys.session(validate_session_id(session_id)), timeout)
+
+    @asynccontextmanager
+    async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + (30.0 if timeout is None else timeout)
+        delay = 0.005
+        waited = False
+        while not await self.try_lock(keys.turn_lock, token, self.lock_lease):
+            if not waited:
+                waited = True
+                self.counters["lock_waits"] += 1
+            if time.monotonic() >= deadline:
+                raise SessionLockedError(f"session lock {keys.turn_lock!r} is held by another "
+                                         f"turn (waited {timeout} s)")
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.2)
+        renewer = asyncio.create_task(self._renew_forever(keys.turn_lock, token))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            try:
+                await self.release_lock(keys.turn_lock, token)
+            except StoreError:
+                log.warning("could not release turn lock %s; its lease will run out",
+                            keys.turn_lock)
+
+    async def _renew_forever(self, key: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self.lock_lease / 3)
+            try:
+                if not await self.renew_lock(key, token, self.lock_lease):
+                    log.warning("turn lock %s was lost (lease ran out)", key)
+                    return
+            except StoreError:
+                log.warning("could not renew turn lock %s", key, exc_info=True)
+
+    # -- flushing (write-behind) -----------------------------------------------------------
+
+    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+        dirty = self.keys.bucket_keys(bucket)[0]
+        reply = await self.call(
+            "claim", lambda c: c.claim(keys=[dirty], args=[now_ms(), _ms(lease), limit])
+        )
+        return [sid.decode() for sid in reply]
+
+    async def reschedule(self, bucket: int, session_ids: Sequence[str], delay: float) -> None:
+        """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
+        dirty = self.keys.bucket_keys(bucket)[0]
+        due = now_ms() + _ms(delay)
+        mapping: dict[str | bytes, float] = {sid: due for sid in session_ids}
+        await self.call("reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True))
+
+    async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
+        """Read what each claimed session still has to copy (one pipelined round trip)."""
+
+        async def run(c: _Client) -> list[Any]:
+            pipe = c.redis.pipeline(transaction=False)
+            for sid in session_ids:
+                keys = self.keys.session(sid)
+                await c.pending(keys=[keys.meta, keys.messages], args=[max_rows], client=pipe)
+            return list(await pipe.execute())
+
+        replies = await self.call("pending", run)
+        result: list[Pending | None] = []
+        for sid, reply in zip(session_ids, replies, strict=True):
+            if int(reply[0]) == MISS and len(reply) == 1:
+                result.append(None)
+                continue
+            gen, fgen, flushed, seq = (int(x) for x in reply[:4])
+            rows = []
+            for offset, item in enumerate(reply[4:], start=1):
+                mid, text = _split(item)
+                rows.append((flushed + offset, mid, text))
+            result.append(Pending(sid, gen, fgen, flushed, seq, rows))
+        return result
+
+    async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:
+        """Acknowledge (session id, generation, flushed up to seq) triples."""
+
+        async def run(c: _Client) -> list[Any]:
+            pipe = c.redis.pipeline(transaction=False)
+            now = now_ms()
+            for sid, gen, upto in acks:
+                keys = self.keys.session(sid)
+                await c.ack(
+                    keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog],
+                    args=[sid, gen, upto, now, _ms(self.hot_ttl)],
+                    client=pipe,
+                )
+            return list(await pipe.execute())
+
+        return [int(r) for r in await self.call("ack", run)]
+
+    async def backlog(self) -> tuple[int, float, int]:
+        """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""
+
+        async def run(c: _Client) -> list[Any]:
+            pipe = c.redis.pipeline(transaction=False)
+            for b in range(self.keys.buckets):
+                dirty, since, backlog = self.keys.bucket_keys(b)
+                pipe.get(backlog)
+                pipe.zrange(since, 0, 0, withscores=True)
+                pipe.zcard(dirty)
+            return list(await pipe.execute())
+
+        replies = await self.call("backlog", run)
+        total, oldest, sessions = 0, None, 0
+        for i in range(0, len(replies), 3):
+            total += int(replies[i] or 0)
+            if replies[i + 1]:
+                first = float(replies[i + 1][0][1])
+                oldest = first if oldest is None else min(oldest, first)
+            sessions += int(replies[i + 2])
+        age = 0.0 if oldest is None else max(0.0, (now_ms() - oldest) / 1000)
+        return total, age, sessions
+
+    # -- listing ----------------------------------------------------------------------------
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        """Scan the sessions held in Redis (Redis-only mode's listing)."""
+        from datetime import UTC, datetime
+
+        pattern = f"{self.keys.prefix}:{{*}}:h:*"
+
+        async def run(c: _Client) -> list[tuple[str, list[Any], int]]:
+            found: list[tuple[str, list[Any], int]] = []
+            async for raw in c.redis.scan_iter(match=pattern, count=1000):
+                key = raw.decode()
+                sid = self.keys.session_id_of(key)
+                if sid is None or self.keys.session(sid).meta != key:
+                    continue
+                meta = await c.redis.hmget(key, "seq", "created", "updated")
+                ttl = await c.redis.pttl(key)
+                if meta[0] is not None and int(meta[0]) > 0:
+                    found.append((sid, meta, ttl))
+            return found
+
+        now = time.time()
+        infos = []
+        for sid, meta, ttl in await self.call("scan", run):
+            updated = int(meta[2] or meta[1] or 0) / 1000
+            if inactive_for is not None and now - updated < inactive_for:
+                continue
+            infos.append(
+                SessionInfo(
+                    session_id=sid,
+                    message_count=int(meta[0]),
+                    created_at=datetime.fromtimestamp(int(meta[1] or 0) / 1000, UTC),
+                    updated_at=datetime.fromtimestamp(updated, UTC),
+                    expires_at=None if ttl < 0 else datetime.fromtimestamp(now + ttl / 1000, UTC),
+                )
+            )
+        infos.sort(key=lambda i: i.updated_at)
+        return infos[:limit]
+
+    async def purge_expired(self) -> int:
+        return 0  # Redis expires keys by itself
+
+    async def stats(self) -> dict[str, float]:
+        result = dict(self.counters)
+        if self.write_behind:
+            unflushed, oldest, dirty = await self.backlog()
+            result.update(unflushed_messages=unflushed, oldest_dirty_age=oldest,
+                          dirty_sessions=dirty)
+        return result

@@ -1,0 +1,84 @@
+"""Every Redis key vel uses, defined in one place.
+
+Sessions are spread over ``buckets`` hash slots: all keys of a session, and its bucket's dirty
+set and backlog counter, share the hash tag ``{<bucket>}``, so every Lua script touches one slot
+(Redis Cluster accepts it) and flushers can walk the buckets shard by shard. The session id is
+placed after the tag and after a fixed-length type marker, so no id, whatever characters it
+holds (braces, colons, ``*``, newlines), can produce another id's key or move the tag.
+
+The bucket count is part of the data layout: every process sharing a Redis must use the same
+value (it is fixed per key prefix).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from vel.errors import ConfigurationError
+
+DEFAULT_BUCKETS = 16
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    meta: str  # hash: seq, flushed, gen, fgen, created, updated
+    messages: str  # list: "<message id>\n<json>" per message, seq 1 at index 0
+    replays: str  # zset: first message id of recent appends -> their last seq
+    warm_lock: str  # string: token of the process warming this session from Postgres
+    turn_lock: str  # string: token of the turn holding this session
+    dirty: str  # zset (per bucket): session id -> due time in ms
+    dirty_since: str  # zset (per bucket): session id -> when it first became dirty, ms
+    backlog: str  # integer (per bucket): messages not yet written to Postgres
+
+    @property
+    def data(self) -> tuple[str, str, str]:
+        """The keys that hold the session itself (they share one TTL)."""
+        return (self.meta, self.messages, self.replays)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLayout:
+    prefix: str = "vel"
+    buckets: int = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.fullmatch(self.prefix):
+            raise ConfigurationError(
+                f"Redis key prefix must be 1-64 of letters, digits, '_', '.', ':', '-'; "
+                f"got {self.prefix!r}"
+            )
+        if not 1 <= self.buckets <= 16384:
+            raise ConfigurationError("bucket count must be between 1 and 16384")
+
+    def bucket_of(self, session_id: str) -> int:
+        return zlib.crc32(session_id.encode("utf-8")) % self.buckets
+
+    def tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{{bucket}}}"
+
+    def bucket_keys(self, bucket: int) -> tuple[str, str, str]:
+        """(dirty, dirty_since, backlog) of one bucket."""
+        tag = self.tag(bucket)
+        return (f"{tag}:dirty", f"{tag}:since", f"{tag}:backlog")
+
+    def session(self, session_id: str) -> SessionKeys:
+        tag = self.tag(self.bucket_of(session_id))
+        dirty, since, backlog = self.bucket_keys(self.bucket_of(session_id))
+        return SessionKeys(
+            meta=f"{tag}:h:{session_id}",
+            messages=f"{tag}:m:{session_id}",
+            replays=f"{tag}:r:{session_id}",
+            warm_lock=f"{tag}:w:{session_id}",
+            turn_lock=f"{tag}:l:{session_id}",
+            dirty=dirty,
+            dirty_since=since,
+            backlog=backlog,
+        )
+
+    def session_id_of(self, meta_key: str) -> str | None:
+        """Invert :meth:`session` for a meta key (used by listing tools)."""
+        head, sep, sid = meta_key.partition("}:h:")
+        return sid if sep and head.startswith(f"{self.prefix}:{{") else None

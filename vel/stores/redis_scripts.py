@@ -1,0 +1,201 @@
+"""Lua scripts of the Redis tier. Each runs atomically and touches keys of one hash slot.
+
+Conventions: times are integer milliseconds passed in by the caller (scripts never read the
+clock, so replicas and AOF replay see the same values); a session exists while its meta hash
+exists; its message list always holds seqs 1..seq, so ``LLEN == seq`` is checked on reads to
+catch a list evicted without its meta; "clean" means ``flushed == seq and fgen == gen``.
+
+Return codes shared by the scripts: -1 miss (warm from Postgres first), -2 replay of an
+append already applied, -3 backpressure, -4 damaged dirty session.
+"""
+
+from __future__ import annotations
+
+# Shared prologue: KEYS[1..3] = meta, messages, replays.
+_SET_TTL = """
+local function set_ttl(ttl)
+  if ttl > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+    redis.call('PEXPIRE', KEYS[3], ttl)
+  else
+    redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', KEYS[2])
+    redis.call('PERSIST', KEYS[3])
+  end
+end
+local function push(from)
+  for i = from, #ARGV, 1000 do
+    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  end
+end
+"""
+
+# Read the last ARGV[1] messages (-1: all). ARGV[2] = ttl ms to slide when clean (0: none).
+# ARGV[3] = '1' write-behind mode. Returns {seq, items...} or {-1}.
+LOAD = _SET_TTL + """
+local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
+if not m[1] then return {-1} end
+local seq = tonumber(m[1])
+local clean = ARGV[3] ~= '1' or (m[2] == m[1] and m[3] == m[4])
+if redis.call('LLEN', KEYS[2]) ~= seq then
+  if clean then
+    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+    return {-1}
+  end
+  return {-4}
+end
+local limit = tonumber(ARGV[1])
+local items
+if limit < 0 then
+  items = redis.call('LRANGE', KEYS[2], 0, -1)
+elseif limit == 0 then
+  items = {}
+else
+  items = redis.call('LRANGE', KEYS[2], -limit, -1)
+end
+if clean then set_ttl(tonumber(ARGV[2])) end
+table.insert(items, 1, seq)
+return items
+"""
+
+# Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
+# 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
+# 7 first message id, 8.. items. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
+APPEND = _SET_TTL + """
+local now = tonumber(ARGV[1])
+local wb = ARGV[2] == 'wb'
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if wb then return {-1} end
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'seq', 0, 'flushed', 0, 'gen', 0, 'fgen', 0, 'created', now)
+end
+local prev = redis.call('ZSCORE', KEYS[3], ARGV[7])
+if prev then return {-2, tonumber(prev)} end
+local k = #ARGV - 7
+if wb then
+  local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if backlog + k > tonumber(ARGV[5]) then return {-3, backlog} end
+end
+push(8)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
+redis.call('HSET', KEYS[1], 'updated', now)
+redis.call('ZADD', KEYS[3], seq, ARGV[7])
+if redis.call('ZCARD', KEYS[3]) > 64 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65) end
+if wb then
+  redis.call('INCRBY', KEYS[6], k)
+  redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[4]), ARGV[6])
+  redis.call('ZADD', KEYS[5], 'NX', now, ARGV[6])
+  set_ttl(0)
+else
+  set_ttl(tonumber(ARGV[3]))
+end
+return {seq}
+"""
+
+# Seed a session warmed from Postgres, only if it is still absent and this process still
+# holds the warm lease (KEYS[4]): a slow warm must never overwrite newer data.
+# ARGV: 1 token, 2 ttl ms, 3 gen, 4 last seq, 5 created, 6 updated, 7.. items.
+# Returns 1 seeded, 0 already present, -1 lease lost.
+SEED = _SET_TTL + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[2], KEYS[3])
+push(7)
+redis.call('HSET', KEYS[1], 'seq', ARGV[4], 'flushed', ARGV[4], 'gen', ARGV[3],
+  'fgen', ARGV[3], 'created', ARGV[5], 'updated', ARGV[6])
+set_ttl(tonumber(ARGV[2]))
+return 1
+"""
+
+# Replace the history (no items: clear). KEYS[4..6] as APPEND. ARGV: 1 now, 2 mode,
+# 3 ttl ms (redis-only), 4 session id, 5.. items. Returns {gen} or {-1}.
+REPLACE = _SET_TTL + """
+local now = tonumber(ARGV[1])
+local k = #ARGV - 4
+if ARGV[2] ~= 'wb' then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  if k == 0 then return {0} end
+  redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', 0, 'fgen', 0,
+    'created', now, 'updated', now)
+  push(5)
+  set_ttl(tonumber(ARGV[3]))
+  return {0}
+end
+local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen')
+if not m[1] then return {-1} end
+local unflushed = tonumber(m[1]) - tonumber(m[2])
+local gen = tonumber(m[3]) + 1
+redis.call('DEL', KEYS[2], KEYS[3])
+push(5)
+redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', gen, 'updated', now)
+redis.call('INCRBY', KEYS[6], k - unflushed)
+redis.call('ZADD', KEYS[4], now, ARGV[4])
+redis.call('ZADD', KEYS[5], 'NX', now, ARGV[4])
+set_ttl(0)
+return {gen}
+"""
+
+# Claim up to ARGV[3] due sessions of a bucket (KEYS[1] = dirty) for ARGV[2] ms.
+CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
+for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', until_ms, sid) end
+return due
+"""
+
+# What a flusher must copy: ARGV[1] = max rows. Returns {gen, fgen, flushed, seq, items...}
+# (items are seqs flushed+1 ..) or {-1} if the session is gone.
+PENDING = """
+local m = redis.call('HMGET', KEYS[1], 'gen', 'fgen', 'flushed', 'seq')
+if not m[1] then return {-1} end
+local flushed = tonumber(m[3])
+local items = redis.call('LRANGE', KEYS[2], flushed, flushed + tonumber(ARGV[1]) - 1)
+table.insert(items, 1, tonumber(m[4]))
+table.insert(items, 1, flushed)
+table.insert(items, 1, tonumber(m[2]))
+table.insert(items, 1, tonumber(m[1]))
+return items
+"""
+
+# Record that Postgres holds generation ARGV[2] up to seq ARGV[3]. A late ack (lease expired,
+# another flusher went further) only ever raises ``flushed``; an ack for an older generation
+# changes nothing. KEYS[4..6] as APPEND. ARGV: 1 session id, 2 gen, 3 upto, 4 now, 5 ttl.
+# Returns 1 clean, 2 still dirty (due now), -1 stale generation, 0 session gone.
+ACK = _SET_TTL + """
+local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen')
+if not m[1] then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  return 0
+end
+if tonumber(m[3]) ~= tonumber(ARGV[2]) then return -1 end
+local old = tonumber(m[2])
+local flushed = math.max(old, tonumber(ARGV[3]))
+if flushed > old then
+  redis.call('HSET', KEYS[1], 'flushed', flushed)
+  redis.call('DECRBY', KEYS[6], flushed - old)
+end
+redis.call('HSET', KEYS[1], 'fgen', ARGV[2])
+if flushed >= tonumber(m[1]) then
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  set_ttl(tonumber(ARGV[5]))
+  return 1
+end
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+return 2
+"""
+
+# Lease-based lock: KEYS[1] = lock key. ARGV: 1 token, 2 lease ms.
+RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

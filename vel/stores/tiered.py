@@ -1,0 +1,256 @@
+"""TieredStore: Redis serves every read and write; Postgres is the durable record.
+
+A session missing from Redis (never loaded, expired, evicted, or lost by Redis) is warmed
+from Postgres once across all processes: the warmer holds a lease in Redis, and the seed
+script installs the snapshot only if the session is still absent *and* the lease is still
+ours, so a slow warm can never overwrite newer data. Appends are one Lua script; the flusher
+copies them to Postgres behind the caller's back (see :mod:`vel.flusher`). Clear and replace
+bump the session's generation, which Postgres also records, so a flush that began before a
+clear can never write the old messages back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+
+from vel import failpoints
+from vel._sync import in_helper_thread
+from vel.errors import StoreTimeoutError
+from vel.flusher import Flusher
+from vel.messages import Message, validate_session_id
+from vel.settings import Settings, load_settings
+from vel.stores.base import SessionInfo
+from vel.stores.postgres import PostgresStore
+from vel.stores.redis import MISS, RedisStore
+
+log = logging.getLogger("vel.tiered")
+
+
+class TieredStore:
+    """Redis hot tier written behind to Postgres (``session_storage='redis'``).
+
+    Args:
+        hot: a RedisStore with ``write_behind=True``.
+        cold: a PostgresStore.
+        flusher: run an embedded flusher task in this process (default: ``VEL_FLUSHER``,
+            which defaults to ``embedded``); False when a standalone ``vel flusher`` runs.
+        warm_lease: seconds one process may spend loading a session from Postgres before
+            another may take over.
+        drain_timeout: seconds :meth:`aclose` spends flushing what is still dirty.
+    """
+
+    def __init__(
+        self,
+        hot: RedisStore,
+        cold: PostgresStore,
+        *,
+        flusher: bool | None = None,
+        warm_lease: float = 15.0,
+        drain_timeout: float = 10.0,
+        settings: Settings | None = None,
+    ) -> None:
+        if not hot.write_behind:
+            raise ValueError("TieredStore needs a RedisStore(write_behind=True)")
+        s = settings or load_settings()
+        self.hot = hot
+        self.cold = cold
+        self.embedded_flusher = (s.flusher == "embedded") if flusher is None else flusher
+        self.flusher = Flusher(hot, cold)
+        self.warm_lease = warm_lease
+        self.drain_timeout = drain_timeout
+        self._flusher_task: asyncio.Task[None] | None = None
+        self._warming: dict[str, asyncio.Future[None]] = {}
+        self.counters: dict[str, float] = {
+            "warm_loads_ok": 0,
+            "warm_loads_exists": 0,
+            "warm_loads_stale": 0,
+            "warm_waits": 0,
+            "postgres_loads": 0,
+            "redis_misses": 0,
+        }
+
+    def __repr__(self) -> str:
+        return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
+
+    async def __aenter__(self) -> TieredStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- warm ------------------------------------------------------------------------------
+
+    async def warm(self, session_id: str) -> None:
+        """Make sure ``session_id`` is in Redis (single-flight per process and across them)."""
+        running = self._warming.get(session_id)
+        if running is not None:
+            self.counters["warm_waits"] += 1
+            await asyncio.shield(running)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._warming[session_id] = future
+        try:
+            await self._warm(session_id)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
+            raise
+        finally:
+            del self._warming[session_id]
+
+    async def _warm(self, session_id: str) -> None:
+        keys = self.hot.keys.session(session_id)
+        deadline = time.monotonic() + self.warm_lease + self.cold.op_timeout
+        delay = 0.002
+        while True:
+            token = uuid.uuid4().hex
+            if await self.hot.try_lock(keys.warm_lock, token, self.warm_lease):
+                try:
+                    if await self._load_and_seed(session_id, token):
+                        return
+                finally:
+                    await self.hot.release_lock(keys.warm_lock, token)
+            elif await self.hot.exists(session_id):
+                return  # another process finished warming it
+            if time.monotonic() >= deadline:
+                raise StoreTimeoutError(f"warming session {session_id!r} did not finish")
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.05)
+
+    async def _load_and_seed(self, session_id: str, token: str) -> bool:
+        if await self.hot.exists(session_id):
+            self.counters["warm_loads_exists"] += 1
+            return True
+        self.counters["postgres_loads"] += 1
+        snapshot = await self.cold.load_snapshot(session_id)
+        await failpoints.hit("during_warm")
+        if snapshot is None:
+            now = int(time.time() * 1000)
+            result = await self.hot.seed(session_id, token, 0, 0, [], now, now)
+        else:
+            result = await self.hot.seed(
+                session_id,
+                token,
+                snapshot.generation,
+                snapshot.last_seq,
+                snapshot.rows,
+                snapshot.created_ms,
+                snapshot.updated_ms,
+            )
+        if result == 1:
+            self.counters["warm_loads_ok"] += 1
+        elif result == 0:
+            self.counters["warm_loads_exists"] += 1
+        else:
+            self.counters["warm_loads_stale"] += 1
+            return False
+        return True
+
+    # -- SessionStore ----------------------------------------------------------------------
+
+    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        validate_session_id(session_id)
+        for _ in range(5):
+            messages = await self.hot.read(session_id, limit)
+            if messages is not None:
+                return messages
+            self.counters["redis_misses"] += 1
+            await self.warm(session_id)
+        raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis while read")
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
+        validate_session_id(session_id)
+        items = self.hot.encode(messages, message_ids)
+        if not items:
+            await self.load(session_id, 0)
+            return await self.hot.last_seq(session_id)
+        self._ensure_flusher()
+        first_id = items[0].partition("\n")[0]
+
+        async def on_miss() -> None:
+            self.counters["redis_misses"] += 1
+            await self.warm(session_id)
+
+        return await self.hot.append_items(session_id, items, first_id, on_miss)
+
+    async def _replace(self, session_id: str, messages: Sequence[Message]) -> int:
+        validate_session_id(session_id)
+        items = self.hot.encode(messages, None)
+        self._ensure_flusher()
+        for _ in range(5):
+            gen = await self.hot.try_replace(session_id, items)
+            if gen != MISS:
+                return gen
+            await self.warm(session_id)
+        raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+
+    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+        await self._replace(session_id, messages)
+
+    async def clear(self, session_id: str) -> None:
+        await self._replace(session_id, [])
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        """Sessions recorded in Postgres (a brand-new session appears once flushed)."""
+        return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
+
+    async def purge_expired(self) -> int:
+        return await self.cold.purge_expired()
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self.hot.turn_lock(session_id, timeout)
+
+    async def stats(self) -> dict[str, float]:
+        result: dict[str, float] = {}
+        result.update(await self.hot.stats())
+        result.update(self.flusher.counters)
+        result.update(self.counters)
+        for name, value in (await self.cold.stats()).items():
+            result[f"postgres_{name}"] = value
+        return result
+
+    # -- flusher lifecycle -----------------------------------------------------------------
+
+    def _ensure_flusher(self) -> None:
+        if not self.embedded_flusher or in_helper_thread():
+            return
+        task = self._flusher_task
+        if task is not None and not task.done():
+            return
+        self._flusher_task = asyncio.get_running_loop().create_task(
+            self.flusher.run(), name="vel-flusher"
+        )
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Write everything unflushed to Postgres now; True when nothing is left."""
+        return await self.flusher.drain(self.drain_timeout if timeout is None else timeout)
+
+    async def aclose(self) -> None:
+        """Stop the embedded flusher, drain what is dirty (bounded), close both tiers."""
+        task, self._flusher_task = self._flusher_task, None
+        if task is not None and not task.done():
+            self.flusher.stop()
+            try:
+                await task
+            except Exception:
+                log.exception("embedded flusher failed")
+            if not await self.flusher.drain(self.drain_timeout):
+                log.warning("closing with unflushed messages; another flusher will write them")
+        await self.hot.aclose()
+        await self.cold.aclose()
