@@ -19,11 +19,11 @@ PG_DSN = os.environ.get("VEL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.
 REDIS_URL = os.environ.get("VEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        func = getattr(item, "function", None)
-        if func is not None and inspect.iscoroutinefunction(func):
-            item.add_marker(pytest.mark.anyio)
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Run every ``async def`` test on anyio (asyncio backend) without a marker per test."""
+    if name.startswith("test") and inspect.iscoroutinefunction(obj):
+        pytest.mark.anyio(obj)
 
 
 @pytest.fixture(scope="session")
@@ -106,15 +106,14 @@ async def storage_mode(
     monkeypatch: pytest.MonkeyPatch,
     pg_dsn: str,
     redis_url: str,
+    migrated_schema: str,
+    key_prefix: str,
 ) -> AsyncIterator[str]:
     """Each value of ``session_storage=...``, with the environment an Agent reads set up
     for it (its own Postgres schema and Redis key prefix)."""
     mode: str = request.param
-    if mode == "memory":
-        yield mode
-        return
-    schema = request.getfixturevalue("migrated_schema")
-    monkeypatch.setenv("POSTGRES_DSN", schema_dsn(pg_dsn, schema))
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("VEL_KEY_PREFIX", request.getfixturevalue("key_prefix"))
+    if mode != "memory":
+        monkeypatch.setenv("POSTGRES_DSN", schema_dsn(pg_dsn, migrated_schema))
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("VEL_KEY_PREFIX", key_prefix)
     yield mode

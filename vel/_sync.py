@@ -55,5 +55,7 @@ def in_helper_thread() -> bool:
 def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``await func(*args)`` to completion on the helper loop and return its result."""
     if in_helper_thread():
-        raise RuntimeError("a plain vel call was made from vel's own helper loop; await the a* twin")
+        raise RuntimeError(
+            "a plain vel call was made from vel's own helper loop; await the a* twin"
+        )
     return _get_portal().call(func, *args)

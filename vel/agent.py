@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import Message, validate_message, validate_session_id
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
-from vel.stores import StorageSpec, release_store, acquire_store
+from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, render_output
 
 DEFAULT_MAX_STEPS = 8
@@ -172,8 +172,11 @@ class Agent:
         ``cancel_token`` ends the stream with ``abort`` then ``finish``. Closing the
         generator early cancels the turn the same way (no event can follow the close).
         """
-        async for event in self._turn(input, session_id, cancel_token, _Outcome()):
-            yield event
+        # aclosing: a consumer's aclose() must end the turn (release its session lock, close
+        # the model stream) before it returns, not whenever the generator is collected.
+        async with aclosing(self._turn(input, session_id, cancel_token, _Outcome())) as turn:
+            async for event in turn:
+                yield event
 
     # -- the turn --------------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class Agent:
         session_id: str | None,
         cancel_token: CancelToken | None,
         outcome: _Outcome,
-    ) -> AsyncIterator[ev.Event]:
+    ) -> AsyncGenerator[ev.Event, None]:
         run_id = uuid.uuid4().hex
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
@@ -219,10 +222,11 @@ class Agent:
                 for _ in range(self.max_steps):
                     has_calls = False
                     steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
-                    async for event in steps:
-                        if event["type"] == "tool-input-available":
-                            has_calls = True
-                        yield event
+                    async with aclosing(steps):
+                        async for event in steps:
+                            if event["type"] == "tool-input-available":
+                                has_calls = True
+                            yield event
                     if not has_calls:
                         break
                 if keep:
@@ -251,7 +255,7 @@ class Agent:
         cancel_token: CancelToken | None,
         open_blocks: list[ev.Event],
         outcome: _Outcome,
-    ) -> AsyncIterator[ev.Event]:
+    ) -> AsyncGenerator[ev.Event, None]:
         yield ev.start_step()
         open_blocks.append(ev.finish_step())
         messages = self.ctxmgr.messages_for_llm(run_id, session_id)
@@ -275,8 +279,9 @@ class Agent:
                 elif isinstance(chunk, ToolCallChunk):
                     call = step.calls.get(chunk.index)
                     if call is None:
-                        call = _PendingCall(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}",
-                                            chunk.name or "")
+                        call = _PendingCall(
+                            chunk.call_id or f"call_{uuid.uuid4().hex[:24]}", chunk.name or ""
+                        )
                         step.calls[chunk.index] = call
                         yield ev.tool_input_start(call.call_id, call.name)
                         open_blocks.append(ev.tool_output_error(call.call_id, "turn ended"))
@@ -295,8 +300,11 @@ class Agent:
         assistant: Message = {"role": "assistant", "content": text or None}
         if ordered:
             assistant["tool_calls"] = [
-                {"id": c.call_id, "type": "function",
-                 "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "id": c.call_id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in ordered
             ]
         else:
@@ -312,8 +320,9 @@ class Agent:
                 parsed.append(value)
                 yield ev.tool_input_available(call.call_id, call.name, value)
             results = await _until_cancelled(
-                asyncio.gather(*(self._call_tool(c, a) for c, a in zip(ordered, parsed,
-                                                                        strict=True))),
+                asyncio.gather(
+                    *(self._call_tool(c, a) for c, a in zip(ordered, parsed, strict=True))
+                ),
                 cancel_token,
             )
             tool_messages: list[Message] = []
@@ -325,8 +334,9 @@ class Agent:
                 else:
                     yield ev.tool_output_error(call.call_id, value)
                     content = f"Error: {value}"
-                tool_messages.append({"role": "tool", "tool_call_id": call.call_id,
-                                      "content": content})
+                tool_messages.append(
+                    {"role": "tool", "tool_call_id": call.call_id, "content": content}
+                )
             self.ctxmgr.record(run_id, tool_messages)
         if step.usage is not None:
             yield ev.response_metadata(step.usage)
@@ -358,13 +368,17 @@ async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> 
     waiter = asyncio.ensure_future(cancel_token.wait())
     try:
         await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # Our task was cancelled: the work must end first, since the caller goes on to close
+        # the generator it may still be iterating.
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise
     finally:
         waiter.cancel()
     if work.done():
         return work.result()
     work.cancel()
-    try:
+    with suppress(asyncio.CancelledError, Exception):
         await work
-    except (asyncio.CancelledError, Exception):
-        pass
     raise _Cancelled

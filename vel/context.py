@@ -133,15 +133,25 @@ class ContextManager:
         await self.store.replace(validate_session_id(session_id), checked)
 
     async def aget_inactive_sessions(
-        self, max_age_hours: float | None = None, *, max_age_seconds: float | None = None,
+        self,
+        max_age_hours: float | None = None,
+        *,
+        max_age_seconds: float | None = None,
         limit: int = 1000,
     ) -> list[str]:
         """Ids of sessions not updated for at least the given age (hours or seconds)."""
-        return [s.session_id for s in await self.alist_sessions(
-            max_age_hours=max_age_hours, max_age_seconds=max_age_seconds, limit=limit)]
+        return [
+            s.session_id
+            for s in await self.alist_sessions(
+                max_age_hours=max_age_hours, max_age_seconds=max_age_seconds, limit=limit
+            )
+        ]
 
     async def alist_sessions(
-        self, max_age_hours: float | None = None, *, max_age_seconds: float | None = None,
+        self,
+        max_age_hours: float | None = None,
+        *,
+        max_age_seconds: float | None = None,
         limit: int = 1000,
     ) -> list[SessionInfo]:
         """Sessions (with their sizes and timestamps), least recently updated first."""
@@ -163,12 +173,18 @@ class ContextManager:
         run_sync(self.aset_session_context, session_id, messages)
 
     def get_inactive_sessions(
-        self, max_age_hours: float | None = None, *, max_age_seconds: float | None = None,
+        self,
+        max_age_hours: float | None = None,
+        *,
+        max_age_seconds: float | None = None,
         limit: int = 1000,
     ) -> list[str]:
         """Plain twin of :meth:`aget_inactive_sessions`."""
-        return run_sync(lambda: self.aget_inactive_sessions(
-            max_age_hours, max_age_seconds=max_age_seconds, limit=limit))
+        return run_sync(
+            lambda: self.aget_inactive_sessions(
+                max_age_hours, max_age_seconds=max_age_seconds, limit=limit
+            )
+        )
 
 
 class StatelessContextManager(ContextManager):

@@ -11,6 +11,7 @@ are wrapped once at the boundary with ``raise ... from exc`` so the cause stays 
     │   ├── StoreTimeoutError         a call exceeded its deadline (subclass of the above)
     │   ├── BackpressureError         too many unflushed messages; try again later
     │   ├── StoreFullError            Redis is out of memory (OOM); nothing was stored
+    │   ├── FlushConflictError        the two tiers hold different messages at one seq
     │   └── SessionLockedError        another turn of this session holds its lock
     ├── ProviderError             the model provider failed (HTTP error, bad response)
     ├── TurnCancelledError        ``run()`` was cancelled through its ``cancel_token``
@@ -19,9 +20,12 @@ are wrapped once at the boundary with ``raise ... from exc`` so the cause stays 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "BackpressureError",
     "ConfigurationError",
+    "FlushConflictError",
     "InvalidInputError",
     "ProviderError",
     "SessionLockedError",
@@ -65,6 +69,23 @@ class BackpressureError(StoreError):
 
 class StoreFullError(StoreError):
     """Redis refused the write because it is out of memory; nothing was stored."""
+
+
+class FlushConflictError(StoreError):
+    """Postgres already holds different messages at the seqs a flush tried to write.
+
+    The two tiers' histories diverged (a bug or manual tampering); nothing of the batch was
+    written. Attributes: ``session_id`` and the conflicting ``seqs``.
+    """
+
+    def __init__(self, session_id: str, seqs: Sequence[int]) -> None:
+        self.session_id = session_id
+        self.seqs = list(seqs)
+        shown = ", ".join(map(str, self.seqs[:10])) + (", ..." if len(self.seqs) > 10 else "")
+        super().__init__(
+            f"session {session_id!r}: Postgres holds other messages at seq {shown}; "
+            "refusing to overwrite a divergent history"
+        )
 
 
 class SessionLockedError(StoreError):

@@ -14,13 +14,14 @@ Runs embedded in every worker (a background task of the TieredStore) or standalo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from typing import TYPE_CHECKING
 
 from vel import failpoints
-from vel.errors import StoreError
+from vel.errors import FlushConflictError, StoreError
 
 if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
@@ -69,6 +70,7 @@ class Flusher:
             "flushed_messages": 0,
             "flush_duplicates_suppressed": 0,
             "flush_stale_generations": 0,
+            "flush_conflicts": 0,
         }
         self.lag_samples: list[float] = []
 
@@ -90,10 +92,8 @@ class Flusher:
         except Exception:
             self.counters["flush_batches_failed"] += 1
             # Hand the claim back early so a short outage does not wait out the whole lease.
-            try:
+            with contextlib.suppress(StoreError):
                 await self.hot.reschedule(bucket, session_ids, delay=1.0)
-            except StoreError:
-                pass
             raise
 
     async def _flush_claimed(self, bucket: int, session_ids: list[str]) -> int:
@@ -109,18 +109,30 @@ class Flusher:
             else:
                 work.append(item)
         written = 0
+        while work:
+            try:
+                results = await self.cold.apply_flushes(
+                    [(p.session_id, p.gen, p.rows) for p in work]
+                )
+                break
+            except FlushConflictError as exc:
+                # One divergent session must not block the others: set it aside (it stays
+                # dirty, so it is never expired) and write the rest.
+                self.counters["flush_conflicts"] += 1
+                log.error("session %r not flushed: %s", exc.session_id, exc)
+                work = [p for p in work if p.session_id != exc.session_id]
+                await self.hot.reschedule(bucket, [exc.session_id], delay=60.0)
         if work:
-            results = await self.cold.apply_flushes(
-                [(p.session_id, p.gen, p.rows) for p in work]
-            )
             await failpoints.hit("flush_after_commit")
             for item, result in zip(work, results, strict=True):
                 if result.stale:
                     # Postgres holds a newer generation than this Redis copy (Redis lost a
                     # clear/replace): never write it back; mark it clean so it expires.
                     self.counters["flush_stale_generations"] += 1
-                    log.error("session %r: Redis copy is older than Postgres; not flushed",
-                              item.session_id)
+                    log.error(
+                        "session %r: Redis copy is older than Postgres; not flushed",
+                        item.session_id,
+                    )
                 upto = item.rows[-1][0] if item.rows else item.flushed
                 acks.append((item.session_id, item.gen, upto))
                 written += result.inserted

@@ -123,3 +123,9 @@ def failpoint_spec(env: Mapping[str, str] | None = None) -> str:
     """``VEL_FAILPOINTS``: fault injection for vel's own fault tests (empty: off)."""
     env = os.environ if env is None else env
     return env.get("VEL_FAILPOINTS", "")
+
+
+def openai_key_present(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``OPENAI_API_KEY`` is set (the demo picks the real API then)."""
+    env = os.environ if env is None else env
+    return bool(env.get("OPENAI_API_KEY"))

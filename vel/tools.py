@@ -7,7 +7,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,20 +44,29 @@ def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
     summary_lines: list[str] = []
     params: dict[str, str] = {}
     section = "summary"
+    arg_indent: int | None = None  # indentation of "name: ..." lines; deeper lines continue
+    last_arg: str | None = None
     for raw in doc.splitlines():
         line = raw.strip()
         if re.fullmatch(r"(Args|Arguments|Parameters):", line):
             section = "args"
+            arg_indent = last_arg = None
             continue
         if re.fullmatch(r"[A-Z][a-z]+:", line):
             section = "other"
             continue
         if section == "summary":
             summary_lines.append(line)
-        elif section == "args":
+        elif section == "args" and line:
+            indent = len(raw) - len(raw.lstrip())
+            if arg_indent is None:
+                arg_indent = indent
             match = re.match(r"(\w+)\s*(\([^)]*\))?:\s*(.*)", line)
-            if match:
-                params[match.group(1)] = match.group(3)
+            if match and indent <= arg_indent:
+                last_arg = match.group(1)
+                params[last_arg] = match.group(3)
+            elif last_arg is not None and indent > arg_indent:
+                params[last_arg] = f"{params[last_arg]} {line}".strip()
     return " ".join(" ".join(summary_lines).split()), params
 
 
@@ -136,7 +145,7 @@ class Tool:
             return await self.handler(**arguments)
         result = await anyio.to_thread.run_sync(lambda: self.handler(**arguments))
         if inspect.isawaitable(result):
-            return await typing.cast(Awaitable[Any], result)
+            return await result
         return result
 
 

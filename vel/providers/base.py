@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ class Provider(Protocol):
         messages: Sequence[Message],
         tools: Sequence[dict[str, Any]],
         generation_config: Mapping[str, Any],
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream one completion. Raises ProviderError (or ConfigurationError) on failure."""
         ...
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import openai
@@ -37,9 +37,16 @@ class OpenAIProvider:
         return f"OpenAIProvider(model={self.model!r})"
 
     async def _make_client(self) -> openai.AsyncOpenAI:
+        options = dict(self._options)
+        if "http_client" not in options:
+            # The SDK's own default client closes itself from __del__ on whatever loop runs
+            # then: a client left by a finished loop (asyncio.run twice) would break another.
+            options["http_client"] = openai.DefaultAsyncHttpxClient()
         try:
-            return openai.AsyncOpenAI(**self._options)
+            return openai.AsyncOpenAI(**options)
         except openai.OpenAIError as exc:
+            if options["http_client"] is not self._options.get("http_client"):
+                await options["http_client"].aclose()
             raise ConfigurationError(
                 "no OpenAI API key: set OPENAI_API_KEY or pass model={'api_key': ...}"
             ) from exc
@@ -49,22 +56,25 @@ class OpenAIProvider:
         messages: Sequence[Message],
         tools: Sequence[dict[str, Any]],
         generation_config: Mapping[str, Any],
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         client = await self._clients.get()
         request: dict[str, Any] = dict(generation_config)
         if tools:
             request["tools"] = list(tools)
+        # The SDK's overloads want TypedDicts; session messages are plain dicts by design.
+        create: Any = client.chat.completions.create
         try:
-            response = await client.chat.completions.create(
+            response = await create(
                 model=self.model,
-                messages=list(messages),  # type: ignore[arg-type]
+                messages=list(messages),
                 stream=True,
                 stream_options={"include_usage": True},
                 **request,
             )
         except openai.APIStatusError as exc:
-            raise ProviderError(f"model provider returned HTTP {exc.status_code}: "
-                                f"{_error_text(exc)}") from exc
+            raise ProviderError(
+                f"model provider returned HTTP {exc.status_code}: {_error_text(exc)}"
+            ) from exc
         except openai.OpenAIError as exc:
             raise ProviderError(f"model provider request failed: {exc}") from exc
         try:

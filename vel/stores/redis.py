@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.commands.core import AsyncScript
 
 from vel import failpoints
 from vel._loops import PerLoop
@@ -184,13 +183,17 @@ class RedisStore:
         if self._injected is not None:
             return _Client(self._injected)
         try:
-            client = aioredis.Redis.from_url(
+            # A blocking pool makes a burst of callers wait for a connection (bounded by
+            # op_timeout) instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=self.pool_max,
+                timeout=self.op_timeout,
                 socket_timeout=self.op_timeout,
                 socket_connect_timeout=self.op_timeout,
                 health_check_interval=30,
             )
+            client = aioredis.Redis.from_pool(pool)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"bad REDIS_URL {redact(self.url)!r}: {exc}") from None
         return _Client(client)
@@ -209,19 +212,24 @@ class RedisStore:
             async with asyncio.timeout(self.op_timeout + 1.0):
                 return await make(client)
         except rexc.ResponseError as exc:
-            if str(exc).startswith("OOM"):
-                raise StoreFullError(f"Redis is out of memory during {what}; nothing was "
-                                     "stored (raise maxmemory or flush faster)") from exc
+            if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in str(exc):
+                raise StoreFullError(
+                    f"Redis is out of memory during {what}; nothing was "
+                    "stored (raise maxmemory or flush faster)"
+                ) from exc
             raise StoreError(f"Redis rejected {what}: {exc}") from exc
         except rexc.AuthenticationError as exc:
-            raise ConfigurationError(f"Redis refused the credentials in "
-                                     f"{redact(self.url)!r}") from exc
+            raise ConfigurationError(
+                f"Redis refused the credentials in {redact(self.url)!r}"
+            ) from exc
         except (rexc.TimeoutError, TimeoutError) as exc:
-            raise StoreTimeoutError(f"Redis did not answer {what} within "
-                                    f"{self.op_timeout} s") from exc
+            raise StoreTimeoutError(
+                f"Redis did not answer {what} within {self.op_timeout} s"
+            ) from exc
         except (rexc.ConnectionError, OSError) as exc:
-            raise StoreUnavailableError(f"Redis at {redact(self.url)} is unreachable during "
-                                        f"{what}: {exc}") from exc
+            raise StoreUnavailableError(
+                f"Redis at {redact(self.url)} is unreachable during {what}: {exc}"
+            ) from exc
         except rexc.RedisError as exc:
             raise StoreError(f"Redis failed during {what}: {exc}") from exc
 
@@ -236,9 +244,13 @@ class RedisStore:
     async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
         """The window, or None when the session is not in Redis (a miss)."""
         keys = self.keys.session(validate_session_id(session_id))
-        args = [-1 if limit is None else limit, _ms(self.hot_ttl), "1" if self.write_behind else "0"]
+        args = [
+            -1 if limit is None else limit,
+            _ms(self.hot_ttl),
+            "1" if self.write_behind else "0",
+        ]
         reply: list[Any] = await self.call(
-            "load", lambda c: c.load(keys=list(keys.data[:2]) + [keys.replays], args=args)
+            "load", lambda c: c.load(keys=[*list(keys.data[:2]), keys.replays], args=args)
         )
         head = int(reply[0])
         if head == MISS:
@@ -361,7 +373,11 @@ class RedisStore:
         """Replace (no items: clear). Returns the new generation, or MISS."""
         keys = self.keys.session(session_id)
         args: list[Any] = [
-            now_ms(), "wb" if self.write_behind else "ro", _ms(self.hot_ttl), session_id, *items
+            now_ms(),
+            "wb" if self.write_behind else "ro",
+            _ms(self.hot_ttl),
+            session_id,
+            *items,
         ]
         reply = await self.call(
             "replace",
@@ -431,8 +447,9 @@ class RedisStore:
                 waited = True
                 self.counters["lock_waits"] += 1
             if time.monotonic() >= deadline:
-                raise SessionLockedError(f"session lock {keys.turn_lock!r} is held by another "
-                                         f"turn (waited {timeout} s)")
+                raise SessionLockedError(
+                    f"session lock {keys.turn_lock!r} is held by another turn (waited {timeout} s)"
+                )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
         renewer = asyncio.create_task(self._renew_forever(keys.turn_lock, token))
@@ -444,8 +461,9 @@ class RedisStore:
             try:
                 await self.release_lock(keys.turn_lock, token)
             except StoreError:
-                log.warning("could not release turn lock %s; its lease will run out",
-                            keys.turn_lock)
+                log.warning(
+                    "could not release turn lock %s; its lease will run out", keys.turn_lock
+                )
 
     async def _renew_forever(self, key: str, token: str) -> None:
         while True:
@@ -470,7 +488,7 @@ class RedisStore:
         """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
         dirty = self.keys.bucket_keys(bucket)[0]
         due = now_ms() + _ms(delay)
-        mapping: dict[str | bytes, float] = {sid: due for sid in session_ids}
+        mapping: dict[str, float] = {sid: due for sid in session_ids}
         await self.call("reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True))
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
@@ -585,6 +603,7 @@ class RedisStore:
         result = dict(self.counters)
         if self.write_behind:
             unflushed, oldest, dirty = await self.backlog()
-            result.update(unflushed_messages=unflushed, oldest_dirty_age=oldest,
-                          dirty_sessions=dirty)
+            result.update(
+                unflushed_messages=unflushed, oldest_dirty_age=oldest, dirty_sessions=dirty
+            )
         return result

@@ -11,6 +11,13 @@ append already applied, -3 backpressure, -4 damaged dirty session.
 
 from __future__ import annotations
 
+
+def _script(flags: str, prologue: str, body: str) -> str:
+    """Prefix the shebang Redis 7 reads script flags from (it must be the first line)."""
+    shebang = f"#!lua flags={flags}" if flags else "#!lua"
+    return f"{shebang}\n{prologue}{body}"
+
+
 # Shared prologue: KEYS[1..3] = meta, messages, replays.
 _SET_TTL = """
 local function set_ttl(ttl)
@@ -33,7 +40,10 @@ end
 
 # Read the last ARGV[1] messages (-1: all). ARGV[2] = ttl ms to slide when clean (0: none).
 # ARGV[3] = '1' write-behind mode. Returns {seq, items...} or {-1}.
-LOAD = _SET_TTL + """
+LOAD = _script(
+    "allow-oom",
+    _SET_TTL,
+    """
 local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
 if not m[1] then return {-1} end
 local seq = tonumber(m[1])
@@ -57,12 +67,16 @@ end
 if clean then set_ttl(tonumber(ARGV[2])) end
 table.insert(items, 1, seq)
 return items
-"""
+""",
+)
 
 # Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
 # 7 first message id, 8.. items. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
-APPEND = _SET_TTL + """
+APPEND = _script(
+    "",
+    _SET_TTL,
+    """
 local now = tonumber(ARGV[1])
 local wb = ARGV[2] == 'wb'
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -91,13 +105,17 @@ else
   set_ttl(tonumber(ARGV[3]))
 end
 return {seq}
-"""
+""",
+)
 
 # Seed a session warmed from Postgres, only if it is still absent and this process still
 # holds the warm lease (KEYS[4]): a slow warm must never overwrite newer data.
 # ARGV: 1 token, 2 ttl ms, 3 gen, 4 last seq, 5 created, 6 updated, 7.. items.
 # Returns 1 seeded, 0 already present, -1 lease lost.
-SEED = _SET_TTL + """
+SEED = _script(
+    "",
+    _SET_TTL,
+    """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[2], KEYS[3])
@@ -106,11 +124,15 @@ redis.call('HSET', KEYS[1], 'seq', ARGV[4], 'flushed', ARGV[4], 'gen', ARGV[3],
   'fgen', ARGV[3], 'created', ARGV[5], 'updated', ARGV[6])
 set_ttl(tonumber(ARGV[2]))
 return 1
-"""
+""",
+)
 
 # Replace the history (no items: clear). KEYS[4..6] as APPEND. ARGV: 1 now, 2 mode,
 # 3 ttl ms (redis-only), 4 session id, 5.. items. Returns {gen} or {-1}.
-REPLACE = _SET_TTL + """
+REPLACE = _script(
+    "",
+    _SET_TTL,
+    """
 local now = tonumber(ARGV[1])
 local k = #ARGV - 4
 if ARGV[2] ~= 'wb' then
@@ -134,19 +156,27 @@ redis.call('ZADD', KEYS[4], now, ARGV[4])
 redis.call('ZADD', KEYS[5], 'NX', now, ARGV[4])
 set_ttl(0)
 return {gen}
-"""
+""",
+)
 
 # Claim up to ARGV[3] due sessions of a bucket (KEYS[1] = dirty) for ARGV[2] ms.
-CLAIM = """
+CLAIM = _script(
+    "allow-oom",
+    "",
+    """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
 for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', until_ms, sid) end
 return due
-"""
+""",
+)
 
 # What a flusher must copy: ARGV[1] = max rows. Returns {gen, fgen, flushed, seq, items...}
 # (items are seqs flushed+1 ..) or {-1} if the session is gone.
-PENDING = """
+PENDING = _script(
+    "no-writes,allow-oom",
+    "",
+    """
 local m = redis.call('HMGET', KEYS[1], 'gen', 'fgen', 'flushed', 'seq')
 if not m[1] then return {-1} end
 local flushed = tonumber(m[3])
@@ -156,13 +186,17 @@ table.insert(items, 1, flushed)
 table.insert(items, 1, tonumber(m[2]))
 table.insert(items, 1, tonumber(m[1]))
 return items
-"""
+""",
+)
 
 # Record that Postgres holds generation ARGV[2] up to seq ARGV[3]. A late ack (lease expired,
 # another flusher went further) only ever raises ``flushed``; an ack for an older generation
 # changes nothing. KEYS[4..6] as APPEND. ARGV: 1 session id, 2 gen, 3 upto, 4 now, 5 ttl.
 # Returns 1 clean, 2 still dirty (due now), -1 stale generation, 0 session gone.
-ACK = _SET_TTL + """
+ACK = _script(
+    "allow-oom",
+    _SET_TTL,
+    """
 local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen')
 if not m[1] then
   redis.call('ZREM', KEYS[4], ARGV[1])
@@ -185,17 +219,26 @@ if flushed >= tonumber(m[1]) then
 end
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 return 2
-"""
+""",
+)
 
 # Lease-based lock: KEYS[1] = lock key. ARGV: 1 token, 2 lease ms.
-RENEW_LOCK = """
+RENEW_LOCK = _script(
+    "allow-oom",
+    "",
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
+""",
+)
 
-RELEASE_LOCK = """
+RELEASE_LOCK = _script(
+    "allow-oom",
+    "",
+    """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
+""",
+)

@@ -1,0 +1,42 @@
+"""Builders of every shipped store against the real local servers, for shared test suites."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from vel.stores.base import SessionStore
+from vel.stores.memory import MemoryStore
+from vel.stores.redis import RedisStore
+
+STORE_KINDS = ["memory", "postgres", "redis", "tiered"]
+
+
+@asynccontextmanager
+async def make_store(
+    kind: str, *, pg_dsn: str, schema: str, redis_url: str, prefix: str, **options: Any
+) -> AsyncIterator[SessionStore]:
+    store: SessionStore
+    if kind == "memory":
+        store = MemoryStore()
+    elif kind == "postgres":
+        from vel.stores.postgres import PostgresStore
+
+        store = PostgresStore(pg_dsn, schema=schema)
+    elif kind == "redis":
+        store = RedisStore(redis_url, key_prefix=prefix, write_behind=False, **options)
+    elif kind == "tiered":
+        from vel.stores.postgres import PostgresStore
+        from vel.stores.tiered import TieredStore
+
+        store = TieredStore(
+            RedisStore(redis_url, key_prefix=prefix, write_behind=True, **options),
+            PostgresStore(pg_dsn, schema=schema),
+        )
+    else:
+        raise ValueError(kind)
+    try:
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,3 @@
+from vel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""A TCP fault proxy for tests: put it between vel and Redis or Postgres and break the link.
+
+Runs its own event loop on a daemon thread, so it works under any test (sync or async) and
+in front of servers used by other OS processes. Modes:
+
+- ``pass``: forward bytes both ways (optionally after ``latency`` seconds per chunk);
+- ``refuse``: new connections are closed at once and existing ones are reset;
+- ``blackhole``: connections are accepted (and existing ones kept) but nothing is forwarded,
+  like a frozen server or a dropped route;
+- ``reset``: like ``refuse`` for existing connections, new connections forwarded again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from typing import Literal
+
+Mode = Literal["pass", "refuse", "blackhole"]
+
+
+class FaultProxy:
+    def __init__(self, target_host: str, target_port: int, *, listen_port: int = 0) -> None:
+        self.target = (target_host, target_port)
+        self._listen_port = listen_port
+        self.mode: Mode = "pass"
+        self.latency = 0.0
+        self.connections_total = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.port = 0
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self._listen_port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._reset_all()
+
+    def set_mode(self, mode: Mode) -> None:
+        """Switch mode; ``refuse`` also resets every open connection."""
+
+        def apply() -> None:
+            self.mode = mode
+            if mode == "refuse":
+                self._reset_all()
+
+        self._loop.call_soon_threadsafe(apply)
+
+    def reset_connections(self) -> None:
+        """Abort every open connection now (the next ones go through per the mode)."""
+        self._loop.call_soon_threadsafe(self._reset_all)
+
+    def _reset_all(self) -> None:
+        for client, upstream in list(self._links):
+            for writer in (client, upstream):
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                        )
+                writer.transport.abort()
+        self._links.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections_total += 1
+        if self.mode == "refuse":
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            self._links.discard(link)
+            for w in link:
+                w.transport.abort()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                while self.mode == "blackhole":
+                    await asyncio.sleep(0.05)
+                if self.mode == "refuse":
+                    break
+                if self.latency:
+                    await asyncio.sleep(self.latency)
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
