@@ -77,7 +77,11 @@ async def _flusher(args: argparse.Namespace) -> int:
     async def report() -> None:
         while True:
             await asyncio.sleep(args.health_interval)
-            unflushed, oldest, dirty = await hot.backlog()
+            try:
+                unflushed, oldest, dirty = await hot.backlog()
+            except VelError as exc:
+                print(json.dumps({"error": str(exc), **flusher.counters}), flush=True)
+                continue
             print(
                 json.dumps(
                     {

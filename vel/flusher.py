@@ -63,6 +63,7 @@ class Flusher:
         self.max_backoff = max_backoff
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
+        self._failures = 0
         self.counters: dict[str, float] = {
             "flush_batches_ok": 0,
             "flush_batches_failed": 0,
@@ -93,7 +94,7 @@ class Flusher:
             self.counters["flush_batches_failed"] += 1
             # Hand the claim back early so a short outage does not wait out the whole lease.
             with contextlib.suppress(StoreError):
-                await self.hot.reschedule(bucket, session_ids, delay=1.0)
+                await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
             raise
 
     async def _flush_claimed(self, bucket: int, session_ids: list[str]) -> int:
@@ -142,27 +143,30 @@ class Flusher:
         self.counters["flushed_messages"] += written
         return written
 
+    def _retry_delay(self) -> float:
+        """Capped exponential backoff with jitter, by consecutive failed batches."""
+        base = min(0.1 * 2 ** min(self._failures, 16), self.max_backoff)
+        return base * (0.5 + random.random() / 2)
+
     async def run(self) -> None:
         """Flush until :meth:`stop`; failures are logged and retried with capped backoff."""
         self._stop.clear()
-        backoff = 0.05
         while not self._stop.is_set():
             try:
                 written = await self.flush_once()
-                backoff = 0.05
-            except (StoreError, OSError) as exc:
+            except Exception as exc:
+                self._failures += 1
                 self.counters["flush_retries"] += 1
-                log.warning("flush failed (retrying in %.2f s): %s", backoff, exc)
-                await self._sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self.max_backoff)
+                delay = self._retry_delay()
+                if isinstance(exc, (StoreError, OSError)):
+                    log.warning("flush failed (retrying in %.2f s): %s", delay, exc)
+                else:
+                    log.exception("flush failed unexpectedly (retrying in %.2f s)", delay)
+                await self._sleep(delay)
                 continue
-            except Exception:
-                self.counters["flush_retries"] += 1
-                log.exception("flush failed unexpectedly (retrying in %.2f s)", backoff)
-                await self._sleep(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, self.max_backoff)
-                continue
-            if written == 0:
+            if written:
+                self._failures = 0
+            else:
                 await self._sleep(self.idle_interval * (0.5 + random.random()))
 
     async def _sleep(self, seconds: float) -> None:

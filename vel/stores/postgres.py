@@ -30,6 +30,7 @@ from typing import Any, Self, TypeAlias, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from vel import failpoints
 from vel._loops import PerLoop
 from vel.errors import (
     ConfigurationError,
@@ -388,7 +389,8 @@ class PostgresStore:
         schema: Postgres schema holding vel's tables (put in ``search_path``); lets tenants or
             tests share a database. Not combinable with ``pool`` (configure that pool's
             ``server_settings`` instead).
-        pool_min: connections each event loop's pool keeps open.
+        pool_min: connections each event loop's pool keeps open (default 0, so an outage
+            does not make the pool retry its floor in the background).
         pool_max: connections per event loop's pool; default ``VEL_PG_POOL_MAX``.
         op_timeout: deadline in seconds for one call, connecting included; default
             ``VEL_OP_TIMEOUT``.
@@ -410,7 +412,7 @@ class PostgresStore:
         *,
         pool: Pool | None = None,
         schema: str | None = None,
-        pool_min: int = 1,
+        pool_min: int = 0,
         pool_max: int | None = None,
         op_timeout: float | None = None,
         connect_timeout: float = 5.0,
@@ -1057,6 +1059,7 @@ class PostgresStore:
                     for row in outcome:
                         if row["clashes"]:
                             raise FlushConflictError(row["session_id"], row["clashes"])
+                    await failpoints.hit("flush_mid_transaction")
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != _MESSAGE_ID_KEY:
                     raise

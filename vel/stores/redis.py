@@ -315,9 +315,10 @@ class RedisStore:
         for attempt in range(1000):
             try:
                 code, value = await self.try_append(session_id, items, first_id)
-            except StoreUnavailableError:
-                # Safe to retry: the first message id makes a replayed append a no-op.
-                if attempt >= 2:
+            except StoreUnavailableError as exc:
+                # Safe to retry: the first message id makes a replayed append a no-op. A
+                # timeout is not retried, so a frozen Redis costs one op_timeout, not three.
+                if attempt >= 2 or isinstance(exc, StoreTimeoutError):
                     raise
                 await asyncio.sleep(0.05 * (attempt + 1))
                 continue

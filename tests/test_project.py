@@ -1,0 +1,67 @@
+"""Project-level checks: public surface, docker-compose shape, the README's two commands."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+import vel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_public_names_are_sorted_and_importable() -> None:
+    assert vel.__all__ == sorted(vel.__all__)
+    for name in vel.__all__:
+        assert getattr(vel, name) is not None
+
+
+def test_every_error_derives_from_vel_error() -> None:
+    import vel.errors as errors
+
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), vel.VelError), name
+
+
+def compose() -> dict[str, object]:
+    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_compose_has_redis_postgres_flusher_and_workers() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    assert {"redis", "postgres", "migrate", "flusher", "worker"} <= set(services)
+    assert services["worker"]["deploy"]["replicas"] >= 2
+    for name in ("redis", "postgres"):
+        assert "test" in services[name]["healthcheck"], name
+
+
+def test_compose_redis_cannot_lose_or_evict_unflushed_data() -> None:
+    command = compose()["services"]["redis"]["command"]  # type: ignore[index]
+    flags = dict(zip(command[1::2], command[2::2], strict=False))
+    assert flags["--appendonly"] == "yes"
+    assert flags["--appendfsync"] == "everysec"
+    assert flags["--maxmemory-policy"].startswith("volatile-")
+
+
+def test_compose_services_share_the_storage_settings() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    for name in ("migrate", "flusher", "worker"):
+        env = services[name]["environment"]
+        assert env["POSTGRES_DSN"].startswith("postgresql://"), name
+        assert env["REDIS_URL"].startswith("redis://"), name
+    assert services["worker"]["environment"]["VEL_FLUSHER"] == "off"
+    assert services["flusher"]["command"][0] == "flusher"
+    assert services["postgres"]["volumes"]
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "scripts/demo" in readme and "scripts/test" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^exec bash scripts/test$", ci, re.M)
