@@ -145,7 +145,7 @@ class Flusher:
 
     def _retry_delay(self) -> float:
         """Capped exponential backoff with jitter, by consecutive failed batches."""
-        base = min(0.1 * 2 ** min(self._failures, 16), self.max_backoff)
+        base: float = min(0.1 * 2.0 ** min(self._failures, 16), self.max_backoff)
         return base * (0.5 + random.random() / 2)
 
     async def run(self) -> None:

@@ -556,6 +556,13 @@ class PostgresStore:
         except CONNECT_ERRORS as exc:
             raise connect_error(exc, self._dsn) from exc
         try:
+            # The first connection is opened here even with pool_min=0, so a bad DSN or
+            # wrong password is reported as such when the store opens.
+            try:
+                conn = await pool.acquire(timeout=self._connect_timeout)
+            except CONNECT_ERRORS as exc:
+                raise connect_error(exc, self._dsn) from exc
+            await pool.release(conn)
             await self._check_schema(pool)
         except BaseException:
             pool.terminate()
