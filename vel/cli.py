@@ -67,32 +67,41 @@ async def _flusher(args: argparse.Namespace) -> int:
     hot = RedisStore.from_settings(settings, write_behind=True)
     cold = PostgresStore.from_settings(settings)
     flusher = Flusher(hot, cold, lease=args.lease)
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        flusher.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, flusher.stop)
+        loop.add_signal_handler(sig, stop)
     await hot.ping()
     await cold.open()
     print(f"vel flusher running: {hot!r} -> {cold!r}", flush=True)
 
     async def report() -> None:
-        while True:
-            await asyncio.sleep(args.health_interval)
+        # Ends by itself on stop rather than by cancellation, which a Redis call in flight
+        # may not honour promptly.
+        while not stopping.is_set():
+            try:
+                async with asyncio.timeout(args.health_interval):
+                    await stopping.wait()
+                return
+            except TimeoutError:
+                pass
             try:
                 unflushed, oldest, dirty = await hot.backlog()
             except VelError as exc:
                 print(json.dumps({"error": str(exc), **flusher.counters}), flush=True)
                 continue
-            print(
-                json.dumps(
-                    {
-                        "unflushed": unflushed,
-                        "oldest_dirty_age": round(oldest, 3),
-                        "dirty_sessions": dirty,
-                        **flusher.counters,
-                    }
-                ),
-                flush=True,
-            )
+            health = {
+                "unflushed": unflushed,
+                "oldest_dirty_age": round(oldest, 3),
+                "dirty_sessions": dirty,
+                **flusher.counters,
+            }
+            print(json.dumps(health), flush=True)
 
     reporter = asyncio.create_task(report()) if args.health_interval > 0 else None
     try:
@@ -103,8 +112,9 @@ async def _flusher(args: argparse.Namespace) -> int:
             flush=True,
         )
     finally:
+        stopping.set()
         if reporter is not None:
-            reporter.cancel()
+            await reporter
         await hot.aclose()
         await cold.aclose()
     return 0

@@ -31,6 +31,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from vel import failpoints
+from vel._lease import LeaseKeeper
 from vel._loops import PerLoop
 from vel.errors import (
     ConfigurationError,
@@ -858,12 +859,15 @@ class PostgresStore:
         )
         token = secrets.token_hex(16)
         await self._acquire_lock(session_id, token, wait)
-        renewer = asyncio.create_task(self._renew_lock(session_id, token))
+        keeper = LeaseKeeper(
+            lambda: self._renew_lock(session_id, token),
+            self._lock_lease / 3,
+            f"turn lock of session {session_id!r}",
+        )
         try:
             yield
         finally:
-            renewer.cancel()
-            await asyncio.wait({renewer})
+            await keeper.stop()
             try:
                 await self._run(
                     "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
@@ -896,23 +900,12 @@ class PostgresStore:
             delay = min(delay * 2, 0.25)
             await asyncio.sleep(min(remaining, random.uniform(delay / 2, delay)))
 
-    async def _renew_lock(self, session_id: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self._lock_lease / 3)
-            try:
-                held = await self._run(
-                    "renew turn lock",
-                    lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self._lock_lease),
-                )
-            except StoreError as exc:
-                # Two thirds of the lease are left: try again at the next tick.
-                logger.warning("could not renew turn lock of session %r: %s", session_id, exc)
-                continue
-            if held is None:
-                logger.warning(
-                    "turn lock of session %r expired and was taken by another turn", session_id
-                )
-                return
+    async def _renew_lock(self, session_id: str, token: str) -> bool:
+        held = await self._run(
+            "renew turn lock",
+            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self._lock_lease),
+        )
+        return held is not None
 
     async def stats(self) -> dict[str, float]:
         """Counters of this store object and gauges of the database.

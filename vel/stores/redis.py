@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from vel import failpoints
+from vel._lease import LeaseKeeper
 from vel._loops import PerLoop
 from vel.errors import (
     BackpressureError,
@@ -453,28 +454,21 @@ class RedisStore:
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
-        renewer = asyncio.create_task(self._renew_forever(keys.turn_lock, token))
+        keeper = LeaseKeeper(
+            lambda: self.renew_lock(keys.turn_lock, token, self.lock_lease),
+            self.lock_lease / 3,
+            f"turn lock {keys.turn_lock!r}",
+        )
         try:
             yield
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await keeper.stop()
             try:
                 await self.release_lock(keys.turn_lock, token)
             except StoreError:
                 log.warning(
                     "could not release turn lock %s; its lease will run out", keys.turn_lock
                 )
-
-    async def _renew_forever(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self.lock_lease / 3)
-            try:
-                if not await self.renew_lock(key, token, self.lock_lease):
-                    log.warning("turn lock %s was lost (lease ran out)", key)
-                    return
-            except StoreError:
-                log.warning("could not renew turn lock %s", key, exc_info=True)
 
     # -- flushing (write-behind) -----------------------------------------------------------
 

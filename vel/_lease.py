@@ -1,0 +1,47 @@
+"""Background renewal of a lease (turn locks) that is stopped by an event, not cancellation.
+
+On Python 3.11, ``asyncio.wait_for`` (used inside redis-py and asyncpg) drops a cancellation
+that arrives as the awaited call completes; a renewal loop stopped by ``task.cancel()`` can
+then keep running forever and its owner hang waiting for it. An event cannot be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from vel.errors import VelError
+
+log = logging.getLogger("vel.lease")
+
+
+class LeaseKeeper:
+    """Calls ``renew()`` every ``interval`` seconds until :meth:`stop` or until it says the
+    lease was lost (returns False). Failed renewals are logged and retried next tick."""
+
+    def __init__(self, renew: Callable[[], Awaitable[bool]], interval: float, what: str) -> None:
+        self._renew = renew
+        self._interval = interval
+        self._what = what
+        self._stopped = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name=f"vel-lease {what}")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._stopped.wait()
+                return
+            except TimeoutError:
+                pass
+            try:
+                if not await self._renew():
+                    log.warning("%s was lost (its lease ran out)", self._what)
+                    return
+            except VelError as exc:
+                log.warning("could not renew %s: %s", self._what, exc)
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        await asyncio.wait({self._task})
