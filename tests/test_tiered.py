@@ -119,6 +119,7 @@ async def test_session_lost_by_redis_comes_back_and_seqs_continue(tiered: Tiered
     r = await redis_client(tiered)
     await r.delete(*tiered.hot.keys.session(s).data)
     assert await tiered.load(s, limit=1) == [msg(2)]
+    assert (await tiered.stats())["evictions_seen"] == 1
     assert await tiered.append(s, [msg(3)]) == 3
     await tiered.flusher.flush_once()
     assert [seq for seq, _ in await postgres_messages(tiered, s)] == [1, 2, 3]
@@ -290,3 +291,28 @@ async def test_redis_out_of_memory_is_a_typed_error_and_stores_nothing() -> None
             assert len(await store.load(s)) == stored
         finally:
             await store.aclose()
+
+
+async def test_stats_carry_every_figure_the_design_lists(tiered: TieredStore) -> None:
+    s = sid()
+    await tiered.append(s, [msg(1)])
+    await asyncio.sleep(0.05)
+    stats = await tiered.stats()
+    for name in (
+        "unflushed_messages",
+        "oldest_dirty_age",
+        "flush_batches_ok",
+        "flush_batches_failed",
+        "flush_retries",
+        "duplicates_suppressed",
+        "flush_duplicates_suppressed",
+        "warm_loads_ok",
+        "warm_loads_exists",
+        "warm_loads_stale",
+        "evictions_seen",
+        "backpressure_rejections",
+        "lock_waits",
+    ):
+        assert name in stats, name
+    assert stats["unflushed_messages"] == 1 and stats["oldest_dirty_age"] > 0
+    assert stats["warm_loads_ok"] == 1

@@ -73,6 +73,8 @@ class TieredStore:
             "warm_waits": 0,
             "postgres_loads": 0,
             "redis_misses": 0,
+            # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
+            "evictions_seen": 0,
         }
 
     def __repr__(self) -> str:
@@ -135,6 +137,8 @@ class TieredStore:
             now = int(time.time() * 1000)
             result = await self.hot.seed(session_id, token, 0, 0, [], now, now)
         else:
+            if snapshot.rows:
+                self.counters["evictions_seen"] += 1
             result = await self.hot.seed(
                 session_id,
                 token,
@@ -244,6 +248,8 @@ class TieredStore:
     async def aclose(self) -> None:
         """Stop the embedded flusher, drain what is dirty (bounded), close both tiers."""
         task, self._flusher_task = self._flusher_task, None
+        if task is not None and task.get_loop() is not asyncio.get_running_loop():
+            task = None  # started on a loop that has ended; nothing of it is left to stop
         if task is not None and not task.done():
             self.flusher.stop()
             try:
