@@ -11,9 +11,12 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from workers import Stack
 
 PG_DSN = os.environ.get("VEL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -117,3 +120,25 @@ async def storage_mode(
         monkeypatch.setenv("REDIS_URL", redis_url)
         monkeypatch.setenv("VEL_KEY_PREFIX", key_prefix)
     yield mode
+
+
+@pytest.fixture
+def stack(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
+) -> Iterator[Stack]:
+    """Worker processes and servers of one multi-process test, all ended afterwards."""
+    s = Stack(pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+async def tiered(stack: Stack) -> AsyncIterator[Any]:
+    """The tiered store of ``stack``'s schema and prefix (test_tiered.py has its own)."""
+    store = stack.tiered()
+    try:
+        yield store
+    finally:
+        await store.aclose()

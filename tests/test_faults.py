@@ -17,7 +17,6 @@ import signal
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -64,26 +63,6 @@ def record_figures(request: pytest.FixtureRequest, figures: dict[str, Any]) -> N
     print(f"\nfigures of {request.node.name}:")
     for key, value in figures.items():
         print(f"  {key:36} {value}")
-
-
-@pytest.fixture
-def stack(
-    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
-) -> Iterator[Stack]:
-    s = Stack(pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-async def tiered(stack: Stack) -> AsyncIterator[TieredStore]:
-    store = stack.tiered()
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 async def wait_backlog_zero(store: TieredStore, timeout: float) -> float:

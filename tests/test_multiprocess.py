@@ -14,8 +14,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from checker import acks_of, compare, postgres_rows, redis_rows, same_history
@@ -30,17 +29,6 @@ pytestmark = pytest.mark.slow
 
 def new_sid() -> str:
     return f"mp-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def stack(
-    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
-) -> Iterator[Stack]:
-    s = Stack(pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +59,6 @@ def fake_llm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def wait_all(procs: list[Proc], timeout: float) -> None:
     for proc in procs:
         proc.check(await proc.wait_async(timeout))
-
-
-@pytest.fixture
-async def tiered(stack: Stack) -> AsyncIterator[TieredStore]:
-    store = stack.tiered()
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 # -- 1 -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -25,18 +25,39 @@ def sid() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
+MakeTiered = Callable[..., TieredStore]
+
+
 @pytest.fixture
-async def tiered(
+async def make_tiered(
     pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
-) -> AsyncIterator[TieredStore]:
-    """A tiered store without an embedded flusher: tests drive flush_once() themselves."""
-    store = TieredStore(
-        RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, hot_ttl=60, flush_delay=0),
-        PostgresStore(pg_dsn, schema=migrated_schema),
-        flusher=False,
-    )
-    yield store
-    await store.aclose()
+) -> AsyncIterator[MakeTiered]:
+    """Build tiered stores on this test's schema and prefix; closed at the end of the test.
+
+    Keyword arguments go to the RedisStore, except ``flusher`` (default False: tests drive
+    flush_once() themselves).
+    """
+    made: list[TieredStore] = []
+
+    def make(flusher: bool = False, **redis_options: Any) -> TieredStore:
+        options: dict[str, Any] = {"hot_ttl": 60, "flush_delay": 0, **redis_options}
+        store = TieredStore(
+            RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, **options),
+            PostgresStore(pg_dsn, schema=migrated_schema),
+            flusher=flusher,
+        )
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+def tiered(make_tiered: MakeTiered) -> TieredStore:
+    """A tiered store without an embedded flusher."""
+    return make_tiered()
 
 
 async def redis_client(store: TieredStore) -> Any:
@@ -90,26 +111,19 @@ async def test_reads_of_a_dirty_session_never_give_it_a_ttl(tiered: TieredStore)
 
 
 async def test_hot_ttl_expires_only_clean_sessions_and_the_next_read_warms(
-    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+    make_tiered: MakeTiered,
 ) -> None:
-    store = TieredStore(
-        RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, hot_ttl=1, flush_delay=0),
-        PostgresStore(pg_dsn, schema=migrated_schema),
-        flusher=False,
-    )
-    try:
-        s = sid()
-        await store.append(s, [msg(1), msg(2)])
-        await asyncio.sleep(1.5)
-        assert await store.hot.exists(s), "a dirty session expired before it was flushed"
-        await store.flusher.flush_once()
-        await asyncio.sleep(1.5)
-        assert not await store.hot.exists(s), "a clean session kept living past its TTL"
-        loads = (await store.stats())["postgres_loads"]
-        assert await store.load(s) == [msg(1), msg(2)]
-        assert (await store.stats())["postgres_loads"] == loads + 1
-    finally:
-        await store.aclose()
+    store = make_tiered(hot_ttl=1)
+    s = sid()
+    await store.append(s, [msg(1), msg(2)])
+    await asyncio.sleep(1.5)
+    assert await store.hot.exists(s), "a dirty session expired before it was flushed"
+    await store.flusher.flush_once()
+    await asyncio.sleep(1.5)
+    assert not await store.hot.exists(s), "a clean session kept living past its TTL"
+    loads = (await store.stats())["postgres_loads"]
+    assert await store.load(s) == [msg(1), msg(2)]
+    assert (await store.stats())["postgres_loads"] == loads + 1
 
 
 async def test_session_lost_by_redis_comes_back_and_seqs_continue(tiered: TieredStore) -> None:
@@ -205,58 +219,26 @@ async def test_a_late_ack_never_lowers_flushed_or_cleans_newer_data(tiered: Tier
     assert [seq for seq, _ in await postgres_messages(tiered, s)] == [1, 2]
 
 
-async def test_backpressure_rejects_when_the_backlog_is_full(
-    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
-) -> None:
-    store = TieredStore(
-        RedisStore(
-            redis_url,
-            key_prefix=key_prefix,
-            write_behind=True,
-            buckets=1,
-            max_unflushed=4,
-            backpressure_wait=0,
-            flush_delay=0,
-        ),
-        PostgresStore(pg_dsn, schema=migrated_schema),
-        flusher=False,
-    )
-    try:
-        s = sid()
-        await store.append(s, [msg(1), msg(2), msg(3)])
-        with pytest.raises(BackpressureError):
-            await store.append(s, [msg(4), msg(5)])
-        assert await store.load(s) == [msg(1), msg(2), msg(3)]
-        assert (await store.stats())["backpressure_rejections"] == 1
-        await store.flusher.flush_once()
-        assert await store.append(s, [msg(4), msg(5)]) == 5
-    finally:
-        await store.aclose()
+async def test_backpressure_rejects_when_the_backlog_is_full(make_tiered: MakeTiered) -> None:
+    store = make_tiered(buckets=1, max_unflushed=4, backpressure_wait=0)
+    s = sid()
+    await store.append(s, [msg(1), msg(2), msg(3)])
+    with pytest.raises(BackpressureError):
+        await store.append(s, [msg(4), msg(5)])
+    assert await store.load(s) == [msg(1), msg(2), msg(3)]
+    assert (await store.stats())["backpressure_rejections"] == 1
+    await store.flusher.flush_once()
+    assert await store.append(s, [msg(4), msg(5)]) == 5
 
 
 async def test_backpressure_waits_for_the_flusher_when_configured(
-    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+    make_tiered: MakeTiered,
 ) -> None:
-    store = TieredStore(
-        RedisStore(
-            redis_url,
-            key_prefix=key_prefix,
-            write_behind=True,
-            buckets=1,
-            max_unflushed=4,
-            backpressure_wait=5,
-            flush_delay=0,
-        ),
-        PostgresStore(pg_dsn, schema=migrated_schema),
-        flusher=True,
-    )
-    try:
-        s = sid()
-        for i in range(10):
-            await store.append(s, [msg(i), msg(i, "assistant")])
-        assert len(await store.load(s)) == 20
-    finally:
-        await store.aclose()
+    store = make_tiered(flusher=True, buckets=1, max_unflushed=4, backpressure_wait=5)
+    s = sid()
+    for i in range(10):
+        await store.append(s, [msg(i), msg(i, "assistant")])
+    assert len(await store.load(s)) == 20
 
 
 async def test_embedded_flusher_drains_on_close(
