@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import vel
+import vel.providers
 from vel import Agent
 from vel.testing import FakeOpenAIServer
 
@@ -525,3 +526,25 @@ async def test_system_prompt_is_sent_first_and_generation_config_passed(
     request = srv.requests[-1]
     assert request["messages"][0] == {"role": "system", "content": "Be brief."}
     assert request["temperature"] == 0.2
+
+
+class _BrokenProvider:
+    """A provider with a bug: it fails with a non-vel exception mid-stream."""
+
+    async def stream(self, messages: Any, tools: Any, config: Any) -> Any:
+        yield vel.providers.TextChunk("partial ")
+        raise RuntimeError("provider bug")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_an_unexpected_exception_still_ends_the_stream_with_one_error() -> None:
+    agent = Agent(id="broken", model={"provider": "openai", "model": "m", "api_key": "k"})
+    agent.provider = _BrokenProvider()
+    events = [e async for e in agent.run_stream({"message": "hi"}, session_id="s")]
+    assert_stream_invariants(events)
+    assert events[-1] == {"type": "error", "errorText": "RuntimeError: provider bug"}
+    assert await agent.ctxmgr.aget_session_context("s") == []
+    with pytest.raises(RuntimeError, match="provider bug"):
+        await agent.run({"message": "hi"}, session_id="s")

@@ -240,11 +240,14 @@ class Agent:
                 yield closing
             yield ev.abort()
             yield ev.finish()
-        except VelError as exc:
+        except Exception as exc:
+            # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
+            # terminal event; run() re-raises the original exception.
             outcome.error = exc
             for closing in reversed(open_blocks):
                 yield closing
-            yield ev.error(str(exc))
+            text = str(exc) if isinstance(exc, VelError) else f"{type(exc).__name__}: {exc}"
+            yield ev.error(text)
         finally:
             self.ctxmgr.end_run(run_id)
 
