@@ -18,6 +18,8 @@ import asyncpg
 import pytest
 from workers import Stack
 
+from vel.testing import FakeOpenAIServer
+
 PG_DSN = os.environ.get("VEL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -142,3 +144,15 @@ async def tiered(stack: Stack) -> AsyncIterator[Any]:
         yield store
     finally:
         await store.aclose()
+
+
+@pytest.fixture
+def srv() -> Iterator[FakeOpenAIServer]:
+    """vel's fake OpenAI-compatible server for this test."""
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+def model_for(srv: FakeOpenAIServer) -> dict[str, Any]:
+    """An Agent ``model`` dict pointing at ``srv``."""
+    return {"provider": "openai", "model": "gpt-4o", "api_key": "test", "base_url": srv.base_url}

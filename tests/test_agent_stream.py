@@ -7,10 +7,10 @@ import asyncio
 import gc
 import itertools
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import model_for
 
 import vel
 import vel.providers
@@ -89,16 +89,6 @@ def types_of(events: list[Event]) -> list[str]:
 
 def text_of(events: list[Event]) -> str:
     return "".join(e["delta"] for e in events if e["type"] == "text-delta")
-
-
-@pytest.fixture
-def srv() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
-
-def model_for(srv: FakeOpenAIServer) -> dict[str, Any]:
-    return {"provider": "openai", "model": "gpt-4o", "api_key": "test", "base_url": srv.base_url}
 
 
 async def collect(

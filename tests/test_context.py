@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from conftest import model_for
 
 from vel import (
     Agent,
@@ -16,16 +17,6 @@ from vel import (
     StatelessContextManager,
 )
 from vel.testing import FakeOpenAIServer
-
-
-@pytest.fixture
-def srv() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
-
-def model_for(srv: FakeOpenAIServer) -> dict[str, Any]:
-    return {"provider": "openai", "model": "gpt-4o", "api_key": "test", "base_url": srv.base_url}
 
 
 @pytest.fixture

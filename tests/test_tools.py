@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from typing import Any, Literal, Optional
 
 import pytest
+from conftest import model_for
 
 from vel import Agent, Tool, ToolError
 from vel.testing import FakeOpenAIServer
-
-
-@pytest.fixture
-def srv() -> Iterator[FakeOpenAIServer]:
-    with FakeOpenAIServer() as server:
-        yield server
-
-
-def model_for(srv: FakeOpenAIServer) -> dict[str, Any]:
-    return {"provider": "openai", "model": "gpt-4o", "api_key": "test", "base_url": srv.base_url}
 
 
 def search_docs(
