@@ -73,7 +73,6 @@ class Flusher:
             "flush_stale_generations": 0,
             "flush_conflicts": 0,
         }
-        self.lag_samples: list[float] = []
 
     async def flush_once(self) -> int:
         """One sweep over every bucket; returns the number of messages written."""

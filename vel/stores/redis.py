@@ -251,7 +251,7 @@ class RedisStore:
             "1" if self.write_behind else "0",
         ]
         reply: list[Any] = await self.call(
-            "load", lambda c: c.load(keys=[*list(keys.data[:2]), keys.replays], args=args)
+            "load", lambda c: c.load(keys=list(keys.data), args=args)
         )
         head = int(reply[0])
         if head == MISS:

@@ -65,8 +65,9 @@ class KeyLayout:
         return (f"{tag}:dirty", f"{tag}:since", f"{tag}:backlog")
 
     def session(self, session_id: str) -> SessionKeys:
-        tag = self.tag(self.bucket_of(session_id))
-        dirty, since, backlog = self.bucket_keys(self.bucket_of(session_id))
+        bucket = self.bucket_of(session_id)
+        tag = self.tag(bucket)
+        dirty, since, backlog = self.bucket_keys(bucket)
         return SessionKeys(
             meta=f"{tag}:h:{session_id}",
             messages=f"{tag}:m:{session_id}",
