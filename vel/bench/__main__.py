@@ -133,6 +133,7 @@ class Bench:
                 "vel.bench.workload",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                limit=1 << 28,  # the result line carries every latency
             )
             assert proc.stdin is not None
             proc.stdin.write((json.dumps({**spec, "proc": p}) + "\n").encode())

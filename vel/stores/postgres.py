@@ -324,6 +324,15 @@ class FlushResult:
     stale: bool = False
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo, so no reset query round trip per release.
+
+    vel keeps no session state on a connection (no advisory locks, LISTEN, cursors or
+    SET; settings come with the connection, locks and search_path are transaction-scoped),
+    and asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
 def _poisons_connection(exc: BaseException) -> bool:
     """Whether a connection that raised ``exc`` must be discarded rather than reused.
 
@@ -553,6 +562,7 @@ class PostgresStore:
                 command_timeout=self._op_timeout,
                 max_inactive_connection_lifetime=300.0,
                 server_settings=server_settings,
+                reset=_keep_session,
             )
         except CONNECT_ERRORS as exc:
             raise connect_error(exc, self._dsn) from exc
