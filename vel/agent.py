@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel.context import ContextManager
@@ -39,6 +39,22 @@ class CancelToken(Protocol):
 
 class _Cancelled(Exception):
     pass
+
+
+class _Turn(Protocol):
+    window: list[Message]
+
+    async def commit(self, messages: Sequence[Message]) -> int: ...
+
+
+@runtime_checkable
+class _LockedTurns(Protocol):
+    """A store that reads a turn's window with the turn lock and commits with the unlock
+    (the Redis stores), saving the lock's own round trips."""
+
+    def turn(
+        self, session_id: str, limit: int | None = None, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[_Turn]: ...
 
 
 @dataclass
@@ -110,6 +126,14 @@ class Agent:
         self.store, self._store_key = acquire_store(session_storage)
         self.ctxmgr = context_manager if context_manager is not None else ContextManager()
         self.ctxmgr.bind(self.store)
+        # The one-step turn serves the stock window policy; a subclass that loads its own
+        # way keeps the separate lock, read and append.
+        self._turns = (
+            self.store
+            if isinstance(self.store, _LockedTurns)
+            and type(self.ctxmgr).aprepare_run is ContextManager.aprepare_run
+            else None
+        )
         self._closed = False
 
     def __repr__(self) -> str:
@@ -195,9 +219,11 @@ class Agent:
             return [{"role": "user", "content": content}], False
         raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
 
-    def _lock(self, session_id: str | None) -> AbstractAsyncContextManager[Any]:
+    def _lock(self, session_id: str | None) -> AbstractAsyncContextManager[_Turn | None]:
         if session_id is None or not self.turn_lock or not self.ctxmgr.stores_history:
             return nullcontext()
+        if self._turns is not None:
+            return self._turns.turn(session_id, self.ctxmgr.max_history, self.lock_timeout)
         return self.store.turn_lock(session_id, self.lock_timeout)
 
     async def _turn(
@@ -215,9 +241,12 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
-            async with self._lock(session_id if keep else None):
+            async with self._lock(session_id if keep else None) as turn:
                 await self.ctxmgr.aprepare_run(
-                    run_id, None if client_owned else session_id, new_messages
+                    run_id,
+                    None if client_owned else session_id,
+                    new_messages,
+                    *([turn.window] if turn is not None else []),
                 )
                 for _ in range(self.max_steps):
                     has_calls = False
@@ -232,7 +261,10 @@ class Agent:
                 if keep:
                     assert session_id is not None
                     # Not cancellable: an interrupted append could be stored yet reported lost.
-                    await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+                    if turn is not None:
+                        await turn.commit(self.ctxmgr.turn_messages(run_id))
+                    else:
+                        await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
             yield ev.finish()
         except _Cancelled:
             outcome.cancelled = True

@@ -86,12 +86,22 @@ class ContextManager:
     # -- runs (called by the Agent) ------------------------------------------------------
 
     async def aprepare_run(
-        self, run_id: str, session_id: str | None, new_messages: Sequence[Message]
+        self,
+        run_id: str,
+        session_id: str | None,
+        new_messages: Sequence[Message],
+        window: list[Message] | None = None,
     ) -> None:
-        """Load the session's window for ``run_id`` and record the turn's first messages."""
+        """Load the session's window for ``run_id`` and record the turn's first messages.
+
+        ``window``: the last ``max_history`` messages, already read by the caller (the Agent
+        reads them together with the turn lock); nothing is loaded then.
+        """
         history: list[Message] = []
         if session_id is not None and self.stores_history and self.max_history != 0:
-            history = trim_window(await self.store.load(session_id, limit=self.max_history))
+            if window is None:
+                window = await self.store.load(session_id, limit=self.max_history)
+            history = trim_window(window)
         self._runs[run_id] = _Run(session_id, history, list(new_messages))
 
     def record(self, run_id: str, messages: Sequence[Message]) -> None:

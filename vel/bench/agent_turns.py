@@ -61,7 +61,12 @@ async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int
     http = mock_http_client()
     agent = Agent(
         id="bench",
-        model={"provider": "openai", "model": "bench", "api_key": "x", "client": {"http_client": http}},
+        model={
+            "provider": "openai",
+            "model": "bench",
+            "api_key": "x",
+            "client": {"http_client": http},
+        },
         session_storage=driver.store,
         context_manager=ContextManager(max_history=window),
     )
@@ -84,14 +89,14 @@ async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int
         finally:
             await chunks.aclose()
 
-    agent.provider.stream = timed  # type: ignore[method-assign]
+    agent.provider.stream = timed  # type: ignore[method-assign,assignment]
     totals: list[float] = []
     models: list[float] = []
     overheads: list[float] = []
     run = spec["run"]
     message = "Tell me more about how the turns of a conversation are stored. " * 5
     try:
-        for i in range(10):  # connections and caches, not timed
+        for _ in range(10):  # connections and caches, not timed
             await agent.run({"message": message}, session_id=f"{run}-agent-warmup")
         for i in range(turns):
             model_time = 0.0

@@ -61,9 +61,15 @@ class StoreDriver:
         return await self.store.append(session_id, messages)
 
     async def locked_turn(self, session_id: str, messages: Sequence[Message], limit: int) -> str:
-        async with self.store.turn_lock(session_id, 60.0):
-            window = await self.store.load(session_id, limit=limit)
-            await self.store.append(session_id, messages)
+        # As the Agent does it: the Redis stores take the lock with the read.
+        if isinstance(self.store, RedisStore | TieredStore):
+            async with self.store.turn(session_id, limit, 60.0) as turn:
+                window = turn.window
+                await turn.commit(messages)
+        else:
+            async with self.store.turn_lock(session_id, 60.0):
+                window = await self.store.load(session_id, limit=limit)
+                await self.store.append(session_id, messages)
         return str(window[-1]["content"]) if window else ""
 
     async def history(self, session_id: str) -> list[Message]:
@@ -111,8 +117,7 @@ CREATE TABLE IF NOT EXISTS "{schema}".ref_messages (
     PRIMARY KEY (session_id, seq)
 )"""
 _PG_REF_WINDOW = (
-    'SELECT message FROM "{schema}".ref_messages WHERE session_id = $1 '
-    "ORDER BY seq DESC LIMIT $2"
+    'SELECT message FROM "{schema}".ref_messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2'
 )
 _PG_REF_APPEND = """
 INSERT INTO "{schema}".ref_messages (session_id, seq, message)
@@ -149,8 +154,7 @@ class PostgresReference:
     async def history(self, session_id: str) -> list[Message]:
         assert self.pool is not None
         rows = await self.pool.fetch(
-            f'SELECT message FROM "{self.schema}".ref_messages WHERE session_id = $1 '
-            "ORDER BY seq",
+            f'SELECT message FROM "{self.schema}".ref_messages WHERE session_id = $1 ORDER BY seq',
             session_id,
         )
         return [json.loads(r[0]) for r in rows]

@@ -48,9 +48,7 @@ def tag_of(message: Message) -> str:
     return content[1 : content.index("]")] if content.startswith("[") else ""
 
 
-def check_history(
-    history: Sequence[Message], turns: Sequence[tuple[str, str]]
-) -> dict[str, int]:
+def check_history(history: Sequence[Message], turns: Sequence[tuple[str, str]]) -> dict[str, int]:
     """Check a shared session's history against the turns acknowledged on it.
 
     ``turns`` holds (turn tag, tag of the last message the turn read before committing).
@@ -71,11 +69,11 @@ def check_history(
             split += 1
     lost = stale = 0
     for tag, seen in turns:
-        i = where.get(tag)
-        if i is None:
+        at = where.get(tag)
+        if at is None:
             lost += 1
             continue
-        before = tags[i - 1] if i > 0 else ""
+        before = tags[at - 1] if at > 0 else ""
         if before != seen:
             stale += 1
     if len(tags) % 2:
@@ -134,9 +132,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
     track = bool(spec.get("track_acks"))
 
     async def owned(task: int) -> None:
-        sessions = [
-            f"{run}-p{proc}-s{i}" for i in range(task, int(spec["sessions"]), tasks)
-        ]
+        sessions = [f"{run}-p{proc}-s{i}" for i in range(task, int(spec["sessions"]), tasks)]
         period = tasks / float(spec["rate"]) if spec.get("rate") else 0.0
         k = 0
         begin = time.monotonic()
@@ -160,7 +156,9 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             seen = await driver.locked_turn(sid, turn_messages(tag), limit)
             latencies.append(time.perf_counter() - start)
-            shared_turns.setdefault(sid, []).append((tag, seen[1 : seen.index("]")] if seen else ""))
+            shared_turns.setdefault(sid, []).append(
+                (tag, seen[1 : seen.index("]")] if seen else "")
+            )
 
     async def guarded(task: int) -> None:
         try:

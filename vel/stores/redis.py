@@ -49,7 +49,7 @@ from vel.stores.redis_keys import DEFAULT_BUCKETS, KeyLayout, SessionKeys
 log = logging.getLogger("vel.redis")
 T = TypeVar("T")
 
-MISS, REPLAY, BACKPRESSURE, DAMAGED = -1, -2, -3, -4
+MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED = -1, -2, -3, -4, -5
 
 
 def _ms(seconds: float | None) -> int:
@@ -72,12 +72,55 @@ class Pending:
     rows: list[tuple[int, str, str]]  # (seq, message id, message JSON)
 
 
+class RedisTurn:
+    """A turn holding its session's lock (see :meth:`RedisStore.turn`)."""
+
+    def __init__(
+        self,
+        store: RedisStore,
+        session_id: str,
+        token: str,
+        on_miss: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.token = token
+        self.on_miss = on_miss
+        self.window: list[Message] = []
+        self.keeper: LeaseKeeper | None = None
+        self.committed = False
+
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int:
+        """Append the turn's messages and release the lock in one step; return the last seq.
+
+        Raises:
+            InvalidInputError: bad messages; nothing was stored and the lock is still held.
+            StoreError: as :meth:`RedisStore.append`.
+        """
+        if self.committed:
+            raise StoreError("this turn was already committed")
+        items = self.store.encode(messages, message_ids)
+        if not items:
+            return await self.store.last_seq(self.session_id)
+        if self.keeper is not None:
+            await self.keeper.stop()  # the append below ends the lease
+        first_id = items[0].partition("\n")[0]
+        seq = await self.store.append_items(
+            self.session_id, items, first_id, self.on_miss, unlock=self.token
+        )
+        self.committed = True
+        return seq
+
+
 class _Client:
     """One loop's Redis client and its registered scripts."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self.load = redis.register_script(lua.LOAD)
+        self.lock_load = redis.register_script(lua.LOCK_LOAD)
         self.append = redis.register_script(lua.APPEND)
         self.seed = redis.register_script(lua.SEED)
         self.replace = redis.register_script(lua.REPLACE)
@@ -253,6 +296,9 @@ class RedisStore:
         reply: list[Any] = await self.call(
             "load", lambda c: c.load(keys=list(keys.data), args=args)
         )
+        return self._window(session_id, reply)
+
+    def _window(self, session_id: str, reply: list[Any]) -> list[Message] | None:
         head = int(reply[0])
         if head == MISS:
             return None
@@ -275,9 +321,12 @@ class RedisStore:
     # -- writes ----------------------------------------------------------------------------
 
     async def try_append(
-        self, session_id: str, items: Sequence[str], first_id: str
+        self, session_id: str, items: Sequence[str], first_id: str, unlock: str = ""
     ) -> tuple[int, int]:
-        """Run the append script once: returns (code, value) where code is 0 on success."""
+        """Run the append script once: returns (code, value) where code is 0 on success.
+
+        ``unlock``: a turn lock token to release in the same step once the items are stored.
+        """
         keys = self.keys.session(session_id)
         per_bucket = max(1, -(-self.max_unflushed // self.keys.buckets))
         args: list[Any] = [
@@ -288,14 +337,13 @@ class RedisStore:
             per_bucket,
             session_id,
             first_id,
+            unlock,
             *items,
         ]
-        reply = await self.call(
-            "append",
-            lambda c: c.append(
-                keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog], args=args
-            ),
-        )
+        names = [*keys.data, keys.dirty, keys.dirty_since, keys.backlog]
+        if unlock:
+            names.append(keys.turn_lock)
+        reply = await self.call("append", lambda c: c.append(keys=names, args=args))
         head = int(reply[0])
         if head >= 0:
             self.counters["appends"] += 1
@@ -309,13 +357,17 @@ class RedisStore:
         items: Sequence[str],
         first_id: str,
         on_miss: Callable[[], Awaitable[None]] | None = None,
+        unlock: str = "",
     ) -> int:
-        """Append encoded items, retrying replays, misses and backpressure as configured."""
+        """Append encoded items, retrying replays, misses and backpressure as configured.
+
+        ``unlock``: a turn lock token released by the append that stores the items.
+        """
         deadline = time.monotonic() + self.backpressure_wait
         delay = 0.01
         for attempt in range(1000):
             try:
-                code, value = await self.try_append(session_id, items, first_id)
+                code, value = await self.try_append(session_id, items, first_id, unlock)
             except StoreUnavailableError as exc:
                 # Safe to retry: the first message id makes a replayed append a no-op. A
                 # timeout is not retried, so a frozen Redis costs one op_timeout, not three.
@@ -438,13 +490,14 @@ class RedisStore:
     ) -> AbstractAsyncContextManager[None]:
         return self._turn_lock(self.keys.session(validate_session_id(session_id)), timeout)
 
-    @asynccontextmanager
-    async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
-        token = uuid.uuid4().hex
+    async def _until_locked(
+        self, keys: SessionKeys, timeout: float | None, attempt: Callable[[], Awaitable[T | None]]
+    ) -> T:
+        """Call ``attempt`` (one try at the turn lock) with backoff until it returns a value."""
         deadline = time.monotonic() + (30.0 if timeout is None else timeout)
         delay = 0.005
         waited = False
-        while not await self.try_lock(keys.turn_lock, token, self.lock_lease):
+        while (result := await attempt()) is None:
             if not waited:
                 waited = True
                 self.counters["lock_waits"] += 1
@@ -454,21 +507,97 @@ class RedisStore:
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
-        keeper = LeaseKeeper(
+        return result
+
+    def _keep_lock(self, keys: SessionKeys, token: str) -> LeaseKeeper:
+        return LeaseKeeper(
             lambda: self.renew_lock(keys.turn_lock, token, self.lock_lease),
             self.lock_lease / 3,
             f"turn lock {keys.turn_lock!r}",
         )
+
+    async def _unlock(self, keys: SessionKeys, token: str) -> None:
+        try:
+            await self.release_lock(keys.turn_lock, token)
+        except StoreError:
+            log.warning("could not release turn lock %s; its lease will run out", keys.turn_lock)
+
+    @asynccontextmanager
+    async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
+        token = uuid.uuid4().hex
+
+        async def attempt() -> bool | None:
+            return await self.try_lock(keys.turn_lock, token, self.lock_lease) or None
+
+        await self._until_locked(keys, timeout, attempt)
+        keeper = self._keep_lock(keys, token)
         try:
             yield
         finally:
             await keeper.stop()
-            try:
-                await self.release_lock(keys.turn_lock, token)
-            except StoreError:
-                log.warning(
-                    "could not release turn lock %s; its lease will run out", keys.turn_lock
-                )
+            await self._unlock(keys, token)
+
+    @asynccontextmanager
+    async def turn(
+        self,
+        session_id: str,
+        limit: int | None = None,
+        timeout: float | None = None,
+        on_miss: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[RedisTurn]:
+        """A turn of ``session_id``: its window, read under its turn lock; commit once.
+
+        The lock is taken by the script that reads the window and released by the script
+        that stores the turn's messages, so a locked turn costs two round trips, like an
+        unlocked one. Leaving without a commit releases the lock (one more round trip).
+
+        Args:
+            session_id: the session.
+            limit: the window (last ``limit`` messages; None: all).
+            timeout: seconds to wait for the lock (default 30).
+            on_miss: loads the session into Redis when it is missing (the TieredStore's
+                warm); None: a missing session is empty (Redis-only mode).
+
+        Raises:
+            SessionLockedError: another turn held the lock for ``timeout`` seconds.
+            StoreError: Redis failed, or the session's Redis copy is damaged.
+        """
+        keys = self.keys.session(validate_session_id(session_id))
+        token = uuid.uuid4().hex
+        args: list[Any] = [
+            -1 if limit is None else limit,
+            _ms(self.hot_ttl),
+            "1" if self.write_behind else "0",
+            token,
+            _ms(self.lock_lease),
+        ]
+
+        async def attempt() -> list[Any] | None:
+            reply: list[Any] = await self.call(
+                "lock+load",
+                lambda c: c.lock_load(keys=[*keys.data, keys.turn_lock], args=args),
+            )
+            return None if int(reply[0]) == LOCKED else reply
+
+        reply = await self._until_locked(keys, timeout, attempt)
+        turn = RedisTurn(self, session_id, token, on_miss)
+        try:
+            window = self._window(session_id, reply)
+            for _ in range(5):
+                if window is not None or on_miss is None:
+                    break
+                await on_miss()
+                window = await self.read(session_id, limit)
+            if window is None and on_miss is not None:
+                raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+            turn.window = window or []
+            turn.keeper = self._keep_lock(keys, token)
+            yield turn
+        finally:
+            if turn.keeper is not None:
+                await turn.keeper.stop()
+            if not turn.committed:
+                await self._unlock(keys, token)
 
     # -- flushing (write-behind) -----------------------------------------------------------
 

@@ -6,7 +6,8 @@ exists; its message list always holds seqs 1..seq, so ``LLEN == seq`` is checked
 catch a list evicted without its meta; "clean" means ``flushed == seq and fgen == gen``.
 
 Return codes shared by the scripts: -1 miss (warm from Postgres first), -2 replay of an
-append already applied, -3 backpressure, -4 damaged dirty session.
+append already applied, -3 backpressure, -4 damaged dirty session, -5 turn lock held by another
+turn.
 """
 
 from __future__ import annotations
@@ -38,41 +39,57 @@ local function push(from)
 end
 """
 
-# Read the last ARGV[1] messages (-1: all). ARGV[2] = ttl ms to slide when clean (0: none).
-# ARGV[3] = '1' write-behind mode. Returns {seq, items...} or {-1}.
-LOAD = _script(
-    "allow-oom",
-    _SET_TTL,
-    """
-local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
-if not m[1] then return {-1} end
-local seq = tonumber(m[1])
-local clean = ARGV[3] ~= '1' or (m[2] == m[1] and m[3] == m[4])
-if redis.call('LLEN', KEYS[2]) ~= seq then
-  if clean then
-    redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-    return {-1}
+# The window read shared by LOAD and LOCK_LOAD: the last ARGV[1] messages (-1: all).
+# ARGV[2] = ttl ms to slide when clean (0: none), ARGV[3] = '1' write-behind mode.
+_READ_WINDOW = """
+local function read_window()
+  local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
+  if not m[1] then return {-1} end
+  local seq = tonumber(m[1])
+  local clean = ARGV[3] ~= '1' or (m[2] == m[1] and m[3] == m[4])
+  if redis.call('LLEN', KEYS[2]) ~= seq then
+    if clean then
+      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+      return {-1}
+    end
+    return {-4}
   end
-  return {-4}
+  local limit = tonumber(ARGV[1])
+  local items
+  if limit < 0 then
+    items = redis.call('LRANGE', KEYS[2], 0, -1)
+  elseif limit == 0 then
+    items = {}
+  else
+    items = redis.call('LRANGE', KEYS[2], -limit, -1)
+  end
+  if clean then set_ttl(tonumber(ARGV[2])) end
+  table.insert(items, 1, seq)
+  return items
 end
-local limit = tonumber(ARGV[1])
-local items
-if limit < 0 then
-  items = redis.call('LRANGE', KEYS[2], 0, -1)
-elseif limit == 0 then
-  items = {}
-else
-  items = redis.call('LRANGE', KEYS[2], -limit, -1)
-end
-if clean then set_ttl(tonumber(ARGV[2])) end
-table.insert(items, 1, seq)
-return items
+"""
+
+# Read the window (see _READ_WINDOW). Returns {seq, items...}, {-1} or {-4}.
+LOAD = _script("allow-oom", _SET_TTL + _READ_WINDOW, "return read_window()\n")
+
+# Take the turn lock (KEYS[4]) and read the window in one step, so a locked turn costs no
+# round trip of its own. ARGV 1-3 as LOAD, 4 lock token, 5 lease ms. Returns {-5} when
+# another turn holds the lock (nothing read), else what LOAD returns, the lock now held
+# (also on a miss or damage: the caller warms or reports, then releases).
+LOCK_LOAD = _script(
+    "",
+    _SET_TTL + _READ_WINDOW,
+    """
+if not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', ARGV[5]) then return {-5} end
+return read_window()
 """,
 )
 
 # Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
-# 7 first message id, 8.. items. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
+# 7 first message id, 8 turn lock token ('' none), 9.. items. With a token, KEYS[7] is the
+# turn lock, released (if still ours) once the messages are stored: the turn's commit and
+# unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
 APPEND = _script(
     "",
     _SET_TTL,
@@ -84,14 +101,20 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'seq', 0, 'flushed', 0, 'gen', 0, 'fgen', 0, 'created', now)
 end
+local function unlock()
+  if ARGV[8] ~= '' and redis.call('GET', KEYS[7]) == ARGV[8] then redis.call('DEL', KEYS[7]) end
+end
 local prev = redis.call('ZSCORE', KEYS[3], ARGV[7])
-if prev then return {-2, tonumber(prev)} end
-local k = #ARGV - 7
+if prev then
+  unlock()
+  return {-2, tonumber(prev)}
+end
+local k = #ARGV - 8
 if wb then
   local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
   if backlog + k > tonumber(ARGV[5]) then return {-3, backlog} end
 end
-push(8)
+push(9)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
 redis.call('HSET', KEYS[1], 'updated', now)
 redis.call('ZADD', KEYS[3], seq, ARGV[7])
@@ -104,6 +127,7 @@ if wb then
 else
   set_ttl(tonumber(ARGV[3]))
 end
+unlock()
 return {seq}
 """,
 )

@@ -16,8 +16,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from vel import failpoints
 from vel._sync import in_helper_thread
@@ -27,7 +27,7 @@ from vel.messages import Message, validate_session_id
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
-from vel.stores.redis import MISS, RedisStore
+from vel.stores.redis import MISS, RedisStore, RedisTurn
 
 log = logging.getLogger("vel.tiered")
 
@@ -219,6 +219,22 @@ class TieredStore:
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
         return self.hot.turn_lock(session_id, timeout)
+
+    @asynccontextmanager
+    async def turn(
+        self, session_id: str, limit: int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[RedisTurn]:
+        """A locked turn: window read with the lock, commit with the unlock (see
+        :meth:`RedisStore.turn`); a session missing from Redis is warmed first."""
+        validate_session_id(session_id)
+        self._ensure_flusher()
+
+        async def on_miss() -> None:
+            self.counters["redis_misses"] += 1
+            await self.warm(session_id)
+
+        async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
+            yield turn
 
     async def stats(self) -> dict[str, float]:
         result: dict[str, float] = {}

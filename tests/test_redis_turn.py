@@ -1,0 +1,145 @@
+"""The one-step locked turn of the Redis stores: lock taken by the window read, released by
+the commit (RedisStore.turn / TieredStore.turn, used by the Agent)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from vel.errors import InvalidInputError, SessionLockedError
+from vel.stores.postgres import PostgresStore
+from vel.stores.redis import RedisStore
+from vel.stores.tiered import TieredStore
+
+
+def msg(i: int, role: str = "user") -> dict[str, Any]:
+    return {"role": role, "content": f"m{i}"}
+
+
+@pytest.fixture
+async def tiered(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+) -> AsyncIterator[TieredStore]:
+    store = TieredStore(
+        RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, flush_delay=0),
+        PostgresStore(pg_dsn, schema=migrated_schema),
+        flusher=False,
+    )
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+async def redis_only(redis_url: str, key_prefix: str) -> AsyncIterator[RedisStore]:
+    store = RedisStore(redis_url, key_prefix=key_prefix, hot_ttl=60)
+    yield store
+    await store.aclose()
+
+
+async def lock_holder(store: RedisStore, session_id: str, redis_url: str) -> bytes | None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        value: bytes | None = await client.get(store.keys.session(session_id).turn_lock)
+        return value
+    finally:
+        await client.aclose()
+
+
+async def test_turn_reads_the_window_and_commit_appends_and_unlocks(
+    tiered: TieredStore, redis_url: str
+) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    await tiered.append(s, [msg(i) for i in range(5)])
+    async with tiered.turn(s, limit=3) as turn:
+        assert [m["content"] for m in turn.window] == ["m2", "m3", "m4"]
+        assert await lock_holder(tiered.hot, s, redis_url) == turn.token.encode()
+        assert await turn.commit([msg(5), msg(6, "assistant")]) == 7
+        assert await lock_holder(tiered.hot, s, redis_url) is None
+    assert [m["content"] for m in await tiered.load(s)] == [f"m{i}" for i in range(7)]
+
+
+async def test_turn_of_a_session_only_in_postgres_warms_it(tiered: TieredStore) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    await tiered.append(s, [msg(0), msg(1, "assistant")])
+    assert await tiered.flush()
+    keys = tiered.hot.keys.session(s)
+    client = aioredis.Redis.from_url(tiered.hot.url)
+    await client.delete(*keys.data)
+    await client.aclose()
+    async with tiered.turn(s, limit=10) as turn:
+        assert [m["content"] for m in turn.window] == ["m0", "m1"]
+        await turn.commit([msg(2)])
+    assert [m["content"] for m in await tiered.load(s)] == ["m0", "m1", "m2"]
+
+
+async def test_a_second_turn_waits_for_the_commit(tiered: TieredStore) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    order: list[str] = []
+
+    async def second() -> None:
+        async with tiered.turn(s, limit=10, timeout=10) as turn:
+            order.append(f"second saw {len(turn.window)}")
+            await turn.commit([msg(2)])
+
+    async with tiered.turn(s, limit=10) as turn:
+        waiter = asyncio.create_task(second())
+        await asyncio.sleep(0.2)
+        assert order == []
+        await turn.commit([msg(0), msg(1, "assistant")])
+    await waiter
+    assert order == ["second saw 2"]
+
+
+async def test_a_held_lock_times_out(redis_only: RedisStore) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    async with redis_only.turn(s):
+        with pytest.raises(SessionLockedError):
+            async with redis_only.turn(s, timeout=0.2):
+                pass
+
+
+async def test_leaving_without_commit_releases_and_stores_nothing(
+    redis_only: RedisStore, redis_url: str
+) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    await redis_only.append(s, [msg(0)])
+    with pytest.raises(RuntimeError):
+        async with redis_only.turn(s) as turn:
+            assert [m["content"] for m in turn.window] == ["m0"]
+            raise RuntimeError("the model failed")
+    assert await lock_holder(redis_only, s, redis_url) is None
+    assert [m["content"] for m in await redis_only.load(s)] == ["m0"]
+
+
+async def test_bad_messages_store_nothing_and_still_unlock(
+    redis_only: RedisStore, redis_url: str
+) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(InvalidInputError):
+        async with redis_only.turn(s) as turn:
+            await turn.commit([{"role": "nobody", "content": "x"}])
+    assert await lock_holder(redis_only, s, redis_url) is None
+    assert await redis_only.load(s) == []
+
+
+async def test_commit_does_not_release_a_lock_another_turn_now_holds(
+    redis_only: RedisStore, redis_url: str
+) -> None:
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    lock = redis_only.keys.session(s).turn_lock
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with redis_only.turn(s) as turn:
+            # Our lease ran out and another turn took the lock.
+            await client.set(lock, "someone-else")
+            await turn.commit([msg(0)])
+            assert await client.get(lock) == b"someone-else"
+    finally:
+        await client.delete(lock)
+        await client.aclose()
+    assert [m["content"] for m in await redis_only.load(s)] == ["m0"]
