@@ -167,6 +167,8 @@ class Bench:
         out: dict[str, Any] = {}
         print(f"[bench] {mode}: throughput", flush=True)
         out["throughput"] = await self.throughput(mode)
+        if args.throughput_only:
+            return out
         print(f"[bench] {mode}: growth", flush=True)
         out["growth"] = await self.growth(mode)
         if mode not in REFERENCES:
@@ -368,7 +370,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             results[mode] = await bench.run_mode(mode)
         agent: dict[str, Any] = {}
         for mode in [m for m in ("memory", "database", "redis") if m in modes]:
-            if args.agent_turns <= 0:
+            if args.agent_turns <= 0 or args.throughput_only:
                 break
             print(f"[bench] {mode}: agent turns", flush=True)
             spec = await bench.prepare(mode, "agent")
@@ -395,15 +397,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vel.bench", description=__doc__)
     parser.add_argument("--processes", "-P", type=int, default=2)
     parser.add_argument("--tasks", "-C", type=int, default=16, help="asyncio tasks per process")
-    parser.add_argument("--sessions", "-S", type=int, default=256)
-    parser.add_argument("--turns", "-T", type=int, default=20, help="turns per session")
+    parser.add_argument("--sessions", "-S", type=int, default=512)
+    parser.add_argument("--turns", "-T", type=int, default=40, help="turns per session")
     parser.add_argument("--window", type=int, default=20, help="max_history")
     parser.add_argument("--growth-turns", type=int, default=500)
     parser.add_argument("--shared-turns", type=int, default=10, help="turns per task")
     parser.add_argument("--steady-rate", type=float, default=500.0, help="turns/s (2 msgs each)")
-    parser.add_argument("--steady-seconds", type=float, default=5.0)
-    parser.add_argument("--agent-turns", type=int, default=300)
+    parser.add_argument("--steady-seconds", type=float, default=10.0)
+    parser.add_argument("--agent-turns", type=int, default=500)
     parser.add_argument("--modes", default=",".join(ALL_MODES))
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="skip growth, shared, steady and agent"
+    )
     parser.add_argument("--worker-timeout", type=float, default=240.0)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument(

@@ -308,7 +308,8 @@ class RedisStore:
                 f"session {session_id!r} lost part of its data in Redis while unflushed; "
                 "check maxmemory-policy (never allkeys-*) with `vel doctor`"
             )
-        return [decode_message(_split(item)[1]) for item in reply[1:]]
+        # json.loads takes the bytes after the id as they are: no split, no decode to str.
+        return [decode_message(item[item.index(b"\n") + 1 :]) for item in reply[1:]]
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         messages = await self.read(session_id, limit)
