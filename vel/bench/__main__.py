@@ -214,9 +214,11 @@ class Bench:
         spec.update(tasks=1, turns=args.growth_turns, sessions=1)
         (result,) = await self.workers(spec, 1)
         lat = result["latencies"]
-        early, late = window_median(lat, 10), window_median(lat, len(lat))
+        width = min(20, max(1, len(lat) // 2))
+        early, late = window_median(lat, width, width), window_median(lat, len(lat), width)
         return {
             "turns": len(lat),
+            "median_of": width,
             "turn_10_ms": round(early, 3),
             "turn_last_ms": round(late, 3),
             "ratio": round(late / early, 3) if early else None,
@@ -287,6 +289,11 @@ class Bench:
             "turns": turns,
             "seconds": round(wall, 3),
             "turns_per_s": round(turns / wall, 1) if wall > 0 else 0.0,
+            # The workers' own CPU (this process's client work, embedded flusher included;
+            # not the servers'): steadier than turns/s on a shared machine.
+            "client_cpu_us_per_turn": round(sum(r["cpu_s"] for r in results) * 1e6 / turns, 1)
+            if turns
+            else 0.0,
             **latency_summary(latencies),
             "worker_rss_mb": round(max(r["rss_mb"] for r in results), 1),
             "close_s": round(max(r["close_s"] for r in results), 3),
@@ -375,6 +382,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[bench] {mode}: agent turns", flush=True)
             spec = await bench.prepare(mode, "agent")
             agent[mode] = await measure_agent(mode, spec, args.agent_turns, args.window)
+            if mode == "redis":
+                spec = await bench.prepare(mode, "agent2")
+                agent["redis, lock in separate calls"] = await measure_agent(
+                    mode, spec, args.agent_turns, args.window, separate_lock=True
+                )
     finally:
         await bench.teardown()
     return {

@@ -54,8 +54,14 @@ def mock_http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.MockTransport(handler))
 
 
-async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int) -> dict[str, Any]:
-    """Run ``turns`` sequential agent turns on ``mode``'s store; summarise per-turn costs."""
+async def measure_agent(
+    mode: str, spec: dict[str, Any], turns: int, window: int, separate_lock: bool = False
+) -> dict[str, Any]:
+    """Run ``turns`` sequential agent turns on ``mode``'s store; summarise per-turn costs.
+
+    ``separate_lock``: take the turn lock, read and append in separate calls (how a Redis
+    turn ran before the lock was folded into the read and append scripts), for comparison.
+    """
     driver = make_driver(mode, {**spec, "pool_max": 4})
     assert isinstance(driver, StoreDriver)
     http = mock_http_client()
@@ -70,21 +76,24 @@ async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int
         session_storage=driver.store,
         context_manager=ContextManager(max_history=window),
     )
-    model_time = 0.0
+    if separate_lock:
+        agent._turns = None
+    model_time = model_cpu = 0.0
     stream = agent.provider.stream
 
     async def timed(*args: Any) -> AsyncGenerator[Any, None]:
-        nonlocal model_time
+        nonlocal model_time, model_cpu
         chunks = stream(*args)
         try:
             while True:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 try:
                     chunk = await anext(chunks)
                 except StopAsyncIteration:
-                    model_time += time.perf_counter() - start
                     return
-                model_time += time.perf_counter() - start
+                finally:
+                    model_time += time.perf_counter() - start
+                    model_cpu += time.process_time() - cpu
                 yield chunk
         finally:
             await chunks.aclose()
@@ -93,16 +102,18 @@ async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int
     totals: list[float] = []
     models: list[float] = []
     overheads: list[float] = []
+    cpu_overheads: list[float] = []
     run = spec["run"]
     message = "Tell me more about how the turns of a conversation are stored. " * 5
     try:
         for _ in range(10):  # connections and caches, not timed
             await agent.run({"message": message}, session_id=f"{run}-agent-warmup")
         for i in range(turns):
-            model_time = 0.0
-            start = time.perf_counter()
+            model_time = model_cpu = 0.0
+            start, cpu = time.perf_counter(), time.process_time()
             await agent.run({"message": message}, session_id=f"{run}-agent-{i % 10}")
             total = time.perf_counter() - start
+            cpu_overheads.append(time.process_time() - cpu - model_cpu)
             totals.append(total)
             models.append(model_time)
             overheads.append(total - model_time)
@@ -122,4 +133,7 @@ async def measure_agent(mode: str, spec: dict[str, Any], turns: int, window: int
         "overhead_p50_ms": ms(overheads, 0.5),
         "overhead_p99_ms": ms(overheads, 0.99),
         "overhead_mean_ms": round(statistics.fmean(overheads) * 1000, 3),
+        # CPU of this process outside the model call: vel's work without waiting on servers
+        # or on other processes of a busy machine.
+        "overhead_cpu_p50_ms": ms(cpu_overheads, 0.5),
     }

@@ -166,9 +166,9 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
 
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     await asyncio.gather(*(guarded(t) for t in range(tasks)))
-    ended = time.time()
+    ended, cpu = time.time(), time.process_time() - cpu
     shared_check: dict[str, int] | None = None
     if kind == "shared" and mode == "memory" and isinstance(driver, StoreDriver):
         # Memory sessions live in this process only: check them here.
@@ -185,6 +185,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "started": started,
         "ended": ended,
         "close_s": time.perf_counter() - closing,
+        "cpu_s": cpu,
         "turns": len(latencies),
         "latencies": latencies,
         "errors": errors,
