@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 
 from vel.bench import report
 from vel.bench.agent_turns import measure_agent
-from vel.bench.modes import ALL_MODES, POSTGRES_MODES, REFERENCES
+from vel.bench.modes import ALL_MODES, POSTGRES_MODES, REFERENCES, create_reference_table
 from vel.bench.workload import check_history, turn_messages
 from vel.messages import encode_message
 from vel.settings import load_settings
@@ -107,6 +107,8 @@ class Bench:
             conn = await asyncpg.connect(self.dsn)
             try:
                 await conn.execute(f'CREATE SCHEMA "{spec["schema"]}"')
+                if mode == "ref-asyncpg":
+                    await create_reference_table(conn, spec["schema"])
             finally:
                 await conn.close()
             if mode != "ref-asyncpg":

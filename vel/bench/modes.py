@@ -110,12 +110,19 @@ class RedisReference:
 
 
 _PG_REF_TABLE = """
-CREATE TABLE IF NOT EXISTS "{schema}".ref_messages (
+CREATE TABLE "{schema}".ref_messages (
     session_id text NOT NULL,
     seq integer NOT NULL,
     message jsonb NOT NULL,
     PRIMARY KEY (session_id, seq)
 )"""
+
+
+async def create_reference_table(conn: asyncpg.Connection, schema: str) -> None:
+    """Create the raw asyncpg reference's table (once, before its workers start)."""
+    await conn.execute(_PG_REF_TABLE.format(schema=schema))
+
+
 _PG_REF_WINDOW = (
     'SELECT message FROM "{schema}".ref_messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2'
 )
@@ -137,7 +144,6 @@ class PostgresReference:
 
     async def open(self) -> None:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_max)
-        await self.pool.execute(_PG_REF_TABLE.format(schema=self.schema))
 
     async def turn(self, session_id: str, messages: Sequence[Message], limit: int) -> int:
         assert self.pool is not None
