@@ -1,8 +1,8 @@
 """Flusher: copies dirty sessions from Redis to Postgres (write-behind).
 
-Each sweep walks the buckets; in each it claims due sessions with a lease (a visibility
-timeout: a crashed or frozen flusher's claim simply runs out and another flusher redoes the
-batch), reads what they still have to copy, writes all of them to Postgres in **one**
+Each sweep walks the buckets claiming due sessions with a lease (a visibility timeout: a
+crashed or frozen flusher's claim simply runs out and another flusher redoes the batch), reads
+what they still have to copy, writes all of them, whatever their bucket, to Postgres in **one**
 transaction (idempotent on ``(session_id, seq)``, verified by message id), then acknowledges.
 An acknowledgement only ever raises ``flushed``, and the session gets its TTL back only when
 clean, so a late or repeated flush is harmless. Any number of flushers may run at once.
@@ -75,39 +75,53 @@ class Flusher:
         }
 
     async def flush_once(self) -> int:
-        """One sweep over every bucket; returns the number of messages written."""
-        written = 0
+        """One sweep over every bucket; returns the number of messages written.
+
+        Due sessions are claimed bucket by bucket (up to ``batch_sessions`` in all) and
+        written in one Postgres transaction per sweep, not one per bucket: at a steady rate
+        a sweep finds a few sessions in many buckets, and a transaction each would cost
+        Postgres one commit per handful of messages.
+        """
         buckets = self.hot.keys.buckets
         self._offset = (self._offset + 1) % buckets
-        for i in range(buckets):
-            written += await self._flush_bucket((self._offset + i) % buckets)
-        return written
-
-    async def _flush_bucket(self, bucket: int) -> int:
-        session_ids = await self.hot.claim(bucket, self.lease, self.batch_sessions)
-        if not session_ids:
-            return 0
+        claimed: list[tuple[int, list[str]]] = []
         try:
-            return await self._flush_claimed(bucket, session_ids)
+            room = self.batch_sessions
+            for i in range(buckets):
+                if room <= 0:
+                    break
+                bucket = (self._offset + i) % buckets
+                session_ids = await self.hot.claim(bucket, self.lease, room)
+                if session_ids:
+                    claimed.append((bucket, session_ids))
+                    room -= len(session_ids)
+            if not claimed:
+                return 0
+            return await self._flush_claimed(claimed)
         except Exception:
-            self.counters["flush_batches_failed"] += 1
-            # Hand the claim back early so a short outage does not wait out the whole lease.
+            if claimed:
+                self.counters["flush_batches_failed"] += 1
+            # Hand the claims back early so a short outage does not wait out the whole lease.
             with contextlib.suppress(StoreError):
-                await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
+                for bucket, session_ids in claimed:
+                    await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
             raise
 
-    async def _flush_claimed(self, bucket: int, session_ids: list[str]) -> int:
+    async def _flush_claimed(self, claimed: list[tuple[int, list[str]]]) -> int:
         await failpoints.hit("flush_after_claim")
-        pending = await self.hot.pending(session_ids, self.max_rows)
-        acks: list[tuple[str, int, int]] = []
+        bucket_of: dict[str, int] = {}
+        acks: dict[int, list[tuple[str, int, int]]] = {bucket: [] for bucket, _ in claimed}
         work = []
-        for sid, item in zip(session_ids, pending, strict=True):
-            if item is None:
-                acks.append((sid, 0, 0))  # gone from Redis: just drop the dirty mark
-            elif not item.rows and item.fgen == item.gen:
-                acks.append((sid, item.gen, item.flushed))
-            else:
-                work.append(item)
+        for bucket, session_ids in claimed:
+            pending = await self.hot.pending(session_ids, self.max_rows)
+            for sid, item in zip(session_ids, pending, strict=True):
+                bucket_of[sid] = bucket
+                if item is None:
+                    acks[bucket].append((sid, 0, 0))  # gone from Redis: drop the dirty mark
+                elif not item.rows and item.fgen == item.gen:
+                    acks[bucket].append((sid, item.gen, item.flushed))
+                else:
+                    work.append(item)
         written = 0
         while work:
             try:
@@ -121,7 +135,7 @@ class Flusher:
                 self.counters["flush_conflicts"] += 1
                 log.error("session %r not flushed: %s", exc.session_id, exc)
                 work = [p for p in work if p.session_id != exc.session_id]
-                await self.hot.reschedule(bucket, [exc.session_id], delay=60.0)
+                await self.hot.reschedule(bucket_of[exc.session_id], [exc.session_id], 60.0)
         if work:
             await failpoints.hit("flush_after_commit")
             for item, result in zip(work, results, strict=True):
@@ -134,10 +148,13 @@ class Flusher:
                         item.session_id,
                     )
                 upto = item.rows[-1][0] if item.rows else item.flushed
-                acks.append((item.session_id, item.gen, upto))
+                acks[bucket_of[item.session_id]].append((item.session_id, item.gen, upto))
                 written += result.inserted
                 self.counters["flush_duplicates_suppressed"] += result.duplicates
-        await self.hot.ack(acks)
+        # Acknowledged bucket by bucket: each pipeline stays within one hash slot.
+        for bucket_acks in acks.values():
+            if bucket_acks:
+                await self.hot.ack(bucket_acks)
         self.counters["flush_batches_ok"] += 1
         self.counters["flushed_messages"] += written
         return written

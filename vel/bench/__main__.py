@@ -260,7 +260,8 @@ class Bench:
     async def steady(self, mode: str) -> dict[str, Any]:
         args = self.args
         spec = await self.prepare(mode, "steady")
-        sessions = 50
+        # Two sessions per task, so every task paces the same number of turns.
+        sessions = 2 * args.tasks * args.processes
         total_turns = int(args.steady_rate * args.steady_seconds)
         spec.update(
             tasks=args.tasks,
