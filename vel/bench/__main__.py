@@ -427,6 +427,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-timeout", type=float, default=240.0)
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument(
+        "--from-json", metavar="FILE", help="run nothing: redo the markdown and chart from FILE"
+    )
+    parser.add_argument(
         "--out", default="docs", help="directory for benchmarks.json/.md/.png (default docs)"
     )
     args = parser.parse_args(argv)
@@ -439,7 +442,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = asyncio.run(amain(args))
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+    else:
+        data = asyncio.run(amain(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data["targets"] = report.targets(data)
