@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from vel import failpoints
 from vel.errors import FlushConflictError, StoreError
+from vel.totals import Totals
 
 if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
@@ -73,6 +74,8 @@ class Flusher:
             "flush_stale_generations": 0,
             "flush_conflicts": 0,
         }
+        # Shared through Redis so `vel stats` sees every flusher's work.
+        self.totals = Totals(hot, [self.counters])
 
     async def flush_once(self) -> int:
         """One sweep over every bucket; returns the number of messages written."""
@@ -119,7 +122,12 @@ class Flusher:
                 # One divergent session must not block the others: set it aside (it stays
                 # dirty, so it is never expired) and write the rest.
                 self.counters["flush_conflicts"] += 1
-                log.error("session %r not flushed: %s", exc.session_id, exc)
+                log.error(
+                    "session %r not flushed: %s",
+                    exc.session_id,
+                    exc,
+                    extra={"session_id": exc.session_id},
+                )
                 work = [p for p in work if p.session_id != exc.session_id]
                 await self.hot.reschedule(bucket, [exc.session_id], delay=60.0)
         if work:
@@ -132,6 +140,7 @@ class Flusher:
                     log.error(
                         "session %r: Redis copy is older than Postgres; not flushed",
                         item.session_id,
+                        extra={"session_id": item.session_id},
                     )
                 upto = item.rows[-1][0] if item.rows else item.flushed
                 acks.append((item.session_id, item.gen, upto))
@@ -151,6 +160,8 @@ class Flusher:
         """Flush until :meth:`stop`; failures are logged and retried with capped backoff."""
         self._stop.clear()
         while not self._stop.is_set():
+            if self.totals.due():
+                await self.totals.publish()
             try:
                 written = await self.flush_once()
             except Exception as exc:

@@ -36,6 +36,8 @@ class Settings:
         migrate_on_start: ``VEL_MIGRATE`` = 1 applies migrations when a store opens.
         flusher: ``VEL_FLUSHER`` = ``embedded`` (default) or ``off`` (a standalone
             ``vel flusher`` does the work).
+        log_format: ``VEL_LOG_FORMAT`` of the ``vel`` command's logs: ``text`` (default)
+            or ``json`` (one object per line).
     """
 
     postgres_dsn: str | None = None
@@ -50,6 +52,7 @@ class Settings:
     op_timeout: float = 5.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
+    log_format: str = "text"
 
 
 def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
@@ -89,6 +92,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     flusher = env.get("VEL_FLUSHER", base.flusher) or base.flusher
     if flusher not in ("embedded", "off"):
         raise ConfigurationError(f"VEL_FLUSHER must be 'embedded' or 'off', got {flusher!r}")
+    log_format = env.get("VEL_LOG_FORMAT") or base.log_format
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"VEL_LOG_FORMAT must be 'text' or 'json', got {log_format!r}")
     hot_ttl = _float(env, "VEL_HOT_TTL", base.hot_ttl)
     backpressure_wait = _float(env, "VEL_BACKPRESSURE_WAIT", base.backpressure_wait)
     op_timeout = _float(env, "VEL_OP_TIMEOUT", base.op_timeout)
@@ -106,6 +112,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         op_timeout=op_timeout,
         migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
         flusher=flusher,
+        log_format=log_format,
     )
 
 

@@ -467,7 +467,9 @@ class RedisStore:
                 await self.release_lock(keys.turn_lock, token)
             except StoreError:
                 log.warning(
-                    "could not release turn lock %s; its lease will run out", keys.turn_lock
+                    "could not release turn lock %s; its lease will run out",
+                    keys.turn_lock,
+                    extra={"session_id": self.keys.session_id_of(keys.meta)},
                 )
 
     # -- flushing (write-behind) -----------------------------------------------------------
