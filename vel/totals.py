@@ -106,8 +106,7 @@ async def read_totals(hot: RedisStore) -> tuple[dict[str, float], float]:
     last :data:`RATE_WINDOW` seconds)."""
     keys = hot.keys
     now = int(time.time())
-    # The current second is still being written: the window is the RATE_WINDOW before it.
-    seconds = [keys.flushed_in(s) for s in range(now - RATE_WINDOW, now)]
+    seconds = [keys.flushed_in(s) for s in range(now - RATE_WINDOW + 1, now + 1)]
 
     async def run(c: Any) -> tuple[dict[bytes, bytes], list[bytes | None]]:
         pipe = c.redis.pipeline(transaction=False)
