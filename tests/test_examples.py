@@ -95,6 +95,26 @@ async def test_multi_worker_shares_one_conversation_across_processes(
     assert "(the session now holds 8 messages)" in out
 
 
+async def test_multi_worker_in_memory_mode_does_not_share(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+) -> None:
+    """The control: 'memory' keeps history per process, so worker 2 cannot know the name."""
+    env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
+    script = [sys.executable, str(EXAMPLES / "multi_worker.py"), "--workers", "2"]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*script, "--storage", "memory"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = re.findall(r"\[worker (\d), pid \d+\] assistant: (.*)", result.stdout)
+    assert answers[3] == ("2", "I don't know your name.")
+
+
 # -- SSE server behind uvicorn with two worker processes -------------------------------------
 
 
