@@ -89,3 +89,15 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "scripts/demo" in readme and "scripts/test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^exec bash scripts/test$", ci, re.M)
+
+
+def test_readme_quickstart_runs_the_multi_worker_example_and_links_the_docs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Multi-worker demo in three commands", 1)[1].split("\n## ", 1)[0]
+    commands = section.split("```", 2)[1].strip().splitlines()
+    assert len(commands) == 3
+    for path in re.findall(r"((?:scripts|examples)/[\w.]+)", "\n".join(commands)):
+        assert (ROOT / path).exists(), path
+    assert "vel migrate" in commands[1] and "multi_worker.py" in commands[2]
+    for doc in re.findall(r"\]\((docs/[\w.]+)", readme):
+        assert (ROOT / doc).exists(), doc
