@@ -377,3 +377,48 @@ async def test_json_logs_carry_the_session_id(ops: Env) -> None:
 async def test_unknown_prefix_characters_are_one_line(ops: Env) -> None:
     result = await ops.vel("stats", "--prefix", "bad prefix!")
     assert "prefix" in one_error_line(result)
+
+
+# -- the rest of the failure exits, demo across processes, settings ------------------------------
+
+
+async def test_warm_and_flusher_with_postgres_down_are_one_line(ops: Env) -> None:
+    env = dict(ops.env, POSTGRES_DSN="postgresql://postgres:pw@127.0.0.1:1/test")
+    warm = await ops.vel("warm", "--all", env=env)
+    assert "Postgres" in one_error_line(warm) and "pw" not in warm.stderr
+    flusher = await ops.vel("flusher", env=env)
+    assert "Postgres" in one_error_line(flusher)
+
+
+async def test_sessions_without_dsn_is_one_line(ops: Env) -> None:
+    env = {k: v for k, v in ops.env.items() if k != "POSTGRES_DSN"}
+    result = await ops.vel("sessions", "list", env=env)
+    assert "POSTGRES_DSN" in one_error_line(result)
+
+
+async def test_demo_workers_in_separate_processes_share_a_session(ops: Env) -> None:
+    first = await ops.vel("demo", "--storage", "redis", "--session-id", "d1", "--worker", "w1")
+    second = await ops.vel("demo", "--storage", "redis", "--session-id", "d1", "--worker", "w2")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "[w1] user: My name is Alice" in first.stdout
+    assert "[w2] session d1: had 2 messages" in second.stdout
+    assert "[w2] assistant: Your name is Alice." in second.stdout
+
+
+def test_log_format_setting() -> None:
+    from vel.errors import ConfigurationError
+    from vel.settings import load_settings
+
+    assert load_settings({}).log_format == "text"
+    assert load_settings({"VEL_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(ConfigurationError, match="VEL_LOG_FORMAT"):
+        load_settings({"VEL_LOG_FORMAT": "xml"})
+
+
+def test_prometheus_rendering() -> None:
+    from vel.metrics import render
+
+    text = render({"flushed_messages": 3, "oldest_dirty_age": 0.25, "custom-thing": 1})
+    assert "# TYPE vel_flushed_messages_total counter\nvel_flushed_messages_total 3\n" in text
+    assert "# TYPE vel_oldest_dirty_age gauge\nvel_oldest_dirty_age 0.25\n" in text
+    assert "# TYPE vel_custom_thing untyped\nvel_custom_thing 1\n" in text
