@@ -422,3 +422,23 @@ def test_prometheus_rendering() -> None:
     assert "# TYPE vel_flushed_messages_total counter\nvel_flushed_messages_total 3\n" in text
     assert "# TYPE vel_oldest_dirty_age gauge\nvel_oldest_dirty_age 0.25\n" in text
     assert "# TYPE vel_custom_thing untyped\nvel_custom_thing 1\n" in text
+
+
+def test_progress_bar_draws_only_on_a_terminal() -> None:
+    import io
+
+    from vel.cli._common import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Progress(4, "warming", stream)
+        bar.advance()
+        bar.advance(3)
+        bar.close()
+    assert "\rwarming [#######-----------------------] 1/4" in tty.getvalue()
+    assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
+    assert pipe.getvalue() == ""
