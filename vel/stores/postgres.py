@@ -863,6 +863,7 @@ class PostgresStore:
             lambda: self._renew_lock(session_id, token),
             self._lock_lease / 3,
             f"turn lock of session {session_id!r}",
+            session_id,
         )
         try:
             yield

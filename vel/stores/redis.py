@@ -458,6 +458,7 @@ class RedisStore:
             lambda: self.renew_lock(keys.turn_lock, token, self.lock_lease),
             self.lock_lease / 3,
             f"turn lock {keys.turn_lock!r}",
+            self.keys.session_id_of(keys.meta),
         )
         try:
             yield
