@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 import urllib.request
@@ -334,7 +335,16 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[str, str]:
 
 
 async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
-    proc = await start_flusher(ops, "flusher", "--metrics-port", "0", "--health-interval", "0")
+    proc = await start_flusher(
+        ops,
+        "flusher",
+        "--metrics-port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+        "--health-interval",
+        "0",
+    )
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(20):
@@ -394,6 +404,20 @@ async def test_sessions_without_dsn_is_one_line(ops: Env) -> None:
     env = {k: v for k, v in ops.env.items() if k != "POSTGRES_DSN"}
     result = await ops.vel("sessions", "list", env=env)
     assert "POSTGRES_DSN" in one_error_line(result)
+
+
+async def test_demo_workers_started_together_take_turns_in_one_session(ops: Env) -> None:
+    runs = await asyncio.gather(
+        *(
+            ops.vel("demo", "--storage", "redis", "--session-id", "together", "--worker", f"w{i}")
+            for i in range(3)
+        )
+    )
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    out = "".join(r.stdout for r in runs)
+    assert out.count("user: My name is Alice") == 1
+    assert out.count("assistant: Your name is Alice.") == 2
+    assert sorted(re.findall(r"had (\d+) messages", out)) == ["0", "2", "4"]
 
 
 async def test_demo_workers_in_separate_processes_share_a_session(ops: Env) -> None:

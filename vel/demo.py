@@ -44,11 +44,16 @@ async def run_shared_turn(storage: str, session_id: str, worker: str) -> int:
     when the session is new, otherwise asks for the name that another worker stored."""
     with ExitStack() as stack:
         model = _fake_model(stack)
-        async with Agent(id="demo", model=model, session_storage=storage) as agent:
-            history = await agent.ctxmgr.aget_session_context(session_id)
-            message = "What is my name?" if history else "My name is Alice"
-            answer = await agent.run({"message": message}, session_id=session_id)
-            stored = await agent.ctxmgr.aget_session_context(session_id)
+        # The demo holds the session's turn lock itself, around choosing what to say and the
+        # turn, so workers started together still take turns: exactly one introduces.
+        async with Agent(
+            id="demo", model=model, session_storage=storage, policies={"turn_lock": False}
+        ) as agent:
+            async with agent.store.turn_lock(session_id, 60):
+                history = await agent.ctxmgr.aget_session_context(session_id)
+                message = "What is my name?" if history else "My name is Alice"
+                answer = await agent.run({"message": message}, session_id=session_id)
+                stored = await agent.ctxmgr.aget_session_context(session_id)
             _say(f"[{worker}] session {session_id}: had {len(history)} messages")
             _say(f"[{worker}] user: {message}\n[{worker}] assistant: {answer}")
             _say(f"[{worker}] session now holds {len(stored)} messages")

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -180,6 +181,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vel sessions export | head`): not an error worth a line.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(
+            f"vel {args.command}: unexpected {type(exc).__name__}: {exc} "
+            "(run `vel -v ...` for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         logging.getLogger("vel.cli").info(
             "%s took %.2f s", args.command, time.monotonic() - started
