@@ -466,3 +466,38 @@ def test_progress_bar_draws_only_on_a_terminal() -> None:
     assert "\rwarming [#######-----------------------] 1/4" in tty.getvalue()
     assert "4/4" in tty.getvalue() and tty.getvalue().endswith("\r\x1b[K")
     assert pipe.getvalue() == ""
+
+
+async def test_doctor_reports_clock_skew_and_a_stalled_backlog(
+    ops: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vel.cli import doctor as doc
+    from vel.settings import load_settings
+
+    await ops.store.append("stalled", msgs("nobody flushes me"))  # no flusher runs
+    await asyncio.sleep(0.05)
+    # This machine's clock 10 s ahead of both servers.
+    real_clock = doc._clock
+    monkeypatch.setattr(doc, "_clock", lambda: real_clock() + 10)
+    report = doc.Report()
+    settings = load_settings(ops.env)
+    await doc.check_redis(report, settings, max_skew=2.0, max_age=0.01)
+    await doc.check_postgres(report, ops.dsn, max_skew=2.0)
+    failed = {what: text for level, what, text in report.lines if level == "FAIL"}
+    assert set(failed) == {"redis clock", "postgres clock", "flusher"}, report.lines
+    assert failed["redis clock"].startswith("-10.0") and "NTP" in failed["redis clock"]
+    assert failed["postgres clock"].startswith("-10.0")
+    assert "1 messages in 1 sessions wait for Postgres" in failed["flusher"]
+    assert "vel flusher" in failed["flusher"]
+
+
+def test_console_script_is_the_same_command() -> None:
+    import subprocess
+
+    script = Path(sys.executable).parent / "vel"
+    result = subprocess.run(
+        [str(script), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0
+    for command in ("migrate", "flusher", "sessions", "warm", "stats", "doctor", "demo"):
+        assert command in result.stdout

@@ -47,6 +47,11 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _clock() -> float:
+    """This machine's clock (a function, so a test can move it)."""
+    return time.time()
+
+
 def _skew(local_before: float, local_after: float, remote: float) -> float:
     """Remote clock minus local clock, using the midpoint of the round trip."""
     return remote - (local_before + local_after) / 2
@@ -122,9 +127,9 @@ async def check_redis(report: Report, settings: Any, max_skew: float, max_age: f
             else:
                 report.ok("appendonly", f"yes, appendfsync {fsync}")
 
-        before = time.time()
+        before = _clock()
         seconds, micros = await hot.call("TIME", lambda c: c.redis.time())
-        skew = _skew(before, time.time(), seconds + micros / 1e6)
+        skew = _skew(before, _clock(), seconds + micros / 1e6)
         if abs(skew) > max_skew:
             report.fail(
                 "redis clock",
@@ -171,9 +176,9 @@ async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
                 )
             else:
                 report.ok("schema", f"version {version}")
-            before = time.time()
+            before = _clock()
             remote = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
-            skew = _skew(before, time.time(), remote)
+            skew = _skew(before, _clock(), remote)
             if abs(skew) > max_skew:
                 report.fail(
                     "postgres clock",
