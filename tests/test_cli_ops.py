@@ -501,3 +501,28 @@ def test_console_script_is_the_same_command() -> None:
     assert result.returncode == 0
     for command in ("migrate", "flusher", "sessions", "warm", "stats", "doctor", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["list"],
+        ["show", "x"],
+        ["export"],
+        ["import", "/dev/null"],
+        ["delete", "x"],
+        ["purge"],
+    ],
+    ids=lambda a: a[0],
+)
+async def test_every_sessions_command_with_redis_down_is_one_line(
+    ops: Env, args: list[str]
+) -> None:
+    env = dict(ops.env, REDIS_URL="redis://127.0.0.1:1/0", VEL_OP_TIMEOUT="1")
+    result = await ops.vel("sessions", *args, env=env)
+    assert "Redis" in one_error_line(result) and "unreachable" in result.stderr
+
+
+async def test_export_to_an_unwritable_file_is_one_line(ops: Env) -> None:
+    result = await ops.vel("sessions", "export", "--out", "/nonexistent/dir/x.jsonl")
+    assert "cannot write /nonexistent/dir/x.jsonl" in one_error_line(result)
