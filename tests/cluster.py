@@ -84,6 +84,12 @@ class RedisClusterServers:
                 str(self.node_timeout_ms),
                 "--appendonly",
                 "no",
+                # Replicas sync at once (the default waits 5 s for more replicas to join),
+                # and one may always fail over: these nodes hold test data only.
+                "--repl-diskless-sync-delay",
+                "0",
+                "--cluster-replica-validity-factor",
+                "0",
                 port=port,
             )
             self.nodes.append(node)
@@ -124,6 +130,7 @@ class RedisClusterServers:
                         for i in infos
                     )
                     and self.masters_up() == self.masters
+                    and self.replicas_synced()
                 ):
                     return time.monotonic() - began
                 last = infos
@@ -132,6 +139,21 @@ class RedisClusterServers:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"cluster not ok after {timeout} s: {last}")
             time.sleep(0.1)
+
+    def replicas_synced(self) -> bool:
+        """Every live replica whose master is alive has its replication link up."""
+        for node in self.live_nodes():
+            client = self.node_client(node)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            if info["role"] != "slave":
+                continue
+            master_alive = any(int(info["master_port"]) == n.port for n in self.live_nodes())
+            if master_alive and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def masters_up(self) -> int:
         return sum(1 for n in self.live_nodes() if self.role(n) == "master")
