@@ -298,9 +298,16 @@ class RedisStore:
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=20),
         )
         client = _Client(cluster, gate=self.pool_max)
+        seeds_used = list(cluster.nodes_manager.startup_nodes.values())
         try:
             async with asyncio.timeout(self.op_timeout + 1.0):
                 await cluster.initialize()
+                # Discovery leaves a connection open on a seed object that the client then
+                # replaces with its own node objects: close it, or it sits outside the budget.
+                known = {id(node) for node in cluster.nodes_manager.nodes_cache.values()}
+                for node in seeds_used:
+                    if id(node) not in known:
+                        await node.disconnect()
                 await client.load_scripts()
         except BaseException:
             await cluster.aclose()
