@@ -220,6 +220,7 @@ async def run_once(
             lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
             done = [x for x in lines if x.get("event") == "done"]
             assert p.returncode == 0 and done, f"worker failed: {lines[-3:]}"
+            done[0]["first_errors"] = [x["error"] for x in lines if x.get("event") == "error"]
             results.append(done[0])
         wall = time.monotonic() - started
     finally:
@@ -247,6 +248,7 @@ async def run_once(
         "tasks_per_worker": args.tasks,
         "turns": turns,
         "errors": sum(r["errors"] for r in results),
+        "first_errors": [e[:300] for r in results for e in r["first_errors"]][:4],
         "turns_per_s": round(turns / max(r["elapsed"] for r in results), 1),
         "wall_s": round(wall, 2),
         "messages_acknowledged": messages,

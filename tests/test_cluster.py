@@ -117,17 +117,22 @@ async def test_three_flushers_cover_every_shard_without_double_work(
     tiered = TieredStore(hot, cold, flusher=False)
     sids = [f"f-{uuid.uuid4().hex[:8]}" for _ in range(200)]
     assert {hot.keys.bucket_of(s) for s in sids} == set(range(hot.keys.buckets))
-    flushers = [Flusher(hot, cold, batch_sessions=20) for _ in range(3)]
+    flushers = [Flusher(hot, cold, batch_sessions=50, sweep_interval=0) for _ in range(3)]
+
+    async def turn(n: int) -> None:
+        await asyncio.gather(
+            *(tiered.append(sid, [{"role": "user", "content": f"{sid}-{n}"}]) for sid in sids)
+        )
+
     try:
-        for turn in range(3):
-            await asyncio.gather(
-                *(
-                    tiered.append(sid, [{"role": "user", "content": f"{sid}-{turn}"}])
-                    for sid in sids
-                )
-            )
+        # One sweep of one flusher reaches every bucket, on every master.
+        await turn(0)
+        assert await flushers[0].flush_once() == len(sids)
+        # Three at once: each message is written once, by exactly one of them.
+        await turn(1)
+        await turn(2)
         written = await asyncio.gather(*(f.flush_once() for f in flushers))
-        assert sum(written) == 3 * len(sids), written
+        assert sum(written) == 2 * len(sids), written
         unflushed, _, dirty = await hot.backlog()
         assert (unflushed, dirty) == (0, 0)
         duplicates = sum(f.counters["flush_duplicates_suppressed"] for f in flushers)
@@ -136,5 +141,28 @@ async def test_three_flushers_cover_every_shard_without_double_work(
         for sid in sids[:20]:
             rows = await postgres_rows(pg_dsn, migrated_schema, sid)
             assert [r.content for r in rows] == [f"{sid}-{t}" for t in range(3)]
+    finally:
+        await tiered.aclose()
+
+
+async def test_sweep_interval_lets_one_flusher_per_bucket_claim(
+    redis_cluster: RedisClusterServers, pg_dsn: str, migrated_schema: str, key_prefix: str
+) -> None:
+    hot = RedisStore(redis_cluster.url, key_prefix=key_prefix, write_behind=True, flush_delay=0)
+    cold = PostgresStore(pg_dsn, schema=migrated_schema)
+    tiered = TieredStore(hot, cold, flusher=False)
+    sids = [f"g-{uuid.uuid4().hex[:8]}" for _ in range(100)]
+    flushers = [Flusher(hot, cold, sweep_interval=30) for _ in range(4)]
+    try:
+        await asyncio.gather(*(tiered.append(s, [{"role": "user", "content": s}]) for s in sids))
+        written = await asyncio.gather(*(f.flush_once() for f in flushers))
+        assert sum(written) == len(sids)
+        buckets = hot.keys.buckets
+        skipped = sum(f.counters["flush_sweeps_skipped"] for f in flushers)
+        assert skipped == 3 * buckets, skipped  # each bucket swept once, by one of the four
+        assert sum(f.counters["flush_batches_ok"] for f in flushers) <= buckets
+        # Within the interval nobody sweeps again.
+        await tiered.append(sids[0], [{"role": "user", "content": "later"}])
+        assert await flushers[0].flush_once() == 0
     finally:
         await tiered.aclose()

@@ -39,6 +39,10 @@ class Settings:
             of the data layout: every process sharing a key prefix must use the same value,
             and changing it needs a drained Redis or a new key prefix (docs/scaling.md).
         op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
+        flush_interval: ``VEL_FLUSH_INTERVAL`` seconds between two sweeps of one bucket by
+            all the flushers sharing a Redis together (0, the default: no limit). Set it when
+            many workers run embedded flushers, so Postgres sees a bounded number of flush
+            transactions however many workers there are (docs/scaling.md).
         migrate_on_start: ``VEL_MIGRATE`` = 1 applies migrations when a store opens.
         flusher: ``VEL_FLUSHER`` = ``embedded`` (default) or ``off`` (a standalone
             ``vel flusher`` does the work).
@@ -55,6 +59,7 @@ class Settings:
     redis_pool_max: int = 50
     buckets: int = 16  # vel.stores.redis_keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
+    flush_interval: float = 0.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
 
@@ -99,7 +104,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     hot_ttl = _float(env, "VEL_HOT_TTL", base.hot_ttl)
     backpressure_wait = _float(env, "VEL_BACKPRESSURE_WAIT", base.backpressure_wait)
     op_timeout = _float(env, "VEL_OP_TIMEOUT", base.op_timeout)
+    flush_interval = _float(env, "VEL_FLUSH_INTERVAL", base.flush_interval)
     assert hot_ttl is not None and backpressure_wait is not None and op_timeout is not None
+    assert flush_interval is not None
     return Settings(
         postgres_dsn=env.get("POSTGRES_DSN") or None,
         redis_url=env.get("REDIS_URL") or base.redis_url,
@@ -112,6 +119,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_pool_max=_int(env, "VEL_REDIS_POOL_MAX", base.redis_pool_max),
         buckets=_int(env, "VEL_BUCKETS", base.buckets),
         op_timeout=op_timeout,
+        flush_interval=flush_interval,
         migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
         flusher=flusher,
     )

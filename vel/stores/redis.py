@@ -329,7 +329,14 @@ class RedisStore:
                 if client.gate is None:
                     return await make(client)
                 async with client.gate:
-                    return await make(client)
+                    while True:
+                        try:
+                            return await make(client)
+                        except rexc.MaxConnectionsError:
+                            # A call cut off by its deadline can hold its node connection
+                            # a moment longer than its gate permit. Raised before sending
+                            # (pipelines carry idempotent commands only), so retrying is safe.
+                            await asyncio.sleep(0.01)
         except rexc.ResponseError as exc:
             if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in str(exc):
                 raise StoreFullError(
@@ -596,6 +603,13 @@ class RedisStore:
             "claim", lambda c: c.claim(keys=[dirty], args=[now_ms(), _ms(lease), limit])
         )
         return [sid.decode() for sid in reply]
+
+    async def try_sweep(self, bucket: int, interval: float) -> bool:
+        """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""
+        key = f"{self.keys.tag(bucket)}:sweep"
+        return bool(
+            await self.call("sweep", lambda c: c.redis.set(key, 1, nx=True, px=_ms(interval)))
+        )
 
     async def reschedule(self, bucket: int, session_ids: Sequence[str], delay: float) -> None:
         """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
