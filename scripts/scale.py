@@ -15,8 +15,10 @@ connections of each worker; Redis' ``CLIENT LIST`` gives the connections per nod
 
     scripts/scale [--workers 1,2,4,8] [--sessions 1000] [--duration 8] [--tasks 16]
                   [--redis-pool 8] [--pg-pool 4] [--modes single,cluster]
-                  [--flush-interval 0.1]
+                  [--flush-interval 0.1] [--rate 400]
 
+``--rate`` offers a fixed total load (turns/s over all workers), so runs with different worker
+counts do the same work and their Postgres figures compare directly.
 Every session gets one turn (flushed) before the clock starts, so the runs measure hot,
 steady-state turns. Prints one JSON line per run and a table; writes
 ``/tmp/vel-figures/scale.json`` (``scale_flush_interval.json`` with ``--flush-interval``).
@@ -66,9 +68,20 @@ async def worker(args: argparse.Namespace) -> int:
         began = time.monotonic()
         deadline = began + args.duration
 
-        async def task() -> None:
+        # With --rate, each task keeps its share of the offered load on an absolute schedule.
+        interval = args.tasks * args.workers_total / args.rate if args.rate > 0 else 0.0
+
+        async def task(t: int) -> None:
             nonlocal turns, errors
+            i = 0
             while time.monotonic() < deadline:
+                if interval:
+                    delay = began + (i + t / args.tasks) * interval - time.monotonic()
+                    i += 1
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    if time.monotonic() >= deadline:
+                        break
                 sid = rng.choice(sessions)
                 try:
                     async with store.turn_lock(sid, timeout=10):
@@ -80,7 +93,7 @@ async def worker(args: argparse.Namespace) -> int:
                     if errors <= 3:
                         print(json.dumps({"event": "error", "error": repr(exc)}), flush=True)
 
-        await asyncio.gather(*(task() for _ in range(args.tasks)))
+        await asyncio.gather(*(task(t) for t in range(args.tasks)))
         elapsed = time.monotonic() - began
         stats = await store.stats()
     finally:
@@ -184,8 +197,12 @@ def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def write_figures(data: dict[str, Any]) -> None:
     FIGURES.mkdir(exist_ok=True)
-    name = "scale.json" if not data["meta"]["flush_interval"] else "scale_flush_interval.json"
-    (FIGURES / name).write_text(json.dumps(data, indent=1) + "\n")
+    name = "scale"
+    if data["meta"]["rate"]:
+        name += f"_rate{int(data['meta']['rate'])}"
+    if data["meta"]["flush_interval"]:
+        name += "_flush_interval"
+    (FIGURES / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 async def run_once(
@@ -217,6 +234,7 @@ async def run_once(
     )
     argv = [sys.executable, __file__, "worker", "--sessions", str(args.sessions)]
     argv += ["--duration", str(args.duration), "--tasks", str(args.tasks)]
+    argv += ["--rate", str(args.rate), "--workers-total", str(n)]
     procs = [spawn(argv, env) for _ in range(n)]
     try:
         for p in procs:
@@ -267,6 +285,7 @@ async def run_once(
         await conn.close()
 
     turns = sum(r["turns"] for r in results)
+    elapsed = max(r["elapsed"] for r in results)
     messages = 2 * turns
     stat = lambda name: sum(int(r["stats"].get(name, 0)) for r in results)  # noqa: E731
     pg_xacts = commits_after - commits_before
@@ -276,15 +295,18 @@ async def run_once(
         "sessions": args.sessions,
         "tasks_per_worker": args.tasks,
         "flush_interval": args.flush_interval,
+        "offered_turns_per_s": args.rate or None,
         "turns": turns,
         "errors": sum(r["errors"] for r in results),
         "first_errors": [e[:300] for r in results for e in r["first_errors"]][:4],
-        "turns_per_s": round(turns / max(r["elapsed"] for r in results), 1),
+        "turns_per_s": round(turns / elapsed, 1),
         "wall_s": round(wall, 2),
         "messages_acknowledged": messages,
         "messages_in_postgres": int(stored),
         "postgres_xacts": pg_xacts,
         "postgres_xacts_per_1000_messages": round(1000 * pg_xacts / max(messages, 1), 1),
+        "postgres_xacts_per_s": round(pg_xacts / elapsed, 1),
+        "flush_batches_per_s": round(stat("flush_batches_ok") / elapsed, 1),
         "flush_batches": stat("flush_batches_ok"),
         "flush_batches_per_1000_messages": round(
             1000 * stat("flush_batches_ok") / max(messages, 1), 1
@@ -335,22 +357,24 @@ async def drive(args: argparse.Namespace) -> int:
         "machine": f"{os.cpu_count()} cores, shared with other test runs: noisy figures",
         "duration_s": args.duration,
         "flush_interval": args.flush_interval,
+        "rate": args.rate,
     }
     write_figures({"meta": meta, "runs": rows})
     print()
     head = (
-        "| redis | workers | turns/s | msgs | in PG | PG xacts/1k msgs | flush batches/1k msgs "
-        "| msgs/batch | dup suppressed | Redis conns/worker/node (budget) | PG conns/worker "
-        "(budget) |"
+        "| redis | workers | turns/s | msgs acked | in PG | PG xacts/s | PG xacts/1k msgs "
+        "| flush batches/s | msgs/batch | dup suppressed | Redis conns/worker/node (budget) "
+        "| PG conns/worker (budget) |"
     )
     print(head)
-    print("|" + "---|" * 11)
+    print("|" + "---|" * 12)
     for r in rows:
         print(
             f"| {r['redis']} | {r['workers']} | {r['turns_per_s']} | "
             f"{r['messages_acknowledged']} | {r['messages_in_postgres']} | "
-            f"{r['postgres_xacts_per_1000_messages']} | {r['flush_batches_per_1000_messages']} | "
-            f"{r['messages_per_flush_batch']} | {r['flush_duplicates_suppressed']} | "
+            f"{r['postgres_xacts_per_s']} | {r['postgres_xacts_per_1000_messages']} | "
+            f"{r['flush_batches_per_s']} | {r['messages_per_flush_batch']} | "
+            f"{r['flush_duplicates_suppressed']} | "
             f"{r['redis_conns_per_worker_per_node_max']} ({r['redis_pool_budget_per_node']}) | "
             f"{r['pg_conns_per_worker_max']} ({r['pg_pool_budget']}) |"
         )
@@ -370,6 +394,8 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=16)
     parser.add_argument("--redis-pool", type=int, default=8)
     parser.add_argument("--pg-pool", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=0.0, help="offered turns/s in all")
+    parser.add_argument("--workers-total", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument(
         "--flush-interval", type=float, default=0.0, help="VEL_FLUSH_INTERVAL of the workers"
     )
