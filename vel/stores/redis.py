@@ -294,8 +294,12 @@ class RedisStore:
             socket_connect_timeout=self.op_timeout,
             # MOVED/ASK are followed by the client; a dead master (ConnectionError,
             # CLUSTERDOWN while its replica is promoted) is retried with backoff and a fresh
-            # slot map, within the op_timeout deadline of call().
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=20),
+            # slot map. The retries add up to about op_timeout: call()'s deadline cannot be
+            # relied on to cut them short (a cancellation landing in redis-py may be lost).
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+                retries=max(2, round(self.op_timeout / 0.25)),
+            ),
         )
         client = _Client(cluster, gate=self.pool_max)
         seeds_used = list(cluster.nodes_manager.startup_nodes.values())
