@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 
 import redis
 from servers import RedisServer, free_port
@@ -190,9 +189,3 @@ class RedisClusterServers:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def running_cluster() -> Iterator[RedisClusterServers]:
-    """A started cluster for a fixture (stopped afterwards)."""
-    with RedisClusterServers() as cluster:
-        yield cluster

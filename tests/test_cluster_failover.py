@@ -87,8 +87,10 @@ async def test_master_killed_under_load_replica_takes_over_nothing_flushed_is_lo
             promoted_after = await asyncio.to_thread(cluster.wait_ok, 30.0)
             promoted_after += time.time() - killed_at - promoted_after  # since the kill
             for p in procs:
-                p.check(await p.wait_async(duration + 60), expected=p.poll() or 0)
-            assert await tiered.flush(30), "the backlog did not drain after the failover"
+                rc = await p.wait_async(duration + 60)
+                p.check(rc, expected=2 if rc == 2 else 0)  # 2: some appends failed
+            # A batch claimed on the dead master waits out its claim lease (30 s) first.
+            assert await tiered.flush(60), "the backlog did not drain after the failover"
         finally:
             kill_all(procs)
             await tiered.aclose()
