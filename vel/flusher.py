@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from vel import failpoints
 from vel.errors import FlushConflictError, StoreError
+from vel.settings import load_settings
 from vel.totals import Totals
 
 if TYPE_CHECKING:
@@ -42,6 +43,9 @@ class Flusher:
         lease: seconds a claim stays exclusive before another flusher may redo it.
         idle_interval: sleep between sweeps that found nothing to do.
         max_backoff: cap of the retry delay while Postgres or Redis fails.
+        sweep_interval: seconds between two claims in one bucket by all flushers together
+            (a short per-bucket lease in Redis; default ``VEL_FLUSH_INTERVAL``, 0: none). It
+            bounds Postgres transactions per second however many flushers run.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class Flusher:
         lease: float = 30.0,
         idle_interval: float = 0.05,
         max_backoff: float = 5.0,
+        sweep_interval: float | None = None,
     ) -> None:
         self.hot = hot
         self.cold = cold
@@ -62,6 +67,9 @@ class Flusher:
         self.lease = lease
         self.idle_interval = idle_interval
         self.max_backoff = max_backoff
+        self.sweep_interval = (
+            load_settings().flush_interval if sweep_interval is None else sweep_interval
+        )
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
@@ -73,6 +81,7 @@ class Flusher:
             "flush_duplicates_suppressed": 0,
             "flush_stale_generations": 0,
             "flush_conflicts": 0,
+            "flush_sweeps_skipped": 0,
         }
         # Shared through Redis so `vel stats` sees every flusher's work.
         self.totals = Totals(hot, [self.counters])
@@ -87,6 +96,9 @@ class Flusher:
         return written
 
     async def _flush_bucket(self, bucket: int) -> int:
+        if self.sweep_interval > 0 and not await self.hot.try_sweep(bucket, self.sweep_interval):
+            self.counters["flush_sweeps_skipped"] += 1  # another flusher swept it just now
+            return 0
         session_ids = await self.hot.claim(bucket, self.lease, self.batch_sessions)
         if not session_ids:
             return 0
