@@ -3,5 +3,5 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY vel ./vel
 COPY examples ./examples
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[examples]"
 ENTRYPOINT ["vel"]

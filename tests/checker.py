@@ -102,9 +102,24 @@ async def postgres_session(dsn: str, schema: str, session_id: str) -> dict[str, 
     return None if record is None else dict(record)
 
 
+def redis_client(redis_url: str) -> Any:
+    """A plain client of ``redis_url``; a ``redis+cluster://`` URL gives a cluster client."""
+    from vel.stores.redis import CLUSTER_SCHEMES, cluster_seeds
+
+    if not redis_url.startswith(CLUSTER_SCHEMES):
+        return aioredis.Redis.from_url(redis_url)
+    seeds, username, password, tls = cluster_seeds(redis_url)
+    return aioredis.RedisCluster(
+        startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in seeds],
+        username=username,
+        password=password,
+        ssl=tls,
+    )
+
+
 async def redis_rows(redis_url: str, prefix: str, session_id: str) -> list[Row]:
     keys = KeyLayout(prefix).session(session_id)
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         items = await client.lrange(keys.messages, 0, -1)
     finally:
@@ -119,7 +134,7 @@ async def redis_rows(redis_url: str, prefix: str, session_id: str) -> list[Row]:
 async def redis_meta(redis_url: str, prefix: str, session_id: str) -> dict[str, Any]:
     """The session's meta hash (as ints), its TTL and its dirty-set entries."""
     keys = KeyLayout(prefix).session(session_id)
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     try:
         raw = await client.hgetall(keys.meta)
         pttl = await client.pttl(keys.meta)

@@ -20,6 +20,8 @@ from workers import Stack
 
 from vel.testing import FakeOpenAIServer
 
+pytest_plugins = ["conftest_cluster"]
+
 PG_DSN = os.environ.get("VEL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("VEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

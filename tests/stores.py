@@ -10,7 +10,9 @@ from vel.stores.base import SessionStore
 from vel.stores.memory import MemoryStore
 from vel.stores.redis import RedisStore
 
-STORE_KINDS = ["memory", "postgres", "redis", "tiered"]
+STORE_KINDS = ["memory", "postgres", "redis", "tiered", "redis-cluster", "tiered-cluster"]
+# Kinds whose Redis is the session's local Redis Cluster (``redis_cluster_url``).
+CLUSTER_KINDS = {"redis-cluster", "tiered-cluster"}
 
 
 @asynccontextmanager
@@ -18,6 +20,7 @@ async def make_store(
     kind: str, *, pg_dsn: str, schema: str, redis_url: str, prefix: str, **options: Any
 ) -> AsyncIterator[SessionStore]:
     store: SessionStore
+    kind = kind.removesuffix("-cluster")  # the caller passes the cluster's URL as redis_url
     if kind == "memory":
         store = MemoryStore()
     elif kind == "postgres":

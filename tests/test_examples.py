@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +54,141 @@ def test_context_modes_limited_history_forgets_but_still_stores(
 ) -> None:
     assert "Alice" not in final_answers(context_modes_output)["limited"]
     assert "(6 messages stored in session 'demo-limited')" in context_modes_output
+
+
+# -- several processes, one conversation -----------------------------------------------------
+
+
+def example_env(pg_dsn: str, schema: str, redis_url: str, prefix: str) -> dict[str, str]:
+    from conftest import schema_dsn
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "VEL_"))}
+    env.update(
+        POSTGRES_DSN=schema_dsn(pg_dsn, schema),
+        REDIS_URL=redis_url,
+        VEL_KEY_PREFIX=prefix,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+async def test_multi_worker_shares_one_conversation_across_processes(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+) -> None:
+    env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(EXAMPLES / "multi_worker.py"), "--workers", "3", "--session-id", "mw"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    pids = re.findall(r"\[worker (\d), pid (\d+)\] assistant: (.*)", out)
+    assert [w for w, _, _ in pids] == ["1", "2", "3", "1"]
+    assert len({pid for _, pid, _ in pids[:3]}) == 3  # three different processes
+    # Worker 3 answers from what the user told worker 1.
+    assert pids[2][2] == "Your name is Alice."
+    assert "(the session now holds 8 messages)" in out
+
+
+async def test_multi_worker_in_memory_mode_does_not_share(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
+) -> None:
+    """The control: 'memory' keeps history per process, so worker 2 cannot know the name."""
+    env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
+    script = [sys.executable, str(EXAMPLES / "multi_worker.py"), "--workers", "2"]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [*script, "--storage", "memory"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = re.findall(r"\[worker (\d), pid \d+\] assistant: (.*)", result.stdout)
+    assert answers[3] == ("2", "I don't know your name.")
+
+
+# -- SSE server behind uvicorn with two worker processes -------------------------------------
+
+
+def post_chat(port: int, session_id: str, message: str) -> tuple[dict[str, str], list[str]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        body = json.dumps({"session_id": session_id, "message": message})
+        conn.request("POST", "/chat", body, {"content-type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        text = response.read().decode()
+    finally:
+        conn.close()
+    return headers, [chunk for chunk in text.split("\n\n") if chunk]
+
+
+async def test_sse_server_streams_turns_of_one_session_across_uvicorn_workers(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    await asyncio.to_thread(
+        run_sse_server_turns, pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path
+    )
+
+
+def run_sse_server_turns(
+    pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
+) -> None:
+    from servers import free_port, wait_port
+
+    from vel.testing import FakeOpenAIServer
+
+    port = free_port()
+    with FakeOpenAIServer() as fake:
+        env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
+        env.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="test")
+        log = (tmp_path / "uvicorn.log").open("w")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "examples.sse_server:app",
+                "--workers",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=EXAMPLES.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_port(port, timeout=60)
+            headers, first = post_chat(port, "sse-1", "My name is Alice")
+            _, second = post_chat(port, "sse-1", "What is my name?")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            log.close()
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["x-vercel-ai-ui-message-stream"] == "v1"
+    for chunks in (first, second):
+        assert all(c.startswith("data: ") for c in chunks)
+        assert chunks[-1] == "data: [DONE]"
+        events = [json.loads(c[6:]) for c in chunks[:-1]]
+        assert events[0]["type"] == "start" and events[-1]["type"] == "finish"
+    text = "".join(
+        e["delta"] for e in (json.loads(c[6:]) for c in second[:-1]) if e["type"] == "text-delta"
+    )
+    assert text == "Your name is Alice."
+    assert proc.returncode == 0, (tmp_path / "uvicorn.log").read_text()[-3000:]

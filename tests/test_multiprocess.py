@@ -98,10 +98,22 @@ async def test_a_fresh_process_continues_the_conversation_of_another(
 # -- 2 -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("storage", [*STORAGES, "redis-cluster"])
 async def test_concurrent_appends_from_four_processes_lose_and_duplicate_nothing(
-    stack: Stack, tiered: TieredStore, storage: str
+    stack: Stack, storage: str, request: pytest.FixtureRequest
 ) -> None:
+    if storage == "redis-cluster":
+        # The same workers with REDIS_URL=redis+cluster://... (the local 3+3 cluster).
+        stack.redis_url = request.getfixturevalue("redis_cluster_url")
+    storage = storage.removesuffix("-cluster")
+    tiered = stack.tiered()
+    try:
+        await _concurrent_appends(stack, tiered, storage)
+    finally:
+        await tiered.aclose()
+
+
+async def _concurrent_appends(stack: Stack, tiered: TieredStore, storage: str) -> None:
     procs_n, tasks, appends = 4, 8, 5
     sid = new_sid()
     procs = [

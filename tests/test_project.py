@@ -48,10 +48,34 @@ def test_compose_redis_cannot_lose_or_evict_unflushed_data() -> None:
     assert flags["--maxmemory-policy"].startswith("volatile-")
 
 
+def test_compose_workers_share_one_session_and_the_flusher_exports_metrics() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    worker = services["worker"]["command"]
+    assert worker[0] == "demo" and worker[worker.index("--storage") + 1] == "redis"
+    # Every replica runs the same command, so they all join one conversation.
+    assert worker[worker.index("--session-id") + 1]
+    flusher = services["flusher"]
+    port = flusher["command"][flusher["command"].index("--metrics-port") + 1]
+    assert any(str(p).endswith(f":{port}") for p in flusher["ports"])
+    assert f":{port}/metrics" in " ".join(flusher["healthcheck"]["test"])
+    assert flusher["environment"]["VEL_LOG_FORMAT"] == "json"
+
+
+def test_compose_api_runs_the_sse_example_with_several_workers() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    api = services["api"]["entrypoint"]
+    assert api[:2] == ["uvicorn", "examples.sse_server:app"]
+    assert int(api[api.index("--workers") + 1]) >= 2
+    assert services["api"]["environment"]["VEL_FLUSHER"] == "off"
+    assert "fake-llm" in services
+
+
 def test_compose_services_share_the_storage_settings() -> None:
     services = compose()["services"]
     assert isinstance(services, dict)
-    for name in ("migrate", "flusher", "worker"):
+    for name in ("migrate", "flusher", "worker", "api"):
         env = services[name]["environment"]
         assert env["POSTGRES_DSN"].startswith("postgresql://"), name
         assert env["REDIS_URL"].startswith("redis://"), name
@@ -65,3 +89,15 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "scripts/demo" in readme and "scripts/test" in readme
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^exec bash scripts/test$", ci, re.M)
+
+
+def test_readme_quickstart_runs_the_multi_worker_example_and_links_the_docs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Multi-worker demo in three commands", 1)[1].split("\n## ", 1)[0]
+    commands = section.split("```", 2)[1].strip().splitlines()
+    assert len(commands) == 3
+    for path in re.findall(r"((?:scripts|examples)/[\w.]+)", "\n".join(commands)):
+        assert (ROOT / path).exists(), path
+    assert "vel migrate" in commands[1] and "multi_worker.py" in commands[2]
+    for doc in re.findall(r"\]\((docs/[\w.]+)", readme):
+        assert (ROOT / doc).exists(), doc

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from stores import STORE_KINDS, make_store
+from stores import CLUSTER_KINDS, STORE_KINDS, make_store
 
 from vel.errors import InvalidInputError, SessionLockedError
 from vel.stores.base import SessionStore
@@ -21,6 +21,8 @@ async def store(
     redis_url: str,
     key_prefix: str,
 ) -> AsyncIterator[SessionStore]:
+    if request.param in CLUSTER_KINDS:
+        redis_url = request.getfixturevalue("redis_cluster_url")
     async with make_store(
         request.param,
         pg_dsn=pg_dsn,

@@ -18,12 +18,20 @@ log = logging.getLogger("vel.lease")
 
 class LeaseKeeper:
     """Calls ``renew()`` every ``interval`` seconds until :meth:`stop` or until it says the
-    lease was lost (returns False). Failed renewals are logged and retried next tick."""
+    lease was lost (returns False). Failed renewals are logged (with ``session_id``) and
+    retried next tick."""
 
-    def __init__(self, renew: Callable[[], Awaitable[bool]], interval: float, what: str) -> None:
+    def __init__(
+        self,
+        renew: Callable[[], Awaitable[bool]],
+        interval: float,
+        what: str,
+        session_id: str | None = None,
+    ) -> None:
         self._renew = renew
         self._interval = interval
         self._what = what
+        self._extra = {"session_id": session_id}
         self._stopped = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"vel-lease {what}")
 
@@ -37,10 +45,10 @@ class LeaseKeeper:
                 pass
             try:
                 if not await self._renew():
-                    log.warning("%s was lost (its lease ran out)", self._what)
+                    log.warning("%s was lost (its lease ran out)", self._what, extra=self._extra)
                     return
             except VelError as exc:
-                log.warning("could not renew %s: %s", self._what, exc)
+                log.warning("could not renew %s: %s", self._what, exc, extra=self._extra)
 
     async def stop(self) -> None:
         self._stopped.set()

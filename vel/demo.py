@@ -6,6 +6,7 @@ OpenAI-compatible server (so the demo runs offline, through the real openai SDK)
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from contextlib import ExitStack
@@ -28,10 +29,46 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_demo(storage: str = "auto") -> int:
+def _fake_model(stack: ExitStack) -> dict[str, Any]:
+    model: dict[str, Any] = {"provider": "openai", "model": "gpt-4o-mini"}
+    if not openai_key_present():
+        from vel.testing.fake_openai import FakeOpenAIServer
+
+        server = stack.enter_context(FakeOpenAIServer())
+        model.update(api_key="demo", base_url=server.base_url)
+    return model
+
+
+async def run_shared_turn(storage: str, session_id: str, worker: str) -> int:
+    """One worker's part of a conversation several workers share: it introduces the user
+    when the session is new, otherwise asks for the name that another worker stored."""
+    with ExitStack() as stack:
+        model = _fake_model(stack)
+        # The demo holds the session's turn lock itself, around choosing what to say and the
+        # turn, so workers started together still take turns: exactly one introduces.
+        async with Agent(
+            id="demo", model=model, session_storage=storage, policies={"turn_lock": False}
+        ) as agent:
+            async with agent.store.turn_lock(session_id, 60):
+                history = await agent.ctxmgr.aget_session_context(session_id)
+                message = "What is my name?" if history else "My name is Alice"
+                answer = await agent.run({"message": message}, session_id=session_id)
+                stored = await agent.ctxmgr.aget_session_context(session_id)
+            _say(f"[{worker}] session {session_id}: had {len(history)} messages")
+            _say(f"[{worker}] user: {message}\n[{worker}] assistant: {answer}")
+            _say(f"[{worker}] session now holds {len(stored)} messages")
+    return 0
+
+
+async def run_demo(
+    storage: str = "auto", session_id: str | None = None, worker: str | None = None
+) -> int:
+    """Run the demo; with ``session_id``, run one shared-session turn as ``worker``."""
     settings = load_settings()
     if storage == "auto":
         storage = "redis" if settings.postgres_dsn and _answers(6379) else "memory"
+    if session_id is not None:
+        return await run_shared_turn(storage, session_id, worker or f"worker-{os.getpid()}")
     with ExitStack() as stack:
         model: dict[str, Any] = {"provider": "openai", "model": "gpt-4o-mini"}
         if not openai_key_present():

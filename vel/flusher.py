@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 from vel import failpoints
 from vel.errors import FlushConflictError, StoreError
+from vel.settings import load_settings
+from vel.totals import Totals
 
 if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
-    from vel.stores.redis import RedisStore
+    from vel.stores.redis import Pending, RedisStore
 
 log = logging.getLogger("vel.flusher")
 
@@ -36,11 +38,14 @@ class Flusher:
     Args:
         hot: the Redis tier (``write_behind=True``).
         cold: the Postgres tier.
-        batch_sessions: sessions claimed per bucket per transaction.
+        batch_sessions: sessions claimed per bucket per sweep, and written per transaction.
         max_rows: messages copied per session per transaction.
         lease: seconds a claim stays exclusive before another flusher may redo it.
         idle_interval: sleep between sweeps that found nothing to do.
         max_backoff: cap of the retry delay while Postgres or Redis fails.
+        sweep_interval: seconds between two claims in one bucket by all flushers together
+            (a short per-bucket lease in Redis; default ``VEL_FLUSH_INTERVAL``, 0: none). It
+            bounds Postgres transactions per second however many flushers run.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class Flusher:
         lease: float = 30.0,
         idle_interval: float = 0.05,
         max_backoff: float = 5.0,
+        sweep_interval: float | None = None,
     ) -> None:
         self.hot = hot
         self.cold = cold
@@ -61,6 +67,9 @@ class Flusher:
         self.lease = lease
         self.idle_interval = idle_interval
         self.max_backoff = max_backoff
+        self.sweep_interval = (
+            load_settings().flush_interval if sweep_interval is None else sweep_interval
+        )
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
@@ -72,36 +81,41 @@ class Flusher:
             "flush_duplicates_suppressed": 0,
             "flush_stale_generations": 0,
             "flush_conflicts": 0,
+            "flush_sweeps_skipped": 0,
         }
+        # Shared through Redis so `vel stats` sees every flusher's work.
+        self.totals = Totals(hot, [self.counters])
 
     async def flush_once(self) -> int:
         """One sweep over every bucket; returns the number of messages written.
 
-        Due sessions are claimed bucket by bucket (up to ``batch_sessions`` in all) and
-        written in one Postgres transaction per sweep, not one per bucket: at a steady rate
-        a sweep finds a few sessions in many buckets, and a transaction each would cost
-        Postgres one commit per handful of messages.
+        Due sessions are claimed bucket by bucket (up to ``batch_sessions`` per bucket) and
+        written together, ``batch_sessions`` sessions per Postgres transaction, not one
+        transaction per bucket: at a steady rate a sweep finds a few sessions in many
+        buckets, and a transaction each would cost Postgres a commit per handful of messages.
         """
         buckets = self.hot.keys.buckets
         self._offset = (self._offset + 1) % buckets
         claimed: list[tuple[int, list[str]]] = []
         try:
-            room = self.batch_sessions
             for i in range(buckets):
-                if room <= 0:
-                    break
                 bucket = (self._offset + i) % buckets
-                session_ids = await self.hot.claim(bucket, self.lease, room)
+                if self.sweep_interval > 0 and not await self.hot.try_sweep(
+                    bucket, self.sweep_interval
+                ):
+                    self.counters["flush_sweeps_skipped"] += 1  # another flusher swept it
+                    continue
+                session_ids = await self.hot.claim(bucket, self.lease, self.batch_sessions)
                 if session_ids:
                     claimed.append((bucket, session_ids))
-                    room -= len(session_ids)
             if not claimed:
                 return 0
             return await self._flush_claimed(claimed)
         except Exception:
             if claimed:
                 self.counters["flush_batches_failed"] += 1
-            # Hand the claims back early so a short outage does not wait out the whole lease.
+            # Hand the claims back early so a short outage does not wait out the whole lease
+            # (those already written and acknowledged are clean: rescheduling skips them).
             with contextlib.suppress(StoreError):
                 for bucket, session_ids in claimed:
                     await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
@@ -110,19 +124,30 @@ class Flusher:
     async def _flush_claimed(self, claimed: list[tuple[int, list[str]]]) -> int:
         await failpoints.hit("flush_after_claim")
         bucket_of: dict[str, int] = {}
-        acks: dict[int, list[tuple[str, int, int]]] = {bucket: [] for bucket, _ in claimed}
+        settled: list[tuple[str, int, int]] = []
         work = []
         for bucket, session_ids in claimed:
             pending = await self.hot.pending(session_ids, self.max_rows)
             for sid, item in zip(session_ids, pending, strict=True):
                 bucket_of[sid] = bucket
                 if item is None:
-                    acks[bucket].append((sid, 0, 0))  # gone from Redis: drop the dirty mark
+                    settled.append((sid, 0, 0))  # gone from Redis: just drop the dirty mark
                 elif not item.rows and item.fgen == item.gen:
-                    acks[bucket].append((sid, item.gen, item.flushed))
+                    settled.append((sid, item.gen, item.flushed))
                 else:
                     work.append(item)
         written = 0
+        if settled:
+            await self._ack(settled, bucket_of)
+            if not work:
+                self.counters["flush_batches_ok"] += 1
+        for start in range(0, len(work), self.batch_sessions):
+            written += await self._write(work[start : start + self.batch_sessions], bucket_of)
+        self.counters["flushed_messages"] += written
+        return written
+
+    async def _write(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
+        """Copy ``work`` to Postgres in one transaction, then acknowledge it."""
         while work:
             try:
                 results = await self.cold.apply_flushes(
@@ -133,9 +158,16 @@ class Flusher:
                 # One divergent session must not block the others: set it aside (it stays
                 # dirty, so it is never expired) and write the rest.
                 self.counters["flush_conflicts"] += 1
-                log.error("session %r not flushed: %s", exc.session_id, exc)
+                log.error(
+                    "session %r not flushed: %s",
+                    exc.session_id,
+                    exc,
+                    extra={"session_id": exc.session_id},
+                )
                 work = [p for p in work if p.session_id != exc.session_id]
                 await self.hot.reschedule(bucket_of[exc.session_id], [exc.session_id], 60.0)
+        acks: list[tuple[str, int, int]] = []
+        written = 0
         if work:
             await failpoints.hit("flush_after_commit")
             for item, result in zip(work, results, strict=True):
@@ -146,18 +178,23 @@ class Flusher:
                     log.error(
                         "session %r: Redis copy is older than Postgres; not flushed",
                         item.session_id,
+                        extra={"session_id": item.session_id},
                     )
                 upto = item.rows[-1][0] if item.rows else item.flushed
-                acks[bucket_of[item.session_id]].append((item.session_id, item.gen, upto))
+                acks.append((item.session_id, item.gen, upto))
                 written += result.inserted
                 self.counters["flush_duplicates_suppressed"] += result.duplicates
-        # Acknowledged bucket by bucket: each pipeline stays within one hash slot.
-        for bucket_acks in acks.values():
-            if bucket_acks:
-                await self.hot.ack(bucket_acks)
+        await self._ack(acks, bucket_of)
         self.counters["flush_batches_ok"] += 1
-        self.counters["flushed_messages"] += written
         return written
+
+    async def _ack(self, acks: list[tuple[str, int, int]], bucket_of: dict[str, int]) -> None:
+        # Bucket by bucket: each pipeline stays within one hash slot.
+        by_bucket: dict[int, list[tuple[str, int, int]]] = {}
+        for ack in acks:
+            by_bucket.setdefault(bucket_of[ack[0]], []).append(ack)
+        for bucket_acks in by_bucket.values():
+            await self.hot.ack(bucket_acks)
 
     def _retry_delay(self) -> float:
         """Capped exponential backoff with jitter, by consecutive failed batches."""
@@ -168,6 +205,8 @@ class Flusher:
         """Flush until :meth:`stop`; failures are logged and retried with capped backoff."""
         self._stop.clear()
         while not self._stop.is_set():
+            if self.totals.due():
+                await self.totals.publish()
             try:
                 written = await self.flush_once()
             except Exception as exc:

@@ -22,7 +22,9 @@ class Settings:
 
     Attributes:
         postgres_dsn: ``POSTGRES_DSN``.
-        redis_url: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
+        redis_url: ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``);
+            ``redis+cluster://host:port[,host:port...]`` (or ``rediss+cluster://``) selects a
+            Redis Cluster.
         key_prefix: ``VEL_KEY_PREFIX``, namespace of every Redis key (default ``vel``).
         hot_ttl: ``VEL_HOT_TTL`` seconds a clean session stays in Redis after its last use.
         retention_ttl: ``VEL_RETENTION_TTL`` seconds a session lives after its last write
@@ -31,11 +33,21 @@ class Settings:
         backpressure_wait: ``VEL_BACKPRESSURE_WAIT`` seconds an append waits for the backlog
             to drain before raising; 0 raises at once.
         pg_pool_max: ``VEL_PG_POOL_MAX`` Postgres connections per process.
-        redis_pool_max: ``VEL_REDIS_POOL_MAX`` Redis connections per process.
+        redis_pool_max: ``VEL_REDIS_POOL_MAX`` Redis connections per process (per event
+            loop); with a Redis Cluster, per process and per cluster node.
+        buckets: ``VEL_BUCKETS`` hash-slot buckets of the Redis key layout (default 16). Part
+            of the data layout: every process sharing a key prefix must use the same value,
+            and changing it needs a drained Redis or a new key prefix (docs/scaling.md).
         op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
+        flush_interval: ``VEL_FLUSH_INTERVAL`` seconds between two sweeps of one bucket by
+            all the flushers sharing a Redis together (0, the default: no limit). Set it when
+            many workers run embedded flushers, so Postgres sees a bounded number of flush
+            transactions however many workers there are (docs/scaling.md).
         migrate_on_start: ``VEL_MIGRATE`` = 1 applies migrations when a store opens.
         flusher: ``VEL_FLUSHER`` = ``embedded`` (default) or ``off`` (a standalone
             ``vel flusher`` does the work).
+        log_format: ``VEL_LOG_FORMAT`` of the ``vel`` command's logs: ``text`` (default)
+            or ``json`` (one object per line).
     """
 
     postgres_dsn: str | None = None
@@ -47,9 +59,12 @@ class Settings:
     backpressure_wait: float = 5.0
     pg_pool_max: int = 10
     redis_pool_max: int = 50
+    buckets: int = 16  # vel.stores.redis_keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
+    flush_interval: float = 0.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
+    log_format: str = "text"
 
 
 def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
@@ -89,10 +104,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     flusher = env.get("VEL_FLUSHER", base.flusher) or base.flusher
     if flusher not in ("embedded", "off"):
         raise ConfigurationError(f"VEL_FLUSHER must be 'embedded' or 'off', got {flusher!r}")
+    log_format = env.get("VEL_LOG_FORMAT") or base.log_format
+    if log_format not in ("text", "json"):
+        raise ConfigurationError(f"VEL_LOG_FORMAT must be 'text' or 'json', got {log_format!r}")
     hot_ttl = _float(env, "VEL_HOT_TTL", base.hot_ttl)
     backpressure_wait = _float(env, "VEL_BACKPRESSURE_WAIT", base.backpressure_wait)
     op_timeout = _float(env, "VEL_OP_TIMEOUT", base.op_timeout)
+    flush_interval = _float(env, "VEL_FLUSH_INTERVAL", base.flush_interval)
     assert hot_ttl is not None and backpressure_wait is not None and op_timeout is not None
+    assert flush_interval is not None
     return Settings(
         postgres_dsn=env.get("POSTGRES_DSN") or None,
         redis_url=env.get("REDIS_URL") or base.redis_url,
@@ -103,9 +123,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         backpressure_wait=backpressure_wait,
         pg_pool_max=_int(env, "VEL_PG_POOL_MAX", base.pg_pool_max),
         redis_pool_max=_int(env, "VEL_REDIS_POOL_MAX", base.redis_pool_max),
+        buckets=_int(env, "VEL_BUCKETS", base.buckets),
         op_timeout=op_timeout,
+        flush_interval=flush_interval,
         migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
         flusher=flusher,
+        log_format=log_format,
     )
 
 

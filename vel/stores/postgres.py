@@ -873,6 +873,7 @@ class PostgresStore:
             lambda: self._renew_lock(session_id, token),
             self._lock_lease / 3,
             f"turn lock of session {session_id!r}",
+            session_id,
         )
         try:
             yield
@@ -884,7 +885,12 @@ class PostgresStore:
                 )
             except StoreError as exc:
                 # Not worth failing a finished turn over: the lease runs out by itself.
-                logger.warning("could not release turn lock of session %r: %s", session_id, exc)
+                logger.warning(
+                    "could not release turn lock of session %r: %s",
+                    session_id,
+                    exc,
+                    extra={"session_id": session_id},
+                )
 
     async def _acquire_lock(self, session_id: str, token: str, wait: float) -> None:
         loop = asyncio.get_running_loop()

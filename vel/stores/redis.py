@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -21,6 +22,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from vel import failpoints
 from vel._lease import LeaseKeeper
@@ -44,12 +48,48 @@ from vel.messages import (
 from vel.settings import Settings, load_settings, redact
 from vel.stores import redis_scripts as lua
 from vel.stores.base import SessionInfo
-from vel.stores.redis_keys import DEFAULT_BUCKETS, KeyLayout, SessionKeys
+from vel.stores.redis_keys import KeyLayout, SessionKeys
 
 log = logging.getLogger("vel.redis")
 T = TypeVar("T")
 
 MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED = -1, -2, -3, -4, -5
+
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool]:
+    """Parse ``redis+cluster://[user[:password]@]host:port[,host:port...][/0]``.
+
+    Returns (seed nodes, username, password, TLS). Any one reachable seed is enough: the
+    client discovers the other nodes from it.
+    """
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    rest, _, db = rest.partition("/")
+    creds, at, hosts = rest.rpartition("@")
+    if query or db not in ("", "0"):
+        raise ConfigurationError(
+            f"a cluster REDIS_URL takes no database or options (cluster mode has only db 0), "
+            f"got {redact(url)!r}"
+        )
+    username = password = None
+    if at:
+        user, colon, secret = creds.partition(":")
+        username = urllib.parse.unquote(user) or None
+        password = urllib.parse.unquote(secret) if colon else None
+    seeds = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"cluster REDIS_URL needs host:port seeds separated by commas, got "
+                f"{item!r} in {redact(url)!r}"
+            )
+        seeds.append((host, int(port)))
+    return seeds, username, password, scheme == "rediss+cluster"
 
 
 def _ms(seconds: float | None) -> int:
@@ -117,8 +157,13 @@ class RedisTurn:
 class _Client:
     """One loop's Redis client and its registered scripts."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis | RedisCluster, *, gate: int = 0) -> None:
         self.redis = redis
+        # A cluster client's per-node pools fail (rather than wait) when full, and the
+        # failure makes it rediscover the cluster: calls wait here instead, so no node ever
+        # sees more than ``gate`` connections from this client (0: no gate).
+        self.cluster = isinstance(redis, RedisCluster)
+        self.gate = asyncio.Semaphore(gate) if gate > 0 else None
         self.load = redis.register_script(lua.LOAD)
         self.lock_load = redis.register_script(lua.LOCK_LOAD)
         self.append = redis.register_script(lua.APPEND)
@@ -129,6 +174,31 @@ class _Client:
         self.ack = redis.register_script(lua.ACK)
         self.renew = redis.register_script(lua.RENEW_LOCK)
         self.release = redis.register_script(lua.RELEASE_LOCK)
+
+    async def queue(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+        """Add one script call to a non-transactional pipeline."""
+        if self.cluster:
+            # redis-py refuses pipe.evalsha on a cluster; the raw command is routed by its
+            # keys like any other (a node lacking the script: see RedisStore._pipelined).
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        else:
+            await script(keys=keys, args=args, client=pipe)
+
+    async def load_scripts(self) -> None:
+        """Load every script on every master (a cluster's pipelines cannot load them, and a
+        promoted replica may lack them)."""
+        for script in (
+            self.load,
+            self.append,
+            self.seed,
+            self.replace,
+            self.claim,
+            self.pending,
+            self.ack,
+            self.renew,
+            self.release,
+        ):
+            await self.redis.script_load(script.script)
 
 
 def _split(item: bytes) -> tuple[str, str]:
@@ -141,11 +211,13 @@ class RedisStore:
 
     Args:
         url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
-            ``redis://127.0.0.1:6379/0``).
+            ``redis://127.0.0.1:6379/0``); ``redis+cluster://[user:password@]host:port[,...]``
+            (``rediss+cluster://`` with TLS) uses a Redis Cluster, discovered from those seeds.
         client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
         write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
         key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
-        buckets: hash-slot buckets (part of the key layout: same value in every process).
+        buckets: hash-slot buckets (part of the key layout: same value in every process;
+            ``VEL_BUCKETS``, default 16).
         hot_ttl: seconds a clean session stays after its last use (``VEL_HOT_TTL``).
         retention_ttl: in Redis-only mode, caps the TTL (``VEL_RETENTION_TTL``).
         max_unflushed: bound on messages waiting for Postgres (``VEL_MAX_UNFLUSHED``).
@@ -154,7 +226,8 @@ class RedisStore:
         flush_delay: seconds a new dirty session waits before it is due, so several turns
             coalesce into one Postgres write.
         op_timeout: socket timeout of every Redis call.
-        pool_max: connections per process (per event loop).
+        pool_max: connections per process (per event loop), per node on a cluster
+            (``VEL_REDIS_POOL_MAX``).
         lock_lease: seconds a turn lock lives without renewal (renewed while held).
     """
 
@@ -165,7 +238,7 @@ class RedisStore:
         client: aioredis.Redis | None = None,
         write_behind: bool = False,
         key_prefix: str | None = None,
-        buckets: int = DEFAULT_BUCKETS,
+        buckets: int | None = None,
         hot_ttl: float | None = None,
         retention_ttl: float | None = None,
         max_unflushed: int | None = None,
@@ -178,7 +251,7 @@ class RedisStore:
     ) -> None:
         s = settings or load_settings()
         self.url = url or s.redis_url
-        self.keys = KeyLayout(key_prefix or s.key_prefix, buckets)
+        self.keys = KeyLayout(key_prefix or s.key_prefix, s.buckets if buckets is None else buckets)
         self.write_behind = write_behind
         hot = s.hot_ttl if hot_ttl is None else hot_ttl
         retention = s.retention_ttl if retention_ttl is None else retention_ttl
@@ -216,16 +289,26 @@ class RedisStore:
 
     @staticmethod
     def _check_url(url: str) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if url.startswith(CLUSTER_SCHEMES):
+            cluster_seeds(url)
+        elif not url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigurationError(
-                f"REDIS_URL must start with redis://, rediss:// or unix://, got {redact(url)!r}"
+                "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// or "
+                f"rediss+cluster://, got {redact(url)!r}"
             )
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether this store talks to a Redis Cluster (``redis+cluster://``)."""
+        return self._injected is None and self.url.startswith(CLUSTER_SCHEMES)
 
     # -- connection ----------------------------------------------------------------------
 
     async def _connect(self) -> _Client:
         if self._injected is not None:
             return _Client(self._injected)
+        if self.is_cluster:
+            return await self._connect_cluster()
         try:
             # A blocking pool makes a burst of callers wait for a connection (bounded by
             # op_timeout) instead of failing with "Too many connections".
@@ -242,6 +325,42 @@ class RedisStore:
             raise ConfigurationError(f"bad REDIS_URL {redact(self.url)!r}: {exc}") from None
         return _Client(client)
 
+    async def _connect_cluster(self) -> _Client:
+        seeds, username, password, tls = cluster_seeds(self.url)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+            username=username,
+            password=password,
+            ssl=tls,
+            max_connections=self.pool_max,
+            socket_timeout=self.op_timeout,
+            socket_connect_timeout=self.op_timeout,
+            # MOVED/ASK are followed by the client; a dead master (ConnectionError,
+            # CLUSTERDOWN while its replica is promoted) is retried with backoff and a fresh
+            # slot map. The retries add up to about op_timeout: call()'s deadline cannot be
+            # relied on to cut them short (a cancellation landing in redis-py may be lost).
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+                retries=max(2, round(self.op_timeout / 0.25)),
+            ),
+        )
+        client = _Client(cluster, gate=self.pool_max)
+        seeds_used = list(cluster.nodes_manager.startup_nodes.values())
+        try:
+            async with asyncio.timeout(self.op_timeout + 1.0):
+                await cluster.initialize()
+                # Discovery leaves a connection open on a seed object that the client then
+                # replaces with its own node objects: close it, or it sits outside the budget.
+                known = {id(node) for node in cluster.nodes_manager.nodes_cache.values()}
+                for node in seeds_used:
+                    if id(node) not in known:
+                        await node.disconnect()
+                await client.load_scripts()
+        except BaseException:
+            await cluster.aclose()
+            raise
+        return client
+
     async def _disconnect(self, client: _Client) -> None:
         if self._injected is None:
             await client.redis.aclose()
@@ -251,10 +370,20 @@ class RedisStore:
 
     async def call(self, what: str, make: Callable[[_Client], Awaitable[T]]) -> T:
         """Run one Redis operation, mapping redis-py errors to vel's, once."""
-        client = await self._clients.get()
         try:
+            client = await self._clients.get()
             async with asyncio.timeout(self.op_timeout + 1.0):
-                return await make(client)
+                if client.gate is None:
+                    return await make(client)
+                async with client.gate:
+                    while True:
+                        try:
+                            return await make(client)
+                        except rexc.MaxConnectionsError:
+                            # A call cut off by its deadline can hold its node connection
+                            # a moment longer than its gate permit. Raised before sending
+                            # (pipelines carry idempotent commands only), so retrying is safe.
+                            await asyncio.sleep(0.01)
         except rexc.ResponseError as exc:
             if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in str(exc):
                 raise StoreFullError(
@@ -274,7 +403,7 @@ class RedisStore:
             raise StoreUnavailableError(
                 f"Redis at {redact(self.url)} is unreachable during {what}: {exc}"
             ) from exc
-        except rexc.RedisError as exc:
+        except (rexc.RedisError, rexc.RedisClusterException) as exc:
             raise StoreError(f"Redis failed during {what}: {exc}") from exc
 
     async def aclose(self) -> None:
@@ -515,13 +644,18 @@ class RedisStore:
             lambda: self.renew_lock(keys.turn_lock, token, self.lock_lease),
             self.lock_lease / 3,
             f"turn lock {keys.turn_lock!r}",
+            self.keys.session_id_of(keys.meta),
         )
 
     async def _unlock(self, keys: SessionKeys, token: str) -> None:
         try:
             await self.release_lock(keys.turn_lock, token)
         except StoreError:
-            log.warning("could not release turn lock %s; its lease will run out", keys.turn_lock)
+            log.warning(
+                "could not release turn lock %s; its lease will run out",
+                keys.turn_lock,
+                extra={"session_id": self.keys.session_id_of(keys.meta)},
+            )
 
     @asynccontextmanager
     async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
@@ -609,6 +743,13 @@ class RedisStore:
         )
         return [sid.decode() for sid in reply]
 
+    async def try_sweep(self, bucket: int, interval: float) -> bool:
+        """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""
+        key = f"{self.keys.tag(bucket)}:sweep"
+        return bool(
+            await self.call("sweep", lambda c: c.redis.set(key, 1, nx=True, px=_ms(interval)))
+        )
+
     async def reschedule(self, bucket: int, session_ids: Sequence[str], delay: float) -> None:
         """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
         dirty = self.keys.bucket_keys(bucket)[0]
@@ -619,14 +760,12 @@ class RedisStore:
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
         """Read what each claimed session still has to copy (one pipelined round trip)."""
 
-        async def run(c: _Client) -> list[Any]:
-            pipe = c.redis.pipeline(transaction=False)
+        async def fill(c: _Client, pipe: Any) -> None:
             for sid in session_ids:
                 keys = self.keys.session(sid)
-                await c.pending(keys=[keys.meta, keys.messages], args=[max_rows], client=pipe)
-            return list(await pipe.execute())
+                await c.queue(pipe, c.pending, [keys.meta, keys.messages], [max_rows])
 
-        replies = await self.call("pending", run)
+        replies = await self.call("pending", lambda c: self._pipelined(c, fill))
         result: list[Pending | None] = []
         for sid, reply in zip(session_ids, replies, strict=True):
             if int(reply[0]) == MISS and len(reply) == 1:
@@ -643,19 +782,36 @@ class RedisStore:
     async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:
         """Acknowledge (session id, generation, flushed up to seq) triples."""
 
-        async def run(c: _Client) -> list[Any]:
-            pipe = c.redis.pipeline(transaction=False)
-            now = now_ms()
+        now = now_ms()
+
+        async def fill(c: _Client, pipe: Any) -> None:
             for sid, gen, upto in acks:
                 keys = self.keys.session(sid)
-                await c.ack(
-                    keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog],
-                    args=[sid, gen, upto, now, _ms(self.hot_ttl)],
-                    client=pipe,
+                await c.queue(
+                    pipe,
+                    c.ack,
+                    [*keys.data, keys.dirty, keys.dirty_since, keys.backlog],
+                    [sid, gen, upto, now, _ms(self.hot_ttl)],
                 )
-            return list(await pipe.execute())
 
-        return [int(r) for r in await self.call("ack", run)]
+        return [int(r) for r in await self.call("ack", lambda c: self._pipelined(c, fill))]
+
+    @staticmethod
+    async def _pipelined(c: _Client, fill: Callable[[_Client, Any], Awaitable[None]]) -> list[Any]:
+        """Run ``fill``'s commands in one non-transactional pipeline (on a cluster: one per
+        node). A cluster pipeline cannot load a script a node lacks (a promoted replica may
+        have none), so then every script is loaded and the pipeline runs again: only
+        idempotent scripts (PENDING, ACK) are pipelined."""
+        for attempt in range(2):
+            pipe = c.redis.pipeline(transaction=False)
+            await fill(c, pipe)
+            try:
+                return list(await pipe.execute())
+            except rexc.NoScriptError:
+                if attempt or not c.cluster:
+                    raise
+                await c.load_scripts()
+        raise AssertionError("unreachable")
 
     async def backlog(self) -> tuple[int, float, int]:
         """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""

@@ -79,6 +79,15 @@ class KeyLayout:
             backlog=backlog,
         )
 
+    @property
+    def totals(self) -> str:
+        """hash: cumulative counters of every process sharing this prefix (``vel stats``)."""
+        return f"{self.prefix}:{{totals}}:counters"
+
+    def flushed_in(self, second: int) -> str:
+        """integer: messages flushed during one Unix second (expires after a few minutes)."""
+        return f"{self.prefix}:{{totals}}:flushed:{second}"
+
     def session_id_of(self, meta_key: str) -> str | None:
         """Invert :meth:`session` for a meta key (used by listing tools)."""
         head, sep, sid = meta_key.partition("}:h:")

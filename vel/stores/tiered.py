@@ -28,6 +28,7 @@ from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, RedisStore, RedisTurn
+from vel.totals import Totals
 
 log = logging.getLogger("vel.tiered")
 
@@ -73,9 +74,12 @@ class TieredStore:
             "warm_waits": 0,
             "postgres_loads": 0,
             "redis_misses": 0,
+            "redis_hits": 0,
             # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
             "evictions_seen": 0,
         }
+        # Reported to Redis at most once a second, so `vel stats` sees every worker's.
+        self.totals = Totals(hot, [self.counters, hot.counters])
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
@@ -164,6 +168,9 @@ class TieredStore:
         for _ in range(5):
             messages = await self.hot.read(session_id, limit)
             if messages is not None:
+                self.counters["redis_hits"] += 1
+                if not in_helper_thread():
+                    self.totals.maybe_publish()
                 return messages
             self.counters["redis_misses"] += 1
             await self.warm(session_id)
@@ -266,13 +273,20 @@ class TieredStore:
         task, self._flusher_task = self._flusher_task, None
         if task is not None and task.get_loop() is not asyncio.get_running_loop():
             task = None  # started on a loop that has ended; nothing of it is left to stop
+        drained = False
         if task is not None and not task.done():
             self.flusher.stop()
             try:
                 await task
             except Exception:
                 log.exception("embedded flusher failed")
-            if not await self.flusher.drain(self.drain_timeout):
+            drained = await self.flusher.drain(self.drain_timeout)
+            if not drained:
                 log.warning("closing with unflushed messages; another flusher will write them")
+        if not in_helper_thread():
+            # A last report only when Redis just answered the drain: with Redis gone it
+            # would cost a timeout.
+            await self.totals.finish(final=drained)
+            await self.flusher.totals.finish(final=drained)
         await self.hot.aclose()
         await self.cold.aclose()

@@ -1,0 +1,236 @@
+"""``vel doctor``: checks the deployment and spells out the fix for each problem.
+
+A FAIL is something that can lose or corrupt data, or stop vel working (exit 1); a WARN is a
+setting with a known, bounded risk, explained in the line (exit 0 unless ``--strict``).
+
+- Redis ``maxmemory-policy`` ``allkeys-*`` FAILs: Redis could evict a session whose messages
+  are not yet in Postgres. vel gives a TTL only to clean sessions, so ``volatile-*`` policies
+  evict only what Postgres already has; ``noeviction`` is safe too (appends then fail with
+  ``StoreFullError`` instead).
+- ``appendonly no`` WARNs: a Redis crash or restart loses the turns not yet flushed (normally
+  the last fraction of a second, more while Postgres is down). With ``appendonly yes`` and
+  ``appendfsync everysec`` at most about one second of them is at risk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vel.cli._common import add_connection_flags, settings_from
+from vel.errors import VelError
+
+MIN_REDIS = (6, 2)
+
+
+@dataclass
+class Report:
+    lines: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def ok(self, what: str, text: str) -> None:
+        self.lines.append(("ok", what, text))
+
+    def warn(self, what: str, text: str) -> None:
+        self.lines.append(("WARN", what, text))
+
+    def fail(self, what: str, text: str) -> None:
+        self.lines.append(("FAIL", what, text))
+
+    def count(self, level: str) -> int:
+        return sum(1 for lvl, _, _ in self.lines if lvl == level)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _clock() -> float:
+    """This machine's clock (a function, so a test can move it)."""
+    return time.time()
+
+
+def _skew(local_before: float, local_after: float, remote: float) -> float:
+    """Remote clock minus local clock, using the midpoint of the round trip."""
+    return remote - (local_before + local_after) / 2
+
+
+async def check_redis(report: Report, settings: Any, max_skew: float, max_age: float) -> None:
+    from vel.stores.redis import RedisStore
+
+    hot = RedisStore.from_settings(settings, write_behind=True)
+    try:
+        try:
+            info = await hot.call("INFO", lambda c: c.redis.info("server"))
+        except VelError as exc:
+            report.fail("redis", f"{exc} -- fix: start Redis or correct REDIS_URL")
+            return
+        version = str(info.get("redis_version", "0"))
+        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if parts < MIN_REDIS:
+            report.fail(
+                "redis version",
+                f"{version}; vel needs >= {'.'.join(map(str, MIN_REDIS))} -- fix: upgrade Redis",
+            )
+        else:
+            report.ok("redis version", version)
+
+        try:
+
+            async def read_config(c: Any) -> dict[str, str]:
+                found: dict[str, str] = {}
+                for name in ("maxmemory-policy", "appendonly", "appendfsync"):
+                    reply = await c.redis.config_get(name)
+                    found.update({_text(k): _text(v) for k, v in reply.items()})
+                return found
+
+            config = await hot.call("CONFIG GET", read_config)
+        except VelError as exc:
+            report.warn(
+                "redis config",
+                f"cannot read it ({exc}); check by hand that maxmemory-policy is volatile-lru "
+                "(or another volatile-* or noeviction) and appendonly is yes",
+            )
+            config = {}
+        policy = config.get("maxmemory-policy")
+        if policy is not None:
+            if policy.startswith("allkeys-"):
+                report.fail(
+                    "maxmemory-policy",
+                    f"{policy} lets Redis evict sessions whose messages are not yet in "
+                    "Postgres -- fix: redis-cli CONFIG SET maxmemory-policy volatile-lru "
+                    "(and `maxmemory-policy volatile-lru` in redis.conf)",
+                )
+            elif policy == "noeviction":
+                report.ok("maxmemory-policy", "noeviction (appends fail when Redis is full)")
+            else:
+                report.ok("maxmemory-policy", f"{policy} (only flushed sessions have a TTL)")
+        appendonly = config.get("appendonly")
+        if appendonly == "no":
+            report.warn(
+                "appendonly",
+                "no: a Redis crash or restart loses turns not yet flushed to Postgres "
+                "(normally under a second's worth, more while Postgres is down) -- fix: "
+                "redis-cli CONFIG SET appendonly yes; CONFIG SET appendfsync everysec "
+                "(and the same two lines in redis.conf)",
+            )
+        elif appendonly == "yes":
+            fsync = config.get("appendfsync", "?")
+            if fsync == "no":
+                report.warn(
+                    "appendfsync",
+                    "no: the OS decides when the AOF reaches disk (up to ~30 s of turns at "
+                    "risk on a machine crash) -- fix: CONFIG SET appendfsync everysec",
+                )
+            else:
+                report.ok("appendonly", f"yes, appendfsync {fsync}")
+
+        before = _clock()
+        seconds, micros = await hot.call("TIME", lambda c: c.redis.time())
+        skew = _skew(before, _clock(), seconds + micros / 1e6)
+        if abs(skew) > max_skew:
+            report.fail(
+                "redis clock",
+                f"{skew:+.2f} s from this machine's clock (leases, due times and TTL "
+                "ages are computed from both) -- fix: run NTP (chrony/timesyncd) on both",
+            )
+        else:
+            report.ok("redis clock", f"{skew:+.3f} s from this machine")
+
+        unflushed, oldest, dirty = await hot.backlog()
+        if oldest > max_age:
+            report.fail(
+                "flusher",
+                f"{unflushed} messages in {dirty} sessions wait for Postgres, the oldest "
+                f"for {oldest:.0f} s -- fix: start `vel flusher` (or leave VEL_FLUSHER "
+                "unset so workers flush), and check Postgres is reachable from it",
+            )
+        else:
+            report.ok("flusher", f"backlog {unflushed} messages, oldest {oldest:.1f} s")
+    finally:
+        await hot.aclose()
+
+
+async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
+    from vel.cli._pg import connection
+    from vel.stores.migrate import latest_version, schema_version
+
+    try:
+        async with connection(dsn) as conn:
+            server = await conn.fetchval("SHOW server_version")
+            report.ok("postgres", f"reachable, version {server}")
+            version = await schema_version(conn)
+            latest = latest_version()
+            if version < latest:
+                report.fail(
+                    "schema",
+                    f"version {version}, this vel needs {latest} -- fix: vel migrate",
+                )
+            elif version > latest:
+                report.fail(
+                    "schema",
+                    f"version {version} is newer than this vel knows ({latest}) -- fix: "
+                    "upgrade vel on this machine",
+                )
+            else:
+                report.ok("schema", f"version {version}")
+            before = _clock()
+            remote = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+            skew = _skew(before, _clock(), remote)
+            if abs(skew) > max_skew:
+                report.fail(
+                    "postgres clock",
+                    f"{skew:+.2f} s from this machine's clock (session expiry and "
+                    "inactivity use it) -- fix: run NTP (chrony/timesyncd) on both",
+                )
+            else:
+                report.ok("postgres clock", f"{skew:+.3f} s from this machine")
+    except VelError as exc:
+        report.fail("postgres", f"{exc} -- fix: start Postgres or correct POSTGRES_DSN")
+
+
+async def cmd_doctor(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    report = Report()
+    if args.storage in ("auto", "redis"):
+        await check_redis(report, settings, args.max_skew, args.max_backlog_age)
+    if settings.postgres_dsn:
+        await check_postgres(report, settings.postgres_dsn, args.max_skew)
+    elif args.storage == "database":
+        report.fail("postgres", "POSTGRES_DSN is not set -- fix: export POSTGRES_DSN=...")
+    else:
+        report.warn(
+            "postgres",
+            "POSTGRES_DSN is not set: session_storage='redis' keeps sessions in Redis only, "
+            "and they end with their TTL -- fix: export POSTGRES_DSN=postgresql://...",
+        )
+    for level, what, text in report.lines:
+        print(f"{level:4}  {what:17} {text}")
+    fails, warns = report.count("FAIL"), report.count("WARN")
+    if fails or (args.strict and warns):
+        print(f"vel doctor: {fails} problem(s), {warns} warning(s)", file=sys.stderr)
+        return 1
+    print(f"all good ({warns} warning(s))")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check Redis and Postgres settings; exit 1 on a problem")
+    add_connection_flags(p)
+    p.add_argument(
+        "--storage",
+        choices=("auto", "database", "redis"),
+        default="auto",
+        help="database: skip the Redis checks",
+    )
+    p.add_argument("--strict", action="store_true", help="warnings fail too")
+    p.add_argument("--max-skew", type=float, default=2.0, help="allowed clock skew, seconds")
+    p.add_argument(
+        "--max-backlog-age",
+        type=float,
+        default=60.0,
+        help="oldest unflushed session age that means no flusher keeps up, seconds",
+    )
+    p.set_defaults(run=cmd_doctor)

@@ -1,0 +1,105 @@
+"""``vel stats``: the write-behind backlog and every process's counters, from Redis.
+
+Counters are cumulative over every worker and flusher sharing the key prefix (each process
+reports what grew at most once a second, see :mod:`vel.totals`), so this works from any
+machine. ``--watch`` redraws in place until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from vel.cli._common import add_connection_flags, settings_from
+from vel.totals import RATE_WINDOW, read_totals
+
+
+async def collect(hot: Any) -> dict[str, float]:
+    """Backlog gauges, the flush rate and the shared counters."""
+    unflushed, oldest, dirty = await hot.backlog()
+    totals, rate = await read_totals(hot)
+    hits = totals.get("redis_hits", 0.0)
+    misses = totals.get("redis_misses", 0.0)
+    return {
+        "unflushed_messages": unflushed,
+        "oldest_dirty_age": round(oldest, 3),
+        "dirty_sessions": dirty,
+        "flush_rate": round(rate, 3),
+        "flushed_messages": totals.get("flushed_messages", 0.0),
+        "flush_batches_ok": totals.get("flush_batches_ok", 0.0),
+        "flush_batches_failed": totals.get("flush_batches_failed", 0.0),
+        "warm_hits": hits,
+        "warm_misses": misses,
+        "warm_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else 0.0,
+        "warm_loads": totals.get("warm_loads_ok", 0.0),
+        "backpressure_rejections": totals.get("backpressure_rejections", 0.0),
+    }
+
+
+_LABELS = {
+    "unflushed_messages": "unflushed messages",
+    "oldest_dirty_age": "oldest dirty age (s)",
+    "dirty_sessions": "dirty sessions",
+    "flush_rate": f"flush rate (msg/s, {RATE_WINDOW} s)",
+    "flushed_messages": "flushed messages",
+    "flush_batches_ok": "flush batches ok",
+    "flush_batches_failed": "flush batches failed",
+    "warm_hits": "warm hits",
+    "warm_misses": "warm misses",
+    "warm_hit_ratio": "warm hit ratio",
+    "warm_loads": "loaded from Postgres",
+    "backpressure_rejections": "backpressure rejections",
+}
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.3f}"
+
+
+def _table(figures: dict[str, float]) -> list[str]:
+    return [f"{_LABELS.get(k, k):32} {_number(v)}" for k, v in figures.items()]
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    from vel.stores.redis import RedisStore
+
+    hot = RedisStore.from_settings(settings_from(args), write_behind=True)
+    drawn = 0
+    try:
+        iteration = 0
+        while True:
+            figures = await collect(hot)
+            iteration += 1
+            if args.json:
+                print(json.dumps(figures), flush=True)
+            else:
+                lines = _table(figures)
+                if args.watch:
+                    stamp = time.strftime("%H:%M:%S")
+                    lines.insert(0, f"vel stats  {hot.keys.prefix}  {stamp}  (Ctrl-C to stop)")
+                    # Move up over the previous table and clear it: redrawn in place.
+                    up = f"\x1b[{drawn}F\x1b[J" if drawn else ""
+                    sys.stdout.write(up + "\n".join(lines) + "\n")
+                    sys.stdout.flush()
+                    drawn = len(lines)
+                else:
+                    print("\n".join(lines))
+            if not args.watch or (args.count and iteration >= args.count):
+                return 0
+            await asyncio.sleep(args.interval)
+    finally:
+        await hot.aclose()
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("stats", help="backlog, flush rate and warm hits/misses")
+    add_connection_flags(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+    p.set_defaults(run=cmd_stats)

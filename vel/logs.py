@@ -1,0 +1,66 @@
+"""Logging setup for vel's processes: plain text or one JSON object per line.
+
+Every log line vel writes about one session carries ``extra={"session_id": ...}``; the JSON
+format always has a ``session_id`` field (null for lines about no particular session), so a
+log pipeline can filter one conversation's lines across every worker and flusher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+__all__ = ["JsonFormatter", "configure_logging"]
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON object: ts, level, logger, message, session_id, extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "session_id": getattr(record, "session_id", None),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in entry:
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        sid = getattr(record, "session_id", None)
+        return text if sid is None else f"{text} [session_id={sid}]"
+
+
+def configure_logging(level: int = logging.WARNING, fmt: str = "text") -> None:
+    """Send vel's (and everything's) log lines to stderr in ``fmt`` (``text`` or ``json``).
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
