@@ -143,3 +143,19 @@ async def test_commit_does_not_release_a_lock_another_turn_now_holds(
         await client.delete(lock)
         await client.aclose()
     assert [m["content"] for m in await redis_only.load(s)] == ["m0"]
+
+
+async def test_a_long_turn_keeps_its_lock_past_the_lease(redis_url: str, key_prefix: str) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix, lock_lease=0.3)
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    try:
+        async with store.turn(s) as turn:
+            await asyncio.sleep(1.0)  # more than three leases: renewals must have run
+            with pytest.raises(SessionLockedError):
+                async with store.turn(s, timeout=0):
+                    pass
+            await turn.commit([msg(0)])
+        async with store.turn(s, timeout=0) as again:
+            assert [m["content"] for m in again.window] == ["m0"]
+    finally:
+        await store.aclose()

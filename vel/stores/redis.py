@@ -128,7 +128,26 @@ class RedisTurn:
         self.on_miss = on_miss
         self.window: list[Message] = []
         self.keeper: LeaseKeeper | None = None
+        self._keep_later: asyncio.TimerHandle | None = None
         self.committed = False
+
+    def keep_lease(self, start: Callable[[], LeaseKeeper], after: float) -> None:
+        """Renew the lock from ``after`` seconds on: most turns end before a renewal is due,
+        and then no renewal task is ever created (a task per turn costs more than the rest
+        of the turn's bookkeeping)."""
+
+        def begin() -> None:
+            self._keep_later = None
+            self.keeper = start()
+
+        self._keep_later = asyncio.get_running_loop().call_later(after, begin)
+
+    async def stop_lease(self) -> None:
+        if self._keep_later is not None:
+            self._keep_later.cancel()
+            self._keep_later = None
+        if self.keeper is not None:
+            await self.keeper.stop()
 
     async def commit(
         self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
@@ -144,8 +163,7 @@ class RedisTurn:
         items = self.store.encode(messages, message_ids)
         if not items:
             return await self.store.last_seq(self.session_id)
-        if self.keeper is not None:
-            await self.keeper.stop()  # the append below ends the lease
+        await self.stop_lease()  # the append below ends the lease
         first_id = items[0].partition("\n")[0]
         seq = await self.store.append_items(
             self.session_id, items, first_id, self.on_miss, unlock=self.token
@@ -726,11 +744,11 @@ class RedisStore:
             if window is None and on_miss is not None:
                 raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
             turn.window = window or []
-            turn.keeper = self._keep_lock(keys, token)
+            # Started after a sixth of the lease, the keeper first renews at half of it.
+            turn.keep_lease(lambda: self._keep_lock(keys, token), self.lock_lease / 6)
             yield turn
         finally:
-            if turn.keeper is not None:
-                await turn.keeper.stop()
+            await turn.stop_lease()
             if not turn.committed:
                 await self._unlock(keys, token)
 
