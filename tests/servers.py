@@ -177,9 +177,26 @@ class PostgresServer:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        pid = self.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: open connections hang as well as new ones."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
         with contextlib.suppress(OSError, FileNotFoundError, ValueError):
-            self.signal(signal.SIGCONT)
+            self.thaw()
         try:
             self.stop("immediate")
         finally:

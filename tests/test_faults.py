@@ -330,7 +330,7 @@ async def test_postgres_frozen_blocks_no_task_and_leaks_no_connection(
             assert await a.flush(10)
             await a.hot.call("del", lambda c: c.redis.delete(*a.hot.keys.session(cold_sid).data))
             assert await pg_backends(pg.dsn) <= pool_max
-            pg.signal(signal.SIGSTOP)
+            pg.freeze()
             frozen_at = time.monotonic()
             timings: dict[str, float] = {}
             errors: dict[str, str] = {}
@@ -354,13 +354,13 @@ async def test_postgres_frozen_blocks_no_task_and_leaks_no_connection(
                 timed("postgres_load", b.cold.load(cold_sid)),
             )
         finally:
-            pg.signal(signal.SIGCONT)
+            pg.thaw()
         thawed = time.monotonic()
         try:
             assert await a.flush(30)
             drained = time.monotonic() - thawed
             assert [m["content"] for m in await b.load(cold_sid)] == ["cold"]
-            pools = [s.cold._pool.get_size() for s in (a, b) if s.cold._pool is not None]
+            pools = [int((await s.cold.stats())["pool_size"]) for s in (a, b)]
             during = await pg_backends(pg.dsn)
         finally:
             await a.aclose()
