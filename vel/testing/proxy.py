@@ -23,6 +23,7 @@ import contextlib
 import random
 import socket
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 Mode = Literal["pass", "refuse", "blackhole", "reset"]
@@ -73,6 +74,17 @@ class FaultProxy:
             self._server.close()
         self._reset_all()
 
+    def _apply(self, change: Callable[[], None]) -> None:
+        """Run ``change`` on the proxy's loop and return once it has taken effect."""
+
+        async def run() -> None:
+            change()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+        else:
+            change()
+
     def set_mode(self, mode: Mode) -> None:
         """Switch mode; ``refuse`` also resets every open connection."""
 
@@ -81,11 +93,11 @@ class FaultProxy:
             if mode == "refuse":
                 self._reset_all()
 
-        self._loop.call_soon_threadsafe(apply)
+        self._apply(apply)
 
     def set_latency(self, seconds: float) -> None:
         """Delay every forwarded chunk (both directions) by ``seconds``."""
-        self._loop.call_soon_threadsafe(setattr, self, "latency", seconds)
+        self._apply(lambda: setattr(self, "latency", seconds))
 
     def set_reset(self, probability: float = 1.0) -> None:
         """``reset`` mode: drop each reply (and reset its link) with ``probability``."""
@@ -94,11 +106,11 @@ class FaultProxy:
             self.reset_probability = probability
             self.mode = "reset"
 
-        self._loop.call_soon_threadsafe(apply)
+        self._apply(apply)
 
     def reset_connections(self) -> None:
         """Abort every open connection now (the next ones go through per the mode)."""
-        self._loop.call_soon_threadsafe(self._reset_all)
+        self._apply(self._reset_all)
 
     def _reset_all(self) -> None:
         for client, upstream in list(self._links):
