@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import signal
@@ -41,7 +42,7 @@ from vel.stores.redis_keys import DEFAULT_BUCKETS
 from vel.stores.tiered import TieredStore
 from vel.testing.proxy import FaultProxy
 
-FIGURES = Path("/tmp/vel-figures")
+FIGURES = Path(os.environ.get("VEL_FIGURES_DIR", "/tmp/vel-figures"))
 pytestmark = pytest.mark.slow
 
 
