@@ -227,7 +227,7 @@ def test_two_tier_store_against_a_model(pg_dsn: str, redis_url: str, key_prefix:
         run_state_machine_as_test(
             TwoTierMachine,
             settings=settings(
-                max_examples=int(sized(12, 300)),
+                max_examples=int(sized(12, 150)),
                 stateful_step_count=int(sized(25, 60)),
                 deadline=None,
                 suppress_health_check=list(HealthCheck),
