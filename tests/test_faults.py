@@ -341,7 +341,10 @@ async def test_postgres_frozen_blocks_no_task_and_leaks_no_connection(
             async def timed(name: str, op: Awaitable[Any]) -> None:
                 began = time.monotonic()
                 try:
-                    await op
+                    async with asyncio.timeout(20):  # the server stays frozen until we return
+                        await op
+                except TimeoutError:
+                    errors[name] = "hung for 20 s"
                 except Exception as exc:
                     errors[name] = type(exc).__name__
                 timings[name] = round(time.monotonic() - began, 2)
