@@ -661,7 +661,7 @@ async def test_flusher_killed_at_random_moments(
     """Flushers SIGKILLed at random moments while writers keep appending (full matrix: 100
     kills; reduced: 5). Small sleeps at each flush step widen the windows a kill can land
     in (claimed, mid-transaction, committed but not acknowledged)."""
-    kills = int(sized(5, 100))
+    kills = int(sized(8, 100))
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     sids = sids_in_one_bucket(3)
@@ -676,8 +676,8 @@ async def test_flusher_killed_at_random_moments(
         name="writer",
         env=stack.env(VEL_FLUSHER="off"),
     )
-    widen = "flush_after_claim=sleep:0.03,flush_mid_transaction=sleep:0.05,"
-    widen += "flush_after_commit=sleep:0.05"
+    widen = "flush_after_claim=sleep:0.05,flush_mid_transaction=sleep:0.1,"
+    widen += "flush_after_commit=sleep:0.1"
     moments = []
     started = time.monotonic()
     for k in range(kills):
