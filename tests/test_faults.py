@@ -1008,6 +1008,8 @@ async def test_hot_ttl_never_expires_a_dirty_session(
             await store.flusher.flush_once()
         await asyncio.sleep(sized(5.0, 15.0))
         expired_while_down = {session_of(keys, k) for _, k in events}
+        lost = expired_while_down & set(dirty)
+        assert not lost, f"{len(lost)} dirty sessions expired while Postgres was down"
         proxy.set_mode("pass")
         assert await store.flush(30)
         await asyncio.sleep(3.5)
