@@ -745,7 +745,11 @@ async def test_redis_killed_with_aof_and_restarted(
     server = RedisServer("--appendonly", "yes", "--appendfsync", "everysec").start()
     try:
         env = stack.env(
-            redis_url=server.url, VEL_OP_TIMEOUT="1", VEL_FLUSHER="off", VEL_BACKPRESSURE_WAIT="0"
+            redis_url=server.url,
+            VEL_OP_TIMEOUT="1",
+            VEL_FLUSHER="off",
+            VEL_BACKPRESSURE_WAIT="0",
+            VEL_MAX_UNFLUSHED="100000000",  # nothing is flushed here: no backpressure either
         )
         worker = stack.worker(
             "append",

@@ -619,9 +619,19 @@ class PostgresStore:
         finally:
             await pool.release(conn)
 
-    async def _run(self, action: str, op: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _run(
+        self, action: str, op: Callable[[Conn], Awaitable[T]], *, read: bool = False
+    ) -> T:
         async with self._deadline(action, self._op_timeout):
-            return await self._use(await self._get_pool(), op)
+            pool = await self._get_pool()
+            if not read:
+                return await self._use(pool, op)
+            try:
+                return await self._use(pool, op)
+            except (OSError, asyncpg.InterfaceError):
+                # A pooled connection the server dropped (restart, failover) fails on first
+                # use; a read is safe to repeat once on a fresh one, within the same deadline.
+                return await self._use(pool, op)
 
     @asynccontextmanager
     async def _deadline(self, action: str, seconds: float) -> AsyncIterator[None]:
@@ -737,7 +747,7 @@ class PostgresStore:
             _non_negative("limit", limit, int)
             if limit == 0:
                 return []
-        rows = await self._run("load", lambda c: c.fetch(_LOAD, session_id, limit))
+        rows = await self._run("load", lambda c: c.fetch(_LOAD, session_id, limit), read=True)
         return [decode_message(row[0]) for row in reversed(rows)]
 
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
@@ -798,7 +808,9 @@ class PostgresStore:
         if inactive_for is not None:
             inactive_for = float(_non_negative("inactive_for", inactive_for, float))
         _non_negative("limit", limit, int)
-        rows = await self._run("list_sessions", lambda c: c.fetch(_LIST, inactive_for, limit))
+        rows = await self._run(
+            "list_sessions", lambda c: c.fetch(_LIST, inactive_for, limit), read=True
+        )
         return [
             SessionInfo(
                 session_id=row["id"],
@@ -919,7 +931,7 @@ class PostgresStore:
         Raises:
             StoreError: Postgres failed.
         """
-        row = await self._run("stats", lambda c: c.fetchrow(_STATS))
+        row = await self._run("stats", lambda c: c.fetchrow(_STATS), read=True)
         assert row is not None
         pool = self._injected if self._injected is not None else self._pools.current()
         return {
@@ -946,7 +958,7 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         session_id = validate_session_id(session_id)
-        row = await self._run("last_seq", lambda c: c.fetchrow(_LAST_SEQ, session_id))
+        row = await self._run("last_seq", lambda c: c.fetchrow(_LAST_SEQ, session_id), read=True)
         return (0, 0) if row is None else (int(row["generation"]), int(row["last_seq"]))
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
@@ -961,7 +973,9 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         session_id = validate_session_id(session_id)
-        records = await self._run("load_snapshot", lambda c: c.fetch(_SNAPSHOT, session_id))
+        records = await self._run(
+            "load_snapshot", lambda c: c.fetch(_SNAPSHOT, session_id), read=True
+        )
         if not records:
             return None
         head = records[0]
