@@ -624,15 +624,13 @@ class PostgresStore:
     ) -> T:
         async with self._deadline(action, self._op_timeout):
             pool = await self._get_pool()
+            if not read:
+                return await self._use(pool, op)
             try:
                 return await self._use(pool, op)
             except (OSError, asyncpg.InterfaceError):
-                # The server dropped a pooled connection (restart, failover, a reset link):
-                # its idle siblings are most likely dead too, so none of them is reused. A
-                # read is safe to repeat at once on a fresh connection, within the deadline.
-                await pool.expire_connections()
-                if not read:
-                    raise
+                # A pooled connection the server dropped (restart, failover) fails on first
+                # use; a read is safe to repeat once on a fresh one, within the same deadline.
                 return await self._use(pool, op)
 
     @asynccontextmanager
