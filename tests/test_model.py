@@ -99,7 +99,7 @@ class TwoTierMachine(RuleBasedStateMachine):
         except StoreUnavailableError:
             # Only a session that must be warmed from an unreachable Postgres may fail.
             assert not self.pg_up
-            assert not self.run(self.store.hot.exists(sid))
+            assert not self._intact(sid)
             return
         self.model[sid].extend(contents)
         assert seq == len(self.model[sid])
@@ -153,15 +153,29 @@ class TwoTierMachine(RuleBasedStateMachine):
         self.run(self.store.hot.call("del", lambda c: c.redis.delete(*keys.data)))
         self.last[sid] = None
 
-    @rule(i=st.integers(0, 2), which=st.integers(0, 2))
-    def evict_one_key(self, i: int, which: int) -> None:
-        """volatile-* eviction picks any key with a TTL: one key of a clean session."""
+    @rule(i=st.integers(0, 2), which=st.integers(0, 2), then=st.none() | batches)
+    def evict_one_key(self, i: int, which: int, then: list[str] | None) -> None:
+        """volatile-* eviction picks any key with a TTL: one key of a clean session; maybe
+        an append follows at once (before any read could notice the damage)."""
         sid = self.sids[i]
         if not self._clean(sid):
             return
         key = self.store.hot.keys.session(sid).data[which]
         self.run(self.store.hot.call("del", lambda c: c.redis.delete(key)))
         self.last[sid] = None
+        if then is not None:
+            self.append(i, then)
+
+    def _intact(self, sid: str) -> bool:
+        """The session is wholly in Redis (a read needs no warm from Postgres)."""
+        keys = self.store.hot.keys.session(sid)
+
+        async def check() -> bool:
+            client = (await self.store.hot.client()).redis
+            seq = await client.hget(keys.meta, "seq")
+            return seq is not None and int(seq) == await client.llen(keys.messages)
+
+        return bool(self.run(check()))
 
     @precondition(lambda self: self.pg_up)
     @rule(i=st.integers(0, 2))
@@ -194,8 +208,7 @@ class TwoTierMachine(RuleBasedStateMachine):
     @invariant()
     def histories_match_the_model(self) -> None:
         for sid in self.sids:
-            present = self.run(self.store.hot.exists(sid))
-            if not present and not self.pg_up:
+            if not self.pg_up and not self._intact(sid):
                 continue  # a read would have to warm from the unreachable Postgres
             got = [m["content"] for m in self.run(self.store.load(sid))]
             assert got == self.model[sid], (sid, got, self.model[sid])

@@ -619,19 +619,9 @@ class PostgresStore:
         finally:
             await pool.release(conn)
 
-    async def _run(
-        self, action: str, op: Callable[[Conn], Awaitable[T]], *, read: bool = False
-    ) -> T:
+    async def _run(self, action: str, op: Callable[[Conn], Awaitable[T]]) -> T:
         async with self._deadline(action, self._op_timeout):
-            pool = await self._get_pool()
-            if not read:
-                return await self._use(pool, op)
-            try:
-                return await self._use(pool, op)
-            except (OSError, asyncpg.InterfaceError):
-                # A pooled connection the server dropped (restart, failover) fails on first
-                # use; a read is safe to repeat once on a fresh one, within the same deadline.
-                return await self._use(pool, op)
+            return await self._use(await self._get_pool(), op)
 
     @asynccontextmanager
     async def _deadline(self, action: str, seconds: float) -> AsyncIterator[None]:
@@ -747,7 +737,7 @@ class PostgresStore:
             _non_negative("limit", limit, int)
             if limit == 0:
                 return []
-        rows = await self._run("load", lambda c: c.fetch(_LOAD, session_id, limit), read=True)
+        rows = await self._run("load", lambda c: c.fetch(_LOAD, session_id, limit))
         return [decode_message(row[0]) for row in reversed(rows)]
 
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
@@ -808,9 +798,7 @@ class PostgresStore:
         if inactive_for is not None:
             inactive_for = float(_non_negative("inactive_for", inactive_for, float))
         _non_negative("limit", limit, int)
-        rows = await self._run(
-            "list_sessions", lambda c: c.fetch(_LIST, inactive_for, limit), read=True
-        )
+        rows = await self._run("list_sessions", lambda c: c.fetch(_LIST, inactive_for, limit))
         return [
             SessionInfo(
                 session_id=row["id"],
@@ -931,7 +919,7 @@ class PostgresStore:
         Raises:
             StoreError: Postgres failed.
         """
-        row = await self._run("stats", lambda c: c.fetchrow(_STATS), read=True)
+        row = await self._run("stats", lambda c: c.fetchrow(_STATS))
         assert row is not None
         pool = self._injected if self._injected is not None else self._pools.current()
         return {
@@ -958,7 +946,7 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         session_id = validate_session_id(session_id)
-        row = await self._run("last_seq", lambda c: c.fetchrow(_LAST_SEQ, session_id), read=True)
+        row = await self._run("last_seq", lambda c: c.fetchrow(_LAST_SEQ, session_id))
         return (0, 0) if row is None else (int(row["generation"]), int(row["last_seq"]))
 
     async def load_snapshot(self, session_id: str) -> Snapshot | None:
@@ -973,9 +961,7 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         session_id = validate_session_id(session_id)
-        records = await self._run(
-            "load_snapshot", lambda c: c.fetch(_SNAPSHOT, session_id), read=True
-        )
+        records = await self._run("load_snapshot", lambda c: c.fetch(_SNAPSHOT, session_id))
         if not records:
             return None
         head = records[0]
