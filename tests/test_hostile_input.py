@@ -162,8 +162,9 @@ async def test_agent_keeps_odd_session_ids_apart_in_every_tier(
 
     tag = uuid.uuid4().hex[:4]
     ids = [f"{tag}{s}" if i % 2 else s + tag for i, s in enumerate(ODD_IDS[:-1])]
-    ids += [tag, tag + " ", " " + tag, tag.upper(), tag + "x" * 508]
+    ids += [tag, tag + " ", " " + tag, "X" + tag, tag + "x" * 508]
     ids += [tag + "y" * 400 + "1", tag + "y" * 400 + "2"]  # differ only past 400 bytes
+    assert len(set(ids)) == len(ids)
     async with Agent(id="h", model=model_for(srv), session_storage=storage_mode) as agent:
         for i, sid in enumerate(ids):
             await agent.ctxmgr.aset_session_context(sid, [{"role": "user", "content": f"only-{i}"}])
