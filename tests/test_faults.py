@@ -1205,3 +1205,24 @@ async def test_a_retry_after_the_session_left_redis_is_still_recognised(
     await tiered.hot.call("del", lambda c: c.redis.delete(*tiered.hot.keys.session(sid).data))
     assert await tiered.append(sid, messages, message_ids=ids) == 2
     assert await tiered.load(sid) == messages
+
+
+@pytest.mark.parametrize("evicted", ["meta", "messages", "replays"])
+async def test_append_right_after_one_key_of_a_clean_session_was_evicted(
+    tiered: TieredStore, stack: Stack, evicted: str
+) -> None:
+    """``volatile-*`` eviction takes single keys: whichever key of a clean session goes, the
+    next append lands after the whole history (warmed again from Postgres), never at wrong
+    seqs, and the session stays readable and flushable."""
+    sid = new_sid()
+    for content in ("a", "b", "c"):
+        await tiered.append(sid, [{"role": "user", "content": content}])
+    assert await tiered.flush(10)
+    keys = tiered.hot.keys.session(sid)
+    key = {"meta": keys.meta, "messages": keys.messages, "replays": keys.replays}[evicted]
+    await tiered.hot.call("del", lambda c: c.redis.delete(key))
+    assert await tiered.append(sid, [{"role": "user", "content": "d"}]) == 4
+    assert await tiered.flush(10)
+    expected = [{"role": "user", "content": c} for c in "abcd"]
+    assert await tiered.load(sid) == expected
+    assert [r.message for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)] == expected
