@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 from checker import (
+    Ack,
     acks_of,
     compare,
     postgres_rows,
@@ -1226,3 +1227,55 @@ async def test_append_right_after_one_key_of_a_clean_session_was_evicted(
     expected = [{"role": "user", "content": c} for c in "abcd"]
     assert await tiered.load(sid) == expected
     assert [r.message for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)] == expected
+
+
+@pytest.mark.parametrize("failpoint", ["after_append_script", "during_warm"])
+async def test_worker_killed_at_an_append_or_warm_failpoint(
+    stack: Stack, tiered: TieredStore, failpoint: str, request: pytest.FixtureRequest
+) -> None:
+    """A worker SIGKILLed right after its append script ran (the caller never got the ack),
+    or while warming a cold session (holding the warm lease): another worker carries on
+    (after the 15 s warm lease, in the second case); nothing acknowledged is lost, nothing is
+    duplicated, and the unacknowledged append is stored at most once."""
+    sid = new_sid()
+    await tiered.append(sid, [{"role": "user", "content": f"old-{i}"} for i in range(4)])
+    assert await tiered.flush(10)
+    await tiered.hot.call("del", lambda c: c.redis.delete(*tiered.hot.keys.session(sid).data))
+
+    killed = stack.worker(
+        "append",
+        storage="redis",
+        session=sid,
+        appends=3,
+        tag="a-",
+        name="killed",
+        env=stack.env(VEL_FAILPOINTS=f"{failpoint}=kill"),
+    )
+    rc = await killed.wait_async(30)
+    assert rc == -signal.SIGKILL, f"rc {rc}: {killed.stderr()[-2000:]}"
+    assert acks_of(killed.lines()) == []
+    began = time.monotonic()
+    survivor = stack.worker("append", storage="redis", session=sid, appends=3, tag="b-",
+                            name="survivor")  # fmt: skip
+    survivor.check(await survivor.wait_async(60))
+    took = time.monotonic() - began
+    assert await tiered.flush(20)
+    acks = acks_of(survivor.lines())
+    maybe = set(contents("a-", 0, 0, 0))
+    cold = await postgres_rows(stack.pg_dsn, stack.schema, sid)
+    hot = await redis_rows(stack.redis_url, stack.prefix, sid)
+    old = [f"old-{i}" for i in range(4)]
+    figures = {
+        "failpoint": failpoint,
+        "survivor_seconds": round(took, 2),
+        "unacknowledged_append_stored": [r.content for r in cold].count(maybe.pop()),
+        "postgres_rows": len(cold),
+    }
+    record_figures(request, figures)
+    seeded = Ack(sid=sid, proc=-1, task=0, i=0, seq=4, contents=tuple(old))
+    report = compare([seeded, *acks], cold, where="postgres", session_id=sid,
+                     maybe=contents("a-", 0, 0, 0))  # fmt: skip
+    assert not report.problems, report.summary()
+    assert same_history(cold, hot) == []
+    if failpoint == "during_warm":
+        assert figures["unacknowledged_append_stored"] == 0
