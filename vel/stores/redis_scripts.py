@@ -72,7 +72,7 @@ return items
 
 # Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
-# 7 first message id, 8.. items. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
+# 7 first message id, 8.. items. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
 APPEND = _script(
     "",
     _SET_TTL,
@@ -82,7 +82,7 @@ local wb = ARGV[2] == 'wb'
 local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
 if m[1] and redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) then
   -- volatile-* eviction took the list of a clean session but left its meta: appending would
-  -- put the messages at the wrong seqs. Drop the remains and warm again (never when dirty).
+  -- put the messages at the wrong seqs. Drop the remains and warm again (a dirty one: -4).
   if wb and not (m[1] == m[2] and m[3] == m[4]) then return {-4} end
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 end
