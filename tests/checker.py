@@ -192,12 +192,24 @@ class Report:
         assert self.ok, self.summary()
 
 
-def compare(acks: Iterable[Ack], rows: list[Row], *, where: str, session_id: str) -> Report:
-    """Check one session's history against the acknowledged appends to it."""
+def compare(
+    acks: Iterable[Ack],
+    rows: list[Row],
+    *,
+    where: str,
+    session_id: str,
+    maybe: Iterable[str] = (),
+) -> Report:
+    """Check one session's history against the acknowledged appends to it.
+
+    ``maybe`` are contents of appends whose outcome the writer could not know (it got an
+    error, the command may still have run): each may be stored once, or not at all.
+    """
     mine = [a for a in acks if a.sid == session_id]
     report = Report(where, session_id)
     report.acked_messages = sum(len(a.contents) for a in mine)
-    report.stored_messages = len(rows)
+    unknown = set(maybe)
+    report.stored_messages = len([r for r in rows if r.content not in unknown])
 
     seqs = [r.seq for r in rows]
     if seqs != list(range(1, len(rows) + 1)):
@@ -212,7 +224,7 @@ def compare(acks: Iterable[Ack], rows: list[Row], *, where: str, session_id: str
     report.duplicated = sorted(c for c, n in counts.items() if n > 1)
     acked = {c for a in mine for c in a.contents}
     report.lost = sorted(acked - counts.keys())
-    report.unexpected = sorted(counts.keys() - acked)
+    report.unexpected = sorted(counts.keys() - acked - unknown)
 
     at = {r.seq: r.content for r in rows}
     for a in mine:

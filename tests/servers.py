@@ -18,6 +18,17 @@ import time
 from pathlib import Path
 
 
+def full_matrix() -> bool:
+    """Whether ``VEL_FAULTS_FULL=1`` asks for the full fault matrix (``scripts/faults``)
+    instead of the reduced versions the default suite runs."""
+    return os.environ.get("VEL_FAULTS_FULL", "") == "1"
+
+
+def sized(reduced: float, full: float) -> float:
+    """A test's size (seconds, count, rate) in the reduced suite or the full matrix."""
+    return full if full_matrix() else reduced
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +83,15 @@ class RedisServer:
             self.proc.send_signal(sig)
             self.proc.wait(20)
 
+    def restart(self) -> RedisServer:
+        """Start again on the same port and directory (an AOF there is replayed)."""
+        self.kill()
+        return self.start()
+
+    def log(self) -> str:
+        path = self.dir / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -91,9 +111,11 @@ def _pg_bin(name: str) -> str:
 
 
 class PostgresServer:
-    """A Postgres cluster made by ``initdb`` in a temp dir, trust auth, on a free port."""
+    """A Postgres cluster made by ``initdb`` in a temp dir on a free port: trust auth, or
+    ``scram-sha-256`` password auth for user ``postgres`` when ``password`` is given."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="vel-pg-"))
         self.data = self.dir / "data"
@@ -103,7 +125,8 @@ class PostgresServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        user = "postgres" if self.password is None else f"postgres:{self.password}"
+        return f"postgresql://{user}@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str) -> None:
         cmd = list(args)
@@ -112,9 +135,14 @@ class PostgresServer:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def init(self) -> PostgresServer:
-        self._run(
-            _pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync"
-        )
+        auth = ["-A", "trust"]
+        if self.password is not None:
+            pwfile = self.dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            if self._as_postgres:
+                shutil.chown(pwfile, "postgres", "postgres")
+            auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"]
+        self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", *auth, "--no-sync")
         return self
 
     def start(self) -> PostgresServer:
@@ -149,9 +177,26 @@ class PostgresServer:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        pid = self.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, children)]
+
+    def freeze(self) -> None:
+        """SIGSTOP every process of the server: open connections hang as well as new ones."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def destroy(self) -> None:
         with contextlib.suppress(OSError, FileNotFoundError, ValueError):
-            self.signal(signal.SIGCONT)
+            self.thaw()
         try:
             self.stop("immediate")
         finally:

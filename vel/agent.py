@@ -21,7 +21,13 @@ from typing import Any, Protocol, runtime_checkable
 from vel import events as ev
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
-from vel.messages import Message, validate_message, validate_session_id
+from vel.messages import (
+    Message,
+    encode_message,
+    encode_messages,
+    validate_message,
+    validate_session_id,
+)
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, render_output
@@ -211,12 +217,17 @@ class Agent:
             messages = input["messages"]
             if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
                 raise InvalidInputError("input['messages'] must be a list of message dicts")
-            return [validate_message(m) for m in messages], True
+            checked = [validate_message(m) for m in messages]
+            # Refuse what cannot be sent as JSON here, with a typed error, not mid-request.
+            encode_messages(checked)
+            return checked, True
         if "message" in input:
             content = input["message"]
             if not isinstance(content, (str, list)):
                 raise InvalidInputError("input['message'] must be a str (or content parts)")
-            return [{"role": "user", "content": content}], False
+            message: Message = {"role": "user", "content": content}
+            encode_message(message)  # stored at the end of the turn: refuse it before the model
+            return [message], False
         raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
 
     def _lock(self, session_id: str | None) -> AbstractAsyncContextManager[_Turn | None]:

@@ -43,7 +43,14 @@ _LOCK_KEY = 0x76656C5F6D696772
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # What opening a connection can raise; connect_error() turns each into a vel error.
-CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+CONNECT_ERRORS = (
+    OSError,
+    TimeoutError,
+    ValueError,
+    OverflowError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 # Errors a server reports while it is (re)starting or overloaded: try again later.
 _TRANSIENT_CLASSES = frozenset({"08", "53", "57", "58"})
 
@@ -132,8 +139,9 @@ def connect_error(exc: BaseException, dsn: str | None) -> VelError:
     detail = _scrub(f"{type(exc).__name__}: {exc}", dsn)
     if isinstance(exc, TimeoutError):
         return StoreTimeoutError(f"Postgres at {where} did not answer in time ({detail})")
-    if isinstance(exc, ValueError):
-        # asyncpg reports DSN syntax problems (bad port, unknown sslmode...) as ValueError.
+    if isinstance(exc, ValueError | OverflowError):
+        # asyncpg reports DSN syntax problems (bad port, unknown sslmode...) as ValueError,
+        # and a port outside 0-65535 as the socket's OverflowError.
         return ConfigurationError(f"POSTGRES_DSN {where} is not usable: {detail}")
     if isinstance(exc, asyncpg.PostgresError):
         if exc.sqlstate[:2] in _TRANSIENT_CLASSES:

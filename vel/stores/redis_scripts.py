@@ -96,6 +96,13 @@ APPEND = _script(
     """
 local now = tonumber(ARGV[1])
 local wb = ARGV[2] == 'wb'
+local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
+if m[1] and redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) then
+  -- volatile-* eviction took the list of a clean session but left its meta: appending would
+  -- put the messages at the wrong seqs. Drop the remains and warm again (a dirty one: -4).
+  if wb and not (m[1] == m[2] and m[3] == m[4]) then return {-4} end
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if wb then return {-1} end
   redis.call('DEL', KEYS[2], KEYS[3])

@@ -1,0 +1,261 @@
+"""Model-based test of the two-tier store: a Hypothesis state machine drives appends,
+retried appends, flush steps, flusher crashes, expiry, eviction, clear, replace and Postgres
+outages against a real Redis and a real Postgres (through a fault proxy), and checks after
+every step that the store agrees with a plain dict of lists.
+
+The default run keeps the example count small (seconds); ``scripts/faults`` raises it
+(``VEL_FAULTS_FULL=1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+from checker import postgres_rows, redis_meta
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from servers import sized
+from workers import with_port
+
+from vel.errors import StoreUnavailableError
+from vel.stores.migrate import migrate
+from vel.stores.postgres import PostgresStore
+from vel.stores.redis import RedisStore
+from vel.stores.tiered import TieredStore
+from vel.testing.proxy import FaultProxy
+
+pytestmark = pytest.mark.slow
+
+texts = st.text(alphabet="abcdefgh{}:*\n é", min_size=0, max_size=8)
+batches = st.lists(texts, min_size=1, max_size=3)
+
+
+class TwoTierMachine(RuleBasedStateMachine):
+    """One example = one fresh set of session ids on the test's schema and prefix."""
+
+    pg_dsn: str
+    schema: str
+    redis_url: str
+    prefix: str
+    proxy: FaultProxy
+    loop: asyncio.AbstractEventLoop
+
+    def __init__(self) -> None:
+        super().__init__()
+        tag = uuid.uuid4().hex[:8]
+        self.sids = [f"m-{tag}-{i}" for i in range(3)]
+        self.model: dict[str, list[str]] = {sid: [] for sid in self.sids}
+        # The last append of each session, retryable while its replay record can exist.
+        self.last: dict[str, tuple[list[str], list[str], int] | None] = {}
+        self.pg_up = True
+        self.proxy.set_mode("pass")
+        hot = RedisStore(self.redis_url, key_prefix=self.prefix, write_behind=True, flush_delay=0)
+        cold = PostgresStore(
+            with_port(self.pg_dsn, self.proxy.port), schema=self.schema, op_timeout=2.0
+        )
+        self.store = TieredStore(hot, cold, flusher=False, warm_lease=2.0)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            self.proxy.set_mode("pass")
+            self.pg_up = True
+            assert self.run(self.store.flush(20)), "the backlog did not drain"
+            for sid in self.sids:
+                rows = self.run(postgres_rows(self.pg_dsn, self.schema, sid))
+                assert [r.message["content"] for r in rows] == self.model[sid], sid
+                assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), sid
+        finally:
+            self.run(self.store.aclose())
+
+    @initialize()
+    def start(self) -> None:
+        self.run(self.store.hot.ping())
+
+    def _messages(self, contents: list[str]) -> list[dict[str, Any]]:
+        return [{"role": "user", "content": c} for c in contents]
+
+    @rule(i=st.integers(0, 2), contents=batches)
+    def append(self, i: int, contents: list[str]) -> None:
+        sid = self.sids[i]
+        ids = [uuid.uuid4().hex for _ in contents]
+        try:
+            seq = self.run(self.store.append(sid, self._messages(contents), message_ids=ids))
+        except StoreUnavailableError:
+            # Only a session that must be warmed from an unreachable Postgres may fail.
+            assert not self.pg_up
+            assert not self._intact(sid)
+            return
+        self.model[sid].extend(contents)
+        assert seq == len(self.model[sid])
+        self.last[sid] = (contents, ids, seq)
+
+    @precondition(lambda self: any(self.last.get(s) for s in self.sids))
+    @rule(i=st.integers(0, 2))
+    def retry_append(self, i: int) -> None:
+        sid = self.sids[i]
+        last = self.last.get(sid)
+        if last is None:
+            return
+        contents, ids, seq = last
+        again = self.run(self.store.append(sid, self._messages(contents), message_ids=ids))
+        assert again == seq, "a retried append was applied twice"
+
+    @rule()
+    def flush_step(self) -> None:
+        try:
+            self.run(self.store.flusher.flush_once())
+        except StoreUnavailableError:
+            assert not self.pg_up
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2))
+    def flusher_crashes_after_commit(self, i: int) -> None:
+        """Copy a session to Postgres, then die before the ack (the claim just lapses)."""
+        sid = self.sids[i]
+        hot = self.store.hot
+        (pending,) = self.run(hot.pending([sid], 1000))
+        if pending is None or not pending.rows:
+            return
+        self.run(self.store.cold.apply_flushes([(sid, pending.gen, pending.rows)]))
+
+    def _clean(self, sid: str) -> bool:
+        meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
+        return (
+            bool(meta)
+            and "seq" in meta
+            and meta["flushed"] == meta["seq"]
+            and (meta["gen"] == meta["fgen"])
+        )
+
+    @rule(i=st.integers(0, 2))
+    def expire(self, i: int) -> None:
+        """TTL ran out: only a clean session carries one."""
+        sid = self.sids[i]
+        if not self._clean(sid):
+            return
+        keys = self.store.hot.keys.session(sid)
+        self.run(self.store.hot.call("del", lambda c: c.redis.delete(*keys.data)))
+        self.last[sid] = None
+
+    @rule(i=st.integers(0, 2), which=st.integers(0, 2), then=st.none() | batches)
+    def evict_one_key(self, i: int, which: int, then: list[str] | None) -> None:
+        """volatile-* eviction picks any key with a TTL: one key of a clean session; maybe
+        an append follows at once (before any read could notice the damage)."""
+        sid = self.sids[i]
+        if not self._clean(sid):
+            return
+        key = self.store.hot.keys.session(sid).data[which]
+        self.run(self.store.hot.call("del", lambda c: c.redis.delete(key)))
+        self.last[sid] = None
+        if then is not None:
+            self.append(i, then)
+
+    def _intact(self, sid: str) -> bool:
+        """The session is wholly in Redis (a read needs no warm from Postgres)."""
+        keys = self.store.hot.keys.session(sid)
+
+        async def check() -> bool:
+            client = (await self.store.hot.client()).redis
+            seq = await client.hget(keys.meta, "seq")
+            return seq is not None and int(seq) == await client.llen(keys.messages)
+
+        return bool(self.run(check()))
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2))
+    def clear(self, i: int) -> None:
+        sid = self.sids[i]
+        self.run(self.store.clear(sid))
+        self.model[sid] = []
+        self.last[sid] = None
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2), contents=st.lists(texts, max_size=3))
+    def replace(self, i: int, contents: list[str]) -> None:
+        sid = self.sids[i]
+        self.run(self.store.replace(sid, self._messages(contents)))
+        self.model[sid] = list(contents)
+        self.last[sid] = None
+
+    @precondition(lambda self: self.pg_up)
+    @rule()
+    def postgres_down(self) -> None:
+        self.proxy.set_mode("refuse")
+        self.pg_up = False
+
+    @precondition(lambda self: not self.pg_up)
+    @rule()
+    def postgres_up(self) -> None:
+        self.proxy.set_mode("pass")
+        self.pg_up = True
+
+    @invariant()
+    def histories_match_the_model(self) -> None:
+        for sid in self.sids:
+            if not self.pg_up and not self._intact(sid):
+                continue  # a read would have to warm from the unreachable Postgres
+            got = [m["content"] for m in self.run(self.store.load(sid))]
+            assert got == self.model[sid], (sid, got, self.model[sid])
+
+    @invariant()
+    def dirty_sessions_carry_no_ttl(self) -> None:
+        for sid in self.sids:
+            meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
+            if "seq" not in meta:
+                continue
+            if meta["flushed"] != meta["seq"] or meta["gen"] != meta["fgen"]:
+                assert meta["pttl"] == -1, (sid, meta)
+                assert meta["due"] is not None, (sid, meta)
+
+
+def test_two_tier_store_against_a_model(pg_dsn: str, redis_url: str, key_prefix: str) -> None:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    loop = asyncio.new_event_loop()
+    target = urlsplit(pg_dsn)
+    proxy = FaultProxy(target.hostname or "127.0.0.1", target.port or 5432).start()
+    loop.run_until_complete(migrate(pg_dsn, schema=schema))
+    TwoTierMachine.pg_dsn = pg_dsn
+    TwoTierMachine.schema = schema
+    TwoTierMachine.redis_url = redis_url
+    TwoTierMachine.prefix = key_prefix
+    TwoTierMachine.proxy = proxy
+    TwoTierMachine.loop = loop
+    try:
+        run_state_machine_as_test(
+            TwoTierMachine,
+            settings=settings(
+                max_examples=int(sized(12, 150)),
+                stateful_step_count=int(sized(25, 60)),
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            ),
+        )
+    finally:
+        proxy.stop()
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        loop.run_until_complete(drop())
+        loop.close()
