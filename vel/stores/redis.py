@@ -543,6 +543,12 @@ class RedisStore:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 0.5)
                 continue
+            if code == DAMAGED:
+                self.counters["damaged_reads"] += 1
+                raise StoreError(
+                    f"session {session_id!r} lost part of its data in Redis while unflushed; "
+                    "check maxmemory-policy (never allkeys-*) with `vel doctor`"
+                )
             raise StoreError(f"unexpected append reply {code}")
         raise StoreError("append did not settle after 1000 attempts")
 

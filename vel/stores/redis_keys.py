@@ -26,7 +26,8 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 class SessionKeys:
     meta: str  # hash: seq, flushed, gen, fgen, created, updated
     messages: str  # list: "<message id>\n<json>" per message, seq 1 at index 0
-    replays: str  # zset: first message id of recent appends -> their last seq
+    replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
+    # warmed session) -> the seq of that message
     warm_lock: str  # string: token of the process warming this session from Postgres
     turn_lock: str  # string: token of the turn holding this session
     dirty: str  # zset (per bucket): session id -> due time in ms

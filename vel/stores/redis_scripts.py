@@ -89,7 +89,7 @@ return read_window()
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
 # 7 first message id, 8 turn lock token ('' none), 9.. items. With a token, KEYS[7] is the
 # turn lock, released (if still ours) once the messages are stored: the turn's commit and
-# unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog}.
+# unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
 APPEND = _script(
     "",
     _SET_TTL,
@@ -111,12 +111,12 @@ end
 local function unlock()
   if ARGV[8] ~= '' and redis.call('GET', KEYS[7]) == ARGV[8] then redis.call('DEL', KEYS[7]) end
 end
+local k = #ARGV - 8
 local prev = redis.call('ZSCORE', KEYS[3], ARGV[7])
 if prev then
   unlock()
-  return {-2, tonumber(prev)}
+  return {-2, tonumber(prev) + k - 1}
 end
-local k = #ARGV - 8
 if wb then
   local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
   if backlog + k > tonumber(ARGV[5]) then return {-3, backlog} end
@@ -124,7 +124,7 @@ end
 push(9)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
 redis.call('HSET', KEYS[1], 'updated', now)
-redis.call('ZADD', KEYS[3], seq, ARGV[7])
+redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[7])
 if redis.call('ZCARD', KEYS[3]) > 64 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65) end
 if wb then
   redis.call('INCRBY', KEYS[6], k)
@@ -151,6 +151,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[2], KEYS[3])
 push(7)
+-- Rebuild the replay record from the ids of the last 64 messages (item i has seq i - 6), so
+-- a caller's retry of an append that was flushed, left Redis and came back is still a replay.
+for i = math.max(7, #ARGV - 63), #ARGV do
+  local nl = string.find(ARGV[i], '\\n', 1, true)
+  redis.call('ZADD', KEYS[3], i - 6, string.sub(ARGV[i], 1, nl - 1))
+end
 redis.call('HSET', KEYS[1], 'seq', ARGV[4], 'flushed', ARGV[4], 'gen', ARGV[3],
   'fgen', ARGV[3], 'created', ARGV[5], 'updated', ARGV[6])
 set_ttl(tonumber(ARGV[2]))
