@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,21 +61,30 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-async def pg_schema(pg_dsn: str) -> AsyncIterator[str]:
-    """A fresh, empty Postgres schema for this test (dropped afterwards)."""
+@asynccontextmanager
+async def fresh_schema(pg_dsn: str) -> AsyncIterator[str]:
+    """A new, empty Postgres schema, dropped on exit."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
     conn = await asyncpg.connect(pg_dsn)
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
     finally:
         await conn.close()
-    yield schema
-    conn = await asyncpg.connect(pg_dsn)
     try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        yield schema
     finally:
-        await conn.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def pg_schema(pg_dsn: str) -> AsyncIterator[str]:
+    """A fresh, empty Postgres schema for this test (dropped afterwards)."""
+    async with fresh_schema(pg_dsn) as schema:
+        yield schema
 
 
 @pytest.fixture

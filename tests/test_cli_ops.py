@@ -9,14 +9,13 @@ import re
 import signal
 import sys
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from conftest import schema_dsn
+from conftest import fresh_schema, schema_dsn
 from servers import RedisServer
 from test_cli import clean_env, vel_cmd
 
@@ -106,14 +105,9 @@ async def second_schema(pg_dsn: str) -> AsyncIterator[str]:
     """Another migrated schema (the import target)."""
     from vel.stores.migrate import migrate
 
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    await migrate(pg_dsn, schema=schema)
-    yield schema
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    async with fresh_schema(pg_dsn) as schema:
+        await migrate(pg_dsn, schema=schema)
+        yield schema
 
 
 async def test_export_import_round_trip_is_idempotent(
