@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vel.bench.workload import check_history, turn_messages
 
-MODES = ("memory", "database", "redis", "redis-only", "ref-redis", "ref-asyncpg")
+MODES = ("memory", "database", "redis", "redis-only", "ref-redis", "ref-redis-2rt", "ref-asyncpg")
 
 
 def test_quick_bench_writes_json_and_markdown_with_whole_shared_turns(tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
 STORE_MODES = ("memory", "database", "redis", "redis-only")
-REFERENCES = ("ref-redis", "ref-asyncpg")
+REFERENCES = ("ref-redis", "ref-redis-2rt", "ref-asyncpg")
 ALL_MODES = STORE_MODES + REFERENCES
 POSTGRES_MODES = ("database", "redis", "ref-asyncpg")
-REDIS_MODES = ("redis", "redis-only", "ref-redis")
+REDIS_MODES = ("redis", "redis-only", "ref-redis", "ref-redis-2rt")
 
 
 class Driver(Protocol):
@@ -80,17 +80,27 @@ class StoreDriver:
 
 
 class RedisReference:
-    """The ceiling: one redis-py pipeline per turn (LRANGE + RPUSH), JSON in and out."""
+    """The ceiling: one redis-py pipeline per turn (LRANGE + RPUSH), JSON in and out.
 
-    def __init__(self, url: str, prefix: str) -> None:
+    With ``pipelined=False`` the read and the write are two calls, as in a real turn, where
+    the model runs between them: the ceiling for anything that reads, then commits.
+    """
+
+    def __init__(self, url: str, prefix: str, *, pipelined: bool = True) -> None:
         self.redis = aioredis.Redis.from_url(url)
         self.prefix = prefix
+        self.pipelined = pipelined
 
     async def open(self) -> None:
         await self.redis.ping()
 
     async def turn(self, session_id: str, messages: Sequence[Message], limit: int) -> int:
         key = f"{self.prefix}:ref:{session_id}"
+        if not self.pipelined:
+            items = await self.redis.lrange(key, -limit, -1)
+            [json.loads(item) for item in items]
+            encoded = (json.dumps(m, separators=(",", ":")) for m in messages)
+            return int(await self.redis.rpush(key, *encoded))
         pipe = self.redis.pipeline(transaction=False)
         pipe.lrange(key, -limit, -1)
         pipe.rpush(key, *(json.dumps(m, separators=(",", ":")) for m in messages))
@@ -192,6 +202,9 @@ def make_driver(mode: str, spec: dict[str, Any]) -> Driver:
     if mode == "ref-redis":
         assert url is not None and prefix is not None
         return RedisReference(url, prefix)
+    if mode == "ref-redis-2rt":
+        assert url is not None and prefix is not None
+        return RedisReference(url, prefix, pipelined=False)
     if mode == "ref-asyncpg":
         assert dsn is not None and schema is not None
         return PostgresReference(dsn, schema, pool)
