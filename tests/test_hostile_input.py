@@ -267,6 +267,7 @@ async def test_malformed_redis_url_is_a_configuration_error(
 ) -> None:
     monkeypatch.delenv("POSTGRES_DSN", raising=False)
     monkeypatch.setenv("REDIS_URL", url)
+    monkeypatch.setenv("VEL_KEY_PREFIX", f"veltest-{uuid.uuid4().hex[:10]}")
     with pytest.raises(ConfigurationError) as info:
         async with Agent(id="h", model=model_for(srv), session_storage="redis") as agent:
             await agent.run({"message": "hi"}, session_id="s")
@@ -285,10 +286,15 @@ async def test_malformed_redis_url_is_a_configuration_error(
     ids=["no-scheme", "mysql", "port-text", "port-range", "bad-host"],
 )
 async def test_malformed_postgres_dsn_is_a_configuration_error(
-    srv: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, dsn: str, redis_url: str
+    srv: FakeOpenAIServer,
+    monkeypatch: pytest.MonkeyPatch,
+    dsn: str,
+    redis_url: str,
+    key_prefix: str,
 ) -> None:
     monkeypatch.setenv("POSTGRES_DSN", dsn)
     monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("VEL_KEY_PREFIX", key_prefix)
     for mode in ("database", "redis"):
         with pytest.raises(VelError) as info:
             async with Agent(id="h", model=model_for(srv), session_storage=mode) as agent:

@@ -245,7 +245,9 @@ local old = tonumber(m[2])
 local flushed = math.max(old, tonumber(ARGV[3]))
 if flushed > old then
   redis.call('HSET', KEYS[1], 'flushed', flushed)
-  redis.call('DECRBY', KEYS[6], flushed - old)
+  -- The counter only bounds the backlog: keys lost while dirty (a misconfigured eviction,
+  -- a manual DEL) would otherwise drive it below zero and weaken backpressure.
+  if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
 redis.call('HSET', KEYS[1], 'fgen', ARGV[2])
 if flushed >= tonumber(m[1]) then
