@@ -320,3 +320,16 @@ async def test_a_drifted_backlog_counter_never_goes_negative_or_blocks_a_drain(
     assert await tiered.flush(5)
     assert time.monotonic() - started < 2
     assert await tiered.load(session) == [msg(1), msg(2), msg(3)]
+
+
+async def test_a_locked_turn_counts_its_window_read_as_a_hit_or_a_miss(
+    tiered: TieredStore,
+) -> None:
+    """The Agent reads through ``turn()``: `vel stats` must see those reads too."""
+    session = sid()
+    async with tiered.turn(session, 20) as turn:  # new session: warmed, then served
+        await turn.commit([msg(1)])
+    async with tiered.turn(session, 20) as turn:
+        assert turn.window == [msg(1)]
+        await turn.commit([msg(2)])
+    assert (tiered.counters["redis_misses"], tiered.counters["redis_hits"]) == (1, 2)

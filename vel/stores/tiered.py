@@ -241,6 +241,9 @@ class TieredStore:
             await self.warm(session_id)
 
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
+            self.counters["redis_hits"] += 1  # the window came from Redis (after any warm)
+            if not in_helper_thread():
+                self.totals.maybe_publish()
             yield turn
 
     async def stats(self) -> dict[str, float]:
