@@ -182,16 +182,22 @@ class _Client:
         # sees more than ``gate`` connections from this client (0: no gate).
         self.cluster = isinstance(redis, RedisCluster)
         self.gate = asyncio.Semaphore(gate) if gate > 0 else None
-        self.load = redis.register_script(lua.LOAD)
-        self.lock_load = redis.register_script(lua.LOCK_LOAD)
-        self.append = redis.register_script(lua.APPEND)
-        self.seed = redis.register_script(lua.SEED)
-        self.replace = redis.register_script(lua.REPLACE)
-        self.claim = redis.register_script(lua.CLAIM)
-        self.pending = redis.register_script(lua.PENDING)
-        self.ack = redis.register_script(lua.ACK)
-        self.renew = redis.register_script(lua.RENEW_LOCK)
-        self.release = redis.register_script(lua.RELEASE_LOCK)
+        self.scripts: list[Any] = []
+        self.load = self._register(lua.LOAD)
+        self.lock_load = self._register(lua.LOCK_LOAD)
+        self.append = self._register(lua.APPEND)
+        self.seed = self._register(lua.SEED)
+        self.replace = self._register(lua.REPLACE)
+        self.claim = self._register(lua.CLAIM)
+        self.pending = self._register(lua.PENDING)
+        self.ack = self._register(lua.ACK)
+        self.renew = self._register(lua.RENEW_LOCK)
+        self.release = self._register(lua.RELEASE_LOCK)
+
+    def _register(self, source: str) -> Any:
+        script = self.redis.register_script(source)
+        self.scripts.append(script)
+        return script
 
     async def queue(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
         """Add one script call to a non-transactional pipeline."""
@@ -205,17 +211,7 @@ class _Client:
     async def load_scripts(self) -> None:
         """Load every script on every master (a cluster's pipelines cannot load them, and a
         promoted replica may lack them)."""
-        for script in (
-            self.load,
-            self.append,
-            self.seed,
-            self.replace,
-            self.claim,
-            self.pending,
-            self.ack,
-            self.renew,
-            self.release,
-        ):
+        for script in self.scripts:
             await self.redis.script_load(script.script)
 
 
