@@ -33,13 +33,6 @@ from vel.cli._common import (
 from vel.errors import InvalidInputError, StoreError
 from vel.messages import validate_session_id
 
-# Deletes a session's Redis copy unless it is dirty (then it holds writes Postgres lacks,
-# and the flusher must see them). KEYS: meta, messages, replays, bucket dirty set.
-_DROP_CLEAN = """
-if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) > 0 and 1 or 0
-"""
-
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(UTC).isoformat()
@@ -260,19 +253,7 @@ async def cmd_purge(args: argparse.Namespace) -> int:
             async with connection(need_dsn(b.settings)) as conn:
                 expired = [r["id"] for r in await conn.fetch(EXPIRED)]
         purged = await b.cold.purge_expired()
-        dropped = 0
-        hot = b.hot
-        if hot is not None and expired:
-            layout = hot.keys
-
-            async def drop(c: Any) -> list[Any]:
-                pipe = c.redis.pipeline(transaction=False)
-                for sid in expired:
-                    k = layout.session(sid)
-                    pipe.eval(_DROP_CLEAN, 4, *k.data, k.dirty, sid)
-                return list(await pipe.execute())
-
-            dropped = sum(int(r) for r in await hot.call("purge", drop))
+        dropped = await b.hot.drop_clean(expired) if b.hot is not None else 0
     where = f", {dropped} Redis copies" if b.tiered is not None else ""
     print(f"purged {purged} expired sessions from Postgres{where}")
     return 0

@@ -193,6 +193,7 @@ class _Client:
         self.ack = self._register(lua.ACK)
         self.renew = self._register(lua.RENEW_LOCK)
         self.release = self._register(lua.RELEASE_LOCK)
+        self.drop_clean = self._register(lua.DROP_CLEAN)
 
     def _register(self, source: str) -> Any:
         script = self.redis.register_script(source)
@@ -899,6 +900,20 @@ class RedisStore:
 
     async def purge_expired(self) -> int:
         return 0  # Redis expires keys by itself
+
+    async def drop_clean(self, session_ids: Sequence[str]) -> int:
+        """Delete the Redis copies of these sessions, except dirty ones (their unflushed
+        messages must reach Postgres first); returns how many were dropped."""
+
+        async def fill(c: _Client, pipe: Any) -> None:
+            for sid in session_ids:
+                keys = self.keys.session(sid)
+                await c.queue(pipe, c.drop_clean, [*keys.data, keys.dirty], [sid])
+
+        if not session_ids:
+            return 0
+        replies = await self.call("drop clean", lambda c: self._pipelined(c, fill))
+        return sum(int(r) for r in replies)
 
     async def stats(self) -> dict[str, float]:
         result = dict(self.counters)

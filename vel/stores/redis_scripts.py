@@ -281,3 +281,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """,
 )
+
+# Delete a session's Redis copy unless it is dirty (then it holds writes Postgres lacks, and
+# the flusher must see them). KEYS: meta, messages, replays, bucket dirty set. ARGV: 1 session
+# id. Returns 1 dropped, 0 dirty or absent.
+DROP_CLEAN = _script(
+    "allow-oom",
+    "",
+    """
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) > 0 and 1 or 0
+""",
+)
