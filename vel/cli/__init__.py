@@ -47,7 +47,7 @@ async def _flusher(args: argparse.Namespace) -> int:
     need_dsn(settings)
     hot = RedisStore.from_settings(settings, write_behind=True)
     cold = PostgresStore.from_settings(settings)
-    flusher = Flusher(hot, cold, lease=args.lease)
+    flusher = Flusher(hot, cold, lease=args.lease, sweep_interval=settings.flush_interval)
     stopping = asyncio.Event()
 
     def stop() -> None:

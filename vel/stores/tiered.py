@@ -62,7 +62,7 @@ class TieredStore:
         self.hot = hot
         self.cold = cold
         self.embedded_flusher = (s.flusher == "embedded") if flusher is None else flusher
-        self.flusher = Flusher(hot, cold)
+        self.flusher = Flusher(hot, cold, sweep_interval=s.flush_interval)
         self.warm_lease = warm_lease
         self.drain_timeout = drain_timeout
         self._flusher_task: asyncio.Task[None] | None = None
