@@ -12,6 +12,7 @@ clear can never write the old messages back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -168,12 +169,9 @@ class TieredStore:
         for _ in range(5):
             messages = await self.hot.read(session_id, limit)
             if messages is not None:
-                self.counters["redis_hits"] += 1
-                if not in_helper_thread():
-                    self.totals.maybe_publish()
+                self._count_hit()
                 return messages
-            self.counters["redis_misses"] += 1
-            await self.warm(session_id)
+            await self._miss(session_id)
         raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis while read")
 
     async def append(
@@ -189,12 +187,18 @@ class TieredStore:
             return await self.hot.last_seq(session_id)
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
-
-        async def on_miss() -> None:
-            self.counters["redis_misses"] += 1
-            await self.warm(session_id)
-
+        on_miss = functools.partial(self._miss, session_id)
         return await self.hot.append_items(session_id, items, first_id, on_miss)
+
+    def _count_hit(self) -> None:
+        self.counters["redis_hits"] += 1
+        if not in_helper_thread():
+            self.totals.maybe_publish()
+
+    async def _miss(self, session_id: str) -> None:
+        """Redis did not have the session: count it and warm it from Postgres."""
+        self.counters["redis_misses"] += 1
+        await self.warm(session_id)
 
     async def _replace(self, session_id: str, messages: Sequence[Message]) -> int:
         validate_session_id(session_id)
@@ -235,15 +239,9 @@ class TieredStore:
         :meth:`RedisStore.turn`); a session missing from Redis is warmed first."""
         validate_session_id(session_id)
         self._ensure_flusher()
-
-        async def on_miss() -> None:
-            self.counters["redis_misses"] += 1
-            await self.warm(session_id)
-
+        on_miss = functools.partial(self._miss, session_id)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
-            self.counters["redis_hits"] += 1  # the window came from Redis (after any warm)
-            if not in_helper_thread():
-                self.totals.maybe_publish()
+            self._count_hit()  # the window came from Redis (after any warm)
             yield turn
 
     async def stats(self) -> dict[str, float]:
