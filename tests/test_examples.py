@@ -16,19 +16,24 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(scope="module")
-def context_modes_output() -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+def run_example(script: str, *args: str, env: dict[str, str], timeout: float = 120) -> str:
+    """Run ``examples/<script>`` as a real process; return its output (exit 0 asserted)."""
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "context_modes.py")],
+        [sys.executable, str(EXAMPLES / script), *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+@pytest.fixture(scope="module")
+def context_modes_output() -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    return run_example("context_modes.py", env=env, timeout=60)
 
 
 def final_answers(output: str) -> dict[str, str]:
@@ -76,17 +81,9 @@ async def test_multi_worker_shares_one_conversation_across_processes(
     pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str
 ) -> None:
     env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(EXAMPLES / "multi_worker.py"), "--workers", "3", "--session-id", "mw"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    out = await asyncio.to_thread(
+        run_example, "multi_worker.py", "--workers", "3", "--session-id", "mw", env=env
     )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
     pids = re.findall(r"\[worker (\d), pid (\d+)\] assistant: (.*)", out)
     assert [w for w, _, _ in pids] == ["1", "2", "3", "1"]
     assert len({pid for _, pid, _ in pids[:3]}) == 3  # three different processes
@@ -100,18 +97,10 @@ async def test_multi_worker_in_memory_mode_does_not_share(
 ) -> None:
     """The control: 'memory' keeps history per process, so worker 2 cannot know the name."""
     env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
-    script = [sys.executable, str(EXAMPLES / "multi_worker.py"), "--workers", "2"]
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [*script, "--storage", "memory"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    out = await asyncio.to_thread(
+        run_example, "multi_worker.py", "--workers", "2", "--storage", "memory", env=env
     )
-    assert result.returncode == 0, result.stderr
-    answers = re.findall(r"\[worker (\d), pid \d+\] assistant: (.*)", result.stdout)
+    answers = re.findall(r"\[worker (\d), pid \d+\] assistant: (.*)", out)
     assert answers[3] == ("2", "I don't know your name.")
 
 
