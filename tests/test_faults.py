@@ -110,7 +110,7 @@ async def count_postgres_rows(stack: Stack, sids: list[str]) -> int:
 
 async def throwaway_stack(pg: PostgresServer, base: Stack, sub: str) -> Stack:
     """``base``'s Redis prefix with a migrated schema on a throwaway Postgres ``pg``."""
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     await migrate(pg.dsn, schema=base.schema)
     out = base.out_dir / sub
