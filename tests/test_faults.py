@@ -39,7 +39,7 @@ from servers import PostgresServer, RedisServer, sized
 from workers import Stack, contents, with_port
 
 from vel.errors import StoreError
-from vel.stores.redis_keys import DEFAULT_BUCKETS
+from vel.stores.redis.keys import DEFAULT_BUCKETS
 from vel.stores.tiered import TieredStore
 from vel.testing.proxy import FaultProxy
 
