@@ -211,7 +211,7 @@ async def run_once(
     pg_port = int(pg_dsn.rsplit(":", 1)[1].split("/")[0])
     import asyncpg
 
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     schema = f"scale_{uuid.uuid4().hex[:10]}"
     prefix = f"scale-{uuid.uuid4().hex[:8]}"

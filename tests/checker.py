@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from vel.stores.redis_keys import KeyLayout
+from vel.stores.redis.keys import KeyLayout
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,7 +106,7 @@ def key_prefix(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 async def migrated_schema(pg_dsn: str, pg_schema: str) -> str:
     """A fresh schema with vel's migrations applied."""
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     await migrate(pg_dsn, schema=pg_schema)
     return pg_schema

@@ -202,7 +202,7 @@ async def pg_password() -> AsyncIterator[PostgresServer]:
 async def test_postgres_password_auth(
     pg_password: PostgresServer, logs: pytest.LogCaptureFixture
 ) -> None:
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     await migrate(pg_password.dsn, schema="app")
     good = PostgresStore(pg_password.dsn, schema="app")
@@ -229,7 +229,7 @@ async def test_agent_with_secrets_in_both_urls_never_shows_them(
 ) -> None:
     from conftest import model_for
 
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     await migrate(pg_password.dsn, schema="agent")
     with RedisServer("--requirepass", SECRET) as redis_server:
@@ -254,7 +254,7 @@ async def test_agent_with_secrets_in_both_urls_never_shows_them(
 async def test_two_prefixes_on_one_redis_stay_apart(
     redis_url: str, pg_dsn: str, migrated_schema: str
 ) -> None:
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     other_schema = migrated_schema + "_b"
     await migrate(pg_dsn, schema=other_schema)

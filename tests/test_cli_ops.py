@@ -103,7 +103,7 @@ async def test_sessions_list_and_show(ops: Env) -> None:
 @pytest.fixture
 async def second_schema(pg_dsn: str) -> AsyncIterator[str]:
     """Another migrated schema (the import target)."""
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     async with fresh_schema(pg_dsn) as schema:
         await migrate(pg_dsn, schema=schema)

@@ -15,11 +15,10 @@ from checker import postgres_rows
 from cluster import RedisClusterServers
 
 from vel.errors import ConfigurationError
-from vel.flusher import Flusher
 from vel.settings import load_settings
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore, cluster_seeds
-from vel.stores.tiered import TieredStore
+from vel.stores.tiered import Flusher, TieredStore
 
 
 def test_cluster_url_gives_seeds_credentials_and_tls() -> None:

@@ -29,7 +29,7 @@ from checker import acks_of, compare, postgres_rows
 from cluster import RedisClusterServers
 from workers import Stack, kill_all
 
-from vel.stores.redis_keys import KeyLayout
+from vel.stores.redis.keys import KeyLayout
 
 FIGURES = Path("/tmp/vel-figures")
 pytestmark = pytest.mark.slow

@@ -39,7 +39,7 @@ from servers import PostgresServer, RedisServer, sized
 from workers import Stack, contents, with_port
 
 from vel.errors import StoreError
-from vel.stores.redis_keys import DEFAULT_BUCKETS
+from vel.stores.redis.keys import DEFAULT_BUCKETS
 from vel.stores.tiered import TieredStore
 from vel.testing.proxy import FaultProxy
 
@@ -110,7 +110,7 @@ async def count_postgres_rows(stack: Stack, sids: list[str]) -> int:
 
 async def throwaway_stack(pg: PostgresServer, base: Stack, sub: str) -> Stack:
     """``base``'s Redis prefix with a migrated schema on a throwaway Postgres ``pg``."""
-    from vel.stores.migrate import migrate
+    from vel.stores.postgres.migrate import migrate
 
     await migrate(pg.dsn, schema=base.schema)
     out = base.out_dir / sub

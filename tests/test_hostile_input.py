@@ -20,7 +20,7 @@ from stores import make_store
 
 from vel import Agent
 from vel.errors import ConfigurationError, InvalidInputError, VelError
-from vel.stores.redis_keys import KeyLayout
+from vel.stores.redis.keys import KeyLayout
 from vel.testing import FakeOpenAIServer
 
 ODD_IDS = [

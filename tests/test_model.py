@@ -31,8 +31,8 @@ from servers import sized
 from workers import with_port
 
 from vel.errors import StoreUnavailableError
-from vel.stores.migrate import migrate
 from vel.stores.postgres import PostgresStore
+from vel.stores.postgres.migrate import migrate
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 from vel.testing.proxy import FaultProxy

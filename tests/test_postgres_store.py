@@ -25,10 +25,10 @@ from vel.errors import (
     StoreUnavailableError,
 )
 from vel.settings import Settings
-from vel.stores import postgres
 from vel.stores.base import SessionStore
-from vel.stores.migrate import latest_version, migrate, schema_version
 from vel.stores.postgres import FlushConflictError, FlushResult, PostgresStore
+from vel.stores.postgres import sessions as pg_sessions
+from vel.stores.postgres.migrate import latest_version, migrate, schema_version
 
 
 def msg(i: int, role: str = "user") -> dict[str, Any]:
@@ -227,7 +227,9 @@ async def test_window_reads_the_primary_key_backwards(
         await store.append(s, [msg(i) for i in range(1000)])
     async with connect(pg_dsn, migrated_schema) as conn:
         await conn.execute("ANALYZE vel_messages")
-        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN ANALYZE " + postgres._LOAD, s, 5))
+        plan = "\n".join(
+            r[0] for r in await conn.fetch("EXPLAIN ANALYZE " + pg_sessions._LOAD, s, 5)
+        )
     # The window is read straight off the index, newest first, stopping after 5 rows.
     assert "Index Scan Backward using vel_messages_pkey" in plan
     assert "Sort" not in plan
@@ -674,7 +676,7 @@ async def test_a_stuck_statement_times_out_and_its_connection_is_not_reused(
             tx = blocker.transaction()
             await tx.start()
             await blocker.execute("SELECT 1 FROM vel_sessions WHERE id = $1 FOR UPDATE", s)
-            before = await store._run("pid", lambda c: c.fetchval("SELECT pg_backend_pid()"))
+            before = await store._db.run("pid", lambda c: c.fetchval("SELECT pg_backend_pid()"))
             started = time.monotonic()
             with pytest.raises(StoreTimeoutError):
                 await store.append(s, [msg(2)], message_ids=ids)
@@ -682,7 +684,7 @@ async def test_a_stuck_statement_times_out_and_its_connection_is_not_reused(
             await tx.rollback()
         # The single pooled connection was replaced; the retry with the same ids lands once
         # (whether or not the abandoned statement went on to commit).
-        after = await store._run("pid", lambda c: c.fetchval("SELECT pg_backend_pid()"))
+        after = await store._db.run("pid", lambda c: c.fetchval("SELECT pg_backend_pid()"))
         assert after != before
         assert await store.append(s, [msg(2)], message_ids=ids) == 2
         assert await store.load(s) == [msg(1), msg(2)]

@@ -83,7 +83,7 @@ async def run_demo(
         else:
             _say("model: OpenAI gpt-4o-mini")
         if storage in ("redis", "database"):
-            from vel.stores.migrate import migrate
+            from vel.stores.postgres.migrate import migrate
 
             assert settings.postgres_dsn
             await migrate(settings.postgres_dsn)

@@ -59,7 +59,7 @@ class Settings:
     backpressure_wait: float = 5.0
     pg_pool_max: int = 10
     redis_pool_max: int = 50
-    buckets: int = 16  # vel.stores.redis_keys.DEFAULT_BUCKETS (not imported: import cycle)
+    buckets: int = 16  # vel.stores.redis.keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
     flush_interval: float = 0.0
     migrate_on_start: bool = False

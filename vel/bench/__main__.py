@@ -39,7 +39,7 @@ from vel.bench.modes import (
 from vel.bench.workload import check_history, turn_messages
 from vel.messages import encode_message
 from vel.settings import load_settings
-from vel.stores.migrate import migrate
+from vel.stores.postgres.migrate import migrate
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 

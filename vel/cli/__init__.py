@@ -24,7 +24,7 @@ from vel.settings import load_settings, redact
 
 async def _migrate(args: argparse.Namespace) -> int:
     from vel.cli._pg import connection
-    from vel.stores.migrate import latest_version, migrate, schema_version
+    from vel.stores.postgres.migrate import latest_version, migrate, schema_version
 
     dsn = need_dsn(settings_from(args))
     if args.show:
@@ -38,10 +38,10 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 
 async def _flusher(args: argparse.Namespace) -> int:
-    from vel.flusher import Flusher
     from vel.metrics import MetricsServer
     from vel.stores.postgres import PostgresStore
     from vel.stores.redis import RedisStore
+    from vel.stores.tiered import Flusher
 
     settings = settings_from(args)
     need_dsn(settings)

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from vel.errors import StoreError
-from vel.stores.migrate import CONNECT_ERRORS, connect_error, redact_dsn
+from vel.stores.postgres.migrate import CONNECT_ERRORS, connect_error, redact_dsn
 
 
 @asynccontextmanager

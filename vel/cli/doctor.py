@@ -155,7 +155,7 @@ async def check_redis(report: Report, settings: Any, max_skew: float, max_age: f
 
 async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
     from vel.cli._pg import connection
-    from vel.stores.migrate import latest_version, schema_version
+    from vel.stores.postgres.migrate import latest_version, schema_version
 
     try:
         async with connection(dsn) as conn:

@@ -80,6 +80,16 @@ class KeyLayout:
             backlog=backlog,
         )
 
+    def sweep(self, bucket: int) -> str:
+        """string: a bucket's sweep turn, held by one flusher for the sweep interval."""
+        return f"{self.tag(bucket)}:sweep"
+
+    @property
+    def meta_pattern(self) -> str:
+        """SCAN pattern matching every session's meta key (and, rarely, other keys: check
+        each match with :meth:`session_id_of`)."""
+        return f"{self.prefix}:{{*}}:h:*"
+
     @property
     def totals(self) -> str:
         """hash: cumulative counters of every process sharing this prefix (``vel stats``)."""

@@ -1,10 +1,11 @@
 """Versioned schema migrations for the Postgres tier, plus the connection helpers they share.
 
-Migrations are the numbered ``NNNN_name.sql`` files of :mod:`vel.stores.migrations`. Each runs
-in its own transaction that first takes a transaction-scoped advisory lock, so any number of
-processes (``vel migrate``, workers started with ``VEL_MIGRATE=1``) may migrate at once: one
-applies each file, the others wait and then find nothing left to do. Applied versions are
-recorded in ``vel_schema_version``. The hot path never runs DDL; stores only read the version.
+Migrations are the numbered ``NNNN_name.sql`` files of :mod:`vel.stores.postgres.migrations`.
+Each runs in its own transaction that first takes a transaction-scoped advisory lock, so any
+number of processes (``vel migrate``, workers started with ``VEL_MIGRATE=1``) may migrate at
+once: one applies each file, the others wait and then find nothing left to do. Applied
+versions are recorded in ``vel_schema_version``. The hot path never runs DDL; stores only read
+the version.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
 # Strings: asyncpg's classes are generic only in its type stubs.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
-MIGRATIONS_PACKAGE = "vel.stores.migrations"
+MIGRATIONS_PACKAGE = "vel.stores.postgres.migrations"
 # Any constant works as long as every vel process agrees on it ("vel_migr" in ASCII).
 _LOCK_KEY = 0x76656C5F6D696772
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

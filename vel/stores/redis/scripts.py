@@ -12,6 +12,9 @@ turn.
 
 from __future__ import annotations
 
+# The return codes above, by name.
+MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED = -1, -2, -3, -4, -5
+
 
 def _script(flags: str, prologue: str, body: str) -> str:
     """Prefix the shebang Redis 7 reads script flags from (it must be the first line)."""

@@ -8,7 +8,9 @@ An acknowledgement only ever raises ``flushed``, and the session gets its TTL ba
 clean, so a late or repeated flush is harmless. Any number of flushers may run at once.
 
 Runs embedded in every worker (a background task of the TieredStore) or standalone
-(``vel flusher``); tests drive :meth:`Flusher.flush_once`.
+(``vel flusher``); tests drive :meth:`Flusher.flush_once`. Lives with the two-tier store it
+serves: it reads through :mod:`vel.stores.redis.writebehind` and writes through
+:mod:`vel.stores.postgres.sink` (DESIGN.md 3.3, write-behind is idempotent and lease-based).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
     from vel.stores.redis import Pending, RedisStore
 
+# The logger keeps its name from before the flusher moved here: log filters select on it.
 log = logging.getLogger("vel.flusher")
 
 

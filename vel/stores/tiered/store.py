@@ -1,12 +1,11 @@
 """TieredStore: Redis serves every read and write; Postgres is the durable record.
 
 A session missing from Redis (never loaded, expired, evicted, or lost by Redis) is warmed
-from Postgres once across all processes: the warmer holds a lease in Redis, and the seed
-script installs the snapshot only if the session is still absent *and* the lease is still
-ours, so a slow warm can never overwrite newer data. Appends are one Lua script; the flusher
-copies them to Postgres behind the caller's back (see :mod:`vel.flusher`). Clear and replace
-bump the session's generation, which Postgres also records, so a flush that began before a
-clear can never write the old messages back.
+from Postgres once across all processes (see :mod:`vel.stores.tiered.warm`). Appends are one
+Lua script; the flusher copies them to Postgres behind the caller's back (see
+:mod:`vel.stores.tiered.flusher`). Clear and replace bump the session's generation, which
+Postgres also records, so a flush that began before a clear can never write the old messages
+back (DESIGN.md 3.5).
 """
 
 from __future__ import annotations
@@ -14,21 +13,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-from vel import failpoints
 from vel._sync import in_helper_thread
 from vel.errors import StoreTimeoutError
-from vel.flusher import Flusher
 from vel.messages import Message, validate_session_id
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, RedisStore, RedisTurn
+from vel.stores.tiered.flusher import Flusher
+from vel.stores.tiered.warm import Warmer
 from vel.totals import Totals
 
 log = logging.getLogger("vel.tiered")
@@ -67,7 +63,6 @@ class TieredStore:
         self.warm_lease = warm_lease
         self.drain_timeout = drain_timeout
         self._flusher_task: asyncio.Task[None] | None = None
-        self._warming: dict[str, asyncio.Future[None]] = {}
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -79,6 +74,7 @@ class TieredStore:
             # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
             "evictions_seen": 0,
         }
+        self._warmer = Warmer(hot, cold, lease=warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
 
@@ -95,72 +91,7 @@ class TieredStore:
 
     async def warm(self, session_id: str) -> None:
         """Make sure ``session_id`` is in Redis (single-flight per process and across them)."""
-        running = self._warming.get(session_id)
-        if running is not None:
-            self.counters["warm_waits"] += 1
-            await asyncio.shield(running)
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._warming[session_id] = future
-        try:
-            await self._warm(session_id)
-            future.set_result(None)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody else must log it
-            raise
-        finally:
-            del self._warming[session_id]
-
-    async def _warm(self, session_id: str) -> None:
-        keys = self.hot.keys.session(session_id)
-        deadline = time.monotonic() + self.warm_lease + self.cold.op_timeout
-        delay = 0.002
-        while True:
-            token = uuid.uuid4().hex
-            if await self.hot.try_lock(keys.warm_lock, token, self.warm_lease):
-                try:
-                    if await self._load_and_seed(session_id, token):
-                        return
-                finally:
-                    await self.hot.release_lock(keys.warm_lock, token)
-            elif await self.hot.exists(session_id):
-                return  # another process finished warming it
-            if time.monotonic() >= deadline:
-                raise StoreTimeoutError(f"warming session {session_id!r} did not finish")
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.05)
-
-    async def _load_and_seed(self, session_id: str, token: str) -> bool:
-        if await self.hot.exists(session_id):
-            self.counters["warm_loads_exists"] += 1
-            return True
-        self.counters["postgres_loads"] += 1
-        snapshot = await self.cold.load_snapshot(session_id)
-        await failpoints.hit("during_warm")
-        if snapshot is None:
-            now = int(time.time() * 1000)
-            result = await self.hot.seed(session_id, token, 0, 0, [], now, now)
-        else:
-            if snapshot.rows:
-                self.counters["evictions_seen"] += 1
-            result = await self.hot.seed(
-                session_id,
-                token,
-                snapshot.generation,
-                snapshot.last_seq,
-                snapshot.rows,
-                snapshot.created_ms,
-                snapshot.updated_ms,
-            )
-        if result == 1:
-            self.counters["warm_loads_ok"] += 1
-        elif result == 0:
-            self.counters["warm_loads_exists"] += 1
-        else:
-            self.counters["warm_loads_stale"] += 1
-            return False
-        return True
+        await self._warmer.warm(session_id)
 
     # -- SessionStore ----------------------------------------------------------------------
 

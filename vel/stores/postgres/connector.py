@@ -1,0 +1,282 @@
+"""The one place a Postgres connection lives and backend errors are translated.
+
+:class:`Connector` owns the per-event-loop pools (or the caller's pool), opens them (checking,
+or migrating, the schema), and runs every operation of the store's parts through
+:meth:`Connector.run`: one overall deadline (``op_timeout``) covering pool creation, connection
+acquisition and every round trip. On expiry the connection in use is terminated rather than
+returned to the pool, because its protocol state is unknown. Backend errors are translated to
+:mod:`vel.errors` exactly once, in :meth:`Connector.deadline` (DESIGN.md 3.7: timeouts on every
+network call; a frozen Postgres must not hang a worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeAlias, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from vel._loops import PerLoop
+from vel.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    VelError,
+)
+from vel.stores.postgres.migrate import (
+    CONNECT_ERRORS,
+    connect_error,
+    latest_version,
+    migrate,
+    redact_dsn,
+    schema_version,
+)
+
+# One logger for the whole Postgres tier, whichever part logs.
+log = logging.getLogger("vel.stores.postgres")
+
+T = TypeVar("T")
+# Strings: asyncpg's classes are generic only in its type stubs.
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+# SQLSTATE classes meaning the connection or server is in trouble rather than the statement:
+# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
+# cancel), 58 system error, XX internal error.
+_TROUBLE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
+# The unique constraint on (session_id, message_id): a replayed or misplaced message.
+MESSAGE_ID_KEY = "vel_messages_message_id_key"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: nothing to undo, so no reset query round trip per release.
+
+    vel keeps no session state on a connection (no advisory locks, LISTEN, cursors or
+    SET; settings come with the connection, locks and search_path are transaction-scoped),
+    and asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
+def poisons_connection(exc: BaseException) -> bool:
+    """Whether a connection that raised ``exc`` must be discarded rather than reused.
+
+    Only errors the server reported about the statement itself leave the protocol in a known
+    state; timeouts, cancellations, I/O and driver errors may leave a half-read reply behind.
+    """
+    if isinstance(exc, VelError):
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return exc.sqlstate[:2] in _TROUBLE_CLASSES
+    return True
+
+
+@asynccontextmanager
+async def transaction(conn: Conn) -> AsyncIterator[None]:
+    """A transaction that never waits on a connection that may be dead.
+
+    asyncpg's own context manager always sends ROLLBACK on error, which against a frozen
+    server would wait past the deadline; terminating the connection rolls back just as well.
+    """
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        yield
+    except BaseException as exc:
+        if poisons_connection(exc):
+            conn.terminate()
+        else:
+            await tx.rollback()
+        raise
+    else:
+        await tx.commit()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+class Connector:
+    """Pools per event loop (or the caller's pool), the deadline and the error translation.
+
+    Takes settings already validated by :class:`~vel.stores.postgres.PostgresStore`: ``dsn``
+    None exactly when ``pool`` is given; ``schema`` a checked name or None.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None,
+        *,
+        pool: Pool | None,
+        schema: str | None,
+        pool_min: int,
+        pool_max: int,
+        op_timeout: float,
+        connect_timeout: float,
+        migrate: bool,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.op_timeout = op_timeout
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._connect_timeout = connect_timeout
+        self._migrate = migrate
+        self._injected = pool
+        self._injected_ready = False
+        self._pools: PerLoop[Pool] = PerLoop(self._create_pool, self._close_pool)
+        self.failures = 0
+
+    @property
+    def where(self) -> str:
+        return redact_dsn(self.dsn) if self.dsn else "the caller's pool"
+
+    def current_pool(self) -> Pool | None:
+        """This event loop's pool if it is open (the caller's pool if one was given)."""
+        return self._injected if self._injected is not None else self._pools.current()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        async with self.deadline("open", self._connect_timeout + self.op_timeout):
+            await self._get_pool()
+
+    async def aclose(self) -> None:
+        await self._pools.aclose()
+
+    async def _create_pool(self) -> Pool:
+        assert self.dsn is not None
+        server_settings = {
+            "application_name": "vel",
+            # Server-side backstops for what the client deadline cannot reach: a statement
+            # left running by a client that gave up, and a frozen client (SIGSTOP, GC pause)
+            # sitting in a transaction with a session row locked.
+            "statement_timeout": str(int(self.op_timeout * 1000) + 1000),
+            "idle_in_transaction_session_timeout": str(int(max(10.0, 2 * self.op_timeout) * 1000)),
+        }
+        if self.schema is not None:
+            server_settings["search_path"] = f'"{self.schema}"'
+        try:
+            pool: Pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self._pool_min,
+                max_size=self._pool_max,
+                timeout=self._connect_timeout,
+                command_timeout=self.op_timeout,
+                max_inactive_connection_lifetime=300.0,
+                server_settings=server_settings,
+                reset=_keep_session,
+            )
+        except CONNECT_ERRORS as exc:
+            raise connect_error(exc, self.dsn) from exc
+        try:
+            # The first connection is opened here even with pool_min=0, so a bad DSN or
+            # wrong password is reported as such when the store opens.
+            try:
+                conn = await pool.acquire(timeout=self._connect_timeout)
+            except CONNECT_ERRORS as exc:
+                raise connect_error(exc, self.dsn) from exc
+            await pool.release(conn)
+            await self._check_schema(pool)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    async def _close_pool(self, pool: Pool) -> None:
+        try:
+            await asyncio.wait_for(pool.close(), self.op_timeout)
+        except asyncio.CancelledError:
+            pool.terminate()
+            raise
+        except Exception as exc:
+            # A frozen server or a connection still in use: closing must not hang or fail.
+            pool.terminate()
+            log.warning("Postgres pool at %s closed forcibly: %s", self.where, _one_line(exc))
+
+    async def _check_schema(self, pool: Pool) -> None:
+        """Refuse to run against a missing or outdated schema (or migrate it, if allowed)."""
+        need = latest_version()
+        version = await self.use(pool, schema_version)
+        if version >= need:
+            return
+        if self._migrate:
+            await self.use(pool, lambda conn: migrate(conn, self.schema))
+            return
+        where = f"schema {self.schema!r}" if self.schema else "the search_path"
+        state = "has no vel tables" if version == 0 else f"is at version {version}, need {need}"
+        raise ConfigurationError(
+            f"Postgres {where} at {self.where} {state}: run `vel migrate` "
+            "(or set VEL_MIGRATE=1 to migrate at start-up)"
+        )
+
+    async def _get_pool(self) -> Pool:
+        if self._injected is None:
+            return await self._pools.get()
+        if not self._injected_ready:
+            await self._check_schema(self._injected)
+            self._injected_ready = True
+        return self._injected
+
+    # --- the one place backend errors are handled --------------------------------------------
+
+    async def use(self, pool: Pool, op: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``op`` on a connection of ``pool``, discarding the connection if it is poisoned."""
+        conn = await pool.acquire(timeout=self.op_timeout)
+        try:
+            return await op(conn)
+        except BaseException as exc:
+            if poisons_connection(exc):
+                # Released below as closed, so the pool opens a fresh one next time.
+                conn.terminate()
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def run(self, action: str, op: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``op`` within ``op_timeout``, connecting if need be; errors become vel's.
+
+        Raises:
+            StoreTimeoutError, StoreUnavailableError, ConfigurationError, InvalidInputError,
+            StoreError: as :meth:`translate` maps the backend's error (``action`` names it).
+        """
+        async with self.deadline(action, self.op_timeout):
+            return await self.use(await self._get_pool(), op)
+
+    @asynccontextmanager
+    async def deadline(self, action: str, seconds: float) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except VelError:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            raise self.translate(action, exc, seconds) from exc
+
+    def translate(self, action: str, exc: Exception, seconds: float) -> VelError:
+        detail = _one_line(exc)
+        if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
+            return StoreTimeoutError(
+                f"Postgres {action} did not finish within {seconds:g}s ({self.where})"
+            )
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            return ConfigurationError(
+                f"vel tables are missing at {self.where} ({detail}): run `vel migrate`"
+            )
+        if isinstance(exc, asyncpg.DataError):
+            return InvalidInputError(f"Postgres rejected the data of {action}: {detail}")
+        if isinstance(exc, asyncpg.PostgresError):
+            if exc.sqlstate[:2] in _TROUBLE_CLASSES:
+                return StoreUnavailableError(f"Postgres {action} failed ({self.where}): {detail}")
+            return StoreError(f"Postgres {action} failed: {detail}")
+        if isinstance(exc, OSError | asyncpg.InterfaceError):
+            return StoreUnavailableError(
+                f"Postgres connection failed during {action} ({self.where}): {detail}"
+            )
+        return StoreError(f"Postgres {action} failed: {detail}")

@@ -1,0 +1,111 @@
+"""Turn locks of the Postgres tier: one lease row per session in ``vel_locks``.
+
+A holder renews its lease while it runs and deletes the row when done; a holder that dies loses
+the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from vel._lease import LeaseKeeper
+from vel.errors import SessionLockedError, StoreError
+from vel.messages import validate_session_id
+from vel.stores.postgres.checks import seconds
+from vel.stores.postgres.connector import Connector, log
+
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder).
+_LOCK_ACQUIRE = """
+INSERT INTO vel_locks AS l (session_id, token, expires_at)
+VALUES ($1, $2, now() + $3::float8 * interval '1 second')
+ON CONFLICT (session_id) DO UPDATE
+   SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
+ WHERE l.expires_at < now()
+RETURNING token
+"""
+_LOCK_RENEW = """
+UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
+ WHERE session_id = $1 AND token = $2
+RETURNING token
+"""
+_LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
+
+
+class TurnLocks:
+    """Lease rows in ``vel_locks``; ``lease`` is the seconds one lives without renewal."""
+
+    def __init__(self, db: Connector, lease: float) -> None:
+        self._db = db
+        self._lease = lease
+        self.waits = 0
+
+    @asynccontextmanager
+    async def hold(self, session_id: str, timeout: float | None = None) -> AsyncIterator[None]:
+        """See :meth:`PostgresStore.turn_lock <vel.stores.postgres.PostgresStore.turn_lock>`."""
+        session_id = validate_session_id(session_id)
+        wait = (
+            DEFAULT_LOCK_TIMEOUT
+            if timeout is None
+            else seconds("timeout", timeout, allow_zero=True)
+        )
+        token = secrets.token_hex(16)
+        await self._acquire(session_id, token, wait)
+        keeper = LeaseKeeper(
+            lambda: self._renew(session_id, token),
+            self._lease / 3,
+            f"turn lock of session {session_id!r}",
+            session_id,
+        )
+        try:
+            yield
+        finally:
+            await keeper.stop()
+            try:
+                await self._db.run(
+                    "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
+                )
+            except StoreError as exc:
+                # Not worth failing a finished turn over: the lease runs out by itself.
+                log.warning(
+                    "could not release turn lock of session %r: %s",
+                    session_id,
+                    exc,
+                    extra={"session_id": session_id},
+                )
+
+    async def _acquire(self, session_id: str, token: str, wait: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        delay = 0.005
+        waited = False
+        while True:
+            got = await self._db.run(
+                "acquire turn lock",
+                lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
+            )
+            if got is not None:
+                return
+            if not waited:
+                waited = True
+                self.waits += 1
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise SessionLockedError(
+                    f"session {session_id!r} is locked by another turn (waited {wait:g}s)"
+                )
+            # Jitter keeps waiters of one session from polling in lockstep.
+            delay = min(delay * 2, 0.25)
+            await asyncio.sleep(min(remaining, random.uniform(delay / 2, delay)))
+
+    async def _renew(self, session_id: str, token: str) -> bool:
+        held = await self._db.run(
+            "renew turn lock",
+            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self._lease),
+        )
+        return held is not None

@@ -1,0 +1,387 @@
+"""PostgresStore: sessions kept in Postgres, a thin facade over the parts that do the work.
+
+Used directly for ``session_storage='database'`` (write-through) and as the durable tier of the
+two-tier store, whose flusher calls :meth:`PostgresStore.apply_flushes`,
+:meth:`PostgresStore.apply_clear` and :meth:`PostgresStore.load_snapshot`.
+
+Layout (see ``migrations/0001_initial.sql``): one ``vel_sessions`` row per session carrying
+``last_seq`` and a ``generation`` counter, and an append-only ``vel_messages`` table keyed by
+``(session_id, seq)``. Every writer first takes the session row's lock (an upsert), which is what
+serialises concurrent appends, flushes, clears and replaces of one session across processes.
+
+The parts, each holding one responsibility and its SQL:
+
+- :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline, error translation;
+- :mod:`~vel.stores.postgres.sessions`: write-through append, load, replace, clear;
+- :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes, clears and snapshots;
+- :mod:`~vel.stores.postgres.locks`: turn-lock lease rows;
+- :mod:`~vel.stores.postgres.maintenance`: listing, purge, database gauges.
+
+This module validates the constructor's arguments and documents the public calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Self
+
+from vel.errors import ConfigurationError
+from vel.messages import Message
+from vel.settings import Settings, load_settings
+from vel.stores.base import SessionInfo
+from vel.stores.postgres.checks import seconds
+from vel.stores.postgres.connector import Connector, Pool
+from vel.stores.postgres.locks import TurnLocks
+from vel.stores.postgres.maintenance import Maintenance
+from vel.stores.postgres.migrate import redact_dsn, validate_schema_name
+from vel.stores.postgres.sessions import Sessions
+from vel.stores.postgres.sink import FlushResult, Sink, Snapshot
+
+
+class PostgresStore:
+    """Session histories in Postgres, safe to share between tasks, event loops and processes.
+
+    Args:
+        dsn: ``postgresql://user:password@host:port/database``; default ``POSTGRES_DSN``.
+        pool: an asyncpg pool to use instead of creating one. It stays the caller's: it is
+            never closed here, and works only on the event loop it was made on.
+        schema: Postgres schema holding vel's tables (put in ``search_path``); lets tenants or
+            tests share a database. Not combinable with ``pool`` (configure that pool's
+            ``server_settings`` instead).
+        pool_min: connections each event loop's pool keeps open (default 0, so an outage
+            does not make the pool retry its floor in the background).
+        pool_max: connections per event loop's pool; default ``VEL_PG_POOL_MAX``.
+        op_timeout: deadline in seconds for one call, connecting included; default
+            ``VEL_OP_TIMEOUT``.
+        connect_timeout: seconds allowed to open one connection.
+        retention_ttl: seconds a session lives after its last write; default
+            ``VEL_RETENTION_TTL`` (unset: forever).
+        migrate: apply pending migrations when connecting; default ``VEL_MIGRATE``.
+        lock_lease: seconds a turn lock survives without renewal (a crashed holder's lock is
+            free again after this).
+        settings: where the defaults above come from; default :func:`load_settings`.
+
+    Raises:
+        ConfigurationError: no DSN, or an unusable argument.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: Pool | None = None,
+        schema: str | None = None,
+        pool_min: int = 0,
+        pool_max: int | None = None,
+        op_timeout: float | None = None,
+        connect_timeout: float = 5.0,
+        retention_ttl: float | None = None,
+        migrate: bool | None = None,
+        lock_lease: float = 60.0,
+        settings: Settings | None = None,
+    ) -> None:
+        needs_env = (
+            (dsn is None and pool is None)
+            or pool_max is None
+            or op_timeout is None
+            or retention_ttl is None
+            or migrate is None
+        )
+        env = settings if settings is not None else (load_settings() if needs_env else Settings())
+        if pool is None:
+            dsn = dsn or env.postgres_dsn
+            if not dsn:
+                raise ConfigurationError(
+                    "POSTGRES_DSN is required for session_storage='database' "
+                    "(e.g. postgresql://user:password@host:5432/dbname)"
+                )
+            if not dsn.startswith(("postgresql://", "postgres://")):
+                raise ConfigurationError(
+                    f"POSTGRES_DSN must start with postgresql://, got {redact_dsn(dsn)!r}"
+                )
+        elif schema is not None:
+            raise ConfigurationError(
+                "schema= cannot be combined with pool=: set search_path in that pool's "
+                "server_settings instead"
+            )
+        schema = validate_schema_name(schema) if schema is not None else None
+        pool_max = env.pg_pool_max if pool_max is None else pool_max
+        if isinstance(pool_min, bool) or not isinstance(pool_min, int) or pool_min < 0:
+            raise ConfigurationError(f"pool_min must be an int >= 0, got {pool_min!r}")
+        if isinstance(pool_max, bool) or not isinstance(pool_max, int) or pool_max < 1:
+            raise ConfigurationError(f"pool_max must be an int >= 1, got {pool_max!r}")
+        if pool_min > pool_max:
+            raise ConfigurationError(f"pool_min ({pool_min}) exceeds pool_max ({pool_max})")
+        op_timeout = seconds("op_timeout", env.op_timeout if op_timeout is None else op_timeout)
+        connect_timeout = seconds("connect_timeout", connect_timeout)
+        retention = env.retention_ttl if retention_ttl is None else retention_ttl
+        retention = None if retention is None else seconds("retention_ttl", retention)
+        migrate = env.migrate_on_start if migrate is None else bool(migrate)
+        lock_lease = seconds("lock_lease", lock_lease)
+
+        self._db = Connector(
+            dsn if pool is None else None,
+            pool=pool,
+            schema=schema,
+            pool_min=pool_min,
+            pool_max=pool_max,
+            op_timeout=op_timeout,
+            connect_timeout=connect_timeout,
+            migrate=migrate,
+        )
+        self._sessions = Sessions(self._db, retention)
+        self._sink = Sink(self._db, retention)
+        self._locks = TurnLocks(self._db, lock_lease)
+        self._maintenance = Maintenance(self._db)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> PostgresStore:
+        """Build a store from :class:`~vel.settings.Settings` (keyword arguments override).
+
+        Raises:
+            ConfigurationError: ``settings.postgres_dsn`` is unset and no ``pool`` is given.
+        """
+        return cls(settings=settings, **kwargs)
+
+    def __repr__(self) -> str:
+        where = redact_dsn(self._db.dsn) if self._db.dsn else "<caller's pool>"
+        schema = f", schema={self._db.schema!r}" if self._db.schema else ""
+        return f"PostgresStore({where!r}{schema})"
+
+    @property
+    def op_timeout(self) -> float:
+        """Seconds one call may take, connecting included."""
+        return self._db.op_timeout
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (on the running event loop) and check the schema. Idempotent.
+
+        Raises:
+            ConfigurationError: bad DSN or credentials, or the schema is missing or outdated
+                and ``migrate`` is off (run ``vel migrate``).
+            StoreUnavailableError: Postgres cannot be reached in time.
+        """
+        await self._db.open()
+
+    async def aclose(self) -> None:
+        """Close this event loop's pool (not a caller's pool). Idempotent.
+
+        The store stays usable: a later call opens a new pool.
+        """
+        await self._db.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # --- SessionStore ----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
+        """Atomically append ``messages``; return the session's new last seq.
+
+        Replaying an append with the same ``message_ids`` stores nothing and returns the seq
+        of the last of those messages. Appending to an expired session starts a new history.
+
+        Args:
+            session_id: the session.
+            messages: OpenAI-format message dicts (empty: nothing is written).
+            message_ids: one unique id per message, kept across retries; generated if None.
+
+        Returns:
+            The seq of the last message of the session after the append.
+
+        Raises:
+            InvalidInputError: bad id or message, or ids already used by other messages.
+            StoreError: Postgres failed; retry with the same ``message_ids``.
+        """
+        return await self._sessions.append(session_id, messages, message_ids)
+
+    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        """Return the last ``limit`` messages (all when None), oldest first.
+
+        Cost depends on ``limit``, not on the session's length. Unknown, cleared and expired
+        sessions are empty.
+
+        Raises:
+            InvalidInputError: bad session id or limit.
+            StoreError: Postgres failed.
+        """
+        return await self._sessions.load(session_id, limit)
+
+    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+        """Atomically replace the whole history with ``messages`` (seqs restart at 1).
+
+        Raises:
+            InvalidInputError: bad id or message; nothing changed.
+            StoreError: Postgres failed; nothing changed.
+        """
+        await self._sessions.replace(session_id, messages)
+
+    async def clear(self, session_id: str) -> None:
+        """Delete the session's history; a no-op for an unknown session.
+
+        The session row stays behind (with ``last_seq`` 0) so that its generation outlives
+        the messages; :meth:`purge_expired` removes it an hour later.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed; nothing changed.
+        """
+        await self._sessions.clear(session_id)
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        """Sessions that have messages and have not expired, least recently updated first.
+
+        Args:
+            inactive_for: only sessions not updated for at least this many seconds.
+            limit: at most this many.
+
+        Returns:
+            One :class:`SessionInfo` per session (``message_count`` is its last seq).
+
+        Raises:
+            InvalidInputError: a negative argument.
+            StoreError: Postgres failed.
+        """
+        return await self._maintenance.list_sessions(inactive_for, limit)
+
+    async def purge_expired(self) -> int:
+        """Delete expired sessions (messages included) and cleared sessions idle for an hour.
+
+        Works in batches of 500 sessions, each within its own ``op_timeout``.
+
+        Returns:
+            How many sessions that still had messages were deleted.
+
+        Raises:
+            StoreError: Postgres failed (batches already done stay done).
+        """
+        return await self._maintenance.purge_expired()
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        """Hold the session's turn lock, a lease row shared by every process.
+
+        The lease is renewed in the background every ``lock_lease / 3`` seconds while held
+        and released on exit; a holder that dies loses it after ``lock_lease`` seconds.
+        No connection is held in between.
+
+        Args:
+            session_id: the session.
+            timeout: seconds to wait for the lock (default 30; 0 tries once).
+
+        Raises:
+            SessionLockedError: another holder kept the lock for ``timeout`` seconds.
+            StoreError: Postgres failed while acquiring.
+        """
+        return self._locks.hold(session_id, timeout)
+
+    async def stats(self) -> dict[str, float]:
+        """Counters of this store object and gauges of the database.
+
+        Returns:
+            ``sessions`` and ``messages`` (live, database-wide), ``pool_size`` and
+            ``pool_idle`` (this event loop's pool), and this object's counters: ``appends``,
+            ``append_retries_deduplicated``, ``lock_waits``, ``flushes``,
+            ``flush_duplicates``, ``flush_stale``, ``failures``.
+
+        Raises:
+            StoreError: Postgres failed.
+        """
+        result = await self._maintenance.gauges()
+        result.update(self._sessions.counters())
+        result["lock_waits"] = float(self._locks.waits)
+        result.update(self._sink.counters())
+        result["failures"] = float(self._db.failures)
+        return result
+
+    # --- durable tier of the two-tier store ------------------------------------------------------
+
+    async def last_seq(self, session_id: str) -> tuple[int, int]:
+        """Return ``(generation, last_seq)``; ``(0, 0)`` for an unknown or expired session.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self._sessions.last_seq(session_id)
+
+    async def load_snapshot(self, session_id: str) -> Snapshot | None:
+        """Return the whole session as stored, in one consistent read.
+
+        Returns:
+            None for an unknown or expired session; a cleared session gives a snapshot with
+            its generation and no rows.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self._sink.load_snapshot(session_id)
+
+    async def apply_flush(
+        self, session_id: str, generation: int, rows: Sequence[tuple[int, str, str]]
+    ) -> FlushResult:
+        """Write one session's batch copied from the hot tier; see :meth:`apply_flushes`."""
+        (result,) = await self.apply_flushes([(session_id, generation, rows)])
+        return result
+
+    async def apply_flushes(
+        self, batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]]
+    ) -> list[FlushResult]:
+        """Write batches copied from the hot tier, idempotently, in one transaction.
+
+        Per session: a batch of an older generation than Postgres holds is ignored (a clear
+        or replace happened after it was read); a newer generation first wipes the stored
+        messages (an expired session counts as absent, whatever its generation). Rows
+        already stored with the same message id count as duplicates. The cost is a fixed
+        four or five round trips, whatever the number of sessions and rows.
+
+        Args:
+            batches: ``(session_id, generation, rows)`` with each session at most once;
+                ``rows`` are ``(seq, message_id, message JSON text)``, possibly empty (to
+                record a newer generation only).
+
+        Returns:
+            One :class:`FlushResult` per batch, in order.
+
+        Raises:
+            InvalidInputError: malformed input; nothing was written.
+            FlushConflictError: Postgres holds other messages at a session's seqs or ids;
+                nothing of any batch was written (``exc.session_id`` names the session, so
+                the others can be retried without it).
+            StoreError: Postgres failed; nothing was written, the batches may be retried.
+        """
+        return await self._sink.apply_flushes(batches)
+
+    async def apply_clear(self, session_id: str, generation: int) -> None:
+        """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.
+
+        A missing session gets an empty row carrying ``generation``, so that an older flush
+        arriving later is recognised as stale.
+
+        Raises:
+            InvalidInputError: bad session id or generation.
+            StoreError: Postgres failed; nothing changed.
+        """
+        await self._sink.apply_clear(session_id, generation)

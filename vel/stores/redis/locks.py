@@ -1,0 +1,224 @@
+"""Leases in Redis: the warm lease, turn locks, and the locked turn (:class:`RedisTurn`).
+
+A lease is a key holding its holder's token with a PX expiry: taken with ``SET NX``, renewed
+and released by scripts that check the token, so a holder whose lease ran out can never
+extend or delete its successor's. A turn's lock is taken by the script that reads its window
+and released by the append that stores its messages (DESIGN.md 4, turns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+from vel._lease import LeaseKeeper
+from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
+from vel.messages import Message, validate_session_id
+from vel.stores.redis.client import Connector, ms
+from vel.stores.redis.keys import KeyLayout, SessionKeys
+from vel.stores.redis.scripts import LOCKED
+from vel.stores.redis.sessions import Sessions, encode
+
+log = logging.getLogger("vel.redis")
+T = TypeVar("T")
+
+
+class RedisTurn:
+    """A turn holding its session's lock (see :meth:`RedisStore.turn`)."""
+
+    def __init__(
+        self,
+        sessions: Sessions,
+        session_id: str,
+        token: str,
+        on_miss: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        self.sessions = sessions
+        self.session_id = session_id
+        self.token = token
+        self.on_miss = on_miss
+        self.window: list[Message] = []
+        self.keeper: LeaseKeeper | None = None
+        self._keep_later: asyncio.TimerHandle | None = None
+        self.committed = False
+
+    def keep_lease(self, start: Callable[[], LeaseKeeper], after: float) -> None:
+        """Renew the lock from ``after`` seconds on: most turns end before a renewal is due,
+        and then no renewal task is ever created (a task per turn costs more than the rest
+        of the turn's bookkeeping)."""
+
+        def begin() -> None:
+            self._keep_later = None
+            self.keeper = start()
+
+        self._keep_later = asyncio.get_running_loop().call_later(after, begin)
+
+    async def stop_lease(self) -> None:
+        if self._keep_later is not None:
+            self._keep_later.cancel()
+            self._keep_later = None
+        if self.keeper is not None:
+            await self.keeper.stop()
+
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int:
+        """Append the turn's messages and release the lock in one step; return the last seq.
+
+        Raises:
+            InvalidInputError: bad messages; nothing was stored and the lock is still held.
+            StoreError: as :meth:`RedisStore.append`.
+        """
+        if self.committed:
+            raise StoreError("this turn was already committed")
+        items = encode(messages, message_ids)
+        if not items:
+            return await self.sessions.last_seq(self.session_id)
+        await self.stop_lease()  # the append below ends the lease
+        first_id = items[0].partition("\n")[0]
+        seq = await self.sessions.append_items(
+            self.session_id, items, first_id, self.on_miss, unlock=self.token
+        )
+        self.committed = True
+        return seq
+
+
+class Locks:
+    """Leases and turn locks; ``lease`` is the seconds a turn lock lives without renewal,
+    ``counters`` the RedisStore's counters dict (shared, updated in place)."""
+
+    def __init__(
+        self,
+        redis: Connector,
+        keys: KeyLayout,
+        counters: dict[str, float],
+        sessions: Sessions,
+        *,
+        lease: float,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._counters = counters
+        self._sessions = sessions
+        self._lease = lease
+
+    async def try_lock(self, key: str, token: str, lease: float) -> bool:
+        return bool(
+            await self._redis.call("lock", lambda c: c.redis.set(key, token, nx=True, px=ms(lease)))
+        )
+
+    async def renew_lock(self, key: str, token: str, lease: float) -> bool:
+        return bool(
+            await self._redis.call("renew", lambda c: c.renew(keys=[key], args=[token, ms(lease)]))
+        )
+
+    async def release_lock(self, key: str, token: str) -> None:
+        await self._redis.call("unlock", lambda c: c.release(keys=[key], args=[token]))
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self._turn_lock(self._keys.session(validate_session_id(session_id)), timeout)
+
+    async def _until_locked(
+        self, keys: SessionKeys, timeout: float | None, attempt: Callable[[], Awaitable[T | None]]
+    ) -> T:
+        """Call ``attempt`` (one try at the turn lock) with backoff until it returns a value."""
+        deadline = time.monotonic() + (30.0 if timeout is None else timeout)
+        delay = 0.005
+        waited = False
+        while (result := await attempt()) is None:
+            if not waited:
+                waited = True
+                self._counters["lock_waits"] += 1
+            if time.monotonic() >= deadline:
+                raise SessionLockedError(
+                    f"session lock {keys.turn_lock!r} is held by another turn (waited {timeout} s)"
+                )
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.2)
+        return result
+
+    def _keep_lock(self, keys: SessionKeys, token: str) -> LeaseKeeper:
+        return LeaseKeeper(
+            lambda: self.renew_lock(keys.turn_lock, token, self._lease),
+            self._lease / 3,
+            f"turn lock {keys.turn_lock!r}",
+            self._keys.session_id_of(keys.meta),
+        )
+
+    async def _unlock(self, keys: SessionKeys, token: str) -> None:
+        try:
+            await self.release_lock(keys.turn_lock, token)
+        except StoreError:
+            log.warning(
+                "could not release turn lock %s; its lease will run out",
+                keys.turn_lock,
+                extra={"session_id": self._keys.session_id_of(keys.meta)},
+            )
+
+    @asynccontextmanager
+    async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
+        token = uuid.uuid4().hex
+
+        async def attempt() -> bool | None:
+            return await self.try_lock(keys.turn_lock, token, self._lease) or None
+
+        await self._until_locked(keys, timeout, attempt)
+        keeper = self._keep_lock(keys, token)
+        try:
+            yield
+        finally:
+            await keeper.stop()
+            await self._unlock(keys, token)
+
+    @asynccontextmanager
+    async def turn(
+        self,
+        session_id: str,
+        limit: int | None = None,
+        timeout: float | None = None,
+        on_miss: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[RedisTurn]:
+        keys = self._keys.session(validate_session_id(session_id))
+        token = uuid.uuid4().hex
+        args: list[Any] = [
+            -1 if limit is None else limit,
+            ms(self._sessions.hot_ttl),
+            "1" if self._sessions.write_behind else "0",
+            token,
+            ms(self._lease),
+        ]
+
+        async def attempt() -> list[Any] | None:
+            reply: list[Any] = await self._redis.call(
+                "lock+load",
+                lambda c: c.lock_load(keys=[*keys.data, keys.turn_lock], args=args),
+            )
+            return None if int(reply[0]) == LOCKED else reply
+
+        reply = await self._until_locked(keys, timeout, attempt)
+        turn = RedisTurn(self._sessions, session_id, token, on_miss)
+        try:
+            window = self._sessions.window(session_id, reply)
+            for _ in range(5):
+                if window is not None or on_miss is None:
+                    break
+                await on_miss()
+                window = await self._sessions.read(session_id, limit)
+            if window is None and on_miss is not None:
+                raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+            turn.window = window or []
+            # Started after a sixth of the lease, the keeper first renews at half of it.
+            turn.keep_lease(lambda: self._keep_lock(keys, token), self._lease / 6)
+            yield turn
+        finally:
+            await turn.stop_lease()
+            if not turn.committed:
+                await self._unlock(keys, token)

@@ -1,0 +1,331 @@
+"""RedisStore: the Redis tier (hot, shared by every worker), also usable on its own.
+
+In write-behind mode (inside :class:`~vel.stores.tiered.TieredStore`) an append marks the
+session dirty and removes its TTL; the flusher copies it to Postgres and only then gives it
+back its idle TTL, so unflushed data never expires and, under ``volatile-*`` eviction, is never
+evicted. In Redis-only mode (``session_storage='redis'`` without ``POSTGRES_DSN``) every write
+and read slides the session's TTL, and the TTL ends the session.
+
+The store is a facade over parts that each hold one responsibility:
+:mod:`~vel.stores.redis.client` (connections, the one error mapping),
+:mod:`~vel.stores.redis.sessions` (session data), :mod:`~vel.stores.redis.locks` (leases and
+locked turns), :mod:`~vel.stores.redis.writebehind` (what the flusher claims and acknowledges)
+and :mod:`~vel.stores.redis.listing`; key names come from :mod:`~vel.stores.redis.keys`, Lua
+from :mod:`~vel.stores.redis.scripts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+
+from vel.errors import StoreError
+from vel.messages import Message, validate_session_id
+from vel.settings import Settings, load_settings, redact
+from vel.stores.base import SessionInfo
+from vel.stores.redis.client import Client, Connector, check_url
+from vel.stores.redis.keys import KeyLayout
+from vel.stores.redis.listing import scan_sessions
+from vel.stores.redis.locks import Locks, RedisTurn
+from vel.stores.redis.sessions import Sessions, encode
+from vel.stores.redis.writebehind import Pending, WriteBehind
+
+T = TypeVar("T")
+
+
+class RedisStore:
+    """Sessions in Redis.
+
+    Args:
+        url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
+            ``redis://127.0.0.1:6379/0``); ``redis+cluster://[user:password@]host:port[,...]``
+            (``rediss+cluster://`` with TLS) uses a Redis Cluster, discovered from those seeds.
+        client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
+        write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
+        key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
+        buckets: hash-slot buckets (part of the key layout: same value in every process;
+            ``VEL_BUCKETS``, default 16).
+        hot_ttl: seconds a clean session stays after its last use (``VEL_HOT_TTL``).
+        retention_ttl: in Redis-only mode, caps the TTL (``VEL_RETENTION_TTL``).
+        max_unflushed: bound on messages waiting for Postgres (``VEL_MAX_UNFLUSHED``).
+        backpressure_wait: seconds an append waits for the backlog to drain, then raises
+            BackpressureError (0: raise at once).
+        flush_delay: seconds a new dirty session waits before it is due, so several turns
+            coalesce into one Postgres write.
+        op_timeout: socket timeout of every Redis call.
+        pool_max: connections per process (per event loop), per node on a cluster
+            (``VEL_REDIS_POOL_MAX``).
+        lock_lease: seconds a turn lock lives without renewal (renewed while held).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: aioredis.Redis | None = None,
+        write_behind: bool = False,
+        key_prefix: str | None = None,
+        buckets: int | None = None,
+        hot_ttl: float | None = None,
+        retention_ttl: float | None = None,
+        max_unflushed: int | None = None,
+        backpressure_wait: float | None = None,
+        flush_delay: float = 0.05,
+        op_timeout: float | None = None,
+        pool_max: int | None = None,
+        lock_lease: float = 60.0,
+        settings: Settings | None = None,
+    ) -> None:
+        s = settings or load_settings()
+        self.url = url or s.redis_url
+        self.keys = KeyLayout(key_prefix or s.key_prefix, s.buckets if buckets is None else buckets)
+        self.write_behind = write_behind
+        hot = s.hot_ttl if hot_ttl is None else hot_ttl
+        retention = s.retention_ttl if retention_ttl is None else retention_ttl
+        if retention is not None and retention > 0:
+            hot = min(hot, retention) if hot > 0 else retention
+        self.hot_ttl = hot
+        self.retention_ttl = retention
+        self.max_unflushed = s.max_unflushed if max_unflushed is None else max_unflushed
+        self.backpressure_wait = (
+            s.backpressure_wait if backpressure_wait is None else backpressure_wait
+        )
+        self.flush_delay = flush_delay
+        self.op_timeout = s.op_timeout if op_timeout is None else op_timeout
+        self.pool_max = s.redis_pool_max if pool_max is None else pool_max
+        self.lock_lease = lock_lease
+        if client is None:
+            check_url(self.url)
+        self._redis = Connector(
+            self.url, injected=client, op_timeout=self.op_timeout, pool_max=self.pool_max
+        )
+        self.counters: dict[str, float] = {
+            "appends": 0,
+            "duplicates_suppressed": 0,
+            "backpressure_rejections": 0,
+            "lock_waits": 0,
+            "damaged_reads": 0,
+        }
+        self._sessions = Sessions(
+            self._redis,
+            self.keys,
+            self.counters,
+            write_behind=write_behind,
+            hot_ttl=self.hot_ttl,
+            max_unflushed=self.max_unflushed,
+            backpressure_wait=self.backpressure_wait,
+            flush_delay=flush_delay,
+        )
+        self._locks = Locks(self._redis, self.keys, self.counters, self._sessions, lease=lock_lease)
+        self._write_behind = WriteBehind(self._redis, self.keys, hot_ttl=self.hot_ttl)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, write_behind: bool) -> RedisStore:
+        return cls(settings=settings, write_behind=write_behind)
+
+    def __repr__(self) -> str:
+        mode = "write-behind" if self.write_behind else "redis-only"
+        return f"RedisStore({redact(self.url)!r}, prefix={self.keys.prefix!r}, {mode})"
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether this store talks to a Redis Cluster (``redis+cluster://``)."""
+        return self._redis.is_cluster
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def client(self) -> Client:
+        return await self._redis.client()
+
+    async def call(self, what: str, make: Callable[[Client], Awaitable[T]]) -> T:
+        """Run one Redis operation, mapping redis-py errors to vel's, once."""
+        return await self._redis.call(what, make)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.call("PING", lambda c: c.redis.ping()))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
+        """The window, or None when the session is not in Redis (a miss)."""
+        return await self._sessions.read(session_id, limit)
+
+    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        messages = await self.read(session_id, limit)
+        return [] if messages is None else messages
+
+    async def exists(self, session_id: str) -> bool:
+        return await self._sessions.exists(session_id)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    async def try_append(
+        self, session_id: str, items: Sequence[str], first_id: str, unlock: str = ""
+    ) -> tuple[int, int]:
+        """Run the append script once: returns (code, value) where code is 0 on success.
+
+        ``unlock``: a turn lock token to release in the same step once the items are stored.
+        """
+        return await self._sessions.try_append(session_id, items, first_id, unlock)
+
+    async def append_items(
+        self,
+        session_id: str,
+        items: Sequence[str],
+        first_id: str,
+        on_miss: Callable[[], Awaitable[None]] | None = None,
+        unlock: str = "",
+    ) -> int:
+        """Append encoded items, retrying replays, misses and backpressure as configured.
+
+        ``unlock``: a turn lock token released by the append that stores the items.
+        """
+        return await self._sessions.append_items(session_id, items, first_id, on_miss, unlock)
+
+    @staticmethod
+    def encode(messages: Sequence[Message], message_ids: Sequence[str] | None) -> list[str]:
+        return encode(messages, message_ids)
+
+    async def append(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
+        validate_session_id(session_id)
+        items = self.encode(messages, message_ids)
+        if not items:
+            return await self.last_seq(session_id)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        return await self.append_items(session_id, items, items[0].partition("\n")[0])
+
+    async def last_seq(self, session_id: str) -> int:
+        return await self._sessions.last_seq(session_id)
+
+    async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
+        """Replace (no items: clear). Returns the new generation, or MISS."""
+        return await self._sessions.try_replace(session_id, items)
+
+    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+        validate_session_id(session_id)
+        items = self.encode(messages, None)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        await self.try_replace(session_id, items)
+
+    async def clear(self, session_id: str) -> None:
+        await self.replace(session_id, [])
+
+    async def seed(
+        self,
+        session_id: str,
+        token: str,
+        gen: int,
+        last_seq: int,
+        rows: Sequence[tuple[int, str, str]],
+        created_ms: int,
+        updated_ms: int,
+    ) -> int:
+        """Install a snapshot read from Postgres (see SEED). Returns 1, 0 or -1."""
+        return await self._sessions.seed(
+            session_id, token, gen, last_seq, rows, created_ms, updated_ms
+        )
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def try_lock(self, key: str, token: str, lease: float) -> bool:
+        return await self._locks.try_lock(key, token, lease)
+
+    async def renew_lock(self, key: str, token: str, lease: float) -> bool:
+        return await self._locks.renew_lock(key, token, lease)
+
+    async def release_lock(self, key: str, token: str) -> None:
+        await self._locks.release_lock(key, token)
+
+    def turn_lock(
+        self, session_id: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[None]:
+        return self._locks.turn_lock(session_id, timeout)
+
+    def turn(
+        self,
+        session_id: str,
+        limit: int | None = None,
+        timeout: float | None = None,
+        on_miss: Callable[[], Awaitable[None]] | None = None,
+    ) -> AbstractAsyncContextManager[RedisTurn]:
+        """A turn of ``session_id``: its window, read under its turn lock; commit once.
+
+        The lock is taken by the script that reads the window and released by the script
+        that stores the turn's messages, so a locked turn costs two round trips, like an
+        unlocked one. Leaving without a commit releases the lock (one more round trip).
+
+        Args:
+            session_id: the session.
+            limit: the window (last ``limit`` messages; None: all).
+            timeout: seconds to wait for the lock (default 30).
+            on_miss: loads the session into Redis when it is missing (the TieredStore's
+                warm); None: a missing session is empty (Redis-only mode).
+
+        Raises:
+            SessionLockedError: another turn held the lock for ``timeout`` seconds.
+            StoreError: Redis failed, or the session's Redis copy is damaged.
+        """
+        return self._locks.turn(session_id, limit, timeout, on_miss)
+
+    # -- flushing (write-behind) -----------------------------------------------------------
+
+    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+        return await self._write_behind.claim(bucket, lease, limit)
+
+    async def try_sweep(self, bucket: int, interval: float) -> bool:
+        """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""
+        return await self._write_behind.try_sweep(bucket, interval)
+
+    async def reschedule(self, bucket: int, session_ids: Sequence[str], delay: float) -> None:
+        """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
+        await self._write_behind.reschedule(bucket, session_ids, delay)
+
+    async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
+        """Read what each claimed session still has to copy (one pipelined round trip)."""
+        return await self._write_behind.pending(session_ids, max_rows)
+
+    async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:
+        """Acknowledge (session id, generation, flushed up to seq) triples."""
+        return await self._write_behind.ack(acks)
+
+    async def backlog(self) -> tuple[int, float, int]:
+        """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""
+        return await self._write_behind.backlog()
+
+    async def drop_clean(self, session_ids: Sequence[str]) -> int:
+        """Delete the Redis copies of these sessions, except dirty ones (their unflushed
+        messages must reach Postgres first); returns how many were dropped."""
+        return await self._write_behind.drop_clean(session_ids)
+
+    # -- listing ----------------------------------------------------------------------------
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        """Scan the sessions held in Redis (Redis-only mode's listing)."""
+        return await scan_sessions(self._redis, self.keys, inactive_for, limit)
+
+    async def purge_expired(self) -> int:
+        return 0  # Redis expires keys by itself
+
+    async def stats(self) -> dict[str, float]:
+        result = dict(self.counters)
+        if self.write_behind:
+            unflushed, oldest, dirty = await self.backlog()
+            result.update(
+                unflushed_messages=unflushed, oldest_dirty_age=oldest, dirty_sessions=dirty
+            )
+        return result
