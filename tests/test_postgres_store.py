@@ -87,7 +87,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == latest_version() == 1
+    assert await migrate(pg_dsn, pg_schema) == latest_version() == 2
     columns = await sql(
         pg_dsn,
         pg_schema,
@@ -109,6 +109,8 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("last_seq", "bigint", "NO"),
         ("generation", "bigint", "NO"),
         ("metadata", "jsonb", "NO"),
+        ("hot_until", tz, "YES"),
+        ("revision", "bigint", "NO"),
     ]
     assert shape["vel_messages"] == [
         ("session_id", "text", "NO"),
@@ -152,19 +154,61 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
 
 
 async def test_migrate_twice_changes_nothing(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == 1
+    assert await migrate(pg_dsn, pg_schema) == 2
     async with connect(pg_dsn, pg_schema) as conn:
-        assert await migrate(conn) == 1
-        assert await schema_version(conn) == 1
-        rows = await conn.fetch("SELECT version FROM vel_schema_version")
-    assert [r["version"] for r in rows] == [1]
+        assert await migrate(conn) == 2
+        assert await schema_version(conn) == 2
+        rows = await conn.fetch("SELECT version FROM vel_schema_version ORDER BY version")
+    assert [r["version"] for r in rows] == [1, 2]
 
 
 async def test_three_concurrent_migrators_apply_each_file_once(pg_dsn: str, pg_schema: str) -> None:
     versions = await asyncio.gather(*(migrate(pg_dsn, pg_schema) for _ in range(3)))
-    assert versions == [1, 1, 1]
-    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version")
-    assert [r["version"] for r in rows] == [1]
+    assert versions == [2, 2, 2]
+    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version ORDER BY version")
+    assert [r["version"] for r in rows] == [1, 2]
+
+
+async def test_upgrade_from_0001_keeps_the_sessions_it_holds(pg_dsn: str, pg_schema: str) -> None:
+    """0002 (tier lease and revision) applied over a 0001 schema with sessions in it."""
+    from vel.stores.postgres.migrate import load_migrations
+
+    first = load_migrations()[0]
+    async with connect(pg_dsn, pg_schema) as conn:
+        await conn.execute(
+            "CREATE TABLE vel_schema_version (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await conn.execute(first.sql)
+        await conn.execute("INSERT INTO vel_schema_version (version) VALUES (1)")
+        await conn.execute(
+            "INSERT INTO vel_sessions (id, last_seq, generation, expires_at)"
+            " VALUES ('old', 2, 3, now() + interval '1 hour'), ('gone', 0, 1, NULL)"
+        )
+        await conn.execute(
+            "INSERT INTO vel_messages (session_id, seq, message_id, message) VALUES"
+            " ('old', 1, 'a', $1::jsonb), ('old', 2, 'b', $2::jsonb)",
+            text(1),
+            text(2),
+        )
+    with pytest.raises(ConfigurationError, match="version 1, need 2"):
+        await PostgresStore(pg_dsn, schema=pg_schema).open()
+    assert await migrate(pg_dsn, pg_schema) == 2
+    rows = await sql(
+        pg_dsn, pg_schema, "SELECT id, hot_until, revision FROM vel_sessions ORDER BY id"
+    )
+    assert [(r["id"], r["hot_until"], r["revision"]) for r in rows] == [
+        ("gone", None, 0),
+        ("old", None, 0),
+    ]
+    store = PostgresStore(pg_dsn, schema=pg_schema)
+    try:
+        assert await store.load("old") == [msg(1), msg(2)]
+        assert await store.last_seq("old") == (3, 2)
+        assert await store.append("old", [msg(3)]) == 3
+        assert await store.load("old") == [msg(1), msg(2), msg(3)]
+    finally:
+        await store.aclose()
 
 
 async def test_unmigrated_schema_is_refused_with_a_hint(pg_dsn: str, pg_schema: str) -> None:
