@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import model_for, schema_dsn
+from servers import sized
 from test_cli import clean_env, vel_cmd
 
 from vel import Agent, ContextManager
@@ -67,7 +68,12 @@ async def test_set_session_context_takes_ten_thousand_messages_in_every_mode(
     """A set is not an append: the append limit (1,000 per call) does not apply."""
     s = sid()
     messages = history(10_000)
-    async with Agent(id="l", model=model_for(srv), session_storage=storage_mode) as agent:
+    async with Agent(
+        id="l",
+        model=model_for(srv),
+        session_storage=storage_mode,
+        context_manager=ContextManager(max_history=50),
+    ) as agent:
         await agent.ctxmgr.aset_session_context(s, messages)
         assert await agent.ctxmgr.aget_session_context(s) == messages
         await agent.run({"message": "next"}, session_id=s)
@@ -102,7 +108,7 @@ async def test_append_keeps_its_limit_with_a_clear_message(tier: TieredStore) ->
 
 
 @pytest.mark.parametrize("storage", ["database", "redis"])
-async def test_export_then_import_of_a_100k_session_gives_an_equal_session(
+async def test_export_then_import_of_a_long_session_gives_an_equal_session(
     storage: str,
     env: dict[str, str],
     pg_dsn: str,
@@ -111,13 +117,15 @@ async def test_export_then_import_of_a_100k_session_gives_an_equal_session(
     tmp_path: Path,
     tier: TieredStore,
 ) -> None:
+    """100,000 messages in the full matrix (scripts/faults), 20,000 in the default suite."""
     from conftest import fresh_schema
 
     from vel.stores.postgres.migrate import migrate
 
     s, short = sid(), sid()
-    big = history(100_000)
+    big = history(int(sized(20_000, 100_000)))
     await tier.replace(s, big)
+    assert await tier.flush(120)
     await tier.append(short, history(1_500, "x")[:1_000])
     await tier.append(short, history(1_500, "x")[1_000:])
     out = tmp_path / "export.jsonl"

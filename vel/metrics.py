@@ -22,6 +22,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "unflushed_messages": ("gauge", "Messages in Redis not yet written to Postgres."),
     "oldest_dirty_age": ("gauge", "Seconds the oldest unflushed session has waited."),
     "dirty_sessions": ("gauge", "Sessions with unflushed messages."),
+    "conflict_sessions": (
+        "gauge",
+        "Sessions whose flush Postgres could not apply (kept in Redis until resolved).",
+    ),
     "flush_batches_ok": ("counter", "Flush transactions committed."),
     "flush_batches_failed": ("counter", "Flush transactions that failed (retried)."),
     "flush_retries": ("counter", "Flusher sweeps retried after an error."),
@@ -29,6 +33,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "flush_duplicates_suppressed": ("counter", "Replayed rows Postgres already had."),
     "flush_stale_generations": ("counter", "Batches ignored: Postgres had a newer generation."),
     "flush_conflicts": ("counter", "Sessions set aside because Redis and Postgres diverged."),
+    "older_reads": ("counter", "Reads below a partial Redis copy served from Postgres."),
     "warm_loads_ok": ("counter", "Sessions loaded from Postgres into Redis."),
     "warm_loads_exists": ("counter", "Warms that found the session already in Redis."),
     "warm_loads_stale": ("counter", "Warms abandoned because the lease was lost."),

@@ -7,7 +7,16 @@ locks), :mod:`.maintenance` (listing, purge, gauges); :mod:`.migrate` applies th
 """
 
 from vel.errors import FlushConflictError
-from vel.stores.postgres.sink import FlushResult, Snapshot
+from vel.stores.postgres.sessions import ImportCounts, ImportEntry
+from vel.stores.postgres.sink import FlushBatch, FlushResult, Snapshot
 from vel.stores.postgres.store import PostgresStore
 
-__all__ = ["FlushConflictError", "FlushResult", "PostgresStore", "Snapshot"]
+__all__ = [
+    "FlushBatch",
+    "FlushConflictError",
+    "FlushResult",
+    "ImportCounts",
+    "ImportEntry",
+    "PostgresStore",
+    "Snapshot",
+]

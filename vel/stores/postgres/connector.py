@@ -238,14 +238,19 @@ class Connector:
         finally:
             await pool.release(conn)
 
-    async def run(self, action: str, op: Callable[[Conn], Awaitable[T]]) -> T:
+    async def run(
+        self, action: str, op: Callable[[Conn], Awaitable[T]], *, statements: int = 1
+    ) -> T:
         """Run ``op`` within ``op_timeout``, connecting if need be; errors become vel's.
+
+        ``statements``: for an ``op`` that sends that many bounded statements (a long
+        history written in chunks), the deadline is ``op_timeout`` per statement.
 
         Raises:
             StoreTimeoutError, StoreUnavailableError, ConfigurationError, InvalidInputError,
             StoreError: as :meth:`translate` maps the backend's error (``action`` names it).
         """
-        async with self.deadline(action, self.op_timeout):
+        async with self.deadline(action, self.op_timeout * max(1, statements)):
             return await self.use(await self._get_pool(), op)
 
     @asynccontextmanager

@@ -1,8 +1,12 @@
 """PostgresStore: sessions kept in Postgres, a thin facade over the parts that do the work.
 
 Used directly for ``session_storage='database'`` (write-through) and as the durable tier of the
-two-tier store, whose flusher calls :meth:`PostgresStore.apply_flushes`,
-:meth:`PostgresStore.apply_clear` and :meth:`PostgresStore.load_snapshot`.
+two-tier store, whose flusher calls :meth:`PostgresStore.apply_flushes` and whose warm calls
+:meth:`PostgresStore.take_lease` and :meth:`PostgresStore.load_range`.
+
+The two modes may share one database (DESIGN.md 3.8): the tier lease recorded by the two-tier
+store (``hot_until``) makes this store's own writes refuse a session Redis may hold, with
+:class:`~vel.errors.TierLeaseError`.
 
 Layout (see ``migrations/0001_initial.sql``): one ``vel_sessions`` row per session carrying
 ``last_seq`` and a ``generation`` counter, and an append-only ``vel_messages`` table keyed by
@@ -36,8 +40,8 @@ from vel.stores.postgres.connector import Connector, Pool
 from vel.stores.postgres.locks import TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
 from vel.stores.postgres.migrate import redact_dsn, validate_schema_name
-from vel.stores.postgres.sessions import Sessions
-from vel.stores.postgres.sink import FlushResult, Sink, Snapshot
+from vel.stores.postgres.sessions import ImportCounts, ImportEntry, Sessions
+from vel.stores.postgres.sink import FlushBatch, FlushResult, Row, Sink, Snapshot
 
 
 class PostgresStore:
@@ -131,6 +135,7 @@ class PostgresStore:
             connect_timeout=connect_timeout,
             migrate=migrate,
         )
+        self.retention_ttl = retention
         self._sessions = Sessions(self._db, retention)
         self._sink = Sink(self._db, retention)
         self._locks = TurnLocks(self._db, lock_lease)
@@ -209,6 +214,7 @@ class PostgresStore:
 
         Raises:
             InvalidInputError: bad id or message, or ids already used by other messages.
+            TierLeaseError: the session is held by the Redis tier (use 'redis' mode).
             StoreError: Postgres failed; retry with the same ``message_ids``.
         """
         return await self._sessions.append(session_id, messages, message_ids)
@@ -225,14 +231,28 @@ class PostgresStore:
         """
         return await self._sessions.load(session_id, limit)
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
         """Atomically replace the whole history with ``messages`` (seqs restart at 1).
+
+        Any length up to ``MAX_MESSAGES_PER_REPLACE``, written in chunks inside one
+        transaction (readers see the old history or the new one).
+
+        Args:
+            session_id: the session.
+            messages: the new history.
+            message_ids: one unique id per message (generated when None).
 
         Raises:
             InvalidInputError: bad id or message; nothing changed.
+            TierLeaseError: the session is held by the Redis tier; nothing changed.
             StoreError: Postgres failed; nothing changed.
         """
-        await self._sessions.replace(session_id, messages)
+        await self._sessions.replace(session_id, messages, message_ids)
 
     async def clear(self, session_id: str) -> None:
         """Delete the session's history; a no-op for an unknown session.
@@ -242,9 +262,26 @@ class PostgresStore:
 
         Raises:
             InvalidInputError: bad session id.
+            TierLeaseError: the session is held by the Redis tier; nothing changed.
             StoreError: Postgres failed; nothing changed.
         """
         await self._sessions.clear(session_id)
+
+    async def import_sessions(
+        self, entries: Sequence[ImportEntry], *, replace: bool = False
+    ) -> ImportCounts:
+        """Write a whole import in one transaction: every session of it, or none.
+
+        A session that already has messages is skipped, or with ``replace`` its history is
+        replaced; new sessions get the entries' histories with their message ids.
+
+        Raises:
+            InvalidInputError: a session listed twice; nothing was written.
+            TierLeaseError: one of the sessions is held by the Redis tier; nothing was
+                written (import with 'redis' storage instead).
+            StoreError: Postgres failed; nothing was written.
+        """
+        return await self._sessions.import_sessions(entries, replace=replace)
 
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
@@ -339,28 +376,74 @@ class PostgresStore:
         """
         return await self._sink.load_snapshot(session_id)
 
+    async def take_lease(self, session_id: str, window: int, lease: float, now_ms: int) -> Snapshot:
+        """Take the session's tier lease and read what a warm needs: the header and the last
+        ``window`` rows (seqs ``base + 1 .. last_seq``), in one transaction.
+
+        The row is created if missing (so the lease is recorded), and an expired session
+        (judged at ``now_ms``, the caller's clock) starts afresh in place.
+
+        Args:
+            session_id: the session.
+            window: how many of the newest rows to read.
+            lease: seconds the lease runs from now (never shortened).
+            now_ms: the caller's clock, Unix ms.
+
+        Raises:
+            InvalidInputError: bad session id or window.
+            StoreError: Postgres failed, or its rows do not end at the session's last seq.
+        """
+        return await self._sink.take_lease(session_id, window, lease, now_ms)
+
+    async def load_range(
+        self,
+        session_id: str,
+        first: int,
+        last: int,
+        generation: int,
+        revision: int | None,
+        now_ms: int,
+    ) -> list[Row] | None:
+        """Rows ``first..last`` of the history a Redis copy was loaded from.
+
+        Returns:
+            The rows, oldest first; None when Postgres no longer holds that history (another
+            generation or revision, expired at ``now_ms``, or rows missing).
+
+        Raises:
+            StoreError: Postgres failed.
+        """
+        return await self._sink.load_range(session_id, first, last, generation, revision, now_ms)
+
     async def apply_flush(
-        self, session_id: str, generation: int, rows: Sequence[tuple[int, str, str]]
+        self, session_id: str, generation: int, rows: Sequence[Row]
     ) -> FlushResult:
         """Write one session's batch copied from the hot tier; see :meth:`apply_flushes`."""
         (result,) = await self.apply_flushes([(session_id, generation, rows)])
         return result
 
     async def apply_flushes(
-        self, batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]]
+        self,
+        batches: Sequence[FlushBatch | tuple[str, int, Sequence[Row]]],
+        lease: float | None = None,
     ) -> list[FlushResult]:
         """Write batches copied from the hot tier, idempotently, in one transaction.
 
-        Per session: a batch of an older generation than Postgres holds is ignored (a clear
-        or replace happened after it was read); a newer generation first wipes the stored
-        messages (an expired session counts as absent, whatever its generation). Rows
-        already stored with the same message id count as duplicates. The cost is a fixed
-        four or five round trips, whatever the number of sessions and rows.
+        Per session: a batch of an older generation than Postgres holds is not applied
+        (``stale``: a clear or replace happened after it was read); a newer generation first
+        wipes the stored messages (a session expired as of the batch's writes counts as
+        absent, whatever its generation). A :class:`FlushBatch` is also checked against the
+        history its Redis copy was loaded from: another revision, or a deleted row, makes it
+        ``stale`` with ``conflict`` set (DESIGN.md 3.8). Rows already stored with the same
+        message id count as duplicates. The cost is a fixed five or six round trips,
+        whatever the number of sessions and rows.
 
         Args:
-            batches: ``(session_id, generation, rows)`` with each session at most once;
-                ``rows`` are ``(seq, message_id, message JSON text)``, possibly empty (to
-                record a newer generation only).
+            batches: :class:`FlushBatch`, or ``(session_id, generation, rows)``, each session
+                at most once; ``rows`` are ``(seq, message_id, message JSON text)``, possibly
+                empty (to record a newer generation only).
+            lease: extend each applied session's tier lease to this many seconds from now
+                (None: leave it).
 
         Returns:
             One :class:`FlushResult` per batch, in order.
@@ -372,7 +455,7 @@ class PostgresStore:
                 the others can be retried without it).
             StoreError: Postgres failed; nothing was written, the batches may be retried.
         """
-        return await self._sink.apply_flushes(batches)
+        return await self._sink.apply_flushes(batches, lease)
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
         """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.
@@ -385,3 +468,34 @@ class PostgresStore:
             StoreError: Postgres failed; nothing changed.
         """
         await self._sink.apply_clear(session_id, generation)
+
+    async def resolve(
+        self, session_id: str, message_ids: Sequence[str], texts: Sequence[str], *, replace: bool
+    ) -> int:
+        """An operator's resolution of a flush conflict: append these messages after the
+        history (skipping ids it already holds), or with ``replace`` make them the history.
+
+        Ignores the tier lease (the caller acts for the tier) and bumps the generation and
+        revision, so no older Redis copy or read can write over the result. Returns the new
+        last seq.
+
+        Raises:
+            InvalidInputError: bad id, message ids or texts.
+            StoreError: Postgres failed; nothing changed.
+        """
+        return await self._sink.resolve(session_id, message_ids, texts, replace=replace)
+
+    async def release_lease(self, session_ids: Sequence[str]) -> None:
+        """End the tier lease of these sessions (the caller made sure Redis holds no copy
+        and none can be seeded meanwhile: see ``TieredStore.release``)."""
+        await self._sink.release(session_ids)
+
+    async def release_expired(self, session_ids: Sequence[str]) -> None:
+        """End the tier lease of these sessions if they are expired (their Redis copies are
+        gone), so that :meth:`purge_expired` may delete them."""
+        await self._sink.release_expired(session_ids)
+
+    async def expired_leased(self, limit: int = 1000, after: str = "") -> list[str]:
+        """Expired sessions that still carry a tier lease (purge spares them), in id order
+        from after ``after``."""
+        return await self._sink.expired_leased(limit, after)

@@ -8,9 +8,10 @@ The store is a facade (:mod:`.store`) over parts that each hold one responsibili
 
 from vel.stores.redis.client import CLUSTER_SCHEMES, cluster_seeds
 from vel.stores.redis.locks import RedisTurn
-from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY
+from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY, UNSTAGED
+from vel.stores.redis.sessions import Window
 from vel.stores.redis.store import RedisStore
-from vel.stores.redis.writebehind import Pending
+from vel.stores.redis.writebehind import Conflict, Pending
 
 __all__ = [
     "BACKPRESSURE",
@@ -19,8 +20,11 @@ __all__ = [
     "LOCKED",
     "MISS",
     "REPLAY",
+    "UNSTAGED",
+    "Conflict",
     "Pending",
     "RedisStore",
     "RedisTurn",
+    "Window",
     "cluster_seeds",
 ]
