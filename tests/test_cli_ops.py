@@ -20,6 +20,7 @@ from servers import RedisServer
 from test_cli import clean_env, vel_cmd
 
 from vel.stores.postgres import PostgresStore
+from vel.stores.postgres.migrate import latest_version
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
@@ -276,7 +277,7 @@ async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
         result = await asyncio.to_thread(doctor, redis, ops, "--strict")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok    appendonly        yes, appendfsync everysec" in result.stdout
-    assert "ok    schema            version 1" in result.stdout
+    assert f"ok    schema            version {latest_version()}" in result.stdout
     assert "all good (0 warning(s))" in result.stdout
 
 
@@ -301,7 +302,8 @@ async def test_doctor_fails_on_missing_schema_and_unreachable_redis(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL  redis" in result.stdout and "fix: start Redis" in result.stdout
     assert (
-        "FAIL  schema            version 0, this vel needs 1 -- fix: vel migrate" in result.stdout
+        f"FAIL  schema            version 0, this vel needs {latest_version()} -- fix: vel migrate"
+        in result.stdout
     )
 
 
@@ -361,8 +363,10 @@ async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
 
 
 async def test_json_logs_carry_the_session_id(ops: Env) -> None:
-    # Redis and Postgres disagree about seq 1: the flusher sets the session aside and says so.
+    # Redis and Postgres disagree about seq 1 (a 'database' write after the tier lease ran
+    # out with no flush): the flusher sets the session aside and says so.
     await ops.store.append("split-brain", msgs("in redis"))
+    await ops.pg("UPDATE vel_sessions SET hot_until = now() - interval '1 s'")
     await ops.store.cold.append("split-brain", msgs("in postgres"))
     proc = await start_flusher(
         ops, "--log-format", "json", "flusher", "--health-interval", "0", "--drain-timeout", "0.5"

@@ -21,7 +21,7 @@ from vel.totals import RATE_WINDOW, read_totals
 async def collect(hot: Any) -> dict[str, float]:
     """Backlog gauges, the flush rate and the shared counters."""
     unflushed, oldest, dirty = await hot.backlog()
-    conflicts = len(await hot.conflicts())
+    conflicts = await hot.conflict_count()
     totals, rate = await read_totals(hot)
     hits = totals.get("redis_hits", 0.0)
     misses = totals.get("redis_misses", 0.0)

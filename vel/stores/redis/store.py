@@ -94,7 +94,7 @@ class RedisStore:
         # only read is warmed again once per lease. A clean copy whose lease ends within the
         # margin is not written (nor used for a turn) before it is warmed again.
         self.tier_lease = self.hot_ttl if self.hot_ttl > 0 else 3600.0
-        self.lease_margin = min(60.0, self.tier_lease / 2)
+        self.lease_margin = min(60.0, self.tier_lease / 4)
         self.max_unflushed = s.max_unflushed if max_unflushed is None else max_unflushed
         self.backpressure_wait = (
             s.backpressure_wait if backpressure_wait is None else backpressure_wait
@@ -364,6 +364,10 @@ class RedisStore:
         """Sessions whose flush could not be applied, oldest first."""
         return await self._write_behind.conflicts(limit)
 
+    async def conflict_count(self) -> int:
+        """How many sessions are in conflict (one ZCARD per bucket)."""
+        return await self._write_behind.conflict_count()
+
     async def backlog(self) -> tuple[int, float, int]:
         """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""
         return await self._write_behind.backlog()
@@ -397,6 +401,6 @@ class RedisStore:
                 unflushed_messages=unflushed,
                 oldest_dirty_age=oldest,
                 dirty_sessions=dirty,
-                conflict_sessions=await self._write_behind.conflict_count(),
+                conflict_sessions=await self.conflict_count(),
             )
         return result

@@ -47,7 +47,7 @@ def lease_end(asked_ms: int, lease_ms: int) -> int:
     """When a Redis copy must be gone for its tier lease (``lease_ms`` left when Postgres
     answered a call made at ``asked_ms``, the caller's clock): measured from before the call,
     and a little short of it, so the copy dies first whatever the latency to Redis."""
-    return asked_ms + lease_ms - min(1000, lease_ms // 4)
+    return asked_ms + lease_ms - min(1000, lease_ms // 10)
 
 
 class Warmer:
