@@ -130,6 +130,13 @@ async def cmd_export(args: argparse.Namespace) -> int:
         if not args.no_flush:
             async with open_backends(args) as b:
                 await _flush_first(b, args.flush_timeout)
+                conflicts = await b.hot.conflict_count() if b.hot is not None else 0
+            if conflicts:
+                print(
+                    f"warning: {conflicts} sessions are in flush conflict; the export holds "
+                    "what Postgres has of them (see `vel sessions conflicts`)",
+                    file=sys.stderr,
+                )
         dsn = need_dsn(settings_from(args))
         async with connection(dsn) as conn, conn.transaction(isolation="repeatable_read"):
             async for row in conn.cursor(EXPORT, ids, prefetch=200):

@@ -30,11 +30,9 @@ from vel.messages import (
 )
 from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
+from vel.stores.postgres.sql import chunks, insert_rows
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
-
-# Rows per INSERT of a long history: each statement stays well inside op_timeout.
-INSERT_CHUNK = 10_000
 
 # A row the tier may hold ('redis' mode): not expired, and its tier lease still running.
 _LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(), true))"
@@ -120,12 +118,6 @@ RETURNING id
 # statement with the lock would use a snapshot from before the wait and miss rows committed
 # meanwhile by the writer it waited for.
 _DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
-# $4: the seq before the chunk's first row (long histories are inserted in chunks).
-_INSERT_FROM_ONE = """
-INSERT INTO vel_messages (session_id, seq, message_id, message)
-SELECT $1, $4::bigint + m.ord, m.message_id, m.message::jsonb
-  FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS m (message_id, message, ord)
-"""
 # The row stays behind as a tombstone carrying the generation (purged an hour later).
 _CLEAR_SESSION = f"""
 UPDATE vel_sessions s
@@ -158,17 +150,6 @@ class ImportCounts:
     replaced: int
     skipped: int
     messages: int
-
-
-async def insert_history(conn: Conn, session_id: str, ids: list[str], texts: list[str]) -> None:
-    """Insert seqs 1..n in chunks of :data:`INSERT_CHUNK` (the caller holds the row lock)."""
-    for start in range(0, len(texts), INSERT_CHUNK):
-        end = start + INSERT_CHUNK
-        await conn.execute(_INSERT_FROM_ONE, session_id, ids[start:end], texts[start:end], start)
-
-
-def chunks(n: int) -> int:
-    return 1 + n // INSERT_CHUNK
 
 
 async def refuse_if_leased(conn: Conn, session_id: str) -> None:
@@ -279,7 +260,7 @@ class Sessions:
             await refuse_if_leased(conn, session_id)
             raise StoreError(f"session {session_id!r}: replace found no session row")
         await conn.execute(_DELETE_MESSAGES, session_id)
-        await insert_history(conn, session_id, ids, texts)
+        await insert_rows(conn, session_id, ids, texts)
 
     async def clear(self, session_id: str) -> None:
         session_id = validate_session_id(session_id)
