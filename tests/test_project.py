@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import tomllib
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 import vel
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = tuple(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def test_public_names_are_sorted_and_importable() -> None:
@@ -101,3 +105,37 @@ def test_readme_quickstart_runs_the_multi_worker_example_and_links_the_docs() ->
     assert "vel migrate" in commands[1] and "multi_worker.py" in commands[2]
     for doc in re.findall(r"\]\((docs/[\w.]+)", readme):
         assert (ROOT / doc).exists(), doc
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_place_names_the_same_distribution_and_version() -> None:
+    project = pyproject()["project"]
+    assert project["name"] == vel.DISTRIBUTION
+    assert project["name"] != "vel"  # an unrelated project on PyPI owns `vel`
+    # The one version: pyproject, read back through the installed metadata.
+    assert vel.__version__ == project["version"] == metadata.version(vel.DISTRIBUTION)
+    assert "version" not in project.get("dynamic", [])
+    named: dict[str, list[str]] = {}
+    for path in ("README.md", "Dockerfile", "scripts/setup.sh", "scripts/bench", *DOCS):
+        for line in re.findall(r"pip install ([^\n`]*)", (ROOT / path).read_text()):
+            for word in line.split():
+                word = word.strip("'\"")
+                if word.startswith(("-", "2>", ">", "|", "\\")) or not word:
+                    continue
+                named.setdefault(word.split("[")[0], []).append(path)
+    # Checkouts install themselves ("." or -e .); anything else names the one distribution.
+    assert set(named) <= {".", vel.DISTRIBUTION}, named
+    assert "README.md" in named.get(vel.DISTRIBUTION, []), "the README gives the install line"
+
+
+def test_classifiers_cover_the_supported_pythons_and_typing() -> None:
+    project = pyproject()["project"]
+    classifiers = set(project["classifiers"])
+    for minor in (11, 12, 13):
+        assert f"Programming Language :: Python :: 3.{minor}" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert project["requires-python"] == ">=3.11"
+    assert (ROOT / "vel" / "py.typed").exists()
