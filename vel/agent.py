@@ -20,9 +20,16 @@ from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel.context import ContextManager
-from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
+from vel.errors import (
+    ConfigurationError,
+    InvalidInputError,
+    TurnCancelledError,
+    VelError,
+)
 from vel.messages import (
     Message,
+    TextCleaner,
+    clean_text,
     encode_message,
     encode_messages,
     validate_message,
@@ -30,7 +37,7 @@ from vel.messages import (
 )
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
-from vel.tools import Tool, build_tools, render_output
+from vel.tools import Tool, build_tools, error_text, tool_result
 
 DEFAULT_MAX_STEPS = 8
 
@@ -83,6 +90,9 @@ class _Step:
     calls: dict[int, _PendingCall] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
     text_block: str | None = None
+    # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
+    # they stream, so the deltas a client sees are the text that is stored.
+    cleaner: TextCleaner = field(default_factory=TextCleaner)
 
 
 class Agent:
@@ -320,8 +330,10 @@ class Agent:
                         step.text_block = uuid.uuid4().hex
                         yield ev.text_start(step.text_block)
                         open_blocks.append(ev.text_end(step.text_block))
-                    step.text.append(chunk.text)
-                    yield ev.text_delta(step.text_block, chunk.text)
+                    piece = step.cleaner.feed(chunk.text)
+                    if piece:
+                        step.text.append(piece)
+                        yield ev.text_delta(step.text_block, piece)
                 elif isinstance(chunk, ToolCallChunk):
                     call = step.calls.get(chunk.index)
                     if call is None:
@@ -339,10 +351,16 @@ class Agent:
         finally:
             await chunks.aclose()
         if step.text_block is not None:
+            piece = step.cleaner.flush()
+            if piece:
+                step.text.append(piece)
+                yield ev.text_delta(step.text_block, piece)
             open_blocks.remove(ev.text_end(step.text_block))
             yield ev.text_end(step.text_block)
         text = "".join(step.text)
         ordered = [step.calls[i] for i in sorted(step.calls)]
+        for c in ordered:  # model output too: stored, so made storable
+            c.call_id, c.name, c.arguments = map(clean_text, (c.call_id, c.name, c.arguments))
         assistant: Message = {"role": "assistant", "content": text or None}
         if ordered:
             assistant["tool_calls"] = [
@@ -372,14 +390,13 @@ class Agent:
                 cancel_token,
             )
             tool_messages: list[Message] = []
-            for call, (ok, value) in zip(ordered, results, strict=True):
+            for call, (ok, value, content) in zip(ordered, results, strict=True):
                 open_blocks.remove(ev.tool_output_error(call.call_id, "turn ended"))
                 if ok:
                     yield ev.tool_output_available(call.call_id, value)
-                    content = render_output(value)
                 else:
-                    yield ev.tool_output_error(call.call_id, value)
-                    content = f"Error: {value}"
+                    yield ev.tool_output_error(call.call_id, content)
+                    content = f"Error: {content}"
                 tool_messages.append(
                     {"role": "tool", "tool_call_id": call.call_id, "content": content}
                 )
@@ -390,16 +407,20 @@ class Agent:
         yield ev.finish_step()
         outcome.text = text
 
-    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any]:
+    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any, str]:
+        """``(ok, output, text)``: the event's output and the tool message's text, or
+        ``(False, None, error)``. A tool's failure (bad arguments, an exception, a result
+        that is not JSON) is reported to the model, never raised out of the turn."""
         tool = self.tools.get(call.name)
         if tool is None:
-            return False, f"unknown tool {call.name!r}"
+            return False, None, f"unknown tool {call.name!r}"
         if not isinstance(arguments, dict):
-            return False, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
+            return False, None, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
         try:
-            return True, await tool.call(arguments)
-        except Exception as exc:  # a tool's failure is reported to the model, not raised
-            return False, f"{type(exc).__name__}: {exc}"
+            output, text = tool_result(await tool.call(arguments))
+        except Exception as exc:
+            return False, None, error_text(exc)
+        return True, output, text
 
 
 async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:
