@@ -19,6 +19,8 @@ import httpx
 import pydantic
 import pytest
 from conftest import model_for
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vel import Agent, InvalidInputError, ToolError
 from vel.messages import TextCleaner, clean_text, encode_message
@@ -326,3 +328,20 @@ def test_cleaning_joins_pairs_across_pieces_and_replaces_what_is_left() -> None:
     assert pieces == ["x", "\U0001f600", "", f"{FFFD}y", ""]
     assert cleaner.flush() == FFFD
     assert cleaner.flush() == ""
+
+
+# Hypothesis never draws surrogates by itself: mix them in, with NUL.
+any_text = st.text(
+    st.one_of(st.characters(), st.integers(0xD800, 0xDFFF).map(chr), st.just("\x00")),
+    max_size=8,
+)
+
+
+@given(st.lists(any_text, max_size=8))
+def test_pieces_cleaned_as_they_stream_equal_the_whole_text_cleaned(pieces: list[str]) -> None:
+    cleaner = TextCleaner()
+    streamed = "".join(cleaner.feed(p) for p in pieces) + cleaner.flush()
+    assert streamed == clean_text("".join(pieces))
+    assert "\x00" not in streamed
+    streamed.encode("utf-8")  # no lone surrogate left
+    encode_message({"role": "assistant", "content": streamed})
