@@ -61,6 +61,9 @@ def test_compose_workers_share_one_session_and_the_flusher_exports_metrics() -> 
     assert worker[worker.index("--session-id") + 1]
     flusher = services["flusher"]
     port = flusher["command"][flusher["command"].index("--metrics-port") + 1]
+    # The published port reaches a container's process only if it listens on all interfaces
+    # (the flag's default is 127.0.0.1).
+    assert flusher["command"][flusher["command"].index("--metrics-host") + 1] == "0.0.0.0"
     assert any(str(p).endswith(f":{port}") for p in flusher["ports"])
     assert f":{port}/metrics" in " ".join(flusher["healthcheck"]["test"])
     assert flusher["environment"]["VEL_LOG_FORMAT"] == "json"
@@ -98,7 +101,7 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
 def test_readme_quickstart_runs_the_multi_worker_example_and_links_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Multi-worker demo in three commands", 1)[1].split("\n## ", 1)[0]
-    commands = section.split("```", 2)[1].strip().splitlines()
+    commands = section.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert len(commands) == 3
     for path in re.findall(r"((?:scripts|examples)/[\w.]+)", "\n".join(commands)):
         assert (ROOT / path).exists(), path
