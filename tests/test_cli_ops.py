@@ -438,8 +438,9 @@ def test_prometheus_rendering() -> None:
 
     text = render({"flushed_messages": 3, "oldest_dirty_age": 0.25, "custom-thing": 1})
     assert "# TYPE vel_flushed_messages_total counter\nvel_flushed_messages_total 3\n" in text
-    assert "# TYPE vel_oldest_dirty_age gauge\nvel_oldest_dirty_age 0.25\n" in text
-    assert "# TYPE vel_custom_thing untyped\nvel_custom_thing 1\n" in text
+    assert "# TYPE vel_oldest_dirty_age_seconds gauge\nvel_oldest_dirty_age_seconds 0.25\n" in text
+    # A figure nobody declared is still typed: a gauge, a value read now.
+    assert "# TYPE vel_custom_thing gauge\nvel_custom_thing 1\n" in text
 
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:

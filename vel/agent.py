@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
+from vel import tracing
 from vel.context import ContextManager
 from vel.errors import (
     ConfigurationError,
@@ -35,6 +37,7 @@ from vel.messages import (
     validate_message,
     validate_session_id,
 )
+from vel.metrics.histograms import TURN
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, error_text, tool_result
@@ -255,6 +258,10 @@ class Agent:
         outcome: _Outcome,
     ) -> AsyncGenerator[ev.Event, None]:
         run_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        # Not the current span while events are yielded (the consumer runs then): only
+        # around the store calls, which nest their load/append spans in it.
+        span = tracing.start("turn", session_id if isinstance(session_id, str) else None)
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
@@ -262,13 +269,14 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
-            async with self._lock(session_id if keep else None) as turn:
-                await self.ctxmgr.aprepare_run(
-                    run_id,
-                    None if client_owned else session_id,
-                    new_messages,
-                    *([turn.window] if turn is not None else []),
-                )
+            async with tracing.within(self._lock(session_id if keep else None), span) as turn:
+                with tracing.current(span):
+                    await self.ctxmgr.aprepare_run(
+                        run_id,
+                        None if client_owned else session_id,
+                        new_messages,
+                        *([turn.window] if turn is not None else []),
+                    )
                 for _ in range(self.max_steps):
                     has_calls = False
                     steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
@@ -282,10 +290,11 @@ class Agent:
                 if keep:
                     assert session_id is not None
                     # Not cancellable: an interrupted append could be stored yet reported lost.
-                    if turn is not None:
-                        await turn.commit(self.ctxmgr.turn_messages(run_id))
-                    else:
-                        await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+                    with tracing.current(span):
+                        if turn is not None:
+                            await turn.commit(self.ctxmgr.turn_messages(run_id))
+                        else:
+                            await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
             yield ev.finish()
         except _Cancelled:
             outcome.cancelled = True
@@ -303,6 +312,8 @@ class Agent:
             yield ev.error(text)
         finally:
             self.ctxmgr.end_run(run_id)
+            TURN.observe(time.perf_counter() - started)
+            tracing.end(span, outcome.error)
 
     async def _step(
         self,

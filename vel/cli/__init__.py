@@ -80,7 +80,7 @@ async def _flusher(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         metrics = MetricsServer(figures, args.metrics_port, args.metrics_host)
         await metrics.start()
-    where = f", metrics on :{metrics.port}/metrics" if metrics else ""
+    where = f", metrics on {metrics.host}:{metrics.port}/metrics" if metrics else ""
     print(f"vel flusher running: {hot!r} -> {cold!r}{where}", flush=True)
 
     async def report() -> None:
