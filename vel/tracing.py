@@ -38,17 +38,28 @@ SESSION_ID = "vel.session_id"
 
 _NOTHING: AbstractContextManager[None] = nullcontext()
 _tracer: Tracer | None = None
+_first = True
+_UNKNOWN = object()  # a future API without the global: ask the public getter every time
 
 
 def _active() -> Tracer | None:
     """vel's tracer once an SDK provider is installed (then for good: OpenTelemetry allows
     the global provider to be set once), else None."""
-    global _tracer
+    global _tracer, _first
     if _tracer is not None:
         return _tracer
     if trace is None:
         return None
-    provider = trace.get_tracer_provider()
+    if _first:
+        # The public getter, once: it loads a provider named by OpenTelemetry's own
+        # environment variable. It reads os.environ at every call (microseconds), so
+        # later calls check the module's global instead, which it sets.
+        _first = False
+        provider = trace.get_tracer_provider()
+    elif getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) is None:
+        return None
+    else:
+        provider = trace.get_tracer_provider()
     if isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
         return None
     from vel import __version__
