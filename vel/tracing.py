@@ -75,7 +75,7 @@ def enabled() -> bool:
 
 def _attributes(session_id: str | None, extra: dict[str, Any]) -> dict[str, Any]:
     attributes = {f"vel.{k}": v for k, v in extra.items()}
-    if session_id is not None:
+    if isinstance(session_id, str):  # not yet validated: a bad id is refused inside
         attributes[SESSION_ID] = session_id
     return attributes
 
