@@ -201,3 +201,17 @@ def test_every_declared_family_name_follows_the_conventions() -> None:
         assert all(name in ("outcome", "result") for name, _ in labels), key
     for histogram in HISTOGRAMS:
         assert histogram.name.endswith("_seconds")
+
+
+def test_every_family_the_docs_name_is_exported() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    named = {n for n in re.findall(r"`(vel_[a-z_]+)", section)}
+    everything = render({key: 1.0 for key in STATS}, tier="redis")
+    exported = set(re.findall(r"^# TYPE (\S+) ", everything, re.M))
+    assert len(named) >= 25
+    assert named <= exported, named - exported
+    # ... and every exported family is documented.
+    assert exported <= named, exported - named
