@@ -194,7 +194,9 @@ async def stored(storage_mode: str, srv: FakeOpenAIServer, sid: str) -> list[Any
     return history
 
 
-def sse_model(deltas: list[str], tool_call: tuple[str, str] | None = None) -> dict[str, Any]:
+def sse_model(
+    deltas: list[str], tool_call: tuple[str, str] | None = None, call_id: str = "call_1"
+) -> dict[str, Any]:
     """A model dict whose OpenAI-compatible endpoint (an httpx MockTransport, so the real
     openai client parses it) streams ``deltas`` one chunk each, or one tool call."""
 
@@ -215,7 +217,7 @@ def sse_model(deltas: list[str], tool_call: tuple[str, str] | None = None) -> di
             name, arguments = tool_call
             call = {
                 "index": 0,
-                "id": "call_1",
+                "id": call_id,
                 "type": "function",
                 "function": {"name": name, "arguments": arguments},
             }
@@ -345,3 +347,20 @@ def test_pieces_cleaned_as_they_stream_equal_the_whole_text_cleaned(pieces: list
     assert "\x00" not in streamed
     streamed.encode("utf-8")  # no lone surrogate left
     encode_message({"role": "assistant", "content": streamed})
+
+
+async def test_a_tool_call_id_and_name_with_nul_or_half_pairs_are_stored(
+    srv: FakeOpenAIServer, storage_mode: str
+) -> None:
+    model = sse_model(["done"], tool_call=("echo\x00", "{}"), call_id="call_\ud83d")
+    sid = f"ids-{uuid.uuid4().hex[:8]}"
+    async with Agent(id="m", model=model, session_storage=storage_mode) as agent:
+        events = [e async for e in agent.run_stream({"message": "go"}, sid)]
+        now = await agent.ctxmgr.aget_session_context(sid)
+    assert events[-1]["type"] == "finish", events[-3:]
+    ids = {e["toolCallId"] for e in events if "toolCallId" in e}
+    assert ids == {f"call_{FFFD}"}  # one id from the first event to the stored message
+    history = now if storage_mode == "memory" else await stored(storage_mode, srv, sid)
+    call = history[1]["tool_calls"][0]
+    assert (call["id"], call["function"]["name"]) == (f"call_{FFFD}", f"echo{FFFD}")
+    assert history[2]["content"] == f"Error: unknown tool 'echo{FFFD}'"

@@ -22,12 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 from vel import events as ev
 from vel import tracing
 from vel.context import ContextManager
-from vel.errors import (
-    ConfigurationError,
-    InvalidInputError,
-    TurnCancelledError,
-    VelError,
-)
+from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
     Message,
     TextCleaner,
@@ -349,7 +344,8 @@ class Agent:
                     call = step.calls.get(chunk.index)
                     if call is None:
                         call = _PendingCall(
-                            chunk.call_id or f"call_{uuid.uuid4().hex[:24]}", chunk.name or ""
+                            clean_text(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}"),
+                            clean_text(chunk.name or ""),
                         )
                         step.calls[chunk.index] = call
                         yield ev.tool_input_start(call.call_id, call.name)
@@ -370,8 +366,8 @@ class Agent:
             yield ev.text_end(step.text_block)
         text = "".join(step.text)
         ordered = [step.calls[i] for i in sorted(step.calls)]
-        for c in ordered:  # model output too: stored, so made storable
-            c.call_id, c.name, c.arguments = map(clean_text, (c.call_id, c.name, c.arguments))
+        for c in ordered:  # model output: stored, so made storable (ids and names already are)
+            c.arguments = clean_text(c.arguments)
         assistant: Message = {"role": "assistant", "content": text or None}
         if ordered:
             assistant["tool_calls"] = [
