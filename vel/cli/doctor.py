@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vel.cli._common import add_connection_flags, settings_from
+from vel.cli._common import add_command, add_connection_flags, settings_from
 from vel.errors import VelError
 
 MIN_REDIS = (6, 2)
@@ -217,7 +217,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="check Redis and Postgres settings; exit 1 on a problem")
+    p = add_command(sub, "doctor", "check Redis and Postgres settings; exit 1 on a problem")
     add_connection_flags(p)
     p.add_argument(
         "--storage",

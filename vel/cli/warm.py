@@ -7,7 +7,14 @@ import argparse
 import asyncio
 from typing import Any
 
-from vel.cli._common import Progress, add_connection_flags, need_dsn, open_backends, read_input
+from vel.cli._common import (
+    Progress,
+    add_command,
+    add_connection_flags,
+    need_dsn,
+    open_backends,
+    read_input,
+)
 from vel.messages import validate_session_id
 
 
@@ -62,7 +69,7 @@ async def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("warm", help="load sessions from Postgres into Redis")
+    p = add_command(sub, "warm", "load sessions from Postgres into Redis")
     add_connection_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", nargs="+", metavar="ID", help="these sessions")
@@ -71,5 +78,5 @@ def register(sub: Any) -> None:
         "--recent", type=int, metavar="N", help="the N most recently updated sessions"
     )
     which.add_argument("--all", action="store_true", help="every live session")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16, help="sessions loaded at the same time")
     p.set_defaults(run=cmd_warm)

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from vel._lease import LeaseKeeper
 from vel.errors import SessionLockedError, StoreError
 from vel.messages import validate_session_id
+from vel.metrics.histograms import LOCK_WAIT
 from vel.stores.postgres.checks import seconds
 from vel.stores.postgres.connector import Connector, log
 
@@ -81,15 +82,18 @@ class TurnLocks:
 
     async def _acquire(self, session_id: str, token: str, wait: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        started = loop.time()
+        deadline = started + wait
         delay = 0.005
         waited = False
         while True:
+            attempt = loop.time()
             got = await self._db.run(
                 "acquire turn lock",
                 lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
             )
             if got is not None:
+                LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
                 return
             if not waited:
                 waited = True
