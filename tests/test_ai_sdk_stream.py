@@ -11,49 +11,28 @@ on first use (``npm ci``), so CI needs only Node 18+ and the npm registry.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
+import aisdk
 import pytest
 from conftest import model_for
 
-from vel import UI_MESSAGE_STREAM_HEADERS, Agent, sse_stream
-from vel.sse import DONE
+from vel import Agent
+from vel.sse import DONE, UI_MESSAGE_STREAM_HEADERS, sse_stream
 from vel.testing import FakeOpenAIServer
 
-JS = Path(__file__).resolve().parent / "js"
-PACKAGES = {"ai5": 5, "ai6": 6}  # npm alias -> the `ai` major version it must be
 ADD_1_2 = '[[call add {"a": 1, "b": 2}]]'
 
 
 @pytest.fixture(scope="module")
 def node_packages() -> dict[str, str]:
-    """Install tests/js's locked packages (once per lockfile); return alias -> version."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail("Node.js 18+ with npm is needed to run the AI SDK's client (tests/js)")
-    lock = (JS / "package-lock.json").read_bytes()
-    stamp = JS / "node_modules" / ".vel-lock-sha256"
-    digest = hashlib.sha256(lock).hexdigest()
-    if not stamp.exists() or stamp.read_text() != digest:
-        subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=JS,
-            check=True,
-            timeout=600,
-        )
-        stamp.write_text(digest)
-    versions = {}
-    for alias, major in PACKAGES.items():
-        meta = json.loads((JS / "node_modules" / alias / "package.json").read_text())
-        assert meta["name"] == "ai" and int(meta["version"].split(".")[0]) == major, meta
-        versions[alias] = meta["version"]
-    return versions
+    """tests/js's locked `ai` packages, installed on first use: alias -> version."""
+    try:
+        return aisdk.install()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def add(a: int, b: int) -> int:
@@ -110,20 +89,12 @@ def recorded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"path": path, "streams": streams, "events": events}
 
 
-@pytest.fixture(scope="module", params=sorted(PACKAGES))
+@pytest.fixture(scope="module", params=sorted(aisdk.PACKAGES))
 def client_view(
     request: pytest.FixtureRequest, node_packages: dict[str, str], recorded: dict[str, Any]
 ) -> dict[str, Any]:
     """What the AI SDK's client made of each stream (see tests/js/check_stream.mjs)."""
-    done = subprocess.run(
-        ["node", "check_stream.mjs", request.param, str(recorded["path"])],
-        cwd=JS,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    view: dict[str, Any] = json.loads(done.stdout)
+    view: dict[str, Any] = aisdk.run("check_stream.mjs", request.param, str(recorded["path"]))
     return view
 
 
@@ -131,7 +102,7 @@ STREAMS = ["text", "tool", "failing_tool", "provider_error", "cancelled"]
 
 
 def test_the_packages_are_the_versions_under_test(node_packages: dict[str, str]) -> None:
-    assert set(node_packages) == set(PACKAGES)
+    assert set(node_packages) == set(aisdk.PACKAGES)
 
 
 def test_streams_are_sse_ending_with_done(recorded: dict[str, Any]) -> None:

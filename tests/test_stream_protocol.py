@@ -13,9 +13,9 @@ import openai
 import pytest
 from conftest import model_for
 
-from vel import UI_MESSAGE_STREAM_HEADERS, Agent, sse_stream
+from vel import Agent
 from vel import events as ev
-from vel.sse import DONE, encode_event
+from vel.sse import DONE, UI_MESSAGE_STREAM_HEADERS, encode_event, sse_stream
 from vel.testing import FakeOpenAIServer
 
 # Every chunk type of uiMessageChunkSchema in `ai` 5 and 6 (src/ui-message-stream/

@@ -21,7 +21,6 @@ from vel.errors import (
     TurnCancelledError,
     VelError,
 )
-from vel.sse import UI_MESSAGE_STREAM_HEADERS, sse_stream
 from vel.stores.base import SessionInfo, SessionStore
 from vel.stores.memory import MemoryStore
 from vel.tools import Tool
@@ -45,9 +44,7 @@ __all__ = [
     "Tool",
     "ToolError",
     "TurnCancelledError",
-    "UI_MESSAGE_STREAM_HEADERS",
     "VelError",
-    "sse_stream",
 ]
 
 #: The distribution that installs this package (``pip install vel-memory``): ``vel`` on PyPI
