@@ -80,6 +80,7 @@ def run_turn(storage: str, session_id: str, sqlite: Path, text: str) -> dict[str
     return result
 
 
+@pytest.mark.slow  # six fresh processes, each importing the SDK (seconds apiece)
 @pytest.mark.parametrize("storage", ["redis", "database"])
 async def test_three_turns_in_three_processes_keep_what_sqlite_session_keeps(
     storage: str, storage_env: dict[str, str], tmp_path: Path
