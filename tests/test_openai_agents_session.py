@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,13 @@ def weather(city: str) -> str:
     return f"sunny in {city}"
 
 
-def sdk_agent(srv: FakeOpenAIServer) -> Agent[Any]:
+@pytest.fixture
+async def sdk_agent(srv: FakeOpenAIServer) -> AsyncIterator[Agent[Any]]:
+    """An SDK agent on the fake server (its client closed on this test's loop)."""
     set_tracing_disabled(True)
-    client = AsyncOpenAI(api_key="test", base_url=srv.base_url)
-    model = OpenAIChatCompletionsModel("fake-model", client)
-    return Agent(name="assistant", instructions="Be brief.", tools=[weather], model=model)
+    async with AsyncOpenAI(api_key="test", base_url=srv.base_url) as client:
+        model = OpenAIChatCompletionsModel("fake-model", client)
+        yield Agent(name="assistant", instructions="Be brief.", tools=[weather], model=model)
 
 
 def test_vel_session_is_a_session_of_the_sdk() -> None:
@@ -210,8 +213,10 @@ def test_importing_vel_does_not_import_the_sdk() -> None:
     assert done.stdout.strip() == "False"
 
 
-async def test_runs_in_turns_never_interleave(srv: FakeOpenAIServer, storage_env: Any) -> None:
-    agent = sdk_agent(srv)
+async def test_runs_in_turns_never_interleave(
+    srv: FakeOpenAIServer, sdk_agent: Agent[Any], storage_env: Any
+) -> None:
+    agent = sdk_agent
     session_id = f"turns-{uuid.uuid4().hex[:8]}"
 
     async def run(text: str) -> str:
