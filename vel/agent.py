@@ -73,6 +73,11 @@ class _Outcome:
     text: str = ""
     error: BaseException | None = None
     cancelled: bool = False
+    usage: ev.Usage | None = None  # summed over the turn's model calls
+
+    def metadata(self) -> dict[str, Any] | None:
+        """What the stream's client gets as ``message.metadata``."""
+        return None if self.usage is None else {"usage": self.usage}
 
 
 @dataclass
@@ -86,7 +91,6 @@ class _PendingCall:
 class _Step:
     text: list[str] = field(default_factory=list)
     calls: dict[int, _PendingCall] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
     text_block: str | None = None
     # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
     # they stream, so the deltas a client sees are the text that is stored.
@@ -290,13 +294,13 @@ class Agent:
                             await turn.commit(self.ctxmgr.turn_messages(run_id))
                         else:
                             await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
-            yield ev.finish()
+            yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
             for closing in reversed(open_blocks):
                 yield closing
             yield ev.abort()
-            yield ev.finish()
+            yield ev.finish(outcome.metadata())
         except Exception as exc:
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
             # terminal event; run() re-raises the original exception.
@@ -304,6 +308,8 @@ class Agent:
             for closing in reversed(open_blocks):
                 yield closing
             text = str(exc) if isinstance(exc, VelError) else f"{type(exc).__name__}: {exc}"
+            if (metadata := outcome.metadata()) is not None:
+                yield ev.message_metadata(metadata)  # tokens were spent all the same
             yield ev.error(text)
         finally:
             self.ctxmgr.end_run(run_id)
@@ -354,7 +360,7 @@ class Agent:
                         call.arguments += chunk.arguments
                         yield ev.tool_input_delta(call.call_id, chunk.arguments)
                 elif isinstance(chunk, UsageChunk):
-                    step.usage = chunk.usage
+                    outcome.usage = ev.add_usage(outcome.usage, ev.usage(chunk.usage))
         finally:
             await chunks.aclose()
         if step.text_block is not None:
@@ -408,8 +414,6 @@ class Agent:
                     {"role": "tool", "tool_call_id": call.call_id, "content": content}
                 )
             self.ctxmgr.record(run_id, tool_messages)
-        if step.usage is not None:
-            yield ev.response_metadata(step.usage)
         open_blocks.remove(ev.finish_step())
         yield ev.finish_step()
         outcome.text = text

@@ -106,7 +106,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(messages, indent=2))
     else:
         for i, message in enumerate(messages, 1):
-            print(f"{i:4} {message.get('role', '?'):9} {_text(dict(message))}")
+            kind = message.get("role") or message.get("type") or "?"
+            print(f"{i:4} {kind:9} {_text(dict(message))}")
     return 0
 
 

@@ -113,6 +113,20 @@ class MemoryStore:
                 del self._sessions[session_id]
             return session.last_seq
 
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None or not session.entries:
+                return None
+            mid, text = session.entries.pop()
+            del session.ids[mid]
+            session.last_seq -= 1
+            session.updated = time.time()
+            if not session.entries:
+                del self._sessions[session_id]
+        return decode_message(text)
+
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         validate_session_id(session_id)
         texts = encode_messages(messages)

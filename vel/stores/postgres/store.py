@@ -23,7 +23,7 @@ This module validates the constructor's arguments and documents the public calls
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -236,6 +236,20 @@ class PostgresStore:
         with observed(LOAD, "load", session_id):
             return await self._sessions.load(session_id, limit)
 
+    async def pop(self, session_id: str) -> Message | None:
+        """Atomically remove and return the newest message (None for an unknown, empty or
+        expired session); one transaction whose ``DELETE ... RETURNING`` takes the message.
+
+        The session's generation moves on, as with :meth:`clear`, so a Redis copy made
+        before the pop is never flushed back over it.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed; nothing changed (unless it failed while
+                committing: then the message may be gone).
+        """
+        return await self._sessions.pop(session_id)
+
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         """Atomically replace the whole history with ``messages`` (seqs restart at 1).
 
@@ -355,20 +369,27 @@ class PostgresStore:
         return result
 
     async def apply_flushes(
-        self, batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]]
+        self,
+        batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]],
+        truncations: Mapping[str, tuple[int, int]] | None = None,
     ) -> list[FlushResult]:
         """Write batches copied from the hot tier, idempotently, in one transaction.
 
-        Per session: a batch of an older generation than Postgres holds is ignored (a clear
-        or replace happened after it was read); a newer generation first wipes the stored
-        messages (an expired session counts as absent, whatever its generation). Rows
-        already stored with the same message id count as duplicates. The cost is a fixed
-        four or five round trips, whatever the number of sessions and rows.
+        Per session: a batch of an older generation than Postgres holds is ignored (a clear,
+        replace or pop happened after it was read); a newer generation first wipes the stored
+        messages (an expired session counts as absent, whatever its generation), or, with a
+        truncation whose generation Postgres has reached, drops only the messages above its
+        kept seq (the newer generation came from pops). Rows already stored with the same
+        message id count as duplicates. The cost is a fixed four to six round trips,
+        whatever the number of sessions and rows.
 
         Args:
             batches: ``(session_id, generation, rows)`` with each session at most once;
                 ``rows`` are ``(seq, message_id, message JSON text)``, possibly empty (to
                 record a newer generation only).
+            truncations: session id -> ``(from_generation, keep)``: Postgres at
+                ``from_generation`` or later (below the batch's generation) holds the
+                session's history up to seq ``keep``.
 
         Returns:
             One :class:`FlushResult` per batch, in order.
@@ -380,7 +401,7 @@ class PostgresStore:
                 the others can be retried without it).
             StoreError: Postgres failed; nothing was written, the batches may be retried.
         """
-        return await self._sink.apply_flushes(batches)
+        return await self._sink.apply_flushes(batches, truncations)
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
         """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.

@@ -106,6 +106,7 @@ class Client:
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
         self.replace = self._register(lua.REPLACE)
+        self.pop = self._register(lua.POP)
         self.claim = self._register(lua.CLAIM)
         self.pending = self._register(lua.PENDING)
         self.ack = self._register(lua.ACK)

@@ -24,7 +24,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
-    meta: str  # hash: seq, flushed, gen, fgen, created, updated
+    meta: str  # hash: seq, flushed, gen, fgen, created, updated (+ tgen, tseq after a pop)
     messages: str  # list: "<message id>\n<json>" per message, seq 1 at index 0
     replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
     # warmed session) -> the seq of that message

@@ -215,6 +215,17 @@ class RedisStore:
     async def last_seq(self, session_id: str) -> int:
         return await self._sessions.last_seq(session_id)
 
+    async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
+        """Run the pop script once: ``(0, message or None)``, or ``(MISS, None)`` when a
+        write-behind store must warm the session first."""
+        return await self._sessions.try_pop(session_id)
+
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        return (await self.try_pop(session_id))[1]
+
     async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
         """Replace (no items: clear). Returns the new generation, or MISS."""
         return await self._sessions.try_replace(session_id, items)

@@ -161,7 +161,8 @@ class Flusher:
         while work:
             try:
                 results = await self.cold.apply_flushes(
-                    [(p.session_id, p.gen, p.rows) for p in work]
+                    [(p.session_id, p.gen, p.rows) for p in work],
+                    {p.session_id: p.truncate for p in work if p.truncate is not None},
                 )
                 break
             except FlushConflictError as exc:

@@ -154,6 +154,19 @@ class TieredStore:
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         await self._replace(session_id, messages)
 
+    async def pop(self, session_id: str) -> Message | None:
+        """Remove and return the newest message in one Redis script (warming the session
+        first if Redis lacks it); Postgres drops it with the next flush, and no flush that
+        read it before can write it back (see :mod:`vel.stores.redis.scripts`)."""
+        validate_session_id(session_id)
+        self._ensure_flusher()
+        for _ in range(5):
+            code, message = await self.hot.try_pop(session_id)
+            if code != MISS:
+                return message
+            await self._miss(session_id)
+        raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+
     async def clear(self, session_id: str) -> None:
         await self._replace(session_id, [])
 
