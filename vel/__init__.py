@@ -6,6 +6,7 @@ from __future__ import annotations
 from vel.agent import Agent
 from vel.context import ContextManager, StatelessContextManager
 from vel.errors import (
+    AccessDeniedError,
     BackpressureError,
     ConfigurationError,
     InvalidInputError,
@@ -24,6 +25,7 @@ from vel.stores.memory import MemoryStore
 from vel.tools import Tool
 
 __all__ = [
+    "AccessDeniedError",
     "Agent",
     "BackpressureError",
     "ConfigurationError",

@@ -9,13 +9,15 @@ Prometheus expects (it sums over processes and handles restarts); gauges are rea
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 
+from vel.bounds import PORT
+from vel.logs import get_logger
+
 __all__ = ["METRICS", "MetricsServer", "render"]
 
-log = logging.getLogger("vel.metrics")
+log = get_logger("vel.metrics")
 
 # name -> (type, help). Names are vel's stats() keys; exported as ``vel_<name>``.
 METRICS: dict[str, tuple[str, str]] = {
@@ -85,7 +87,7 @@ class MetricsServer:
     def __init__(self, collect: Collect, port: int, host: str = "0.0.0.0") -> None:
         self.collect = collect
         self.host = host
-        self.port = port
+        self.port = PORT.check_int("port", port)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from vel.errors import ConfigurationError
+from vel.namespace import Placement, place
 from vel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -21,7 +22,26 @@ if TYPE_CHECKING:
 def add_connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsn", help="Postgres DSN (default: POSTGRES_DSN)")
     p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL)")
-    p.add_argument("--prefix", help="Redis key prefix (default: VEL_KEY_PREFIX or vel)")
+    p.add_argument(
+        "--prefix",
+        help="namespace: the Redis key prefix, which also picks the Postgres schema "
+        "(default: VEL_KEY_PREFIX or vel)",
+    )
+    p.add_argument(
+        "--schema",
+        help="Postgres schema of vel's tables (default: VEL_PG_SCHEMA, else the DSN's "
+        "search_path for prefix vel, else one derived from the prefix)",
+    )
+
+
+def placement_of(settings: Settings) -> Placement:
+    """Where the namespace of ``settings`` keeps its Postgres tables (see vel.namespace)."""
+    return place(
+        schema=None,
+        dsn=settings.postgres_dsn,
+        env_schema=settings.pg_schema,
+        prefix=settings.key_prefix,
+    )
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -43,6 +63,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["redis_url"] = args.redis_url
     if getattr(args, "prefix", None):
         changes["key_prefix"] = args.prefix
+    if getattr(args, "schema", None):
+        changes["pg_schema"] = args.schema
     return dataclasses.replace(settings, **changes)
 
 
@@ -66,6 +88,10 @@ class Backends:
     @property
     def hot(self) -> RedisStore | None:
         return self.tiered.hot if self.tiered is not None else None
+
+    @property
+    def placement(self) -> Placement:
+        return self.cold.placement
 
 
 @asynccontextmanager

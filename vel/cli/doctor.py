@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vel.bounds import WAIT, cli
 from vel.cli._common import add_connection_flags, settings_from
 from vel.errors import VelError
 
@@ -226,10 +227,12 @@ def register(sub: Any) -> None:
         help="database: skip the Redis checks",
     )
     p.add_argument("--strict", action="store_true", help="warnings fail too")
-    p.add_argument("--max-skew", type=float, default=2.0, help="allowed clock skew, seconds")
+    p.add_argument(
+        "--max-skew", type=cli(WAIT, "--max-skew"), default=2.0, help="allowed clock skew, seconds"
+    )
     p.add_argument(
         "--max-backlog-age",
-        type=float,
+        type=cli(WAIT, "--max-backlog-age"),
         default=60.0,
         help="oldest unflushed session age that means no flusher keeps up, seconds",
     )

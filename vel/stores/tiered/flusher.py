@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 from typing import TYPE_CHECKING
 
 from vel import failpoints
-from vel.errors import FlushConflictError, StoreError
+from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
+from vel.errors import FlushConflictError, InvalidInputError, StoreError
+from vel.logs import get_logger
 from vel.settings import load_settings
 from vel.totals import Totals
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from vel.stores.redis import Pending, RedisStore
 
 # The logger keeps its name from before the flusher moved here: log filters select on it.
-log = logging.getLogger("vel.flusher")
+log = get_logger("vel.flusher")
 
 
 class Flusher:
@@ -65,13 +66,15 @@ class Flusher:
     ) -> None:
         self.hot = hot
         self.cold = cold
-        self.batch_sessions = batch_sessions
-        self.max_rows = max_rows
-        self.lease = lease
-        self.idle_interval = idle_interval
-        self.max_backoff = max_backoff
+        self.batch_sessions = BATCH.check_int("batch_sessions", batch_sessions)
+        self.max_rows = BATCH.check_int("max_rows", max_rows)
+        self.lease = LEASE.check("lease", lease)
+        self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
+        self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
-            load_settings().flush_interval if sweep_interval is None else sweep_interval
+            load_settings().flush_interval
+            if sweep_interval is None
+            else DELAY.check("sweep_interval", sweep_interval)
         )
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
@@ -238,8 +241,12 @@ class Flusher:
         self._stop.set()
 
     async def drain(self, timeout: float = 10.0) -> bool:
-        """Flush until nothing is unflushed or ``timeout`` passes; True when drained."""
-        deadline = time.monotonic() + timeout
+        """Flush until nothing is unflushed or ``timeout`` passes; True when drained.
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        deadline = time.monotonic() + WAIT.check("timeout", timeout, InvalidInputError)
         while True:
             try:
                 await self.flush_once()
