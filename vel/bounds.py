@@ -83,7 +83,8 @@ class Bound:
         if self.integer:
             return f"an integer from {_number(self.low)} to {_number(self.high)}{unit}"
         low = f"> {_number(self.low)}" if self.open_low else f">= {_number(self.low)}"
-        return f"a number{unit} {low} and <= {_number(self.high)}"
+        what = f"a number of{unit}" if unit else "a number"
+        return f"{what} {low} and <= {_number(self.high)}"
 
     def _fits(self, value: float) -> bool:
         above = value > self.low if self.open_low else value >= self.low
@@ -142,9 +143,9 @@ class Bound:
         text = raw.strip()
         try:
             value: float = int(text) if self.integer else float(text)
-        except ValueError:
+            return self.check(name, value, error)
+        except (ValueError, VelError):
             raise error(f"{name} must be {self.describe()}, got {raw!r}") from None
-        return self.check(name, value, error)
 
 
 # -- the ranges, by meaning --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from vel.errors import ConfigurationError
 __all__ = [
     "DEFAULT_PREFIX",
     "Placement",
+    "check_prefix",
     "check_schema_name",
     "dsn_search_path",
     "place",
@@ -35,11 +36,25 @@ __all__ = [
 ]
 
 DEFAULT_PREFIX = "vel"
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Every character a key prefix may hold (vel.stores.redis.keys) that is not a lowercase
 # letter or digit, and its escape: the mapping stays one-to-one.
 _ESCAPES = {"_": "__", "-": "_d", ".": "_p", ":": "_c"}
 _MAX_IDENTIFIER = 63
+
+
+def check_prefix(prefix: object, what: str = "key prefix") -> str:
+    """Return ``prefix`` if it is a usable key prefix: 1-64 of letters, digits, ``_ . : -``.
+
+    Raises:
+        ConfigurationError: anything else.
+    """
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise ConfigurationError(
+            f"{what} must be 1-64 of letters, digits, '_', '.', ':', '-'; got {prefix!r}"
+        )
+    return prefix
 
 
 def check_schema_name(schema: object, what: str = "schema") -> str:

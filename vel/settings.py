@@ -15,7 +15,7 @@ from typing import Any
 from vel import bounds
 from vel.bounds import Bound
 from vel.errors import ConfigurationError
-from vel.namespace import check_schema_name
+from vel.namespace import check_prefix, check_schema_name
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -113,6 +113,7 @@ def _check(settings: Settings) -> None:
             raise ConfigurationError(
                 f"Settings.{field} must be one of {choices}, got {getattr(settings, field)!r}"
             )
+    check_prefix(settings.key_prefix, "VEL_KEY_PREFIX")
     if settings.pg_schema is not None:
         check_schema_name(settings.pg_schema, "Settings.pg_schema")
 

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from vel.bounds import TIMEOUT
 from vel.errors import (
     AccessDeniedError,
     ConfigurationError,
@@ -238,6 +239,7 @@ async def migrate(
     """
     if schema is not None:
         validate_schema_name(schema)
+    connect_timeout = TIMEOUT.check("connect_timeout", connect_timeout)
     if not isinstance(conn_or_dsn, str):
         return await _migrate_connection(conn_or_dsn, schema)
     dsn = conn_or_dsn
