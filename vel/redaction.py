@@ -43,9 +43,10 @@ _PASSWORD_PARAM = re.compile(
 # Secrets shorter than this are only hidden where they appear as URL or DSN credentials:
 # hiding every "ab" in a message would garble it and protect nothing.
 _MIN_SECRET = 3
-# Pieces of a secret split at URL delimiters, which a URL parser's message may quote.
-_MIN_PIECE = 4
-_PIECE_SPLIT = re.compile(r"[@:/#?%&=\s]+")
+# Pieces of a secret between its punctuation, which a URL parser's message may quote (a
+# password cut at an unencoded "/" or "#").
+_MIN_PIECE = 5
+_PIECE_SPLIT = re.compile(r"[^A-Za-z0-9]+")
 _MAX_REMEMBERED = 256
 
 _lock = threading.Lock()
@@ -94,13 +95,16 @@ def secrets_of(url: str | None) -> list[str]:
     found: list[str] = []
     _, _, password, rest = split_userinfo(url)
     if password:
-        found += [password, unquote(password)]
+        found += [password, unquote(password), quote(unquote(password), safe="")]
     query = rest.partition("?")[2] if _SCHEME.match(url) else ""
     for key, value in parse_qsl(query.partition("#")[0], keep_blank_values=False):
         if key.lower().replace("_", "") in ("password", "sslpassword") and value:
             found.append(value)
     for match in _PASSWORD_PARAM.finditer(url if not query else url.partition("?")[0]):
-        value = match.group(2).strip("'\"")
+        value = match.group(2)
+        if value.startswith("'"):  # libpq quoting: backslash escapes ' and \
+            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
+        value = value.strip('"')
         if value:
             found.append(value)
     return [s for s in dict.fromkeys(found) if s]

@@ -89,6 +89,8 @@ class TieredStore:
         self.warm_lease = LEASE.check("warm_lease", warm_lease)
         self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
         self._flusher_task: asyncio.Task[None] | None = None
+        # Whether this process wrote anything that a drain on close should push to Postgres.
+        self._wrote = False
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -145,6 +147,7 @@ class TieredStore:
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id)
+        self._wrote = True
         return await self.hot.append_items(session_id, items, first_id, on_miss)
 
     def _count_hit(self) -> None:
@@ -161,6 +164,7 @@ class TieredStore:
         validate_session_id(session_id)
         items = self.hot.encode(messages, None)
         self._ensure_flusher()
+        self._wrote = True
         for _ in range(5):
             gen = await self.hot.try_replace(session_id, items)
             if gen != MISS:
@@ -199,6 +203,7 @@ class TieredStore:
         on_miss = functools.partial(self._miss, session_id)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
             self._count_hit()  # the window came from Redis (after any warm)
+            self._wrote = True  # the turn may commit
             yield turn
 
     async def stats(self) -> dict[str, float]:
@@ -246,9 +251,19 @@ class TieredStore:
                 await task
             except Exception:
                 log.exception("embedded flusher failed")
-            drained = await self.flusher.drain(self.drain_timeout)
-            if not drained:
-                log.warning("closing with unflushed messages; another flusher will write them")
+            # Only this process's own writes are worth waiting for at close; with none, the
+            # other flushers' backlog is theirs.
+            if not self._wrote:
+                drained = not self.flusher.outage.ongoing  # Redis answered the last flush
+            else:
+                drained = await self.flusher.drain(self.drain_timeout)
+                if not drained:
+                    why = self.flusher.last_error
+                    log.warning(
+                        "closing before every write of this process reached Postgres%s; "
+                        "what is unflushed stays in Redis, without a TTL, for the next flusher",
+                        f" ({why})" if why is not None else f" within {self.drain_timeout} s",
+                    )
         if not in_helper_thread():
             # A last report only when Redis just answered the drain: with Redis gone it
             # would cost a timeout.
