@@ -37,6 +37,7 @@ from vel.stores.postgres.migrate import (
     connect_error,
     latest_version,
     migrate,
+    schema_refused,
     schema_version,
 )
 
@@ -234,14 +235,23 @@ class Connector:
         version = await self.use(pool, schema_version)
         if version >= need:
             return
+        if version == 0 and self.schema is not None:
+            role = await self.use(pool, lambda conn: schema_refused(conn, self.schema))
+            if role is not None:
+                # A schema the role may not use looks empty to it: say what is missing.
+                raise AccessDeniedError(
+                    f"Postgres refused role {role!r} the use of {self.placement} at "
+                    f"{self.where} for lack of permission (no USAGE on the schema; "
+                    "insufficient_privilege): grant the role the privileges listed in "
+                    "docs/operations.md (Postgres grants)"
+                )
         if self._migrate:
             await self.use(pool, lambda conn: migrate(conn, self.schema))
             return
-        where = f"schema {self.schema!r}" if self.schema else "the search_path"
         state = "has no vel tables" if version == 0 else f"is at version {version}, need {need}"
         raise ConfigurationError(
-            f"Postgres {where} at {self.where} {state}: run `vel migrate` "
-            "(or set VEL_MIGRATE=1 to migrate at start-up)"
+            f"Postgres {self.placement} at {self.where} {state}: run `vel migrate` with the "
+            "same settings (or set VEL_MIGRATE=1 to migrate at start-up)"
         )
 
     async def _get_pool(self) -> Pool:

@@ -39,6 +39,7 @@ __all__ = [
     "latest_version",
     "load_migrations",
     "migrate",
+    "schema_refused",
     "schema_version",
     "validate_schema_name",
 ]
@@ -161,6 +162,17 @@ async def schema_version(conn: Connection) -> int:
         return 0
     version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM vel_schema_version")
     return int(version)
+
+
+async def schema_refused(conn: Connection, schema: str) -> str | None:
+    """The role's name when ``schema`` exists but the role lacks USAGE on it (its tables are
+    then invisible, not missing); None otherwise."""
+    row = await conn.fetchrow(
+        "SELECT has_schema_privilege(oid, 'USAGE') AS usage, current_user AS role "
+        "FROM pg_namespace WHERE nspname = $1",
+        schema,
+    )
+    return None if row is None or row["usage"] else str(row["role"])
 
 
 async def _enter_schema(conn: Connection, schema: str | None) -> None:
