@@ -200,6 +200,40 @@ async def test_rediss_with_a_generated_ca(
             await store.aclose()
 
 
+async def test_rediss_cluster_with_a_private_ca(
+    tmp_path: Path, pg_dsn: str, migrated_schema: str, logs: pytest.LogCaptureFixture
+) -> None:
+    """A cluster behind a private CA takes its CA in the URL (``?ssl_ca_certs=``), like a
+    single server; without it the certificate is refused as configuration, naming the fix."""
+    from cluster import RedisClusterServers
+
+    certs = make_certificates(tmp_path)
+    with RedisClusterServers(masters=3, replicas=0, tls=certs) as cluster:
+        assert cluster.url.startswith("rediss+cluster://")
+        store = TieredStore(
+            RedisStore(cluster.url, key_prefix="tlsc", write_behind=True, flush_delay=0),
+            PostgresStore(pg_dsn, schema=migrated_schema),
+            flusher=False,
+        )
+        no_ca = RedisStore(cluster.url.partition("?")[0], key_prefix="tlsc", op_timeout=2.0)
+        try:
+            assert store.hot.is_cluster
+            for sid in ("c-1", "c-2", "{0}"):
+                assert await roundtrip(store, sid) == [{"role": "user", "content": "hi"}]
+            assert await store.flush(10)
+            keys = store.hot.keys.session("c-1").data
+            await store.hot.call("drop", lambda c: c.redis.delete(*keys))
+            assert len(await store.load("c-1")) == 1  # warmed back over TLS
+            with pytest.raises(ConfigurationError) as refused:
+                await no_ca.load("c-1")
+            assert "certificate" in str(refused.value)
+            assert "ssl_ca_certs" in str(refused.value)
+        finally:
+            await store.aclose()
+            await no_ca.aclose()
+    assert "Traceback" not in logs.text
+
+
 # -- Postgres password auth -------------------------------------------------------------------
 
 

@@ -235,8 +235,9 @@ class Connector:
         version = await self.use(pool, schema_version)
         if version >= need:
             return
-        if version == 0 and self.schema is not None:
-            role = await self.use(pool, lambda conn: schema_refused(conn, self.schema))
+        schema = self.schema
+        if version == 0 and schema is not None:
+            role = await self.use(pool, lambda conn: schema_refused(conn, schema))
             if role is not None:
                 # A schema the role may not use looks empty to it: say what is missing.
                 raise AccessDeniedError(
