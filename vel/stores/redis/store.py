@@ -55,7 +55,13 @@ class RedisStore:
         url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
             ``redis://127.0.0.1:6379/0``); ``redis+cluster://[user:password@]host:port[,...]``
             (``rediss+cluster://`` with TLS) uses a Redis Cluster, discovered from those seeds.
-        client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
+            Checked at once (see :mod:`vel.stores.redis.url` for the forms and options).
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use instead, made with
+            ``decode_responses=False``. It stays the caller's (never closed here) and serves
+            the event loop it belongs to (the one running when the store is made, or the
+            first to use it); calls from another loop (the plain ``ctxmgr`` calls run on
+            vel's helper loop) are sent to that loop while it runs, and refused with
+            ConfigurationError when it cannot run them.
         write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
         key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
         buckets: hash-slot buckets (part of the key layout: same value in every process;
