@@ -332,20 +332,13 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[str, str]:
 
 
 async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
-    proc = await start_flusher(
-        ops,
-        "flusher",
-        "--metrics-port",
-        "0",
-        "--metrics-host",
-        "127.0.0.1",
-        "--health-interval",
-        "0",
-    )
+    # No --metrics-host: it listens on loopback only.
+    proc = await start_flusher(ops, "flusher", "--metrics-port", "0", "--health-interval", "0")
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(20):
             banner = (await proc.stdout.readline()).decode()
+        assert "metrics on 127.0.0.1:" in banner, banner
         port = int(banner.rsplit(":", 1)[1].split("/")[0])
         await ops.store.append("m", msgs("a", "b"))
         async with asyncio.timeout(20):
@@ -361,6 +354,13 @@ async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
     assert "# TYPE vel_flushed_messages_total counter" in body
     assert "vel_flushed_messages_total 2" in body
     assert "# TYPE vel_unflushed_messages gauge" in body and "vel_unflushed_messages 0" in body
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f.type for f in text_string_to_metric_families(body)}
+    assert {n: t for n, t in families.items() if t not in ("counter", "gauge", "histogram")} == {}
+    assert families["vel_flush_duration_seconds"] == "histogram"
+    assert families["vel_flush_batches"] == "counter"
+    assert 'vel_flush_batches_total{outcome="ok"}' in body
 
 
 async def test_json_logs_carry_the_session_id(ops: Env) -> None:
@@ -441,8 +441,9 @@ def test_prometheus_rendering() -> None:
 
     text = render({"flushed_messages": 3, "oldest_dirty_age": 0.25, "custom-thing": 1})
     assert "# TYPE vel_flushed_messages_total counter\nvel_flushed_messages_total 3\n" in text
-    assert "# TYPE vel_oldest_dirty_age gauge\nvel_oldest_dirty_age 0.25\n" in text
-    assert "# TYPE vel_custom_thing untyped\nvel_custom_thing 1\n" in text
+    assert "# TYPE vel_oldest_dirty_age_seconds gauge\nvel_oldest_dirty_age_seconds 0.25\n" in text
+    # A figure nobody declared is still typed: a gauge, a value read now.
+    assert "# TYPE vel_custom_thing gauge\nvel_custom_thing 1\n" in text
 
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
@@ -19,19 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
+from vel import tracing
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
     Message,
+    TextCleaner,
+    clean_text,
     encode_message,
     encode_messages,
     validate_message,
     validate_session_id,
 )
+from vel.metrics.histograms import TURN
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
-from vel.tools import Tool, build_tools, render_output
+from vel.tools import Tool, build_tools, error_text, tool_result
 
 DEFAULT_MAX_STEPS = 8
 
@@ -84,6 +89,9 @@ class _Step:
     calls: dict[int, _PendingCall] = field(default_factory=dict)
     usage: dict[str, Any] | None = None
     text_block: str | None = None
+    # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
+    # they stream, so the deltas a client sees are the text that is stored.
+    cleaner: TextCleaner = field(default_factory=TextCleaner)
 
 
 class Agent:
@@ -253,6 +261,10 @@ class Agent:
         outcome: _Outcome,
     ) -> AsyncGenerator[ev.Event, None]:
         run_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        # Not the current span while events are yielded (the consumer runs then): only
+        # around the store calls, which nest their load/append spans in it.
+        span = tracing.start("turn", session_id if isinstance(session_id, str) else None)
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
@@ -260,13 +272,14 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
-            async with self._lock(session_id if keep else None) as turn:
-                await self.ctxmgr.aprepare_run(
-                    run_id,
-                    None if client_owned else session_id,
-                    new_messages,
-                    *([turn.window] if turn is not None else []),
-                )
+            async with tracing.within(self._lock(session_id if keep else None), span) as turn:
+                with tracing.current(span):
+                    await self.ctxmgr.aprepare_run(
+                        run_id,
+                        None if client_owned else session_id,
+                        new_messages,
+                        *([turn.window] if turn is not None else []),
+                    )
                 for _ in range(self.max_steps):
                     has_calls = False
                     steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
@@ -280,10 +293,11 @@ class Agent:
                 if keep:
                     assert session_id is not None
                     # Not cancellable: an interrupted append could be stored yet reported lost.
-                    if turn is not None:
-                        await turn.commit(self.ctxmgr.turn_messages(run_id))
-                    else:
-                        await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+                    with tracing.current(span):
+                        if turn is not None:
+                            await turn.commit(self.ctxmgr.turn_messages(run_id))
+                        else:
+                            await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
             yield ev.finish()
         except _Cancelled:
             outcome.cancelled = True
@@ -301,6 +315,8 @@ class Agent:
             yield ev.error(text)
         finally:
             self.ctxmgr.end_run(run_id)
+            TURN.observe(time.perf_counter() - started)
+            tracing.end(span, outcome.error)
 
     async def _step(
         self,
@@ -328,13 +344,16 @@ class Agent:
                         step.text_block = uuid.uuid4().hex
                         yield ev.text_start(step.text_block)
                         open_blocks.append(ev.text_end(step.text_block))
-                    step.text.append(chunk.text)
-                    yield ev.text_delta(step.text_block, chunk.text)
+                    piece = step.cleaner.feed(chunk.text)
+                    if piece:
+                        step.text.append(piece)
+                        yield ev.text_delta(step.text_block, piece)
                 elif isinstance(chunk, ToolCallChunk):
                     call = step.calls.get(chunk.index)
                     if call is None:
                         call = _PendingCall(
-                            chunk.call_id or f"call_{uuid.uuid4().hex[:24]}", chunk.name or ""
+                            clean_text(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}"),
+                            clean_text(chunk.name or ""),
                         )
                         step.calls[chunk.index] = call
                         yield ev.tool_input_start(call.call_id, call.name)
@@ -347,10 +366,16 @@ class Agent:
         finally:
             await chunks.aclose()
         if step.text_block is not None:
+            piece = step.cleaner.flush()
+            if piece:
+                step.text.append(piece)
+                yield ev.text_delta(step.text_block, piece)
             open_blocks.remove(ev.text_end(step.text_block))
             yield ev.text_end(step.text_block)
         text = "".join(step.text)
         ordered = [step.calls[i] for i in sorted(step.calls)]
+        for c in ordered:  # model output: stored, so made storable (ids and names already are)
+            c.arguments = clean_text(c.arguments)
         assistant: Message = {"role": "assistant", "content": text or None}
         if ordered:
             assistant["tool_calls"] = [
@@ -380,14 +405,13 @@ class Agent:
                 cancel_token,
             )
             tool_messages: list[Message] = []
-            for call, (ok, value) in zip(ordered, results, strict=True):
+            for call, (ok, value, content) in zip(ordered, results, strict=True):
                 open_blocks.remove(ev.tool_output_error(call.call_id, "turn ended"))
                 if ok:
                     yield ev.tool_output_available(call.call_id, value)
-                    content = render_output(value)
                 else:
-                    yield ev.tool_output_error(call.call_id, value)
-                    content = f"Error: {value}"
+                    yield ev.tool_output_error(call.call_id, content)
+                    content = f"Error: {content}"
                 tool_messages.append(
                     {"role": "tool", "tool_call_id": call.call_id, "content": content}
                 )
@@ -398,16 +422,20 @@ class Agent:
         yield ev.finish_step()
         outcome.text = text
 
-    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any]:
+    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any, str]:
+        """``(ok, output, text)``: the event's output and the tool message's text, or
+        ``(False, None, error)``. A tool's failure (bad arguments, an exception, a result
+        that is not JSON) is reported to the model, never raised out of the turn."""
         tool = self.tools.get(call.name)
         if tool is None:
-            return False, f"unknown tool {call.name!r}"
+            return False, None, f"unknown tool {call.name!r}"
         if not isinstance(arguments, dict):
-            return False, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
+            return False, None, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
         try:
-            return True, await tool.call(arguments)
-        except Exception as exc:  # a tool's failure is reported to the model, not raised
-            return False, f"{type(exc).__name__}: {exc}"
+            output, text = tool_result(await tool.call(arguments))
+        except Exception as exc:
+            return False, None, error_text(exc)
+        return True, output, text
 
 
 async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:

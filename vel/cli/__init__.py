@@ -18,11 +18,25 @@ from collections.abc import Sequence
 
 from vel.bounds import LEASE, PORT, WAIT, cli
 from vel.cli import doctor, sessions, stats, warm
-from vel.cli._common import add_connection_flags, need_dsn, placement_of, settings_from
+from vel.cli._common import (
+    Parser,
+    add_command,
+    add_connection_flags,
+    need_dsn,
+    placement_of,
+    settings_from,
+)
 from vel.errors import VelError
 from vel.logs import get_logger
 from vel.redaction import redact
 from vel.settings import load_settings
+
+# `vel --help` shows this as plain text (the module docstring is reStructuredText).
+DESCRIPTION = (
+    "Operate vel's session stores: Postgres migrations, the write-behind flusher, sessions, "
+    "warming, statistics and checks. Flags override the environment (POSTGRES_DSN, REDIS_URL, "
+    "VEL_KEY_PREFIX and the other VEL_* variables the library reads)."
+)
 
 
 async def _migrate(args: argparse.Namespace) -> int:
@@ -81,7 +95,7 @@ async def _flusher(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         metrics = MetricsServer(figures, args.metrics_port, args.metrics_host)
         await metrics.start()
-    where = f", metrics on :{metrics.port}/metrics" if metrics else ""
+    where = f", metrics on {metrics.host}:{metrics.port}/metrics" if metrics else ""
     print(f"vel flusher running: {hot!r} -> {cold!r}{where}", flush=True)
 
     async def report() -> None:
@@ -128,24 +142,29 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vel", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vel", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument(
         "--log-format", choices=("text", "json"), help="log lines (default: VEL_LOG_FORMAT)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("migrate", help="apply the Postgres schema migrations")
-    add_connection_flags(p)
+    p = add_command(sub, "migrate", "apply the Postgres schema migrations")
+    add_connection_flags(p, redis=False)
     p.add_argument("--show", action="store_true", help="only print the schema version")
     p.set_defaults(run=_migrate)
 
-    p = sub.add_parser("flusher", help="run a standalone write-behind flusher until SIGTERM")
+    p = add_command(sub, "flusher", "run a standalone write-behind flusher until SIGTERM")
     add_connection_flags(p)
     p.add_argument(
         "--lease", type=cli(LEASE, "--lease"), default=30.0, help="claim lease in seconds"
     )
-    p.add_argument("--drain-timeout", type=cli(WAIT, "--drain-timeout"), default=30.0)
+    p.add_argument(
+        "--drain-timeout",
+        type=cli(WAIT, "--drain-timeout"),
+        default=30.0,
+        help="seconds spent flushing what is left after SIGTERM",
+    )
     p.add_argument(
         "--health-interval",
         type=cli(WAIT, "--health-interval"),
@@ -155,9 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port",
         type=cli(PORT, "--metrics-port"),
-        help="serve Prometheus metrics on this port (0: any free)",
+        help="serve Prometheus metrics on this port (0: any free; default: no metrics server)",
     )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics server listens on (0.0.0.0: every interface)",
+    )
     p.set_defaults(run=_flusher)
 
     sessions.register(sub)
@@ -165,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.register(sub)
     doctor.register(sub)
 
-    p = sub.add_parser("demo", help="a multi-turn conversation with session memory")
+    p = add_command(sub, "demo", "a multi-turn conversation with session memory")
     p.add_argument(
         "--storage",
         default="auto",

@@ -19,19 +19,58 @@ if TYPE_CHECKING:
     from vel.stores.tiered import TieredStore
 
 
-def add_connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dsn", help="Postgres DSN (default: POSTGRES_DSN)")
-    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL)")
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default (argparse's own formatter shows none, and its
+    ArgumentDefaultsHelpFormatter also prints ``default: None`` for unset ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default is None
+            or isinstance(default, bool)
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``vel`` parsers: every subcommand's help shows defaults the same way."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def add_command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` starts with the summary ``vel --help`` lists."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=summary, description=summary)
+    return parser
+
+
+def add_connection_flags(
+    p: argparse.ArgumentParser, *, postgres: bool = True, redis: bool = True
+) -> None:
+    """The flags of the backends a command uses (and only those). The namespace flags
+    (``--prefix``, ``--schema``) come with either backend: both tiers follow it."""
+    if postgres:
+        p.add_argument("--dsn", help="Postgres DSN (default: POSTGRES_DSN)")
+    if redis:
+        p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL)")
     p.add_argument(
         "--prefix",
         help="namespace: the Redis key prefix, which also picks the Postgres schema "
         "(default: VEL_KEY_PREFIX or vel)",
     )
-    p.add_argument(
-        "--schema",
-        help="Postgres schema of vel's tables (default: VEL_PG_SCHEMA, else the DSN's "
-        "search_path for prefix vel, else one derived from the prefix)",
-    )
+    if postgres:
+        p.add_argument(
+            "--schema",
+            help="Postgres schema of vel's tables (default: VEL_PG_SCHEMA, else the DSN's "
+            "search_path for prefix vel, else one derived from the prefix)",
+        )
 
 
 def placement_of(settings: Settings) -> Placement:

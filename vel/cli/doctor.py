@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vel.bounds import WAIT, cli
-from vel.cli._common import add_connection_flags, settings_from
+from vel.cli._common import add_command, add_connection_flags, settings_from
 from vel.errors import AccessDeniedError, ConfigurationError, VelError
 from vel.redaction import redact
 from vel.totals import read_totals
@@ -380,7 +380,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="check Redis and Postgres settings; exit 1 on a problem")
+    p = add_command(sub, "doctor", "check Redis and Postgres settings; exit 1 on a problem")
     add_connection_flags(p)
     p.add_argument(
         "--storage",

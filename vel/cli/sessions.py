@@ -23,6 +23,7 @@ from typing import Any
 from vel.bounds import AGE, COUNT, WAIT, cli
 from vel.cli._common import (
     Backends,
+    add_command,
     add_connection_flags,
     add_storage_flag,
     need_dsn,
@@ -266,7 +267,7 @@ async def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    parent = sub.add_parser("sessions", help="list, show, export, import, delete, purge")
+    parent = add_command(sub, "sessions", "list, show, export, import, delete, purge")
     ss = parent.add_subparsers(dest="action", required=True)
 
     def base(name: str, text: str) -> argparse.ArgumentParser:
@@ -288,7 +289,9 @@ def register(sub: Any) -> None:
             )
 
     p = base("list", "sessions with messages, least recently updated first")
-    p.add_argument("--limit", type=cli(COUNT, "--limit"), default=100)
+    p.add_argument(
+        "--limit", type=cli(COUNT, "--limit"), default=100, help="at most this many sessions"
+    )
     p.add_argument(
         "--older-than",
         type=cli(AGE, "--older-than"),
@@ -299,12 +302,12 @@ def register(sub: Any) -> None:
     p.set_defaults(run=cmd_list)
 
     p = base("show", "print a session's messages")
-    p.add_argument("session_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("session_id", help="the session to print")
+    p.add_argument("--json", action="store_true", help="the messages as one JSON array")
     p.set_defaults(run=cmd_show)
 
     p = base("export", "write sessions as JSON Lines (all live sessions, or the given ids)")
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", help="sessions to export (default: all)")
     p.add_argument("--out", help="file to write (default: stdout)")
     flush_flags(p, skip=True)
     p.set_defaults(run=cmd_export)
@@ -318,7 +321,7 @@ def register(sub: Any) -> None:
     p.set_defaults(run=cmd_import)
 
     p = base("delete", "delete sessions (both tiers)")
-    p.add_argument("session_ids", nargs="+", metavar="ID")
+    p.add_argument("session_ids", nargs="+", metavar="ID", help="sessions to delete")
     flush_flags(p, skip=False)
     p.set_defaults(run=cmd_delete)
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from vel.bounds import COUNT, INTERVAL, cli
-from vel.cli._common import add_connection_flags, settings_from
+from vel.cli._common import add_command, add_connection_flags, settings_from
 from vel.totals import RATE_WINDOW, read_totals
 
 
@@ -97,8 +97,8 @@ async def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("stats", help="backlog, flush rate and warm hits/misses")
-    add_connection_flags(p)
+    p = add_command(sub, "stats", "backlog, flush rate and warm hits/misses")
+    add_connection_flags(p, postgres=False)  # everything it shows is in Redis
     p.add_argument("--json", action="store_true", help="one JSON object per refresh")
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     p.add_argument(

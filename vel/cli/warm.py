@@ -8,7 +8,14 @@ import asyncio
 from typing import Any
 
 from vel.bounds import COUNT, POOL, cli
-from vel.cli._common import Progress, add_connection_flags, need_dsn, open_backends, read_input
+from vel.cli._common import (
+    Progress,
+    add_command,
+    add_connection_flags,
+    need_dsn,
+    open_backends,
+    read_input,
+)
 from vel.messages import validate_session_id
 from vel.namespace import Placement
 
@@ -64,7 +71,7 @@ async def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("warm", help="load sessions from Postgres into Redis")
+    p = add_command(sub, "warm", "load sessions from Postgres into Redis")
     add_connection_flags(p)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", nargs="+", metavar="ID", help="these sessions")
@@ -76,5 +83,10 @@ def register(sub: Any) -> None:
         help="the N most recently updated sessions",
     )
     which.add_argument("--all", action="store_true", help="every live session")
-    p.add_argument("--concurrency", type=cli(POOL, "--concurrency"), default=16)
+    p.add_argument(
+        "--concurrency",
+        type=cli(POOL, "--concurrency"),
+        default=16,
+        help="sessions loaded at the same time",
+    )
     p.set_defaults(run=cmd_warm)

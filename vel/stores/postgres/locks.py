@@ -16,6 +16,7 @@ from vel._lease import LeaseKeeper
 from vel.bounds import wait_arg
 from vel.errors import SessionLockedError, StoreError
 from vel.messages import validate_session_id
+from vel.metrics.histograms import LOCK_WAIT
 from vel.stores.postgres.connector import Connector, log
 
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -78,15 +79,18 @@ class TurnLocks:
 
     async def _acquire(self, session_id: str, token: str, wait: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        started = loop.time()
+        deadline = started + wait
         delay = 0.005
         waited = False
         while True:
+            attempt = loop.time()
             got = await self._db.run(
                 "acquire turn lock",
                 lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
             )
             if got is not None:
+                LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
                 return
             if not waited:
                 waited = True

@@ -22,14 +22,18 @@ This module validates the constructor's arguments and documents the public calls
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
+from vel import metrics
 from vel.bounds import LEASE, POOL, POOL_MIN, TIMEOUT, TTL
 from vel.errors import ConfigurationError
+from vel.instrument import observed
 from vel.messages import Message
+from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import Placement, place
 from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
@@ -159,6 +163,11 @@ class PostgresStore:
         self._sink = Sink(self._db, retention)
         self._locks = TurnLocks(self._db, lock_lease)
         self._maintenance = Maintenance(self._db)
+        metrics.track(
+            self,
+            functools.partial(_counters, self._sessions, self._locks, self._sink, self._db),
+            "postgres",
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> PostgresStore:
@@ -240,7 +249,8 @@ class PostgresStore:
             InvalidInputError: bad id or message, or ids already used by other messages.
             StoreError: Postgres failed; retry with the same ``message_ids``.
         """
-        return await self._sessions.append(session_id, messages, message_ids)
+        with observed(APPEND, "append", session_id):
+            return await self._sessions.append(session_id, messages, message_ids)
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         """Return the last ``limit`` messages (all when None), oldest first.
@@ -252,7 +262,8 @@ class PostgresStore:
             InvalidInputError: bad session id or limit.
             StoreError: Postgres failed.
         """
-        return await self._sessions.load(session_id, limit)
+        with observed(LOAD, "load", session_id):
+            return await self._sessions.load(session_id, limit)
 
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         """Atomically replace the whole history with ``messages`` (seqs restart at 1).
@@ -338,10 +349,7 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         result = await self._maintenance.gauges()
-        result.update(self._sessions.counters())
-        result["lock_waits"] = float(self._locks.waits)
-        result.update(self._sink.counters())
-        result["failures"] = float(self._db.failures)
+        result.update(_counters(self._sessions, self._locks, self._sink, self._db))
         return result
 
     # --- durable tier of the two-tier store ------------------------------------------------------
@@ -414,3 +422,14 @@ class PostgresStore:
             StoreError: Postgres failed; nothing changed.
         """
         await self._sink.apply_clear(session_id, generation)
+
+
+def _counters(sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector) -> dict[str, float]:
+    """This store's counters, from its parts (not from the store: tracking them must not
+    keep it alive)."""
+    return {
+        **sessions.counters(),
+        "lock_waits": float(locks.waits),
+        **sink.counters(),
+        "failures": float(db.failures),
+    }

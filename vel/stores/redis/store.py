@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 
+from vel import metrics
 from vel.bounds import (
     BUCKETS,
     COUNT,
@@ -35,7 +36,9 @@ from vel.bounds import (
     age_arg,
 )
 from vel.errors import InvalidInputError, StoreError
+from vel.instrument import observed
 from vel.messages import Message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.redis.client import Client, Connector
@@ -140,6 +143,7 @@ class RedisStore:
             "lock_waits": 0,
             "damaged_reads": 0,
         }
+        metrics.track(self, self.counters, "redis")
         self._sessions = Sessions(
             self._redis,
             self.keys,
@@ -190,7 +194,8 @@ class RedisStore:
         return await self._sessions.read(session_id, limit)
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
-        messages = await self.read(session_id, limit)
+        with observed(LOAD, "load", session_id):
+            messages = await self.read(session_id, limit)
         return [] if messages is None else messages
 
     async def exists(self, session_id: str) -> bool:
@@ -237,7 +242,8 @@ class RedisStore:
             return await self.last_seq(session_id)
         if self.write_behind:
             raise StoreError("a write-behind RedisStore is driven by its TieredStore")
-        return await self.append_items(session_id, items, items[0].partition("\n")[0])
+        with observed(APPEND, "append", session_id):
+            return await self.append_items(session_id, items, items[0].partition("\n")[0])
 
     async def last_seq(self, session_id: str) -> int:
         return await self._sessions.last_seq(session_id)

@@ -21,11 +21,13 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from vel import failpoints
+from vel import failpoints, metrics
 from vel._outage import PERMANENT_RETRY, Outage, permanent
 from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
 from vel.errors import FlushConflictError, InvalidInputError, VelError
+from vel.instrument import observed
 from vel.logs import get_logger
+from vel.metrics.histograms import FLUSH
 from vel.settings import load_settings
 from vel.totals import Totals
 
@@ -95,6 +97,7 @@ class Flusher:
         }
         # Shared through Redis so `vel stats` sees every flusher's work.
         self.totals = Totals(hot, [self.counters])
+        metrics.track(self, self.counters, None)
 
     async def flush_once(self) -> int:
         """One sweep over every bucket; returns the number of messages written.
@@ -158,6 +161,10 @@ class Flusher:
 
     async def _write(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
         """Copy ``work`` to Postgres in one transaction, then acknowledge it."""
+        with observed(FLUSH, "flush", sessions=len(work)):
+            return await self._write_batch(work, bucket_of)
+
+    async def _write_batch(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
         while work:
             try:
                 results = await self.cold.apply_flushes(

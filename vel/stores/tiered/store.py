@@ -15,11 +15,14 @@ import functools
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+from vel import metrics
 from vel._sync import in_helper_thread
 from vel.bounds import LEASE, WAIT, wait_arg
 from vel.errors import ConfigurationError, StoreTimeoutError
+from vel.instrument import observed
 from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
@@ -102,6 +105,7 @@ class TieredStore:
             # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
             "evictions_seen": 0,
         }
+        metrics.track(self, self.counters, None)
         self._warmer = Warmer(hot, cold, lease=warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
@@ -124,6 +128,10 @@ class TieredStore:
     # -- SessionStore ----------------------------------------------------------------------
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        with observed(LOAD, "load", session_id):
+            return await self._load(session_id, limit)
+
+    async def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
         for _ in range(5):
             messages = await self.hot.read(session_id, limit)
@@ -148,7 +156,8 @@ class TieredStore:
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id)
         self._wrote = True
-        return await self.hot.append_items(session_id, items, first_id, on_miss)
+        with observed(APPEND, "append", session_id):
+            return await self.hot.append_items(session_id, items, first_id, on_miss)
 
     def _count_hit(self) -> None:
         self.counters["redis_hits"] += 1

@@ -15,6 +15,8 @@ import uuid
 
 from vel import failpoints
 from vel.errors import StoreTimeoutError
+from vel.instrument import observed
+from vel.metrics.histograms import WARM
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 
@@ -48,7 +50,8 @@ class Warmer:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._warming[session_id] = future
         try:
-            await self._warm(session_id)
+            with observed(WARM, "warm", session_id):
+                await self._warm(session_id)
             future.set_result(None)
         except BaseException as exc:
             future.set_exception(exc)
