@@ -121,8 +121,6 @@ def test_no_password_shows_anywhere(
         said += _said_by_stores(kind, url)
     # An Agent from the environment, and the commands operators run.
     monkeypatch.setenv("VEL_OP_TIMEOUT", "1")
-    monkeypatch.setenv("REDIS_URL", urls(password)["redis userinfo"][1])
-    monkeypatch.setenv("POSTGRES_DSN", urls(password)["pg userinfo"][1])
     model = {"provider": "openai", "model": "m", "api_key": "k", "base_url": "http://127.0.0.1:1"}
 
     async def agent_turn() -> None:
@@ -133,8 +131,14 @@ def test_no_password_shows_anywhere(
                 await agent.run({"message": "hi"}, session_id="s")
             except Exception as exc:
                 said.append(everything_said(exc))
+            await asyncio.sleep(0.2)  # the embedded flusher fails and logs meanwhile
 
-    asyncio.run(agent_turn())
+    for redis_form, pg_form in (("redis userinfo", "pg userinfo"), ("redis query", "pg query")):
+        monkeypatch.setenv("REDIS_URL", urls(password)[redis_form][1])
+        monkeypatch.setenv("POSTGRES_DSN", urls(password)[pg_form][1])
+        asyncio.run(agent_turn())
+    monkeypatch.setenv("REDIS_URL", urls(password)["redis userinfo"][1])
+    monkeypatch.setenv("POSTGRES_DSN", urls(password)["pg userinfo"][1])
     for argv in (["doctor"], ["stats"], ["sessions", "list"], ["migrate", "--show"]):
         vel_main(argv)
         out = capsys.readouterr()
