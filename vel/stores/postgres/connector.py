@@ -60,8 +60,9 @@ MESSAGE_ID_KEY = "vel_messages_message_id_key"
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to undo, so no reset query round trip per release.
 
-    vel keeps no session state on a connection (no advisory locks, LISTEN, cursors or
-    SET; settings come with the connection, locks and search_path are transaction-scoped),
+    vel keeps no session state on a connection (no LISTEN, cursors or SET; settings
+    come with the connection, locks and search_path are transaction-scoped, and the migration's
+    session lock is released, or its connection terminated, before it returns),
     and asyncpg still rolls back a transaction left open before calling this.
     """
 
