@@ -323,8 +323,9 @@ def test_help_is_plain_text_with_every_option_explained_and_its_default_shown() 
 
 def test_each_command_offers_only_the_connection_flags_it_uses() -> None:
     parsers = every_parser()
-    assert option_strings(parsers["vel migrate"]) & {"--redis-url", "--prefix"} == set()
-    assert "--dsn" in option_strings(parsers["vel migrate"])
+    # migrate follows the namespace (--prefix picks the schema) but never touches Redis.
+    assert "--redis-url" not in option_strings(parsers["vel migrate"])
+    assert {"--dsn", "--prefix", "--schema"} <= option_strings(parsers["vel migrate"])
     assert "--dsn" not in option_strings(parsers["vel stats"])
     assert "--redis-url" in option_strings(parsers["vel stats"])
     assert option_strings(parsers["vel demo"]) & {"--dsn", "--redis-url", "--prefix"} == set()

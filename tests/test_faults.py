@@ -720,6 +720,13 @@ async def test_flusher_killed_at_random_moments(
         assert time.monotonic() < deadline, "the final flusher never started"
         await asyncio.sleep(0.01)
     drain = await wait_backlog_zero(tiered, 60)
+    # The killed flushers may have left nothing to do: the final one must still have started
+    # (its SIGTERM handler installed) before it is asked to stop.
+    deadline = time.monotonic() + 30
+    while "vel flusher running" not in final.stdout():
+        assert final.poll() is None, final.stderr()[-2000:]
+        assert time.monotonic() < deadline, "the final flusher never started"
+        await asyncio.sleep(0.01)
     await asyncio.sleep(0.4)
     final.signal(signal.SIGTERM)
     final.check(await final.wait_async(30))

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel import tracing
+from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
@@ -134,11 +135,18 @@ class Agent:
         self.system_prompt = system_prompt
         self.generation_config = dict(generation_config or {})
         self.policies = dict(policies or {})
-        self.max_steps = int(self.policies.get("max_steps", DEFAULT_MAX_STEPS))
-        if self.max_steps < 1:
-            raise ConfigurationError("policies['max_steps'] must be at least 1")
-        self.turn_lock = bool(self.policies.get("turn_lock", True))
-        self.lock_timeout = float(self.policies.get("lock_timeout", 30.0))
+        self.max_steps = MAX_STEPS.check_int(
+            "policies['max_steps']", self.policies.get("max_steps", DEFAULT_MAX_STEPS)
+        )
+        turn_lock = self.policies.get("turn_lock", True)
+        if not isinstance(turn_lock, bool):
+            raise ConfigurationError(
+                f"policies['turn_lock'] must be True or False, got {turn_lock!r}"
+            )
+        self.turn_lock = turn_lock
+        self.lock_timeout = WAIT.check(
+            "policies['lock_timeout']", self.policies.get("lock_timeout", 30.0)
+        )
         self.tools: dict[str, Tool] = build_tools(tools)
         self.provider: Provider = make_provider(self.model)
         self.store, self._store_key = acquire_store(session_storage)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from vel.bounds import limit_arg
 from vel.errors import InvalidInputError, StoreError
 from vel.messages import (
     Message,
@@ -21,7 +22,6 @@ from vel.messages import (
     encode_messages,
     validate_session_id,
 )
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
@@ -185,10 +185,9 @@ class Sessions:
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         session_id = validate_session_id(session_id)
-        if limit is not None:
-            non_negative("limit", limit, int)
-            if limit == 0:
-                return []
+        limit = limit_arg(limit)
+        if limit == 0:
+            return []
         rows = await self._db.run("load", lambda c: c.fetch(_LOAD, session_id, limit))
         return [decode_message(row[0]) for row in reversed(rows)]
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import asyncpg
 
 from vel import failpoints
+from vel.bounds import COUNTER
 from vel.errors import FlushConflictError, InvalidInputError
 from vel.messages import check_message_ids, validate_session_id
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
 
 # One statement, hence one snapshot: the header and the rows always agree.
@@ -211,7 +211,7 @@ class Sink:
             session_id = validate_session_id(session_id)
             if session_id in generations:
                 raise InvalidInputError(f"session {session_id!r} appears twice in one flush")
-            generations[session_id] = non_negative("generation", generation, int)
+            generations[session_id] = COUNTER.check_int("generation", generation, InvalidInputError)
             seqs = [row[0] for row in rows]
             for seq in seqs:
                 if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
@@ -286,7 +286,11 @@ class Sink:
         return results
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
-        wanted = {validate_session_id(session_id): non_negative("generation", generation, int)}
+        wanted = {
+            validate_session_id(session_id): COUNTER.check_int(
+                "generation", generation, InvalidInputError
+            )
+        }
 
         async def op(conn: Conn) -> None:
             async with transaction(conn):

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from vel import failpoints
+from vel.bounds import limit_arg
 from vel.errors import (
     BackpressureError,
     StoreError,
@@ -70,6 +71,7 @@ class Sessions:
 
     async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
         keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
         args = [
             -1 if limit is None else limit,
             ms(self.hot_ttl),
