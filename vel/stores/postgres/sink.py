@@ -231,8 +231,9 @@ class Sink:
         for session_id, (from_generation, keep) in (truncations or {}).items():
             if session_id not in generations:
                 raise InvalidInputError(f"truncation of {session_id!r}, which has no batch")
-            non_negative("keep", keep, int)
-            if not 0 <= non_negative("generation", from_generation, int) < generations[session_id]:
+            COUNTER.check_int("keep", keep, InvalidInputError)
+            from_generation = COUNTER.check_int("generation", from_generation, InvalidInputError)
+            if not from_generation < generations[session_id]:
                 raise InvalidInputError(
                     f"session {session_id!r}: a truncation must start below its generation"
                 )
