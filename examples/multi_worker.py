@@ -63,7 +63,9 @@ def worker_main(conn: Connection, storage: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--storage", default="redis", help="redis or database")
+    parser.add_argument(
+        "--storage", default="redis", help="redis, database, or memory (not shared: the control)"
+    )
     parser.add_argument("--session-id", default=f"multi-{uuid.uuid4().hex[:8]}")
     args = parser.parse_args()
 

@@ -256,7 +256,7 @@ def doctor(redis: RedisServer, ops: Env, *flags: str) -> Any:
 
 
 async def test_doctor_refuses_allkeys_eviction_and_spells_out_the_fix(ops: Env) -> None:
-    with RedisServer("--maxmemory-policy", "allkeys-lru") as redis:
+    with RedisServer("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as redis:
         result = await asyncio.to_thread(doctor, redis, ops)
     assert result.returncode == 1
     assert "FAIL  maxmemory-policy  allkeys-lru" in result.stdout
@@ -266,6 +266,8 @@ async def test_doctor_refuses_allkeys_eviction_and_spells_out_the_fix(ops: Env) 
 
 async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
     config = (
+        "--maxmemory",
+        "64mb",
         "--maxmemory-policy",
         "volatile-lru",
         "--appendonly",
@@ -277,7 +279,9 @@ async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
         result = await asyncio.to_thread(doctor, redis, ops, "--strict")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok    appendonly        yes, appendfsync everysec" in result.stdout
-    assert f"ok    schema            version {latest_version()}" in result.stdout
+    assert f"ok    schema            version {latest_version()} in schema " in result.stdout
+    assert "ok    redis permissions" in result.stdout
+    assert "ok    postgres permissions" in result.stdout
     assert "all good (0 warning(s))" in result.stdout
 
 
@@ -301,10 +305,8 @@ async def test_doctor_fails_on_missing_schema_and_unreachable_redis(
     result = await asyncio.to_thread(vel_cmd, "doctor", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL  redis" in result.stdout and "fix: start Redis" in result.stdout
-    assert (
-        f"FAIL  schema            version 0, this vel needs {latest_version()} -- fix: vel migrate"
-        in result.stdout
-    )
+    assert "FAIL  schema            version 0 in the search_path" in result.stdout
+    assert f"this vel needs {latest_version()} -- fix: vel migrate" in result.stdout
 
 
 # -- flusher: metrics and structured logs -------------------------------------------------------
@@ -331,20 +333,13 @@ async def stop(proc: asyncio.subprocess.Process) -> tuple[str, str]:
 
 
 async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
-    proc = await start_flusher(
-        ops,
-        "flusher",
-        "--metrics-port",
-        "0",
-        "--metrics-host",
-        "127.0.0.1",
-        "--health-interval",
-        "0",
-    )
+    # No --metrics-host: it listens on loopback only.
+    proc = await start_flusher(ops, "flusher", "--metrics-port", "0", "--health-interval", "0")
     try:
         assert proc.stdout is not None
         async with asyncio.timeout(20):
             banner = (await proc.stdout.readline()).decode()
+        assert "metrics on 127.0.0.1:" in banner, banner
         port = int(banner.rsplit(":", 1)[1].split("/")[0])
         await ops.store.append("m", msgs("a", "b"))
         async with asyncio.timeout(20):
@@ -360,6 +355,13 @@ async def test_flusher_serves_prometheus_metrics(ops: Env) -> None:
     assert "# TYPE vel_flushed_messages_total counter" in body
     assert "vel_flushed_messages_total 2" in body
     assert "# TYPE vel_unflushed_messages gauge" in body and "vel_unflushed_messages 0" in body
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f.type for f in text_string_to_metric_families(body)}
+    assert {n: t for n, t in families.items() if t not in ("counter", "gauge", "histogram")} == {}
+    assert families["vel_flush_duration_seconds"] == "histogram"
+    assert families["vel_flush_batches"] == "counter"
+    assert 'vel_flush_batches_total{outcome="ok"}' in body
 
 
 async def test_json_logs_carry_the_session_id(ops: Env) -> None:
@@ -442,8 +444,9 @@ def test_prometheus_rendering() -> None:
 
     text = render({"flushed_messages": 3, "oldest_dirty_age": 0.25, "custom-thing": 1})
     assert "# TYPE vel_flushed_messages_total counter\nvel_flushed_messages_total 3\n" in text
-    assert "# TYPE vel_oldest_dirty_age gauge\nvel_oldest_dirty_age 0.25\n" in text
-    assert "# TYPE vel_custom_thing untyped\nvel_custom_thing 1\n" in text
+    assert "# TYPE vel_oldest_dirty_age_seconds gauge\nvel_oldest_dirty_age_seconds 0.25\n" in text
+    # A figure nobody declared is still typed: a gauge, a value read now.
+    assert "# TYPE vel_custom_thing gauge\nvel_custom_thing 1\n" in text
 
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:
@@ -480,7 +483,7 @@ async def test_doctor_reports_clock_skew_and_a_stalled_backlog(
     report = doc.Report()
     settings = load_settings(ops.env)
     await doc.check_redis(report, settings, max_skew=2.0, max_age=0.01)
-    await doc.check_postgres(report, ops.dsn, max_skew=2.0)
+    await doc.check_postgres(report, settings, max_skew=2.0)
     failed = {what: text for level, what, text in report.lines if level == "FAIL"}
     assert set(failed) == {"redis clock", "postgres clock", "flusher"}, report.lines
     assert failed["redis clock"].startswith("-10.0") and "NTP" in failed["redis clock"]

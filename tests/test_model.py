@@ -1,7 +1,7 @@
 """Model-based test of the two-tier store: a Hypothesis state machine drives appends,
-retried appends, flush steps, flusher crashes, expiry, eviction, clear, replace and Postgres
-outages against a real Redis and a real Postgres (through a fault proxy), and checks after
-every step that the store agrees with a plain dict of lists.
+retried appends, pops, flush steps, flusher crashes and stalls, expiry, eviction, clear,
+replace and Postgres outages against a real Redis and a real Postgres (through a fault
+proxy), and checks after every step that the store agrees with a plain dict of lists.
 
 Mixed modes and retention (DESIGN.md 3.8, 3.9) add: a 'database'-mode writer on the same
 schema (refused while the tier lease is live), the tier lease running out while no flush
@@ -36,7 +36,7 @@ from servers import sized
 from workers import with_port
 
 from vel.errors import InvalidInputError, StoreUnavailableError, TierLeaseError
-from vel.stores.postgres import PostgresStore
+from vel.stores.postgres import FlushBatch, PostgresStore
 from vel.stores.postgres.migrate import migrate
 from vel.stores.redis import RedisStore
 from vel.stores.redis.client import now_ms
@@ -66,6 +66,8 @@ class TwoTierMachine(RuleBasedStateMachine):
         self.model: dict[str, list[str]] = {sid: [] for sid in self.sids}
         # The last append of each session, retryable while its replay record can exist.
         self.last: dict[str, tuple[list[str], list[str], int] | None] = {}
+        # What a stalled flusher read, to be written (and acknowledged) later.
+        self.stalled: dict[str, Any] = {}
         self.pg_up = True
         # Sessions a 'database'-mode write changed behind the tier while Redis held unflushed
         # writes of them, until resolved: what Postgres holds.
@@ -144,13 +146,45 @@ class TwoTierMachine(RuleBasedStateMachine):
     def flusher_crashes_after_commit(self, i: int) -> None:
         """Copy a session to Postgres, then die before the ack (the claim just lapses)."""
         sid = self.sids[i]
-        if sid in self.diverged:
-            return  # its copy is not flushable until resolved
         hot = self.store.hot
         (pending,) = self.run(hot.pending([sid], 1000))
         if pending is None or not pending.rows:
             return
-        self.run(self.store.cold.apply_flushes([(sid, pending.gen, pending.rows)]))
+        self.run(self._apply(pending))
+
+    def _apply(self, pending: Any) -> Any:
+        """apply_flushes of one pending read, as the flusher calls it."""
+        batch = FlushBatch(
+            pending.session_id,
+            pending.gen,
+            pending.rows,
+            revision=pending.rev,
+            written_ms=pending.updated_ms,
+            had_postgres_rows=pending.had_postgres_rows,
+            truncate=pending.truncate,
+        )
+        return self.store.cold.apply_flushes([batch], lease=self.store.hot.tier_lease)
+
+    @rule(i=st.integers(0, 2))
+    def flusher_stalls(self, i: int) -> None:
+        """A flusher reads what a session has to copy, then freezes (see stalled_flush)."""
+        sid = self.sids[i]
+        (pending,) = self.run(self.store.hot.pending([sid], 1000))
+        if pending is not None:
+            self.stalled[sid] = pending
+
+    @precondition(lambda self: self.pg_up and self.stalled)
+    @rule(i=st.integers(0, 2))
+    def stalled_flush_lands(self, i: int) -> None:
+        """The frozen flusher wakes up: writes what it read long ago, then acknowledges."""
+        pending = self.stalled.pop(self.sids[i], None)
+        if pending is None:
+            return
+        (result,) = self.run(self._apply(pending))
+        if result.stale:
+            return  # as the flusher: a batch Postgres refused is never acknowledged
+        upto = pending.rows[-1][0] if pending.rows else pending.flushed
+        self.run(self.store.hot.ack([(pending.session_id, pending.gen, upto)]))
 
     def _clean(self, sid: str) -> bool:
         meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
@@ -194,6 +228,19 @@ class TwoTierMachine(RuleBasedStateMachine):
             return seq is not None and int(seq) == await client.llen(keys.messages)
 
         return bool(self.run(check()))
+
+    @rule(i=st.integers(0, 2))
+    def pop(self, i: int) -> None:
+        sid = self.sids[i]
+        try:
+            item = self.run(self.store.pop(sid))
+        except StoreUnavailableError:
+            assert not self.pg_up
+            assert not self._intact(sid)
+            return
+        expected = self.model[sid].pop() if self.model[sid] else None
+        assert (None if item is None else item["content"]) == expected
+        self.last[sid] = None
 
     @precondition(lambda self: self.pg_up)
     @rule(i=st.integers(0, 2))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+import tomllib
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 import vel
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = tuple(str(p.relative_to(ROOT)) for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def test_public_names_are_sorted_and_importable() -> None:
@@ -57,16 +61,20 @@ def test_compose_workers_share_one_session_and_the_flusher_exports_metrics() -> 
     assert worker[worker.index("--session-id") + 1]
     flusher = services["flusher"]
     port = flusher["command"][flusher["command"].index("--metrics-port") + 1]
+    # The published port reaches a container's process only if it listens on all interfaces
+    # (the flag's default is 127.0.0.1).
+    assert flusher["command"][flusher["command"].index("--metrics-host") + 1] == "0.0.0.0"
     assert any(str(p).endswith(f":{port}") for p in flusher["ports"])
     assert f":{port}/metrics" in " ".join(flusher["healthcheck"]["test"])
     assert flusher["environment"]["VEL_LOG_FORMAT"] == "json"
 
 
-def test_compose_api_runs_the_sse_example_with_several_workers() -> None:
+def test_compose_api_runs_the_fastapi_example_with_several_workers() -> None:
     services = compose()["services"]
     assert isinstance(services, dict)
     api = services["api"]["entrypoint"]
-    assert api[:2] == ["uvicorn", "examples.sse_server:app"]
+    assert api[:2] == ["uvicorn", "examples.fastapi_chat:app"]
+    assert (ROOT / "examples" / "fastapi_chat.py").exists()
     assert int(api[api.index("--workers") + 1]) >= 2
     assert services["api"]["environment"]["VEL_FLUSHER"] == "off"
     assert "fake-llm" in services
@@ -94,10 +102,44 @@ def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
 def test_readme_quickstart_runs_the_multi_worker_example_and_links_the_docs() -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Multi-worker demo in three commands", 1)[1].split("\n## ", 1)[0]
-    commands = section.split("```", 2)[1].strip().splitlines()
+    commands = section.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert len(commands) == 3
     for path in re.findall(r"((?:scripts|examples)/[\w.]+)", "\n".join(commands)):
         assert (ROOT / path).exists(), path
     assert "vel migrate" in commands[1] and "multi_worker.py" in commands[2]
     for doc in re.findall(r"\]\((docs/[\w.]+)", readme):
         assert (ROOT / doc).exists(), doc
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_place_names_the_same_distribution_and_version() -> None:
+    project = pyproject()["project"]
+    assert project["name"] == vel.DISTRIBUTION
+    assert project["name"] != "vel"  # an unrelated project on PyPI owns `vel`
+    # The one version: pyproject, read back through the installed metadata.
+    assert vel.__version__ == project["version"] == metadata.version(vel.DISTRIBUTION)
+    assert "version" not in project.get("dynamic", [])
+    named: dict[str, list[str]] = {}
+    for path in ("README.md", "Dockerfile", "scripts/setup.sh", "scripts/bench", *DOCS):
+        for line in re.findall(r"pip install ([^\n`]*)", (ROOT / path).read_text()):
+            for word in line.split():
+                word = word.strip("'\"")
+                if word.startswith(("-", "2>", ">", "|", "\\")) or not word:
+                    continue
+                named.setdefault(word.split("[")[0], []).append(path)
+    # Checkouts install themselves ("." or -e .); anything else names the one distribution.
+    assert set(named) <= {".", vel.DISTRIBUTION}, named
+    assert "README.md" in named.get(vel.DISTRIBUTION, []), "the README gives the install line"
+
+
+def test_classifiers_cover_the_supported_pythons_and_typing() -> None:
+    project = pyproject()["project"]
+    classifiers = set(project["classifiers"])
+    for minor in (11, 12, 13):
+        assert f"Programming Language :: Python :: 3.{minor}" in classifiers
+    assert "Typing :: Typed" in classifiers
+    assert project["requires-python"] == ">=3.11"
+    assert (ROOT / "vel" / "py.typed").exists()

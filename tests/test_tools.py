@@ -47,10 +47,23 @@ def test_each_python_type_maps_to_its_json_schema_type() -> None:
     assert props["limit"]["type"] == "integer"
     assert props["threshold"]["type"] == "number"
     assert props["exact"]["type"] == "boolean"
-    assert props["tags"]["type"] == "array"
-    assert props["tags"]["items"] == {"type": "string"}
-    assert props["language"]["type"] == "string"
-    assert props["mode"]["enum"] == ["fast", "deep"]
+    # Optional values may be null: the schema says so, as the model may send null.
+    assert props["tags"]["anyOf"] == [
+        {"type": "array", "items": {"type": "string"}},
+        {"type": "null"},
+    ]
+    assert props["language"]["anyOf"] == [{"type": "string"}, {"type": "null"}]
+    assert props["mode"] == {
+        "type": "string",
+        "enum": ["fast", "deep"],
+        "default": "fast",
+        "description": "Search strategy.",
+    }
+    assert (props["limit"]["default"], props["exact"]["default"], props["tags"]["default"]) == (
+        5,
+        False,
+        None,
+    )
 
 
 def test_only_parameters_without_defaults_are_required() -> None:

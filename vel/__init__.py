@@ -3,9 +3,12 @@ behind to Postgres so it survives crashes."""
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 from vel.agent import Agent
 from vel.context import ContextManager, StatelessContextManager
 from vel.errors import (
+    AccessDeniedError,
     BackpressureError,
     ConfigurationError,
     InvalidInputError,
@@ -25,6 +28,7 @@ from vel.stores.memory import MemoryStore
 from vel.tools import Tool
 
 __all__ = [
+    "AccessDeniedError",
     "Agent",
     "BackpressureError",
     "ConfigurationError",
@@ -47,4 +51,11 @@ __all__ = [
     "VelError",
 ]
 
-__version__ = "0.1.0"
+#: The distribution that installs this package (``pip install vel-memory``): ``vel`` on PyPI
+#: is an unrelated project.
+DISTRIBUTION = "vel-memory"
+
+try:
+    __version__ = version(DISTRIBUTION)  # one source of truth: pyproject.toml
+except PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"

@@ -8,12 +8,12 @@ then keep running forever and its owner hang waiting for it. An event cannot be 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from vel.errors import VelError
+from vel.logs import get_logger
 
-log = logging.getLogger("vel.lease")
+log = get_logger("vel.lease")
 
 
 class LeaseKeeper:

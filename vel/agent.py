@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
@@ -19,18 +20,23 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
+from vel import tracing
+from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
     Message,
+    TextCleaner,
+    clean_text,
     encode_message,
     encode_messages,
     validate_message,
     validate_session_id,
 )
+from vel.metrics.histograms import TURN
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
-from vel.tools import Tool, build_tools, render_output
+from vel.tools import Tool, build_tools, error_text, tool_result
 
 DEFAULT_MAX_STEPS = 8
 
@@ -68,6 +74,11 @@ class _Outcome:
     text: str = ""
     error: BaseException | None = None
     cancelled: bool = False
+    usage: ev.Usage | None = None  # summed over the turn's model calls
+
+    def metadata(self) -> dict[str, Any] | None:
+        """What the stream's client gets as ``message.metadata``."""
+        return None if self.usage is None else {"usage": self.usage}
 
 
 @dataclass
@@ -81,8 +92,10 @@ class _PendingCall:
 class _Step:
     text: list[str] = field(default_factory=list)
     calls: dict[int, _PendingCall] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
     text_block: str | None = None
+    # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
+    # they stream, so the deltas a client sees are the text that is stored.
+    cleaner: TextCleaner = field(default_factory=TextCleaner)
 
 
 class Agent:
@@ -122,11 +135,18 @@ class Agent:
         self.system_prompt = system_prompt
         self.generation_config = dict(generation_config or {})
         self.policies = dict(policies or {})
-        self.max_steps = int(self.policies.get("max_steps", DEFAULT_MAX_STEPS))
-        if self.max_steps < 1:
-            raise ConfigurationError("policies['max_steps'] must be at least 1")
-        self.turn_lock = bool(self.policies.get("turn_lock", True))
-        self.lock_timeout = float(self.policies.get("lock_timeout", 30.0))
+        self.max_steps = MAX_STEPS.check_int(
+            "policies['max_steps']", self.policies.get("max_steps", DEFAULT_MAX_STEPS)
+        )
+        turn_lock = self.policies.get("turn_lock", True)
+        if not isinstance(turn_lock, bool):
+            raise ConfigurationError(
+                f"policies['turn_lock'] must be True or False, got {turn_lock!r}"
+            )
+        self.turn_lock = turn_lock
+        self.lock_timeout = WAIT.check(
+            "policies['lock_timeout']", self.policies.get("lock_timeout", 30.0)
+        )
         self.tools: dict[str, Tool] = build_tools(tools)
         self.provider: Provider = make_provider(self.model)
         self.store, self._store_key = acquire_store(session_storage)
@@ -245,6 +265,10 @@ class Agent:
         outcome: _Outcome,
     ) -> AsyncGenerator[ev.Event, None]:
         run_id = uuid.uuid4().hex
+        started = time.perf_counter()
+        # Not the current span while events are yielded (the consumer runs then): only
+        # around the store calls, which nest their load/append spans in it.
+        span = tracing.start("turn", session_id if isinstance(session_id, str) else None)
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
@@ -252,13 +276,14 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
-            async with self._lock(session_id if keep else None) as turn:
-                await self.ctxmgr.aprepare_run(
-                    run_id,
-                    None if client_owned else session_id,
-                    new_messages,
-                    *([turn.window] if turn is not None else []),
-                )
+            async with tracing.within(self._lock(session_id if keep else None), span) as turn:
+                with tracing.current(span):
+                    await self.ctxmgr.aprepare_run(
+                        run_id,
+                        None if client_owned else session_id,
+                        new_messages,
+                        *([turn.window] if turn is not None else []),
+                    )
                 for _ in range(self.max_steps):
                     has_calls = False
                     steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
@@ -272,17 +297,18 @@ class Agent:
                 if keep:
                     assert session_id is not None
                     # Not cancellable: an interrupted append could be stored yet reported lost.
-                    if turn is not None:
-                        await turn.commit(self.ctxmgr.turn_messages(run_id))
-                    else:
-                        await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
-            yield ev.finish()
+                    with tracing.current(span):
+                        if turn is not None:
+                            await turn.commit(self.ctxmgr.turn_messages(run_id))
+                        else:
+                            await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+            yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
             for closing in reversed(open_blocks):
                 yield closing
             yield ev.abort()
-            yield ev.finish()
+            yield ev.finish(outcome.metadata())
         except Exception as exc:
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
             # terminal event; run() re-raises the original exception.
@@ -290,9 +316,13 @@ class Agent:
             for closing in reversed(open_blocks):
                 yield closing
             text = str(exc) if isinstance(exc, VelError) else f"{type(exc).__name__}: {exc}"
+            if (metadata := outcome.metadata()) is not None:
+                yield ev.message_metadata(metadata)  # tokens were spent all the same
             yield ev.error(text)
         finally:
             self.ctxmgr.end_run(run_id)
+            TURN.observe(time.perf_counter() - started)
+            tracing.end(span, outcome.error)
 
     async def _step(
         self,
@@ -320,13 +350,16 @@ class Agent:
                         step.text_block = uuid.uuid4().hex
                         yield ev.text_start(step.text_block)
                         open_blocks.append(ev.text_end(step.text_block))
-                    step.text.append(chunk.text)
-                    yield ev.text_delta(step.text_block, chunk.text)
+                    piece = step.cleaner.feed(chunk.text)
+                    if piece:
+                        step.text.append(piece)
+                        yield ev.text_delta(step.text_block, piece)
                 elif isinstance(chunk, ToolCallChunk):
                     call = step.calls.get(chunk.index)
                     if call is None:
                         call = _PendingCall(
-                            chunk.call_id or f"call_{uuid.uuid4().hex[:24]}", chunk.name or ""
+                            clean_text(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}"),
+                            clean_text(chunk.name or ""),
                         )
                         step.calls[chunk.index] = call
                         yield ev.tool_input_start(call.call_id, call.name)
@@ -335,14 +368,20 @@ class Agent:
                         call.arguments += chunk.arguments
                         yield ev.tool_input_delta(call.call_id, chunk.arguments)
                 elif isinstance(chunk, UsageChunk):
-                    step.usage = chunk.usage
+                    outcome.usage = ev.add_usage(outcome.usage, ev.usage(chunk.usage))
         finally:
             await chunks.aclose()
         if step.text_block is not None:
+            piece = step.cleaner.flush()
+            if piece:
+                step.text.append(piece)
+                yield ev.text_delta(step.text_block, piece)
             open_blocks.remove(ev.text_end(step.text_block))
             yield ev.text_end(step.text_block)
         text = "".join(step.text)
         ordered = [step.calls[i] for i in sorted(step.calls)]
+        for c in ordered:  # model output: stored, so made storable (ids and names already are)
+            c.arguments = clean_text(c.arguments)
         assistant: Message = {"role": "assistant", "content": text or None}
         if ordered:
             assistant["tool_calls"] = [
@@ -372,34 +411,35 @@ class Agent:
                 cancel_token,
             )
             tool_messages: list[Message] = []
-            for call, (ok, value) in zip(ordered, results, strict=True):
+            for call, (ok, value, content) in zip(ordered, results, strict=True):
                 open_blocks.remove(ev.tool_output_error(call.call_id, "turn ended"))
                 if ok:
                     yield ev.tool_output_available(call.call_id, value)
-                    content = render_output(value)
                 else:
-                    yield ev.tool_output_error(call.call_id, value)
-                    content = f"Error: {value}"
+                    yield ev.tool_output_error(call.call_id, content)
+                    content = f"Error: {content}"
                 tool_messages.append(
                     {"role": "tool", "tool_call_id": call.call_id, "content": content}
                 )
             self.ctxmgr.record(run_id, tool_messages)
-        if step.usage is not None:
-            yield ev.response_metadata(step.usage)
         open_blocks.remove(ev.finish_step())
         yield ev.finish_step()
         outcome.text = text
 
-    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any]:
+    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any, str]:
+        """``(ok, output, text)``: the event's output and the tool message's text, or
+        ``(False, None, error)``. A tool's failure (bad arguments, an exception, a result
+        that is not JSON) is reported to the model, never raised out of the turn."""
         tool = self.tools.get(call.name)
         if tool is None:
-            return False, f"unknown tool {call.name!r}"
+            return False, None, f"unknown tool {call.name!r}"
         if not isinstance(arguments, dict):
-            return False, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
+            return False, None, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
         try:
-            return True, await tool.call(arguments)
-        except Exception as exc:  # a tool's failure is reported to the model, not raised
-            return False, f"{type(exc).__name__}: {exc}"
+            output, text = tool_result(await tool.call(arguments))
+        except Exception as exc:
+            return False, None, error_text(exc)
+        return True, output, text
 
 
 async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:

@@ -1,12 +1,18 @@
-"""Validation and encoding of session ids and chat messages.
+"""Validation and encoding of session ids and session entries.
 
-Every store validates through here before touching its backend, so bad input is rejected with
-:class:`~vel.errors.InvalidInputError` and never reaches (or corrupts) stored data.
+A store keeps any JSON object, in order: OpenAI chat messages for vel's Agent, and equally the
+role-less Responses API items (``function_call``, ``reasoning``, ...) an OpenAI Agents SDK
+session holds. Every store encodes through :func:`encode_message`, which refuses what no
+backend could keep (non-objects, unserialisable values, NUL, oversize) with
+:class:`~vel.errors.InvalidInputError` before touching its backend. The chat shape (a known
+``role``) is checked where chat messages come in: the Agent's input and its ContextManager
+(:func:`validate_message`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +30,10 @@ MAX_MESSAGES_PER_APPEND = 1000
 # store and still atomic to readers, so its bound is a session's, not an append's.
 MAX_MESSAGES_PER_REPLACE = 1_000_000
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# JSON's escape of a real U+0000: ``\u0000`` after an even number of backslashes (an odd
+# number makes it the text backslash-u-0-0-0-0, which is stored like any other).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+REPLACEMENT = "\ufffd"
 
 
 def validate_session_id(session_id: object) -> str:
@@ -50,26 +60,36 @@ def validate_session_id(session_id: object) -> str:
     return session_id
 
 
-def validate_message(message: object) -> Message:
-    """Check one chat message's shape (a dict with a known ``role``)."""
+def _object(message: object) -> Message:
     if not isinstance(message, Mapping):
         raise InvalidInputError(f"a message must be a dict, got {type(message).__name__}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise InvalidInputError(f"message role must be one of {sorted(ROLES)}, got {role!r}")
     return dict(message)
 
 
+def validate_message(message: object) -> Message:
+    """Check one chat message's shape (a dict with a known ``role``)."""
+    checked = _object(message)
+    role = checked.get("role")
+    if role not in ROLES:
+        raise InvalidInputError(f"message role must be one of {sorted(ROLES)}, got {role!r}")
+    return checked
+
+
 def encode_message(message: object) -> str:
-    """Validate ``message`` and return its compact JSON text."""
-    checked = validate_message(message)
+    """Return the compact JSON text a store keeps for ``message`` (any JSON object).
+
+    Raises:
+        InvalidInputError: not a dict, not JSON-serialisable, nested too deeply, holding NUL
+            or lone surrogates, or over 4 MiB of JSON.
+    """
+    checked = _object(message)
     try:
         text = json.dumps(checked, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except RecursionError:
         raise InvalidInputError("message is nested too deeply to store as JSON") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"message is not JSON-serialisable: {exc}") from None
-    if "\\u0000" in text:
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         # Postgres jsonb rejects the NUL escape; refuse it here so every tier accepts the same.
         raise InvalidInputError("message text must not contain NUL characters")
     try:
@@ -81,6 +101,66 @@ def encode_message(message: object) -> str:
             f"message is {size} bytes of JSON; the limit is {MAX_MESSAGE_BYTES} bytes"
         )
     return text
+
+
+def clean_text(text: str) -> str:
+    """``text`` made storable: U+0000 becomes U+FFFD, a surrogate pair split across pieces
+    (``"\\ud83d" "\\ude00"`` joined) becomes its character, and a lone surrogate half
+    becomes U+FFFD.
+
+    For text a model or a tool produced, which vel stores rather than refuses; text a user
+    sends is checked by :func:`encode_message` instead, and refused before any model call.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", REPLACEMENT)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # UTF-16 round trip: pairs join into one character; lone halves fail to decode.
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def clean_value(value: Any) -> Any:
+    """A JSON value made storable: :func:`clean_text` applied to every string (keys
+    included), and NaN and the infinities, which JSON cannot hold, written as the strings
+    ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list):
+        return [clean_value(v) for v in value]
+    if isinstance(value, dict):
+        return {
+            clean_text(k) if isinstance(k, str) else k: clean_value(v) for k, v in value.items()
+        }
+    return value
+
+
+class TextCleaner:
+    """:func:`clean_text` for text arriving in pieces: a high surrogate ending one piece is
+    held back until the next, so a pair split across two pieces joins instead of becoming
+    two replacement characters."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        """The storable text of ``piece`` (possibly '' while a half pair is held)."""
+        if self._held:
+            piece, self._held = self._held + piece, ""
+        if piece and "\ud800" <= piece[-1] <= "\udbff":
+            piece, self._held = piece[:-1], piece[-1]
+        return clean_text(piece)
+
+    def flush(self) -> str:
+        """What is still held (a half pair with no partner: U+FFFD), then nothing."""
+        held, self._held = self._held, ""
+        return clean_text(held)
 
 
 def encode_messages(messages: Iterable[object], *, whole_history: bool = False) -> list[str]:

@@ -1,73 +1,30 @@
-"""Function tools: JSON schemas from Python signatures, and safe invocation."""
+"""Function tools: schemas and argument conversion from Python signatures, safe invocation,
+and tool results turned into JSON.
+
+A tool's arguments arrive as the model's JSON; :meth:`Tool.call` validates and converts them
+(``"3"`` to ``3``, ``"celsius"`` to ``Unit.C``, an object to a dataclass) before the handler
+runs, and :func:`tool_result` turns whatever the handler returns into JSON for the history.
+Both report what they cannot do as :class:`~vel.errors.ToolError`, which the Agent hands to
+the model as the tool's error rather than raising it.
+"""
 
 from __future__ import annotations
 
 import inspect
 import json
 import re
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
+import pydantic_core
 
 from vel.errors import ToolError
+from vel.messages import clean_text, clean_value
+from vel.tool_schema import ToolSignature, signature_of
 
-_SCALARS: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
-
-
-def _schema_for(annotation: Any) -> dict[str, Any]:
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return {}
-    if annotation in _SCALARS:
-        return {"type": _SCALARS[annotation]}
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Literal:
-        return {"enum": list(args)}
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _schema_for(options[0])
-        return {"anyOf": [_schema_for(a) for a in options]}
-    if annotation in (list, tuple, set) or origin in (list, tuple, set, Sequence):
-        return {"type": "array", "items": _schema_for(args[0])} if args else {"type": "array"}
-    if annotation is dict or origin in (dict, Mapping):
-        return {"type": "object"}
-    return {}
-
-
-def _docstring_parts(doc: str) -> tuple[str, dict[str, str]]:
-    """Split a Google-style docstring into (summary, {arg: description})."""
-    summary_lines: list[str] = []
-    params: dict[str, str] = {}
-    section = "summary"
-    arg_indent: int | None = None  # indentation of "name: ..." lines; deeper lines continue
-    last_arg: str | None = None
-    for raw in doc.splitlines():
-        line = raw.strip()
-        if re.fullmatch(r"(Args|Arguments|Parameters):", line):
-            section = "args"
-            arg_indent = last_arg = None
-            continue
-        if re.fullmatch(r"[A-Z][a-z]+:", line):
-            section = "other"
-            continue
-        if section == "summary":
-            summary_lines.append(line)
-        elif section == "args" and line:
-            indent = len(raw) - len(raw.lstrip())
-            if arg_indent is None:
-                arg_indent = indent
-            match = re.match(r"(\w+)\s*(\([^)]*\))?:\s*(.*)", line)
-            if match and indent <= arg_indent:
-                last_arg = match.group(1)
-                params[last_arg] = match.group(3)
-            elif last_arg is not None and indent > arg_indent:
-                params[last_arg] = f"{params[last_arg]} {line}".strip()
-    return " ".join(" ".join(summary_lines).split()), params
+__all__ = ["Tool", "build_tools", "error_text", "tool_result"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,37 +36,35 @@ class Tool:
         description: what it does.
         parameters: JSON schema of its arguments (an object schema).
         handler: the callable (sync or async) receiving the arguments as keywords.
+        signature: validates and converts the arguments before ``handler`` runs (tools made
+            by :meth:`from_function`); None passes the JSON values through unchanged.
     """
 
     name: str
     description: str
     parameters: dict[str, Any]
     handler: Callable[..., Any]
+    signature: ToolSignature | None = None
 
     @classmethod
     def from_function(cls, func: Callable[..., Any]) -> Tool:
-        """Describe ``func`` from its signature, type hints and docstring."""
+        """Describe ``func`` from its signature, type hints and docstring.
+
+        Raises:
+            ToolError: the name is unusable, or a parameter's type cannot be resolved or
+                described as JSON.
+        """
         name = getattr(func, "__name__", None)
         if not name or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
             raise ToolError(f"tool {func!r} needs a name of 1-64 letters, digits, _ or -")
-        summary, arg_docs = _docstring_parts(inspect.getdoc(func) or "")
-        try:
-            hints = typing.get_type_hints(func)
-        except Exception:
-            hints = {}
-        properties: dict[str, Any] = {}
-        required: list[str] = []
-        for param in inspect.signature(func).parameters.values():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            schema = _schema_for(hints.get(param.name, param.annotation))
-            if param.name in arg_docs:
-                schema["description"] = arg_docs[param.name]
-            properties[param.name] = schema
-            if param.default is inspect.Parameter.empty:
-                required.append(param.name)
-        parameters = {"type": "object", "properties": properties, "required": required}
-        return cls(name=name, description=summary or name, parameters=parameters, handler=func)
+        signature = signature_of(func, name)
+        return cls(
+            name=name,
+            description=signature.description or name,
+            parameters=signature.parameters,
+            handler=func,
+            signature=signature,
+        )
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> Tool:
@@ -139,11 +94,20 @@ class Tool:
             },
         }
 
-    async def call(self, arguments: dict[str, Any]) -> Any:
-        """Run the handler; a sync handler runs in a worker thread so the loop stays free."""
+    async def call(self, arguments: Mapping[str, Any]) -> Any:
+        """Validate ``arguments`` and run the handler (a sync one in a worker thread, so the
+        loop stays free).
+
+        Raises:
+            ToolError: the arguments do not fit the handler's parameters (nothing ran).
+        """
+        if self.signature is not None:
+            args, kwargs = self.signature.bind(arguments)
+        else:
+            args, kwargs = [], dict(arguments)
         if inspect.iscoroutinefunction(self.handler):
-            return await self.handler(**arguments)
-        result = await anyio.to_thread.run_sync(lambda: self.handler(**arguments))
+            return await self.handler(*args, **kwargs)
+        result = await anyio.to_thread.run_sync(lambda: self.handler(*args, **kwargs))
         if inspect.isawaitable(result):
             return await result
         return result
@@ -167,8 +131,44 @@ def build_tools(tools: Sequence[Any] | None) -> dict[str, Tool]:
     return result
 
 
-def render_output(value: Any) -> str:
-    """The text a tool result carries in the chat history."""
+def tool_result(value: Any) -> tuple[Any, str]:
+    """Return ``(output, text)`` for a handler's return value: the JSON value of the
+    ``tool-output-available`` event and the tool message's content.
+
+    Text stays text; anything pydantic can serialise becomes JSON (models, dataclasses,
+    enums, dates, UUIDs, sets, tuples, bytes as UTF-8 text or else base64, NaN and infinities
+    as strings). NUL characters and lone surrogate halves become U+FFFD, so the turn can be
+    stored.
+
+    Raises:
+        ToolError: the value cannot be represented as JSON (an arbitrary object, a cycle).
+    """
     if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+        text = clean_text(value)
+        return text, text
+    try:
+        try:
+            data = pydantic_core.to_jsonable_python(value)
+        except UnicodeDecodeError:  # bytes that are not UTF-8 text
+            data = pydantic_core.to_jsonable_python(value, bytes_mode="base64")
+    except (pydantic_core.PydanticSerializationError, ValueError, RecursionError) as exc:
+        raise ToolError(
+            f"the tool returned a value of type {type(value).__name__} that cannot be sent "
+            f"as JSON: {clean_text(str(exc))}"
+        ) from None
+    data = clean_value(data)
+    if isinstance(data, str):
+        return data, data
+    return data, json.dumps(data, ensure_ascii=False)
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc`` as storable text: ``"Type: message"`` (only the message for a ToolError,
+    which is written for the model; only the type when there is no usable message)."""
+    try:
+        message = clean_text(str(exc))
+    except Exception:  # a broken __str__ must not break the turn
+        message = ""
+    if isinstance(exc, ToolError) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__

@@ -16,24 +16,46 @@ import sys
 import time
 from collections.abc import Sequence
 
+from vel.bounds import LEASE, PORT, WAIT, cli
 from vel.cli import doctor, sessions, stats, warm
-from vel.cli._common import add_connection_flags, need_dsn, settings_from
+from vel.cli._common import (
+    Parser,
+    add_command,
+    add_connection_flags,
+    need_dsn,
+    placement_of,
+    settings_from,
+)
 from vel.errors import VelError
-from vel.settings import load_settings, redact
+from vel.logs import get_logger
+from vel.redaction import redact
+from vel.settings import load_settings
+
+# `vel --help` shows this as plain text (the module docstring is reStructuredText).
+DESCRIPTION = (
+    "Operate vel's session stores: Postgres migrations, the write-behind flusher, sessions, "
+    "warming, statistics and checks. Flags override the environment (POSTGRES_DSN, REDIS_URL, "
+    "VEL_KEY_PREFIX and the other VEL_* variables the library reads)."
+)
 
 
 async def _migrate(args: argparse.Namespace) -> int:
     from vel.cli._pg import connection
     from vel.stores.postgres.migrate import latest_version, migrate, schema_version
 
-    dsn = need_dsn(settings_from(args))
+    settings = settings_from(args)
+    dsn = need_dsn(settings)
+    placement = placement_of(settings)
     if args.show:
-        async with connection(dsn) as conn:
+        async with connection(dsn, placement) as conn:
             version = await schema_version(conn)
-        print(f"schema version {version} (this vel expects {latest_version()})")
+        print(
+            f"{placement.describe()}: schema version {version} "
+            f"(this vel expects {latest_version()})"
+        )
         return 0
-    version = await migrate(dsn)
-    print(f"vel schema at version {version} ({redact(dsn)})")
+    version = await migrate(dsn, placement.schema)
+    print(f"vel schema at version {version} in {placement.describe()} ({redact(dsn)})")
     return 0
 
 
@@ -74,7 +96,7 @@ async def _flusher(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         metrics = MetricsServer(figures, args.metrics_port, args.metrics_host)
         await metrics.start()
-    where = f", metrics on :{metrics.port}/metrics" if metrics else ""
+    where = f", metrics on {metrics.host}:{metrics.port}/metrics" if metrics else ""
     print(f"vel flusher running: {hot!r} -> {cold!r}{where}", flush=True)
 
     async def report() -> None:
@@ -90,7 +112,7 @@ async def _flusher(args: argparse.Namespace) -> int:
             try:
                 health = await figures()
             except VelError as exc:
-                print(json.dumps({"error": str(exc), **flusher.counters}), flush=True)
+                print(json.dumps({"error": redact(exc), **flusher.counters}), flush=True)
                 continue
             print(json.dumps({"unflushed": health.pop("unflushed_messages"), **health}), flush=True)
 
@@ -121,32 +143,45 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vel", description=__doc__.splitlines()[0])
+    parser = Parser(prog="vel", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument(
         "--log-format", choices=("text", "json"), help="log lines (default: VEL_LOG_FORMAT)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("migrate", help="apply the Postgres schema migrations")
-    add_connection_flags(p)
+    p = add_command(sub, "migrate", "apply the Postgres schema migrations")
+    add_connection_flags(p, redis=False)
     p.add_argument("--show", action="store_true", help="only print the schema version")
     p.set_defaults(run=_migrate)
 
-    p = sub.add_parser("flusher", help="run a standalone write-behind flusher until SIGTERM")
+    p = add_command(sub, "flusher", "run a standalone write-behind flusher until SIGTERM")
     add_connection_flags(p)
-    p.add_argument("--lease", type=float, default=30.0, help="claim lease in seconds")
-    p.add_argument("--drain-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--lease", type=cli(LEASE, "--lease"), default=30.0, help="claim lease in seconds"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=cli(WAIT, "--drain-timeout"),
+        default=30.0,
+        help="seconds spent flushing what is left after SIGTERM",
+    )
     p.add_argument(
         "--health-interval",
-        type=float,
+        type=cli(WAIT, "--health-interval"),
         default=10.0,
         help="seconds between JSON health lines (0: none)",
     )
     p.add_argument(
-        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free)"
+        "--metrics-port",
+        type=cli(PORT, "--metrics-port"),
+        help="serve Prometheus metrics on this port (0: any free; default: no metrics server)",
     )
-    p.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics server")
+    p.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the metrics server listens on (0.0.0.0: every interface)",
+    )
     p.set_defaults(run=_flusher)
 
     sessions.register(sub)
@@ -154,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.register(sub)
     doctor.register(sub)
 
-    p = sub.add_parser("demo", help="a multi-turn conversation with session memory")
+    p = add_command(sub, "demo", "a multi-turn conversation with session memory")
     p.add_argument(
         "--storage",
         default="auto",
@@ -178,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.INFO if args.verbose else logging.WARNING, fmt)
         return int(asyncio.run(args.run(args)))
     except VelError as exc:
-        print(f"vel {args.command}: {exc}", file=sys.stderr)
+        print(f"vel {args.command}: {redact(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -190,12 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(
-            f"vel {args.command}: unexpected {type(exc).__name__}: {exc} "
+            f"vel {args.command}: unexpected {type(exc).__name__}: {redact(exc)} "
             "(run `vel -v ...` for the traceback)",
             file=sys.stderr,
         )
         return 1
     finally:
-        logging.getLogger("vel.cli").info(
-            "%s took %.2f s", args.command, time.monotonic() - started
-        )
+        get_logger("vel.cli").info("%s took %.2f s", args.command, time.monotonic() - started)

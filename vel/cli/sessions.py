@@ -28,13 +28,16 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from vel.bounds import AGE, COUNT, WAIT, cli
 from vel.cli._common import (
     Backends,
+    add_command,
     add_connection_flags,
     add_storage_flag,
     need_dsn,
     open_backends,
     open_output,
+    placement_of,
     read_input,
     settings_from,
 )
@@ -113,7 +116,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(messages, indent=2))
     else:
         for i, message in enumerate(messages, 1):
-            print(f"{i:4} {message.get('role', '?'):9} {_text(dict(message))}")
+            kind = message.get("role") or message.get("type") or "?"
+            print(f"{i:4} {kind:9} {_text(dict(message))}")
     return 0
 
 
@@ -137,8 +141,12 @@ async def cmd_export(args: argparse.Namespace) -> int:
                     "what Postgres has of them (see `vel sessions conflicts`)",
                     file=sys.stderr,
                 )
-        dsn = need_dsn(settings_from(args))
-        async with connection(dsn) as conn, conn.transaction(isolation="repeatable_read"):
+        settings = settings_from(args)
+        dsn = need_dsn(settings)
+        async with (
+            connection(dsn, placement_of(settings)) as conn,
+            conn.transaction(isolation="repeatable_read"),
+        ):
             async for row in conn.cursor(EXPORT, ids, prefetch=200):
                 pairs = json.loads(row["messages"] or "[]")
                 entry = {
@@ -259,7 +267,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
                 imported += not exists
                 messages += len(entry["messages"])
             await _flush_first(b, args.flush_timeout)
-            async with connection(need_dsn(b.settings)) as conn:
+            async with connection(need_dsn(b.settings), b.placement) as conn:
                 await conn.executemany(
                     FIX_IMPORTED,
                     [
@@ -392,9 +400,8 @@ async def cmd_release(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    parent = sub.add_parser(
-        "sessions",
-        help="list, show, export, import, delete, purge, conflicts, resolve, release",
+    parent = add_command(
+        sub, "sessions", "list, show, export, import, delete, purge, conflicts, resolve, release"
     )
     ss = parent.add_subparsers(dest="action", required=True)
 
@@ -406,7 +413,10 @@ def register(sub: Any) -> None:
 
     def flush_flags(p: argparse.ArgumentParser, skip: bool) -> None:
         p.add_argument(
-            "--flush-timeout", type=float, default=30.0, help="seconds to flush Redis first"
+            "--flush-timeout",
+            type=cli(WAIT, "--flush-timeout"),
+            default=30.0,
+            help="seconds to flush Redis first",
         )
         if skip:
             p.add_argument(
@@ -414,20 +424,25 @@ def register(sub: Any) -> None:
             )
 
     p = base("list", "sessions with messages, least recently updated first")
-    p.add_argument("--limit", type=int, default=100)
     p.add_argument(
-        "--older-than", type=float, metavar="SECONDS", help="only sessions idle this long"
+        "--limit", type=cli(COUNT, "--limit"), default=100, help="at most this many sessions"
+    )
+    p.add_argument(
+        "--older-than",
+        type=cli(AGE, "--older-than"),
+        metavar="SECONDS",
+        help="only sessions idle this long",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_list)
 
     p = base("show", "print a session's messages")
-    p.add_argument("session_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("session_id", help="the session to print")
+    p.add_argument("--json", action="store_true", help="the messages as one JSON array")
     p.set_defaults(run=cmd_show)
 
     p = base("export", "write sessions as JSON Lines (all live sessions, or the given ids)")
-    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("ids", nargs="*", metavar="ID", help="sessions to export (default: all)")
     p.add_argument("--out", help="file to write (default: stdout)")
     flush_flags(p, skip=True)
     p.set_defaults(run=cmd_export)
@@ -444,7 +459,7 @@ def register(sub: Any) -> None:
     p.set_defaults(run=cmd_import)
 
     p = base("delete", "delete sessions (both tiers)")
-    p.add_argument("session_ids", nargs="+", metavar="ID")
+    p.add_argument("session_ids", nargs="+", metavar="ID", help="sessions to delete")
     flush_flags(p, skip=False)
     p.set_defaults(run=cmd_delete)
 

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from vel.cli._common import add_connection_flags, settings_from
+from vel.bounds import COUNT, INTERVAL, cli
+from vel.cli._common import add_command, add_connection_flags, settings_from
 from vel.totals import RATE_WINDOW, read_totals
 
 
@@ -99,10 +100,20 @@ async def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("stats", help="backlog, flush rate and warm hits/misses")
-    add_connection_flags(p)
+    p = add_command(sub, "stats", "backlog, flush rate and warm hits/misses")
+    add_connection_flags(p, postgres=False)  # everything it shows is in Redis
     p.add_argument("--json", action="store_true", help="one JSON object per refresh")
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
-    p.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
+    p.add_argument(
+        "--interval",
+        type=cli(INTERVAL, "--interval"),
+        default=2.0,
+        help="seconds between refreshes",
+    )
+    p.add_argument(
+        "--count",
+        type=cli(COUNT, "--count"),
+        default=0,
+        help="with --watch: stop after N refreshes (0: never)",
+    )
     p.set_defaults(run=cmd_stats)

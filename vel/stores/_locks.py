@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from vel.errors import SessionLockedError
+from vel.metrics.histograms import LOCK_WAIT
 
 
 class KeyedLocks:
@@ -23,9 +25,11 @@ class KeyedLocks:
         try:
             if lock.locked():
                 self.waits += 1
+            started = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout):
                     await lock.acquire()
+                LOCK_WAIT.observe(time.perf_counter() - started)
             except TimeoutError:
                 raise SessionLockedError(
                     f"session {key!r} is locked by another turn (waited {timeout} s)"

@@ -8,6 +8,7 @@ pace the store is used, with bounded work per call.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -15,6 +16,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from vel import metrics
+from vel.bounds import COUNT, TTL, age_arg, limit_arg, wait_arg
+from vel.errors import InvalidInputError
+from vel.instrument import observed
 from vel.messages import (
     Message,
     check_message_ids,
@@ -22,6 +27,7 @@ from vel.messages import (
     encode_messages,
     validate_session_id,
 )
+from vel.metrics.histograms import APPEND, LOAD
 from vel.stores._locks import KeyedLocks
 from vel.stores.base import SessionInfo
 
@@ -51,14 +57,14 @@ class MemoryStore:
     """
 
     def __init__(self, retention_ttl: float | None = None) -> None:
-        self.retention_ttl = retention_ttl
+        self.retention_ttl = TTL.check_optional("retention_ttl", retention_ttl)
         # In last-write order (a write moves its session to the end): see the module docstring.
         self._sessions: dict[str, _Session] = {}
         # Plain calls run on vel's helper thread while the agent's loop runs elsewhere.
         self._mutex = threading.Lock()
         self._locks = KeyedLocks()
-        self._appends = 0
-        self._deduplicated = 0
+        self._counters = {"appends": 0.0, "duplicates_suppressed": 0.0}
+        metrics.track(self, functools.partial(_counters, self._counters, self._locks), "memory")
 
     def __repr__(self) -> str:
         return f"MemoryStore(sessions={len(self._sessions)})"
@@ -94,7 +100,12 @@ class MemoryStore:
         self._sessions[session_id] = session
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        with observed(LOAD, "load", session_id):
+            return self._load(session_id, limit)
+
+    def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
+        limit = limit_arg(limit)
         with self._mutex:
             session = self._live(session_id, time.time())
             if session is None or limit == 0:
@@ -109,6 +120,12 @@ class MemoryStore:
         messages: Sequence[Message],
         message_ids: Sequence[str] | None = None,
     ) -> int:
+        with observed(APPEND, "append", session_id):
+            return self._append(session_id, messages, message_ids)
+
+    def _append(
+        self, session_id: str, messages: Sequence[Message], message_ids: Sequence[str] | None
+    ) -> int:
         validate_session_id(session_id)
         texts = encode_messages(messages)
         ids = check_message_ids(message_ids, len(texts))
@@ -118,7 +135,7 @@ class MemoryStore:
             if session is None:
                 session = self._sessions[session_id] = _Session(created=now, updated=now)
             if ids and ids[0] in session.ids:
-                self._deduplicated += 1
+                self._counters["duplicates_suppressed"] += 1
                 return max(session.ids.get(i, 0) for i in ids)
             if texts:
                 for offset, (mid, text) in enumerate(zip(ids, texts, strict=True), start=1):
@@ -127,10 +144,26 @@ class MemoryStore:
                 session.last_seq += len(texts)
                 session.updated = now
                 self._touch(session_id, session)
-                self._appends += 1
+                self._counters["appends"] += 1
             elif not session.entries:
                 del self._sessions[session_id]
             return session.last_seq
+
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None or not session.entries:
+                return None
+            mid, text = session.entries.pop()
+            del session.ids[mid]
+            session.last_seq -= 1
+            session.updated = time.time()
+            if not session.entries:
+                del self._sessions[session_id]
+            else:
+                self._touch(session_id, session)
+        return decode_message(text)
 
     async def replace(
         self,
@@ -164,6 +197,8 @@ class MemoryStore:
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
+        inactive_for = age_arg(inactive_for)
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         now = time.time()
         with self._mutex:
             live = [
@@ -198,17 +233,20 @@ class MemoryStore:
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
-        return self._locks.hold(validate_session_id(session_id), timeout)
+        return self._locks.hold(validate_session_id(session_id), wait_arg(timeout))
 
     async def stats(self) -> dict[str, float]:
         with self._mutex:
             return {
                 "sessions": len(self._sessions),
                 "messages": sum(len(s.entries) for s in self._sessions.values()),
-                "appends": self._appends,
-                "duplicates_suppressed": self._deduplicated,
-                "lock_waits": self._locks.waits,
+                **_counters(self._counters, self._locks),
             }
 
     async def aclose(self) -> None:
         return None
+
+
+def _counters(counters: dict[str, float], locks: KeyedLocks) -> dict[str, float]:
+    # A function of the parts, not of the store, so tracking it does not keep the store alive.
+    return {**counters, "lock_waits": float(locks.waits)}

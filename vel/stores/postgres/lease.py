@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vel.errors import StoreError
+from vel.bounds import COUNT
+from vel.errors import InvalidInputError, StoreError
 from vel.messages import validate_session_id
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import Conn, Connector, transaction
 from vel.stores.postgres.sql import AT as _AT
 from vel.stores.postgres.sql import INSERT_CHUNK, Row, chunks
@@ -152,7 +152,7 @@ class TierLease:
 
     async def take_lease(self, session_id: str, window: int, lease: float, now_ms: int) -> Snapshot:
         session_id = validate_session_id(session_id)
-        non_negative("window", window, int)
+        COUNT.check_int("window", window, InvalidInputError)
 
         async def op(conn: Conn) -> Snapshot:
             for _ in range(5):

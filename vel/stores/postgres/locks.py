@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from vel._lease import LeaseKeeper
+from vel.bounds import wait_arg
 from vel.errors import SessionLockedError, StoreError
 from vel.messages import validate_session_id
-from vel.stores.postgres.checks import seconds
+from vel.metrics.histograms import LOCK_WAIT
 from vel.stores.postgres.connector import Connector, log
 
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -49,11 +50,8 @@ class TurnLocks:
     async def hold(self, session_id: str, timeout: float | None = None) -> AsyncIterator[None]:
         """See :meth:`PostgresStore.turn_lock <vel.stores.postgres.PostgresStore.turn_lock>`."""
         session_id = validate_session_id(session_id)
-        wait = (
-            DEFAULT_LOCK_TIMEOUT
-            if timeout is None
-            else seconds("timeout", timeout, allow_zero=True)
-        )
+        checked = wait_arg(timeout)
+        wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
         await self._acquire(session_id, token, wait)
         keeper = LeaseKeeper(
@@ -81,15 +79,18 @@ class TurnLocks:
 
     async def _acquire(self, session_id: str, token: str, wait: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        started = loop.time()
+        deadline = started + wait
         delay = 0.005
         waited = False
         while True:
+            attempt = loop.time()
             got = await self._db.run(
                 "acquire turn lock",
                 lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
             )
             if got is not None:
+                LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
                 return
             if not waited:
                 waited = True

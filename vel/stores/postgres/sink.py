@@ -12,15 +12,15 @@ carries the time of the writes it copies, so retention counts from the write, no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 
 from vel import failpoints
+from vel.bounds import COUNTER
 from vel.errors import FlushConflictError, InvalidInputError
 from vel.messages import check_message_ids, validate_session_id
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
 from vel.stores.postgres.sql import AT as _AT
 from vel.stores.postgres.sql import MS as _MS
@@ -61,6 +61,23 @@ UPDATE vel_sessions s
        last_seq = 0,
        updated_at = now(),
        created_at = CASE WHEN t.restart THEN now() ELSE s.created_at END
+  FROM target t
+ WHERE s.id = t.id
+"""
+# Also with the row locks held: sessions Redis brought to a newer generation by pops only keep
+# their messages up to the kept seq and take that generation (see vel.stores.redis.scripts).
+_TRUNCATE_SESSIONS = """
+WITH target AS (
+    SELECT u.id, u.generation, u.keep
+      FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (id, generation, keep)
+), gone AS (
+    DELETE FROM vel_messages m USING target t WHERE m.session_id = t.id AND m.seq > t.keep
+)
+UPDATE vel_sessions s
+   SET generation = t.generation,
+       last_seq = least(s.last_seq, t.keep),
+       updated_at = now(),
+       expires_at = now() + $4::float8 * interval '1 second'
   FROM target t
  WHERE s.id = t.id
 """
@@ -131,6 +148,8 @@ class FlushBatch:
             counts from it.
         had_postgres_rows: the Redis copy was loaded from, or already flushed to, Postgres
             rows; a missing row then means it was deleted behind the tier.
+        truncate: ``(from_generation, keep)`` after pops: a row at ``from_generation`` or
+            later (below ``generation``) reaches it by dropping the seqs above ``keep``.
     """
 
     session_id: str
@@ -139,6 +158,7 @@ class FlushBatch:
     revision: int | None = None
     written_ms: int | None = None
     had_postgres_rows: bool = False
+    truncate: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +205,7 @@ class Sink:
             "flushes": float(self._flushes),
             "flush_duplicates": float(self._flush_duplicates),
             "flush_stale": float(self._flush_stale),
-            "flush_conflicts": float(self._flush_conflicts),
+            "flush_conflicted": float(self._flush_conflicts),
         }
 
     # -- reads for the warm --------------------------------------------------------------------
@@ -195,6 +215,7 @@ class Sink:
     async def apply_flushes(
         self,
         batches: Sequence[FlushBatch | tuple[str, int, Sequence[Row]]],
+        truncations: Mapping[str, tuple[int, int]] | None = None,
         lease: float | None = None,
     ) -> list[FlushResult]:
         work = [_as_batch(b) for b in batches]
@@ -207,7 +228,7 @@ class Sink:
             session_id = validate_session_id(batch.session_id)
             if session_id in by_sid:
                 raise InvalidInputError(f"session {session_id!r} appears twice in one flush")
-            non_negative("generation", batch.generation, int)
+            COUNTER.check_int("generation", batch.generation, InvalidInputError)
             by_sid[session_id] = batch
             seqs = [row[0] for row in batch.rows]
             for seq in seqs:
@@ -224,12 +245,24 @@ class Sink:
             flat_texts += texts
         if not by_sid:
             return []
+        cuts: dict[str, tuple[int, int]] = {}
+        wanted = {sid: b.truncate for sid, b in by_sid.items() if b.truncate is not None}
+        for session_id, (from_generation, keep) in {**wanted, **(truncations or {})}.items():
+            if session_id not in by_sid:
+                raise InvalidInputError(f"truncation of {session_id!r}, which has no batch")
+            COUNTER.check_int("keep", keep, InvalidInputError)
+            from_generation = COUNTER.check_int("generation", from_generation, InvalidInputError)
+            if not from_generation < by_sid[session_id].generation:
+                raise InvalidInputError(
+                    f"session {session_id!r}: a truncation must start below its generation"
+                )
+            cuts[session_id] = (from_generation, keep)
 
         async def op(conn: Conn) -> dict[str, FlushResult]:
             results: dict[str, FlushResult] = {}
             try:
                 async with transaction(conn):
-                    results = await self._lock_for_flush(conn, by_sid)
+                    results = await self._lock_for_flush(conn, by_sid, cuts)
                     keep = [i for i, sid in enumerate(flat_sids) if sid not in results]
                     live = [sid for sid in by_sid if sid not in results]
                     if not live:
@@ -281,25 +314,32 @@ class Sink:
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
         batch = FlushBatch(
-            validate_session_id(session_id), non_negative("generation", generation, int), []
+            validate_session_id(session_id),
+            COUNTER.check_int("generation", generation, InvalidInputError),
+            [],
         )
 
         async def op(conn: Conn) -> None:
             async with transaction(conn):
-                await self._lock_for_flush(conn, {batch.session_id: batch})
+                await self._lock_for_flush(conn, {batch.session_id: batch}, {})
 
         await self._db.run("apply_clear", op)
 
     async def _lock_for_flush(
-        self, conn: Conn, batches: dict[str, FlushBatch]
+        self,
+        conn: Conn,
+        batches: dict[str, FlushBatch],
+        cuts: Mapping[str, tuple[int, int]],
     ) -> dict[str, FlushResult]:
         """Lock (creating if allowed) the sessions' rows and bring them to the batches'
         generations.
 
         Rows of an older generation, or expired as of the flushed writes (which count as
-        absent), lose their messages and take the batch's generation. Returns the sessions
-        that must not be written: Postgres holds a newer generation (stale), or the history
-        the Redis copy was built from is not there any more (conflict).
+        absent), lose their messages and take the batch's generation, except where ``cuts``
+        gives ``(from_generation, keep)`` and the row's generation is at least
+        ``from_generation``: those lose only the messages above seq ``keep``. Returns the
+        sessions that must not be written: Postgres holds a newer generation (stale), or the
+        history the Redis copy was built from is not there any more (conflict).
         """
         ids = sorted(batches)
         written = [batches[sid].written_ms for sid in ids]
@@ -320,14 +360,18 @@ class Sink:
                 rows[r["id"]] = r
         reset: list[str] = []
         restart: list[bool] = []
+        truncate: list[str] = []
         for sid, row in rows.items():
             batch = batches[sid]
             stored = int(row["generation"])
+            cut = cuts.get(sid)
             if row["expired"]:
                 reset.append(sid)
                 restart.append(True)
             elif batch.revision is not None and int(row["revision"]) != batch.revision:
                 refused[sid] = FlushResult(0, 0, stale=True, conflict=CHANGED)
+            elif stored < batch.generation and cut is not None and stored >= cut[0]:
+                truncate.append(sid)
             elif stored < batch.generation:
                 reset.append(sid)
                 restart.append(False)
@@ -336,5 +380,13 @@ class Sink:
         if reset:
             await conn.execute(
                 _RESET_SESSIONS, reset, [batches[sid].generation for sid in reset], restart
+            )
+        if truncate:
+            await conn.execute(
+                _TRUNCATE_SESSIONS,
+                truncate,
+                [batches[sid].generation for sid in truncate],
+                [cuts[sid][1] for sid in truncate],
+                self._retention,
             )
         return refused

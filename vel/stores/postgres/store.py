@@ -29,21 +29,26 @@ This module validates the constructor's arguments and documents the public calls
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
+from vel import metrics
+from vel.bounds import LEASE, POOL, POOL_MIN, TIMEOUT, TTL
 from vel.errors import ConfigurationError
+from vel.instrument import observed
 from vel.messages import Message
+from vel.metrics.histograms import APPEND, LOAD
+from vel.namespace import Placement, place
+from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
-from vel.stores.postgres.checks import seconds
-from vel.stores.postgres.connector import Connector, Pool
+from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.lease import TierLease
 from vel.stores.postgres.locks import TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
-from vel.stores.postgres.migrate import redact_dsn, validate_schema_name
 from vel.stores.postgres.resolve import Resolver
 from vel.stores.postgres.sessions import ImportCounts, ImportEntry, Sessions
 from vel.stores.postgres.sink import Sink
@@ -56,10 +61,16 @@ class PostgresStore(DurableTier):
     Args:
         dsn: ``postgresql://user:password@host:port/database``; default ``POSTGRES_DSN``.
         pool: an asyncpg pool to use instead of creating one. It stays the caller's: it is
-            never closed here, and works only on the event loop it was made on.
-        schema: Postgres schema holding vel's tables (put in ``search_path``); lets tenants or
-            tests share a database. Not combinable with ``pool`` (configure that pool's
-            ``server_settings`` instead).
+            never closed here. It works on the event loop it was made on; calls from another
+            loop (the plain ``ctxmgr`` calls run on vel's helper loop) are sent to that loop
+            while it runs, and refused with ConfigurationError when it cannot run them.
+        schema: Postgres schema holding vel's tables (put first in ``search_path``). Not
+            combinable with ``pool`` (configure that pool's ``server_settings`` instead).
+            Default: the namespace's schema (see :mod:`vel.namespace`): a ``search_path``
+            in the DSN, else ``VEL_PG_SCHEMA``, else derived from ``namespace``.
+        namespace: the deployment's namespace, its Redis key prefix (default
+            ``VEL_KEY_PREFIX``): ``vel`` keeps the DSN's search_path, any other prefix has a
+            schema of its own, so two prefixes never share sessions.
         pool_min: connections each event loop's pool keeps open (default 0, so an outage
             does not make the pool retry its floor in the background).
         pool_max: connections per event loop's pool; default ``VEL_PG_POOL_MAX``.
@@ -83,6 +94,7 @@ class PostgresStore(DurableTier):
         *,
         pool: Pool | None = None,
         schema: str | None = None,
+        namespace: str | None = None,
         pool_min: int = 0,
         pool_max: int | None = None,
         op_timeout: float | None = None,
@@ -94,6 +106,7 @@ class PostgresStore(DurableTier):
     ) -> None:
         needs_env = (
             (dsn is None and pool is None)
+            or (schema is None and namespace is None)
             or pool_max is None
             or op_timeout is None
             or retention_ttl is None
@@ -102,39 +115,54 @@ class PostgresStore(DurableTier):
         env = settings if settings is not None else (load_settings() if needs_env else Settings())
         if pool is None:
             dsn = dsn or env.postgres_dsn
-            if not dsn:
+            if not dsn or not isinstance(dsn, str):
                 raise ConfigurationError(
                     "POSTGRES_DSN is required for session_storage='database' "
                     "(e.g. postgresql://user:password@host:5432/dbname)"
                 )
+            remember(dsn)
             if not dsn.startswith(("postgresql://", "postgres://")):
                 raise ConfigurationError(
-                    f"POSTGRES_DSN must start with postgresql://, got {redact_dsn(dsn)!r}"
+                    f"POSTGRES_DSN must start with postgresql://, got {redact(dsn)!r}"
                 )
-        elif schema is not None:
-            raise ConfigurationError(
-                "schema= cannot be combined with pool=: set search_path in that pool's "
-                "server_settings instead"
+            placement = place(
+                schema=schema,
+                dsn=dsn,
+                env_schema=env.pg_schema,
+                prefix=namespace if namespace is not None else env.key_prefix,
             )
-        schema = validate_schema_name(schema) if schema is not None else None
-        pool_max = env.pg_pool_max if pool_max is None else pool_max
-        if isinstance(pool_min, bool) or not isinstance(pool_min, int) or pool_min < 0:
-            raise ConfigurationError(f"pool_min must be an int >= 0, got {pool_min!r}")
-        if isinstance(pool_max, bool) or not isinstance(pool_max, int) or pool_max < 1:
-            raise ConfigurationError(f"pool_max must be an int >= 1, got {pool_max!r}")
+        else:
+            check_injected_pool(pool)
+            if schema is not None:
+                raise ConfigurationError(
+                    "schema= cannot be combined with pool=: set search_path in that pool's "
+                    "server_settings instead"
+                )
+            placement = Placement(None, "the caller's pool")
+        pool_max = env.pg_pool_max if pool_max is None else POOL.check_int("pool_max", pool_max)
+        pool_min = POOL_MIN.check_int("pool_min", pool_min)
         if pool_min > pool_max:
             raise ConfigurationError(f"pool_min ({pool_min}) exceeds pool_max ({pool_max})")
-        op_timeout = seconds("op_timeout", env.op_timeout if op_timeout is None else op_timeout)
-        connect_timeout = seconds("connect_timeout", connect_timeout)
-        retention = env.retention_ttl if retention_ttl is None else retention_ttl
-        retention = None if retention is None else seconds("retention_ttl", retention)
-        migrate = env.migrate_on_start if migrate is None else bool(migrate)
-        lock_lease = seconds("lock_lease", lock_lease)
+        op_timeout = (
+            env.op_timeout if op_timeout is None else TIMEOUT.check("op_timeout", op_timeout)
+        )
+        connect_timeout = TIMEOUT.check("connect_timeout", connect_timeout)
+        retention = (
+            env.retention_ttl
+            if retention_ttl is None
+            else TTL.check("retention_ttl", retention_ttl)
+        )
+        if migrate is not None and not isinstance(migrate, bool):
+            raise ConfigurationError(f"migrate must be True, False or None, got {migrate!r}")
+        migrate = env.migrate_on_start if migrate is None else migrate
+        lock_lease = LEASE.check("lock_lease", lock_lease)
+        self.placement = placement
 
         self._db = Connector(
-            dsn if pool is None else None,
+            normalize_userinfo(dsn) if pool is None and dsn else None,
             pool=pool,
-            schema=schema,
+            schema=placement.schema,
+            placement=placement.describe(),
             pool_min=pool_min,
             pool_max=pool_max,
             op_timeout=op_timeout,
@@ -148,6 +176,11 @@ class PostgresStore(DurableTier):
         self._resolver = Resolver(self._db, retention)
         self._locks = TurnLocks(self._db, lock_lease)
         self._maintenance = Maintenance(self._db)
+        metrics.track(
+            self,
+            functools.partial(_counters, self._sessions, self._locks, self._sink, self._db),
+            "postgres",
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> PostgresStore:
@@ -159,9 +192,14 @@ class PostgresStore(DurableTier):
         return cls(settings=settings, **kwargs)
 
     def __repr__(self) -> str:
-        where = redact_dsn(self._db.dsn) if self._db.dsn else "<caller's pool>"
+        where = redact(self._db.dsn) if self._db.dsn else "<caller's pool>"
         schema = f", schema={self._db.schema!r}" if self._db.schema else ""
         return f"PostgresStore({where!r}{schema})"
+
+    @property
+    def schema(self) -> str | None:
+        """The schema holding this store's tables (None: the connection's search_path)."""
+        return self._db.schema
 
     @property
     def op_timeout(self) -> float:
@@ -225,7 +263,8 @@ class PostgresStore(DurableTier):
             TierLeaseError: the session is held by the Redis tier (use 'redis' mode).
             StoreError: Postgres failed; retry with the same ``message_ids``.
         """
-        return await self._sessions.append(session_id, messages, message_ids)
+        with observed(APPEND, "append", session_id):
+            return await self._sessions.append(session_id, messages, message_ids)
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         """Return the last ``limit`` messages (all when None), oldest first.
@@ -237,7 +276,22 @@ class PostgresStore(DurableTier):
             InvalidInputError: bad session id or limit.
             StoreError: Postgres failed.
         """
-        return await self._sessions.load(session_id, limit)
+        with observed(LOAD, "load", session_id):
+            return await self._sessions.load(session_id, limit)
+
+    async def pop(self, session_id: str) -> Message | None:
+        """Atomically remove and return the newest message (None for an unknown, empty or
+        expired session); one transaction whose ``DELETE ... RETURNING`` takes the message.
+
+        The session's generation moves on, as with :meth:`clear`, so a Redis copy made
+        before the pop is never flushed back over it.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed; nothing changed (unless it failed while
+                committing: then the message may be gone).
+        """
+        return await self._sessions.pop(session_id)
 
     async def replace(
         self,
@@ -354,10 +408,7 @@ class PostgresStore(DurableTier):
             StoreError: Postgres failed.
         """
         result = await self._maintenance.gauges()
-        result.update(self._sessions.counters())
-        result["lock_waits"] = float(self._locks.waits)
-        result.update(self._sink.counters())
-        result["failures"] = float(self._db.failures)
+        result.update(_counters(self._sessions, self._locks, self._sink, self._db))
         return result
 
     # --- durable tier of the two-tier store ------------------------------------------------------
@@ -370,3 +421,14 @@ class PostgresStore(DurableTier):
             StoreError: Postgres failed.
         """
         return await self._sessions.last_seq(session_id)
+
+
+def _counters(sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector) -> dict[str, float]:
+    """This store's counters, from its parts (not from the store: tracking them must not
+    keep it alive)."""
+    return {
+        **sessions.counters(),
+        "lock_waits": float(locks.waits),
+        **sink.counters(),
+        "failures": float(db.failures),
+    }

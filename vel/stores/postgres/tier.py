@@ -4,7 +4,7 @@ store's facade stays one class while each group of calls is documented in one pl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from vel.stores.postgres.lease import Snapshot, TierLease
 from vel.stores.postgres.resolve import Resolver
@@ -81,23 +81,29 @@ class DurableTier:
     async def apply_flushes(
         self,
         batches: Sequence[FlushBatch | tuple[str, int, Sequence[Row]]],
+        truncations: Mapping[str, tuple[int, int]] | None = None,
         lease: float | None = None,
     ) -> list[FlushResult]:
         """Write batches copied from the hot tier, idempotently, in one transaction.
 
         Per session: a batch of an older generation than Postgres holds is not applied
-        (``stale``: a clear or replace happened after it was read); a newer generation first
-        wipes the stored messages (a session expired as of the batch's writes counts as
-        absent, whatever its generation). A :class:`FlushBatch` is also checked against the
-        history its Redis copy was loaded from: another revision, or a deleted row, makes it
-        ``stale`` with ``conflict`` set (DESIGN.md 3.8). Rows already stored with the same
-        message id count as duplicates. The cost is a fixed five or six round trips,
-        whatever the number of sessions and rows.
+        (``stale``: a clear, replace or pop happened after it was read); a newer generation
+        first wipes the stored messages (a session expired as of the batch's writes counts as
+        absent, whatever its generation), or, with a truncation whose generation Postgres has
+        reached, drops only the messages above its kept seq (the newer generation came from
+        pops). A :class:`FlushBatch` is also checked against the history its Redis copy was
+        loaded from: another revision, or a deleted row, makes it ``stale`` with ``conflict``
+        set (DESIGN.md 3.8). Rows already stored with the same message id count as
+        duplicates. The cost is a fixed five to seven round trips, whatever the number of
+        sessions and rows.
 
         Args:
             batches: :class:`FlushBatch`, or ``(session_id, generation, rows)``, each session
                 at most once; ``rows`` are ``(seq, message_id, message JSON text)``, possibly
                 empty (to record a newer generation only).
+            truncations: session id -> ``(from_generation, keep)`` (or a batch's
+                ``truncate``): Postgres at ``from_generation`` or later (below the batch's
+                generation) holds the session's history up to seq ``keep``.
             lease: extend each applied session's tier lease to this many seconds from now
                 (None: leave it).
 
@@ -111,7 +117,7 @@ class DurableTier:
                 the others can be retried without it).
             StoreError: Postgres failed; nothing was written, the batches may be retried.
         """
-        return await self._sink.apply_flushes(batches, lease)
+        return await self._sink.apply_flushes(batches, truncations, lease)
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
         """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.

@@ -9,7 +9,6 @@ and released by the append that stores its messages (DESIGN.md 4, turns).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 import uuid
@@ -17,15 +16,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
+from vel import tracing
 from vel._lease import LeaseKeeper
+from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
+from vel.instrument import observed
+from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.redis.client import Connector, ms
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
 from vel.stores.redis.sessions import Sessions, Window, encode
 
-log = logging.getLogger("vel.redis")
+log = get_logger("vel.redis")
 T = TypeVar("T")
 
 
@@ -85,9 +89,10 @@ class RedisTurn:
             return await self.sessions.last_seq(self.session_id)
         await self.stop_lease()  # the append below ends the lease
         first_id = items[0].partition("\n")[0]
-        seq = await self.sessions.append_items(
-            self.session_id, items, first_id, self.on_miss, unlock=self.token
-        )
+        with observed(APPEND, "append", self.session_id):
+            seq = await self.sessions.append_items(
+                self.session_id, items, first_id, self.on_miss, unlock=self.token
+            )
         self.committed = True
         return seq
 
@@ -127,12 +132,15 @@ class Locks:
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
-        return self._turn_lock(self._keys.session(validate_session_id(session_id)), timeout)
+        keys = self._keys.session(validate_session_id(session_id))
+        return self._turn_lock(keys, wait_arg(timeout))
 
     async def _until_locked(
         self, keys: SessionKeys, timeout: float | None, attempt: Callable[[], Awaitable[T | None]]
-    ) -> T:
-        """Call ``attempt`` (one try at the turn lock) with backoff until it returns a value."""
+    ) -> tuple[T, float]:
+        """Call ``attempt`` (one try at the turn lock) with backoff until it returns a value;
+        return it and the ``perf_counter()`` time the successful attempt began."""
+        started = tried = time.perf_counter()
         deadline = time.monotonic() + (30.0 if timeout is None else timeout)
         delay = 0.005
         waited = False
@@ -146,7 +154,9 @@ class Locks:
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.2)
-        return result
+            tried = time.perf_counter()
+        LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
+        return result, tried
 
     def _keep_lock(self, keys: SessionKeys, token: str) -> LeaseKeeper:
         return LeaseKeeper(
@@ -190,6 +200,8 @@ class Locks:
         on_miss: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[RedisTurn]:
         keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
+        timeout = wait_arg(timeout)
         token = uuid.uuid4().hex
         args: list[Any] = [
             *self._sessions.common(session_id),
@@ -206,23 +218,29 @@ class Locks:
             )
             return None if int(reply[0]) == LOCKED else reply
 
-        reply = await self._until_locked(keys, timeout, attempt)
-        turn = RedisTurn(self._sessions, session_id, token, on_miss)
+        turn: RedisTurn | None = None
         try:
-            window = self._sessions.window(session_id, reply)
-            for _ in range(5):
-                if window is not None or on_miss is None:
-                    break
-                await on_miss()
-                window = await self._sessions.read(session_id, limit)
-            if window is None and on_miss is not None:
-                raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+            # The lock and the window come in one script; what the turn waited for the lock
+            # goes to the lock-wait histogram, the rest (with any warm) is the load.
+            with tracing.span("load", session_id):
+                reply, tried = await self._until_locked(keys, timeout, attempt)
+                turn = RedisTurn(self._sessions, session_id, token, on_miss)
+                window = self._sessions.window(session_id, reply)
+                for _ in range(5):
+                    if window is not None or on_miss is None:
+                        break
+                    await on_miss()
+                    window = await self._sessions.read(session_id, limit)
+                if window is None and on_miss is not None:
+                    raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
+                LOAD.observe(time.perf_counter() - tried)
             turn.view = window
             turn.window = [] if window is None else window.messages
             # Started after a sixth of the lease, the keeper first renews at half of it.
             turn.keep_lease(lambda: self._keep_lock(keys, token), self._lease / 6)
             yield turn
         finally:
-            await turn.stop_lease()
-            if not turn.committed:
-                await self._unlock(keys, token)
+            if turn is not None:
+                await turn.stop_lease()
+                if not turn.committed:
+                    await self._unlock(keys, token)

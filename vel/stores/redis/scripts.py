@@ -17,15 +17,24 @@ Session scripts share one layout: KEYS 1..7 = meta, messages, replays, dirty, di
 backlog, conflicts (a script's extra key comes 8th); ARGV 1..5 = session id, now, hot TTL ms
 (0: none), '1' in write-behind mode, retention ms (0: none); their own arguments follow.
 
+Generations: ``gen`` moves on with every replace, clear and pop, and ``fgen`` is the generation
+Postgres was last brought to (by a warm or an acknowledged flush), so a flush that read the
+session before one of them can never write old messages back (DESIGN.md 3.5). A replace or a
+clear makes Postgres start the new generation afresh; a pop leaves a truncation record instead,
+``tgen``/``tseq``: Postgres at any generation from ``tgen`` on (these came only from pops) holds
+the current history up to seq ``tseq`` and reaches ``gen`` by dropping the seqs above it, so a
+pop costs Postgres one ``DELETE``, not a rewrite. The record goes when Postgres reaches ``gen``.
+
 Return codes shared by the scripts: -1 miss (warm from Postgres first), -2 replay of an
 append already applied, -3 backpressure, -4 damaged dirty session, -5 turn lock held by another
-turn, -6 staged items lost (stage again).
+turn, -6 staged items lost (stage again), -8 the copy holds none of the messages asked for
+(prepend older ones from Postgres first).
 """
 
 from __future__ import annotations
 
 # The return codes above, by name.
-MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED, UNSTAGED = -1, -2, -3, -4, -5, -6
+MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED, UNSTAGED, OLDER = -1, -2, -3, -4, -5, -6, -8
 
 
 def _script(flags: str, prologue: str, body: str) -> str:
@@ -310,12 +319,60 @@ install()
 redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', gen, 'base', 0, 'updated', now)
 if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
 if redis.call('INCRBY', KEYS[6], k - unflushed) < 0 then redis.call('SET', KEYS[6], 0) end
+redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres starts this generation afresh
 if not m[9] then
   redis.call('ZADD', KEYS[4], now, sid)
   redis.call('ZADD', KEYS[5], 'NX', now, sid)
 end
 set_ttl(0)
 return {gen}
+""",
+)
+
+# Remove and return the newest message. ARGV 6: flush delay ms, 7 lease margin ms. Returns
+# {1, item}, {0} (nothing to pop), {-1}, {-4} or {-8} (the copy holds none of the session's
+# messages: its older ones are in Postgres only, read them into it first). In write-behind
+# mode the pop is a new generation with a truncation record (see the module docstring), and
+# the session is dirty until Postgres has it.
+POP = _script(
+    "",
+    _SESSION,
+    """
+local m = usable(meta(), tonumber(ARGV[7]))
+if m == 'damaged' then return {-4} end
+if m == nil then return {wb and -1 or 0} end
+local seq = tonumber(m[1])
+if seq == 0 then return {0} end
+if seq == num(m[5], 0) then return {-8} end
+local item = redis.call('RPOP', KEYS[2])
+seq = seq - 1
+redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now)
+if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
+-- A replay record must not point at a seq that is gone (the next append takes it).
+redis.call('ZREMRANGEBYSCORE', KEYS[3], seq + 1, '+inf')
+if not wb then
+  set_ttl(clean_ttl(meta()))
+  return {1, item}
+end
+local t = redis.call('HMGET', KEYS[1], 'tgen', 'tseq')
+local flushed = tonumber(m[2])
+if flushed > seq then
+  redis.call('HSET', KEYS[1], 'flushed', seq)
+elseif redis.call('DECRBY', KEYS[6], 1) < 0 then
+  redis.call('SET', KEYS[6], 0)  -- an unflushed message: one fewer waits for Postgres
+end
+if m[3] == m[4] then
+  redis.call('HSET', KEYS[1], 'tgen', m[3], 'tseq', seq)
+elseif t[1] then
+  redis.call('HSET', KEYS[1], 'tseq', math.min(tonumber(t[2]), seq))
+end
+redis.call('HSET', KEYS[1], 'gen', tonumber(m[3]) + 1)
+if not m[9] then
+  redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[6]), sid)
+  redis.call('ZADD', KEYS[5], 'NX', now, sid)
+end
+set_ttl(0)
+return {1, item}
 """,
 )
 
@@ -332,8 +389,9 @@ return due
 )
 
 # What a flusher must copy. ARGV 6: max rows. Returns {gen, fgen, flushed, seq, rev,
-# updated, pgrows, items...} (items are seqs flushed+1 ..) or {-1} if the session is gone
-# (or past its retention: then dropped, in both tiers) or {-7} while it is in conflict.
+# updated, pgrows, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq -1
+# without a truncation record) or {-1} if the session is gone (or past its retention: then
+# dropped, in both tiers) or {-7} while it is in conflict.
 PENDING = _script(
     "allow-oom",
     _SESSION,
@@ -354,9 +412,9 @@ end
 local flushed = tonumber(m[2])
 local from = flushed - num(m[5], 0)
 local items = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[6]) - 1)
+local more = redis.call('HMGET', KEYS[1], 'updated', 'pgrows', 'tgen', 'tseq')
 local head = {tonumber(m[3]), tonumber(m[4]), flushed, tonumber(m[1]), num(m[8], -1),
-  tonumber(redis.call('HGET', KEYS[1], 'updated') or '0'),
-  tonumber(redis.call('HGET', KEYS[1], 'pgrows') or '0')}
+  num(more[1], 0), num(more[2], 0), num(more[3], -1), num(more[4], -1)}
 for i = #head, 1, -1 do table.insert(items, 1, head[i]) end
 return items
 """,
@@ -387,6 +445,7 @@ if flushed > old then
   if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
 redis.call('HSET', KEYS[1], 'fgen', ARGV[6])
+redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres is at this generation now
 local lease = tonumber(ARGV[8])
 if lease > num(m[6], 0) then redis.call('HSET', KEYS[1], 'lease', lease) end
 if m[9] then return 3 end

@@ -1,4 +1,5 @@
-"""Session data in Redis: window reads, appends, replaces, and the warm's seed and extension.
+"""Session data in Redis: window reads, appends, pops, replaces, and the warm's seed and
+extension.
 
 Each write is one Lua script (:mod:`vel.stores.redis.scripts`) touching one hash slot, so an
 append assigns its seqs, stores its messages and, in write-behind mode, marks the session dirty
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vel import failpoints
+from vel.bounds import limit_arg
 from vel.errors import (
     BackpressureError,
     StoreError,
@@ -159,6 +161,7 @@ class Sessions:
     async def read(self, session_id: str, limit: int | None = None) -> Window | None:
         """The window, or None when the copy is absent or unusable (a miss)."""
         keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
         args = [*self.common(session_id), -1 if limit is None else limit, 0]
         reply: list[Any] = await self._redis.call(
             "load", lambda c: c.load(keys=keys.layout, args=args)
@@ -336,6 +339,27 @@ class Sessions:
                 # Gone already when the swap consumed it; otherwise no longer needed.
                 await self._redis.call("unstage", lambda c: c.redis.delete(names[-1]))
         return int(reply[0])
+
+    async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
+        """Run the pop script once: (0, message or None) or (MISS | OLDER, None)."""
+        keys = self._keys.session(session_id)
+        args: list[Any] = [
+            *self.common(session_id),
+            ms(self._flush_delay),
+            ms(self.lease_margin),
+        ]
+        reply = await self._redis.call("pop", lambda c: c.pop(keys=keys.layout, args=args))
+        head = int(reply[0])
+        if head == 1:
+            item: bytes = reply[1]
+            return 0, decode_message(item[item.index(b"\n") + 1 :])
+        if head == DAMAGED:
+            self._counters["damaged_reads"] += 1
+            raise StoreError(
+                f"session {session_id!r} lost part of its data in Redis while unflushed; "
+                "check maxmemory-policy (never allkeys-*) with `vel doctor`"
+            )
+        return head, None
 
     async def seed(
         self,

@@ -24,11 +24,26 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 
-from vel.errors import StoreError
+from vel import metrics
+from vel.bounds import (
+    BUCKETS,
+    COUNT,
+    DELAY,
+    LEASE,
+    MAX_UNFLUSHED,
+    POOL,
+    TIMEOUT,
+    TTL,
+    WAIT,
+    age_arg,
+)
+from vel.errors import InvalidInputError, StoreError
+from vel.instrument import observed
 from vel.messages import Message, validate_session_id
-from vel.settings import Settings, load_settings, redact
+from vel.metrics.histograms import APPEND, LOAD
+from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
-from vel.stores.redis.client import Client, Connector, check_url
+from vel.stores.redis.client import Client, Connector
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks, RedisTurn
@@ -45,7 +60,13 @@ class RedisStore:
         url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
             ``redis://127.0.0.1:6379/0``); ``redis+cluster://[user:password@]host:port[,...]``
             (``rediss+cluster://`` with TLS) uses a Redis Cluster, discovered from those seeds.
-        client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
+            Checked at once (see :mod:`vel.stores.redis.url` for the forms and options).
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use instead, made with
+            ``decode_responses=False``. It stays the caller's (never closed here) and serves
+            the event loop it belongs to (the one running when the store is made, or the
+            first to use it); calls from another loop (the plain ``ctxmgr`` calls run on
+            vel's helper loop) are sent to that loop while it runs, and refused with
+            ConfigurationError when it cannot run them.
         write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
         key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
         buckets: hash-slot buckets (part of the key layout: same value in every process;
@@ -84,27 +105,41 @@ class RedisStore:
     ) -> None:
         s = settings or load_settings()
         self.url = url or s.redis_url
-        self.keys = KeyLayout(key_prefix or s.key_prefix, s.buckets if buckets is None else buckets)
+        self.keys = KeyLayout(
+            key_prefix or s.key_prefix,
+            s.buckets if buckets is None else BUCKETS.check_int("buckets", buckets),
+        )
         self.write_behind = write_behind
-        self.hot_ttl = s.hot_ttl if hot_ttl is None else hot_ttl
-        retention = s.retention_ttl if retention_ttl is None else retention_ttl
-        self.retention_ttl = retention if retention else None
+        self.hot_ttl = s.hot_ttl if hot_ttl is None else TTL.check("hot_ttl", hot_ttl)
+        # Reads slide the hot TTL only up to the retention deadline (kept per session), so
+        # the hot TTL itself is not capped by the retention.
+        self.retention_ttl = (
+            s.retention_ttl if retention_ttl is None else TTL.check("retention_ttl", retention_ttl)
+        )
         # The tier lease (write-behind): how long Postgres records that this tier may hold a
         # session after a warm or a flush; a clean copy's TTL never outlives it, so a copy
         # only read is warmed again once per lease. A clean copy whose lease ends within the
         # margin is not written (nor used for a turn) before it is warmed again.
-        self.tier_lease = self.hot_ttl if self.hot_ttl > 0 else 3600.0
+        self.tier_lease = self.hot_ttl
         self.lease_margin = min(60.0, self.tier_lease / 4)
-        self.max_unflushed = s.max_unflushed if max_unflushed is None else max_unflushed
-        self.backpressure_wait = (
-            s.backpressure_wait if backpressure_wait is None else backpressure_wait
+        self.max_unflushed = (
+            s.max_unflushed
+            if max_unflushed is None
+            else MAX_UNFLUSHED.check_int("max_unflushed", max_unflushed)
         )
-        self.flush_delay = flush_delay
-        self.op_timeout = s.op_timeout if op_timeout is None else op_timeout
-        self.pool_max = s.redis_pool_max if pool_max is None else pool_max
-        self.lock_lease = lock_lease
-        if client is None:
-            check_url(self.url)
+        self.backpressure_wait = (
+            s.backpressure_wait
+            if backpressure_wait is None
+            else WAIT.check("backpressure_wait", backpressure_wait)
+        )
+        self.flush_delay = DELAY.check("flush_delay", flush_delay)
+        self.op_timeout = (
+            s.op_timeout if op_timeout is None else TIMEOUT.check("op_timeout", op_timeout)
+        )
+        self.pool_max = (
+            s.redis_pool_max if pool_max is None else POOL.check_int("pool_max", pool_max)
+        )
+        self.lock_lease = LEASE.check("lock_lease", lock_lease)
         self._redis = Connector(
             self.url, injected=client, op_timeout=self.op_timeout, pool_max=self.pool_max
         )
@@ -115,6 +150,7 @@ class RedisStore:
             "lock_waits": 0,
             "damaged_reads": 0,
         }
+        metrics.track(self, self.counters, "redis")
         self._sessions = Sessions(
             self._redis,
             self.keys,
@@ -125,9 +161,11 @@ class RedisStore:
             lease_margin=self.lease_margin,
             max_unflushed=self.max_unflushed,
             backpressure_wait=self.backpressure_wait,
-            flush_delay=flush_delay,
+            flush_delay=self.flush_delay,
         )
-        self._locks = Locks(self._redis, self.keys, self.counters, self._sessions, lease=lock_lease)
+        self._locks = Locks(
+            self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
+        )
         self._write_behind = WriteBehind(self._redis, self.keys, sessions=self._sessions)
 
     @classmethod
@@ -136,7 +174,7 @@ class RedisStore:
 
     def __repr__(self) -> str:
         mode = "write-behind" if self.write_behind else "redis-only"
-        return f"RedisStore({redact(self.url)!r}, prefix={self.keys.prefix!r}, {mode})"
+        return f"RedisStore({self._redis.where!r}, prefix={self.keys.prefix!r}, {mode})"
 
     @property
     def is_cluster(self) -> bool:
@@ -165,7 +203,8 @@ class RedisStore:
         return await self._sessions.read(session_id, limit)
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
-        window = await self.read(session_id, limit)
+        with observed(LOAD, "load", session_id):
+            window = await self.read(session_id, limit)
         return [] if window is None else window.messages
 
     async def exists(self, session_id: str) -> bool:
@@ -219,10 +258,22 @@ class RedisStore:
             return await self.last_seq(session_id)
         if self.write_behind:
             raise StoreError("a write-behind RedisStore is driven by its TieredStore")
-        return await self.append_items(session_id, items, items[0].partition("\n")[0])
+        with observed(APPEND, "append", session_id):
+            return await self.append_items(session_id, items, items[0].partition("\n")[0])
 
     async def last_seq(self, session_id: str) -> int:
         return await self._sessions.last_seq(session_id)
+
+    async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
+        """Run the pop script once: ``(0, message or None)``, or ``(MISS, None)`` when a
+        write-behind store must warm the session first."""
+        return await self._sessions.try_pop(session_id)
+
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        return (await self.try_pop(session_id))[1]
 
     async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
         """Replace (no items: clear), any length: a long history is staged in chunks, then
@@ -388,6 +439,8 @@ class RedisStore:
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
         """Scan the sessions held in Redis (Redis-only mode's listing)."""
+        inactive_for = age_arg(inactive_for)
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         return await scan_sessions(self._redis, self.keys, inactive_for, limit)
 
     async def purge_expired(self) -> int:

@@ -29,6 +29,9 @@ class Pending:
 
     ``rev`` is the Postgres revision the copy was loaded at (None: unknown), ``updated_ms``
     when it was last written, ``had_postgres_rows`` whether Postgres held messages of it.
+    ``truncate`` is ``(tgen, tseq)`` after pops: Postgres at generation ``tgen`` or later
+    (but older than ``gen``) reaches ``gen`` by dropping the seqs above ``tseq``; None: a
+    Postgres older than ``gen`` starts it afresh.
     """
 
     session_id: str
@@ -40,6 +43,7 @@ class Pending:
     rev: int | None = None
     updated_ms: int | None = None
     had_postgres_rows: bool = False
+    truncate: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +103,9 @@ class WriteBehind:
             if int(reply[0]) in (MISS, IN_CONFLICT) and len(reply) == 1:
                 result.append(None)
                 continue
-            gen, fgen, flushed, seq, rev, updated, pgrows = (int(x) for x in reply[:7])
+            gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = (int(x) for x in reply[:9])
             rows = []
-            for offset, item in enumerate(reply[7:], start=1):
+            for offset, item in enumerate(reply[9:], start=1):
                 mid, text = split(item)
                 rows.append((flushed + offset, mid, text))
             result.append(
@@ -115,6 +119,7 @@ class WriteBehind:
                     rev=None if rev < 0 else rev,
                     updated_ms=updated or None,
                     had_postgres_rows=bool(pgrows),
+                    truncate=(tgen, tseq) if tgen >= 0 else None,
                 )
             )
         return result

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 from typing import TYPE_CHECKING
 
-from vel import failpoints
-from vel.errors import FlushConflictError, StoreError
+from vel import failpoints, metrics
+from vel._outage import PERMANENT_RETRY, Outage, permanent
+from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
+from vel.errors import FlushConflictError, InvalidInputError, VelError
+from vel.instrument import observed
+from vel.logs import get_logger
+from vel.metrics.histograms import FLUSH
 from vel.settings import load_settings
 from vel.stores.postgres import FlushBatch
 from vel.stores.redis.client import now_ms
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from vel.stores.redis import Pending, RedisStore
 
 # The logger keeps its name from before the flusher moved here: log filters select on it.
-log = logging.getLogger("vel.flusher")
+log = get_logger("vel.flusher")
 
 
 class Flusher:
@@ -74,17 +78,22 @@ class Flusher:
     ) -> None:
         self.hot = hot
         self.cold = cold
-        self.batch_sessions = batch_sessions
-        self.max_rows = max_rows
-        self.lease = lease
-        self.idle_interval = idle_interval
-        self.max_backoff = max_backoff
+        self.batch_sessions = BATCH.check_int("batch_sessions", batch_sessions)
+        self.max_rows = BATCH.check_int("max_rows", max_rows)
+        self.lease = LEASE.check("lease", lease)
+        self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
+        self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
-            load_settings().flush_interval if sweep_interval is None else sweep_interval
+            load_settings().flush_interval
+            if sweep_interval is None
+            else DELAY.check("sweep_interval", sweep_interval)
         )
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
+        self.outage = Outage(log, "flush")
+        # What ended the last drain early, if anything (for the closing store's log line).
+        self.last_error: VelError | None = None
         self.counters: dict[str, float] = {
             "flush_batches_ok": 0,
             "flush_batches_failed": 0,
@@ -97,6 +106,7 @@ class Flusher:
         }
         # Shared through Redis so `vel stats` sees every flusher's work.
         self.totals = Totals(hot, [self.counters])
+        metrics.track(self, self.counters, None)
 
     async def flush_once(self) -> int:
         """One sweep over every bucket; returns the number of messages written.
@@ -128,7 +138,7 @@ class Flusher:
                 self.counters["flush_batches_failed"] += 1
             # Hand the claims back early so a short outage does not wait out the whole lease
             # (those already written and acknowledged are clean: rescheduling skips them).
-            with contextlib.suppress(StoreError):
+            with contextlib.suppress(VelError):
                 for bucket, session_ids in claimed:
                     await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
             raise
@@ -160,6 +170,10 @@ class Flusher:
 
     async def _write(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
         """Copy ``work`` to Postgres in one transaction, then acknowledge it."""
+        with observed(FLUSH, "flush", sessions=len(work)):
+            return await self._write_batch(work, bucket_of)
+
+    async def _write_batch(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
         while work:
             asked = now_ms()
             try:
@@ -172,6 +186,7 @@ class Flusher:
                             revision=p.rev,
                             written_ms=p.updated_ms,
                             had_postgres_rows=p.had_postgres_rows,
+                            truncate=p.truncate,
                         )
                         for p in work
                     ],
@@ -242,7 +257,13 @@ class Flusher:
         return base * (0.5 + random.random() / 2)
 
     async def run(self) -> None:
-        """Flush until :meth:`stop`; failures are logged and retried with capped backoff."""
+        """Flush until :meth:`stop`; failures are retried with capped backoff.
+
+        An outage is logged once when it starts (then at most once a minute while it lasts,
+        and once when it ends), not at every retry. A permanent failure (ConfigurationError:
+        refused credentials, a missing permission or table, an untrusted certificate) is
+        retried only every :data:`PERMANENT_RETRY` seconds, until someone fixes it.
+        """
         self._stop.clear()
         while not self._stop.is_set():
             if self.totals.due():
@@ -252,16 +273,13 @@ class Flusher:
             except Exception as exc:
                 self._failures += 1
                 self.counters["flush_retries"] += 1
-                delay = self._retry_delay()
-                if isinstance(exc, (StoreError, OSError)):
-                    log.warning("flush failed (retrying in %.2f s): %s", delay, exc)
-                else:
-                    log.exception("flush failed unexpectedly (retrying in %.2f s)", delay)
+                delay = PERMANENT_RETRY if permanent(exc) else self._retry_delay()
+                self.outage.failed(exc, delay)
                 await self._sleep(delay)
                 continue
-            if written:
-                self._failures = 0
-            else:
+            self._failures = 0
+            self.outage.recovered()
+            if not written:
                 await self._sleep(self.idle_interval * (0.5 + random.random()))
 
     async def _sleep(self, seconds: float) -> None:
@@ -275,8 +293,14 @@ class Flusher:
         self._stop.set()
 
     async def drain(self, timeout: float = 10.0) -> bool:
-        """Flush until nothing is unflushed or ``timeout`` passes; True when drained."""
-        deadline = time.monotonic() + timeout
+        """Flush until nothing is unflushed or ``timeout`` passes; True when drained.
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        deadline = time.monotonic() + WAIT.check("timeout", timeout, InvalidInputError)
+        delay = 0.02
+        self.last_error = None
         while True:
             try:
                 await self.flush_once()
@@ -284,9 +308,17 @@ class Flusher:
                 # an estimate (it can drift if keys are lost), so it does not decide.
                 _, _, dirty = await self.hot.backlog()
                 if dirty == 0:
+                    self.outage.recovered()
                     return True
-            except StoreError as exc:
-                log.warning("drain: flush failed: %s", exc)
-            if time.monotonic() >= deadline:
+                delay = 0.02
+            except VelError as exc:
+                self.last_error = exc
+                if permanent(exc):
+                    self.outage.failed(exc, None)
+                    return False  # retrying cannot help: stop draining at once
+                self.outage.failed(exc, delay)
+                delay = min(delay * 2, 1.0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(min(delay, remaining))

@@ -17,26 +17,51 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+from vel import metrics
 from vel._sync import in_helper_thread
-from vel.errors import ConfigurationError, InvalidInputError, StoreError, StoreTimeoutError
+from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
+from vel.errors import ConfigurationError, StoreError, StoreTimeoutError
+from vel.instrument import observed
+from vel.logs import get_logger
 from vel.messages import Message, decode_message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD
+from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, UNSTAGED, RedisStore, RedisTurn, Window
 from vel.stores.redis.client import now_ms
+from vel.stores.redis.scripts import OLDER
 from vel.stores.tiered.conflicts import Resolution, resolve
 from vel.stores.tiered.flusher import Flusher
-from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, Warmer
+from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
 from vel.totals import Totals
 
-log = logging.getLogger("vel.tiered")
+log = get_logger("vel.tiered")
+
+
+def check_same_namespace(hot: RedisStore, cold: PostgresStore) -> None:
+    """Refuse tiers of two namespaces: a hot prefix whose schema is not the cold store's
+    (unless the cold store's schema was chosen explicitly).
+
+    Raises:
+        ConfigurationError: the tiers would serve different namespaces.
+    """
+    origin = cold.placement.origin
+    if not (origin.startswith("key prefix") or origin.startswith("the default prefix")):
+        return  # an explicit schema (schema=, DSN search_path, VEL_PG_SCHEMA) is the operator's
+    expected = place(schema=None, dsn=None, env_schema=None, prefix=hot.keys.prefix)
+    if expected.schema != cold.schema:
+        raise ConfigurationError(
+            f"the tiers serve two namespaces: Redis prefix {hot.keys.prefix!r} (Postgres "
+            f"{expected.describe()}) but Postgres {cold.placement.describe()}; give both the "
+            "same namespace (PostgresStore(namespace=...)) or an explicit schema"
+        )
 
 
 class TieredStore:
@@ -62,8 +87,13 @@ class TieredStore:
         drain_timeout: float = 10.0,
         settings: Settings | None = None,
     ) -> None:
-        if not hot.write_behind:
-            raise ValueError("TieredStore needs a RedisStore(write_behind=True)")
+        if not isinstance(hot, RedisStore) or not hot.write_behind:
+            raise ConfigurationError("TieredStore needs a RedisStore(write_behind=True) as hot")
+        if not isinstance(cold, PostgresStore):
+            raise ConfigurationError("TieredStore needs a PostgresStore as cold")
+        check_same_namespace(hot, cold)
+        if flusher is not None and not isinstance(flusher, bool):
+            raise ConfigurationError(f"flusher must be True, False or None, got {flusher!r}")
         if hot.retention_ttl != cold.retention_ttl:
             raise ConfigurationError(
                 f"the Redis tier's retention ({hot.retention_ttl} s) differs from the "
@@ -74,9 +104,11 @@ class TieredStore:
         self.cold = cold
         self.embedded_flusher = (s.flusher == "embedded") if flusher is None else flusher
         self.flusher = Flusher(hot, cold, sweep_interval=s.flush_interval)
-        self.warm_lease = warm_lease
-        self.drain_timeout = drain_timeout
+        self.warm_lease = LEASE.check("warm_lease", warm_lease)
+        self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
         self._flusher_task: asyncio.Task[None] | None = None
+        # Whether this process wrote anything that a drain on close should push to Postgres.
+        self._wrote = False
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -91,6 +123,7 @@ class TieredStore:
             # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
             "evictions_seen": 0,
         }
+        metrics.track(self, self.counters, None)
         self._warmer = Warmer(hot, cold, lease=warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
@@ -114,11 +147,12 @@ class TieredStore:
     # -- SessionStore ----------------------------------------------------------------------
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
+        with observed(LOAD, "load", session_id):
+            return await self._load(session_id, limit)
+
+    async def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
-            raise InvalidInputError(f"limit must be a non-negative int, got {limit!r}")
-        if limit is not None and limit < 0:
-            raise InvalidInputError(f"limit must be a non-negative int, got {limit!r}")
+        limit = limit_arg(limit)
         window = await self._read(session_id, limit)
         self._count_hit()
         return await self._complete(session_id, window, limit)
@@ -187,7 +221,9 @@ class TieredStore:
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id, 0)
-        return await self.hot.append_items(session_id, items, first_id, on_miss)
+        self._wrote = True
+        with observed(APPEND, "append", session_id):
+            return await self.hot.append_items(session_id, items, first_id, on_miss)
 
     def _count_hit(self) -> None:
         self.counters["redis_hits"] += 1
@@ -208,6 +244,7 @@ class TieredStore:
         validate_session_id(session_id)
         items = self.hot.encode(messages, message_ids, whole=True)
         self._ensure_flusher()
+        self._wrote = True
         for _ in range(5):
             gen = await self.hot.try_replace(session_id, items)
             if gen == MISS:
@@ -226,6 +263,25 @@ class TieredStore:
         one is staged in Redis in chunks and swapped in by one script, so readers see the old
         history or the new one whole); ``message_ids`` kept when given (an import)."""
         await self._replace(session_id, messages, message_ids)
+
+    async def pop(self, session_id: str) -> Message | None:
+        """Remove and return the newest message in one Redis script (warming the session
+        first if Redis lacks it); Postgres drops it with the next flush, and no flush that
+        read it before can write it back (see :mod:`vel.stores.redis.scripts`)."""
+        validate_session_id(session_id)
+        self._ensure_flusher()
+        for _ in range(5):
+            code, message = await self.hot.try_pop(session_id)
+            if code == MISS:
+                await self._miss(session_id, 1)
+            elif code == OLDER:
+                # The copy holds none of its messages (all popped down to its base): read the
+                # newest older ones into it first.
+                window = await self._read(session_id, 0)
+                await self._older(session_id, window, WARM_MIN)
+            else:
+                return message
+        raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
 
     async def clear(self, session_id: str) -> None:
         await self._replace(session_id, [])
@@ -302,6 +358,7 @@ class TieredStore:
         on_miss = functools.partial(self._miss, session_id, limit)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
             self._count_hit()  # the window came from Redis (after any warm)
+            self._wrote = True  # the turn may commit
             if turn.view is not None:
                 turn.window = await self._complete(session_id, turn.view, limit)
             yield turn
@@ -328,8 +385,16 @@ class TieredStore:
         )
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Write everything unflushed to Postgres now; True when nothing is left."""
-        return await self.flusher.drain(self.drain_timeout if timeout is None else timeout)
+        """Write everything unflushed to Postgres now; True when nothing is left.
+
+        Args:
+            timeout: seconds to keep trying (default ``drain_timeout``).
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        checked = wait_arg(timeout)
+        return await self.flusher.drain(self.drain_timeout if checked is None else checked)
 
     async def aclose(self) -> None:
         """Stop the embedded flusher, drain what is dirty (bounded), close both tiers."""
@@ -343,9 +408,19 @@ class TieredStore:
                 await task
             except Exception:
                 log.exception("embedded flusher failed")
-            drained = await self.flusher.drain(self.drain_timeout)
-            if not drained:
-                log.warning("closing with unflushed messages; another flusher will write them")
+            # Only this process's own writes are worth waiting for at close; with none, the
+            # other flushers' backlog is theirs.
+            if not self._wrote:
+                drained = not self.flusher.outage.ongoing  # Redis answered the last flush
+            else:
+                drained = await self.flusher.drain(self.drain_timeout)
+                if not drained:
+                    why = self.flusher.last_error
+                    log.warning(
+                        "closing before every write of this process reached Postgres%s; "
+                        "what is unflushed stays in Redis, without a TTL, for the next flusher",
+                        f" ({why})" if why is not None else f" within {self.drain_timeout} s",
+                    )
         if not in_helper_thread():
             # A last report only when Redis just answered the drain: with Redis gone it
             # would cost a timeout.

@@ -23,6 +23,8 @@ import uuid
 
 from vel import failpoints
 from vel.errors import StoreTimeoutError
+from vel.instrument import observed
+from vel.metrics.histograms import WARM
 from vel.stores.postgres import PostgresStore, Snapshot
 from vel.stores.redis import RedisStore
 
@@ -80,7 +82,8 @@ class Warmer:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._warming[session_id] = future
         try:
-            await self._warm(session_id, warm_size(window))
+            with observed(WARM, "warm", session_id):
+                await self._warm(session_id, warm_size(window))
             future.set_result(None)
         except BaseException as exc:
             future.set_exception(exc)
