@@ -163,7 +163,8 @@ async def test_a_file_with_one_bad_session_imports_nothing(
     good, bad = sid(), sid()
     lines = [
         {"id": good, "messages": history(5)},
-        {"id": bad, "messages": [*history(3), {"role": "wizard", "content": "x"}]},
+        # A real U+0000: no store can keep it (Postgres' jsonb refuses it).
+        {"id": bad, "messages": [*history(3), {"role": "user", "content": "nul \u0000"}]},
     ]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

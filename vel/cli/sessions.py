@@ -405,10 +405,11 @@ def register(sub: Any) -> None:
     )
     ss = parent.add_subparsers(dest="action", required=True)
 
-    def base(name: str, text: str) -> argparse.ArgumentParser:
+    def base(name: str, text: str, *, storage: bool = True) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = ss.add_parser(name, help=text, description=text)
         add_connection_flags(p)
-        add_storage_flag(p)
+        if storage:
+            add_storage_flag(p)
         return p
 
     def flush_flags(p: argparse.ArgumentParser, skip: bool) -> None:
@@ -466,13 +467,24 @@ def register(sub: Any) -> None:
     p = base("purge", "delete expired sessions from Postgres and their copies from Redis")
     p.set_defaults(run=cmd_purge)
 
-    p = base("conflicts", "sessions whose flush to Postgres could not be applied (redis mode)")
-    p.add_argument("--limit", type=int, default=1000)
+    # The two tiers' own commands: they act on the Redis tier and Postgres together.
+    p = base(
+        "conflicts",
+        "sessions whose flush to Postgres could not be applied (redis mode)",
+        storage=False,
+    )
+    p.add_argument(
+        "--limit", type=cli(COUNT, "--limit"), default=1000, help="at most this many sessions"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_conflicts)
 
-    p = base("resolve", "resolve a flush conflict: keep Postgres' history, both, or Redis'")
-    p.add_argument("session_id")
+    p = base(
+        "resolve",
+        "resolve a flush conflict: keep Postgres' history, both, or the Redis copy",
+        storage=False,
+    )
+    p.add_argument("session_id", help="the session in conflict")
     p.add_argument(
         "--keep",
         required=True,
@@ -483,7 +495,11 @@ def register(sub: Any) -> None:
     p.add_argument("--save", metavar="FILE", help="write discarded messages here (JSON Lines)")
     p.set_defaults(run=cmd_resolve)
 
-    p = base("release", "hand sessions from the Redis tier back to 'database'-mode writers")
-    p.add_argument("session_ids", nargs="+", metavar="ID")
+    p = base(
+        "release",
+        "hand sessions from the Redis tier back to 'database'-mode writers",
+        storage=False,
+    )
+    p.add_argument("session_ids", nargs="+", metavar="ID", help="sessions to release")
     flush_flags(p, skip=False)
     p.set_defaults(run=cmd_release)
