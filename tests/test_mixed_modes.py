@@ -141,6 +141,19 @@ async def test_every_database_mode_write_is_refused_while_the_tier_holds_the_ses
     assert contents(await tier.load(s)) == ["hot"]
 
 
+async def test_a_database_mode_turn_is_refused_before_the_model_is_called(
+    both_modes: dict[str, str], srv: FakeOpenAIServer, tier: TieredStore
+) -> None:
+    s = sid()
+    await tier.append(s, [{"role": "user", "content": "hot"}])
+    calls = len(srv.requests)
+    async with Agent(id="d", model=model_for(srv), session_storage="database") as admin:
+        with pytest.raises(TierLeaseError):
+            await admin.run({"message": "hello"}, session_id=s)
+        assert len(srv.requests) == calls
+    assert contents(await tier.load(s)) == ["hot"]
+
+
 async def test_import_in_database_mode_beside_redis_workers_is_refused_whole(
     both_modes: dict[str, str], tier: TieredStore, tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ from checker import postgres_rows
 from conftest import model_for
 
 from vel import Agent, MemoryStore
+from vel.stores.redis import RedisStore
 from vel.testing import FakeOpenAIServer
 
 
@@ -80,6 +81,25 @@ async def test_a_turn_after_retention_starts_afresh_in_both_tiers(
     if storage_mode != "memory":
         rows = await postgres_rows(pg_dsn, migrated_schema, s)
         assert [(r.seq, r.content) for r in rows] == list(enumerate(final, start=1))
+
+
+async def test_redis_only_mode_reads_never_extend_retention(
+    redis_url: str, key_prefix: str
+) -> None:
+    """'redis' without POSTGRES_DSN: the key TTL is the retention, and reads slide the hot
+    TTL only up to it."""
+    store = RedisStore(redis_url, key_prefix=key_prefix, hot_ttl=60, retention_ttl=3)
+    try:
+        s = sid()
+        await store.append(s, [{"role": "user", "content": "x"}])
+        for _ in range(3):
+            await asyncio.sleep(0.6)
+            assert len(await store.load(s)) == 1
+        await asyncio.sleep(1.7)
+        assert await store.load(s) == []
+        assert await store.append(s, [{"role": "user", "content": "y"}]) == 1
+    finally:
+        await store.aclose()
 
 
 async def test_memory_mode_sweeps_expired_sessions_it_is_never_asked_about() -> None:

@@ -14,21 +14,25 @@ from contextlib import asynccontextmanager
 
 from vel._lease import LeaseKeeper
 from vel.bounds import wait_arg
-from vel.errors import SessionLockedError, StoreError
+from vel.errors import SessionLockedError, StoreError, TierLeaseError
 from vel.messages import validate_session_id
 from vel.metrics.histograms import LOCK_WAIT
 from vel.stores.postgres.connector import Connector, log
+from vel.stores.postgres.sessions import LEASED
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 
-# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder).
-_LOCK_ACQUIRE = """
+# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder). Also
+# says, at no extra round trip, whether the Redis tier holds the session (its tier lease), so
+# that a 'database'-mode turn is refused before it calls the model, not at its commit.
+_LOCK_ACQUIRE = f"""
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
 ON CONFLICT (session_id) DO UPDATE
    SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
  WHERE l.expires_at < now()
-RETURNING token
+RETURNING token,
+          (SELECT s.hot_until FROM vel_sessions s WHERE s.id = $1 AND {LEASED}) AS held_until
 """
 _LOCK_RENEW = """
 UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
@@ -87,10 +91,16 @@ class TurnLocks:
             attempt = loop.time()
             got = await self._db.run(
                 "acquire turn lock",
-                lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
+                lambda c: c.fetchrow(_LOCK_ACQUIRE, session_id, token, self._lease),
             )
             if got is not None:
                 LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
+                if got["held_until"] is not None:
+                    await self._db.run(
+                        "release turn lock",
+                        lambda c: c.execute(_LOCK_RELEASE, session_id, token),
+                    )
+                    raise TierLeaseError(session_id, got["held_until"])
                 return
             if not waited:
                 waited = True

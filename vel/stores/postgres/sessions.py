@@ -34,8 +34,9 @@ from vel.stores.postgres.sql import chunks, insert_rows
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
 
-# A row the tier may hold ('redis' mode): not expired, and its tier lease still running.
-_LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(), true))"
+# A row the tier may hold ('redis' mode): not expired, and its tier lease still running (SQL
+# over alias ``s`` of vel_sessions; the turn locks ask it too).
+LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(), true))"
 
 # One round trip: the upsert takes the session row lock (serialising concurrent appends), bumps
 # last_seq by k and hands the new value to the insert, which numbers the batch last_seq-k+1 ..
@@ -52,7 +53,7 @@ WITH sess AS (
            expires_at = EXCLUDED.expires_at,
            revision = s.revision + 1,
            created_at = CASE WHEN s.last_seq = 0 THEN now() ELSE s.created_at END
-     WHERE (s.expires_at IS NULL OR s.expires_at > now()) AND NOT {_LEASED}
+     WHERE (s.expires_at IS NULL OR s.expires_at > now()) AND NOT {LEASED}
     RETURNING s.last_seq
 ), ins AS (
     INSERT INTO vel_messages (session_id, seq, message_id, message)
@@ -63,7 +64,7 @@ SELECT last_seq FROM sess
 """
 # Why a writer found no row to update: the row, locked, with its lease and expiry.
 _STATE = f"""
-SELECT s.hot_until, coalesce(s.expires_at <= now(), false) AS expired, {_LEASED} AS leased,
+SELECT s.hot_until, coalesce(s.expires_at <= now(), false) AS expired, {LEASED} AS leased,
        s.last_seq
   FROM vel_sessions s
  WHERE s.id = $1
@@ -111,7 +112,7 @@ ON CONFLICT (id) DO UPDATE
        expires_at = EXCLUDED.expires_at,
        created_at = CASE WHEN s.last_seq = 0 OR s.expires_at <= now()
                          THEN now() ELSE s.created_at END
- WHERE NOT {_LEASED}
+ WHERE NOT {LEASED}
 RETURNING id
 """
 # Deletes run as statements of their own, after the row lock is held: a DELETE sharing a
@@ -122,7 +123,7 @@ _DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
 _CLEAR_SESSION = f"""
 UPDATE vel_sessions s
    SET generation = generation + 1, revision = revision + 1, last_seq = 0, updated_at = now()
- WHERE s.id = $1 AND NOT {_LEASED}
+ WHERE s.id = $1 AND NOT {LEASED}
 RETURNING id
 """
 # What an import keeps from the file besides the messages.
@@ -169,7 +170,7 @@ UPDATE vel_sessions AS s
        revision = revision + 1,
        updated_at = now(),
        expires_at = now() + $2::float8 * interval '1 second'
- WHERE id = $1 AND last_seq > 0 AND (expires_at IS NULL OR expires_at > now()) AND NOT {_LEASED}
+ WHERE id = $1 AND last_seq > 0 AND (expires_at IS NULL OR expires_at > now()) AND NOT {LEASED}
 RETURNING last_seq + 1 AS seq
 """
 # Step two, a statement of its own after the lock is held (see _DELETE_MESSAGES).
