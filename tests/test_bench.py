@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vel.bench.workload import check_history, turn_messages
+from benchmarks.workload import check_history, turn_messages
 
 MODES = ("memory", "database", "redis", "redis-only", "ref-redis", "ref-redis-2rt", "ref-asyncpg")
 
@@ -15,10 +15,11 @@ MODES = ("memory", "database", "redis", "redis-only", "ref-redis", "ref-redis-2r
 def test_quick_bench_writes_json_and_markdown_with_whole_shared_turns(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     done = subprocess.run(
-        [sys.executable, "-m", "vel.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,
+        cwd=Path(__file__).resolve().parent.parent,  # benchmarks/ is not installed
     )
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads((out / "benchmarks.json").read_text())

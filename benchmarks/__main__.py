@@ -1,7 +1,7 @@
-"""``python -m vel.bench``: run every mode and reference side by side, write JSON, markdown, PNG.
+"""``python -m benchmarks``: run every mode and reference side by side, write JSON, markdown, PNG.
 
-    python -m vel.bench                 # the default run (under 5 minutes on 2 cores)
-    python -m vel.bench --quick --out /tmp/b   # a smoke run of about 30 s
+    python -m benchmarks                 # the default run (under 5 minutes on 2 cores)
+    python -m benchmarks --quick --out /tmp/b   # a smoke run of about 30 s
 
 Needs Redis (``REDIS_URL``, default ``redis://127.0.0.1:6379/0``) and Postgres
 (``POSTGRES_DSN``, default ``postgresql://postgres@127.0.0.1:5432/test``). The run creates its
@@ -27,21 +27,23 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import redis.asyncio as aioredis
 
-from vel.bench import report
-from vel.bench.agent_turns import measure_agent
-from vel.bench.modes import (
+from benchmarks import report
+from benchmarks.agent_turns import measure_agent
+from benchmarks.modes import (
     ALL_MODES,
     POSTGRES_MODES,
     REDIS_MODES,
     REFERENCES,
     create_reference_table,
 )
-from vel.bench.workload import check_history, turn_messages
+from benchmarks.workload import check_history, turn_messages
 from vel.messages import encode_message
 from vel.settings import load_settings
 from vel.stores.postgres.migrate import migrate
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+# Workers run ``python -m benchmarks.workload`` from here: the package is not installed.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,9 +140,10 @@ class Bench:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "vel.bench.workload",
+                "benchmarks.workload",
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
+                cwd=ROOT,
                 limit=1 << 28,  # the result line carries every latency
             )
             assert proc.stdin is not None
@@ -250,7 +253,7 @@ class Bench:
                     totals[key] += value
             row["check"] = {**totals, "note": "memory sessions are per process"}
             return row
-        from vel.bench.modes import make_driver
+        from benchmarks.modes import make_driver
 
         driver = make_driver(mode, {**spec, "pool_max": 4})
         turns: dict[str, list[tuple[str, str]]] = {}
@@ -411,7 +414,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             **versions,
             "args": vars(args),
-            "command": "python -m vel.bench " + " ".join(sys.argv[1:]),
+            "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
         },
         "modes": results,
         "agent": agent,
@@ -419,7 +422,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vel.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--processes", "-P", type=int, default=2)
     parser.add_argument("--tasks", "-C", type=int, default=16, help="asyncio tasks per process")
     parser.add_argument("--sessions", "-S", type=int, default=512)

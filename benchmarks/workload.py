@@ -1,6 +1,6 @@
 """One benchmark worker process: C asyncio tasks running chat turns against one mode.
 
-The parent starts it as ``python -m vel.bench.workload`` with a JSON spec on stdin; it
+The parent starts it as ``python -m benchmarks.workload`` with a JSON spec on stdin; it
 connects, prints ``ready``, waits for ``go`` (so process start-up and connecting are not
 timed), runs, closes its store (a redis-mode worker drains its flusher), and prints one JSON
 line of results. Kinds of run:
@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from vel.bench.modes import StoreDriver, make_driver
+from benchmarks.modes import StoreDriver, make_driver
 from vel.messages import Message
 
 USER_BYTES = 300
