@@ -14,9 +14,9 @@ raw asyncpg (no lock, the floor) and vel's unlocked append. The lock variants:
 - ``4rt-async-commit``: the same round trips on a logged table, the lock statements on
   connections with ``synchronous_commit = off``;
 - ``3rt-unlogged``: acquire; read; append and release in one statement (one durable commit);
-- ``2rt-unlogged``: acquire and read in one call (a function: its second statement takes a
-  fresh snapshot, so it sees the turn that released the lock just before); append and
-  release in one statement;
+- ``2rt-unlogged``: acquire and read in one call (``vel_turn_begin``, migration 0002: its
+  second statement takes a fresh snapshot, so it sees the turn that released the lock just
+  before); append and release in one statement. What vel now does;
 - ``2rt-async-commit``: the same on a logged lease table, the function committing with
   ``synchronous_commit = off`` (``set_config`` local to its transaction).
 """
@@ -89,25 +89,14 @@ _APPEND = f"WITH {_APPEND_CTES} SELECT last_seq FROM sess"
 _APPEND_RELEASE = f"""WITH {_APPEND_CTES}, rel AS (
     DELETE FROM vel_locks WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
 ) SELECT last_seq FROM sess"""
-_BEGIN_FUNCTION = """
-CREATE FUNCTION vel_turn_begin(p_session text, p_token text, p_lease float8, p_limit bigint)
+# The async-commit variant wraps vel's own vel_turn_begin (migration 0002): set_config(...,
+# true) lasts until the transaction commits, where a function's SET clause would not.
+_BEGIN_ASYNC_FUNCTION = """
+CREATE FUNCTION vel_turn_begin_async(p_session text, p_token text, p_lease float8, p_limit bigint)
 RETURNS text[] LANGUAGE plpgsql AS $$
 BEGIN
-  {async_commit}
-  INSERT INTO vel_locks AS l (session_id, token, expires_at)
-  VALUES (p_session, p_token, now() + p_lease * interval '1 second')
-  ON CONFLICT (session_id) DO UPDATE
-     SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
-   WHERE l.expires_at < now();
-  IF NOT FOUND THEN
-    RETURN NULL;
-  END IF;
-  RETURN ARRAY(
-    SELECT m.message::text FROM vel_messages m
-     WHERE m.session_id = p_session
-       AND EXISTS (SELECT 1 FROM vel_sessions s WHERE s.id = p_session AND s.last_seq > 0
-                    AND (s.expires_at IS NULL OR s.expires_at > now()))
-     ORDER BY m.seq DESC LIMIT p_limit);
+  PERFORM set_config('synchronous_commit', 'off', true);
+  RETURN vel_turn_begin(p_session, p_token, p_lease, p_limit);
 END $$
 """
 
@@ -128,6 +117,8 @@ class Option:
         self.name, self.dsn, self.schema, self.size = name, dsn, schema, size
         self.pool: Any = None
         self.lock_pool: Any = None
+        function = "vel_turn_begin_async" if name == "2rt-async-commit" else "vel_turn_begin"
+        self.begin = f"SELECT {function}($1, $2, $3, $4)"
 
     async def open(self) -> None:
         self.pool = await _pool(self.dsn, self.schema, self.size)
@@ -157,9 +148,7 @@ class Option:
         if self.name.startswith("2rt"):
             delay = 0.005
             while True:
-                got = await self.pool.fetchval(
-                    "SELECT vel_turn_begin($1, $2, $3, $4)", sid, token, LEASE, limit
-                )
+                got = await self.pool.fetchval(self.begin, sid, token, LEASE, limit)
                 if got is not None:
                     break
                 await asyncio.sleep(delay)
@@ -216,13 +205,11 @@ async def _run_option(args: argparse.Namespace, option: str, dsn: str, tag: str)
 
             await migrate(conn, schema)
             await conn.execute(f'SET search_path = "{schema}"')
-            if "unlogged" in option:
-                await conn.execute("ALTER TABLE vel_locks SET UNLOGGED")
-            if option.startswith("2rt"):
-                off = "PERFORM set_config('synchronous_commit', 'off', true);"
-                await conn.execute(
-                    _BEGIN_FUNCTION.replace("{async_commit}", off if "async" in option else "")
-                )
+            # vel's schema has the lease table UNLOGGED (migration 0002); the others undo it.
+            if "unlogged" not in option:
+                await conn.execute("ALTER TABLE vel_locks SET LOGGED")
+            if option == "2rt-async-commit":
+                await conn.execute(_BEGIN_ASYNC_FUNCTION)
     finally:
         await conn.close()
     procs = []
@@ -312,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--options", default=",".join(OPTIONS))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="keep the figures")
     args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(sys.stdin.readline())
@@ -320,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sessions, args.turns, args.rounds = 64, 5, 1
     result = asyncio.run(amain(args))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"load average before / after: {result.pop('load_before')} / {result.pop('load_after')}")
     print("| option | turns/s (median) | rounds | x raw asyncpg (paired) | client CPU us / turn |")
     print("|---|---|---|---|---|")

@@ -176,3 +176,24 @@ def test_hotpath_runs_its_variants_and_micro_measurements(tmp_path: Path) -> Non
         "decode the window: jiter",
         "pool checkout x2: BlockingConnectionPool (vel)",
     }
+
+
+def test_pg_lock_measures_each_option_beside_raw_asyncpg(tmp_path: Path) -> None:
+    out = tmp_path / "pg_lock.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "benchmarks.pg_lock", "--options"),
+            "ref-asyncpg,4rt-logged,3rt-unlogged,2rt-unlogged,2rt-async-commit",
+            *("--tasks", "2", "--sessions", "8", "--turns", "3", "--rounds", "1"),
+            *("--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["ref-asyncpg"]["vs_ref_asyncpg"] == 1.0
+    for option in ("4rt-logged", "3rt-unlogged", "2rt-unlogged", "2rt-async-commit"):
+        assert data[option]["turns_per_s"] > 0 and data[option]["vs_ref_asyncpg"] > 0
