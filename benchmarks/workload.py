@@ -195,7 +195,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "turns": len(latencies),
         "latencies": latencies,
         "errors": errors,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": peak_rss_mb(),
         "acks": recorder.acks,
         "commits": recorder.commits,
         "flush_tx": recorder.flush_tx,
@@ -203,6 +203,20 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "shared_turns": shared_turns,
         "shared_check": shared_check,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from ``VmHWM``: ``ru_maxrss`` survives
+    ``exec``, so a worker would report its parent's peak at the fork (the bench parent grows
+    when it imports the Agents SDK to create the SQLAlchemy peer's tables)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
