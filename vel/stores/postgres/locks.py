@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-from vel._lease import LeaseKeeper
+from vel import tracing
+from vel._lease import DeferredKeeper, LeaseKeeper
 from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError
+from vel.instrument import observed
 from vel.messages import Message, decode_message, validate_session_id
-from vel.metrics.histograms import LOCK_WAIT
+from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.postgres.connector import Connector, log
 from vel.stores.postgres.sessions import Sessions
 
@@ -52,10 +55,13 @@ class PostgresTurn:
     """A turn holding its session's lock (see :meth:`PostgresStore.turn
     <vel.stores.postgres.PostgresStore.turn>`)."""
 
-    def __init__(self, sessions: Sessions, session_id: str, token: str) -> None:
+    def __init__(
+        self, sessions: Sessions, session_id: str, token: str, keeper: DeferredKeeper
+    ) -> None:
         self.sessions = sessions
         self.session_id = session_id
         self.token = token
+        self.keeper = keeper
         self.window: list[Message] = []
         self.committed = False
         self.released = False
@@ -72,9 +78,11 @@ class PostgresTurn:
         """
         if self.committed:
             raise StoreError("this turn was already committed")
-        seq, self.released = await self.sessions.append_unlocking(
-            self.session_id, messages, message_ids, self.token
-        )
+        await self.keeper.stop()  # the append below ends the lease
+        with observed(APPEND, "append", self.session_id):
+            seq, self.released = await self.sessions.append_unlocking(
+                self.session_id, messages, message_ids, self.token
+            )
         self.committed = True
         return seq
 
@@ -121,34 +129,34 @@ class TurnLocks:
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
         try:
-            newest_first: list[str] = await self._until_locked(
-                session_id,
-                wait,
-                lambda: self._db.run(
-                    "lock and load",
-                    lambda c: c.fetchval(_TURN_BEGIN, session_id, token, self._lease, limit),
-                ),
-            )
+            # The lock and the window come in one call; what the turn waited for the lock
+            # goes to the lock-wait histogram, the last call and the decoding to the load.
+            with tracing.span("load", session_id):
+                newest_first: list[str]
+                newest_first, tried = await self._until_locked(
+                    session_id,
+                    wait,
+                    lambda: self._db.run(
+                        "lock and load",
+                        lambda c: c.fetchval(_TURN_BEGIN, session_id, token, self._lease, limit),
+                    ),
+                )
+                window = [decode_message(text) for text in reversed(newest_first)]
+                LOAD.observe(time.perf_counter() - tried)
         except SessionLockedError:
             raise
         except BaseException:
             # Postgres may have granted the lock with its reply lost: give it back by token.
             await self._release(session_id, token)
             raise
-        turn = PostgresTurn(self._sessions, session_id, token)
-        # Most turns end before a renewal is due: the keeper (a task) starts only for the
-        # others, after a sixth of the lease, and first renews at half of it.
-        keepers: list[LeaseKeeper] = []
-        later = asyncio.get_running_loop().call_later(
-            self._lease / 6, lambda: keepers.append(self._keeper(session_id, token))
-        )
+        # Started after a sixth of the lease, the keeper first renews at half of it.
+        keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self._lease / 6)
+        turn = PostgresTurn(self._sessions, session_id, token, keeper)
+        turn.window = window
         try:
-            turn.window = [decode_message(text) for text in reversed(newest_first)]
             yield turn
         finally:
-            later.cancel()
-            for keeper in keepers:
-                await keeper.stop()
+            await keeper.stop()
             if not turn.released:
                 await self._release(session_id, token)
 
@@ -176,19 +184,20 @@ class TurnLocks:
 
     async def _until_locked(
         self, session_id: str, wait: float, attempt: Callable[[], Awaitable[T | None]]
-    ) -> T:
-        """Call ``attempt`` (one try at the lock) with backoff until it returns a value."""
+    ) -> tuple[T, float]:
+        """Call ``attempt`` (one try at the lock) with backoff until it returns a value;
+        return it and the ``perf_counter()`` time the successful attempt began."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + wait
+        started = time.perf_counter()
+        deadline = loop.time() + wait
         delay = 0.005
         waited = False
         while True:
-            tried = loop.time()
+            tried = time.perf_counter()
             got = await attempt()
             if got is not None:
                 LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
-                return got
+                return got, tried
             if not waited:
                 waited = True
                 self.waits += 1
