@@ -94,7 +94,8 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("Postgres client (warm reads)", r"\(asyncpg/"),
     (
         "vel turn bookkeeping",
-        r"\(vel/(stores/[\w/]+|_lease|_loops|totals|metrics)\.py|\(contextlib\.py",
+        r"\(vel/(stores/[\w/]+|_lease|_loops|totals|metrics/\w+|instrument|tracing)\.py"
+        r"|\(contextlib\.py",
     ),
     (
         "bench driver (makes the turn's messages)",

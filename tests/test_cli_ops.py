@@ -306,7 +306,7 @@ async def test_doctor_fails_on_missing_schema_and_unreachable_redis(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL  redis" in result.stdout and "fix: start Redis" in result.stdout
     assert "FAIL  schema            version 0 in the search_path" in result.stdout
-    assert "this vel needs 1 -- fix: vel migrate" in result.stdout
+    assert f"this vel needs {latest_version()} -- fix: vel migrate" in result.stdout
 
 
 # -- flusher: metrics and structured logs -------------------------------------------------------
