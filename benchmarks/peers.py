@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from vel.messages import Message
 
 PEERS = ("sdk-redis", "sdk-sqlalchemy")
-# The SDK's default table names; the bench gives each run its own schema.
+# A conversation touched before the clock starts (connecting, and creating the tables).
 _SETUP_SESSION = "bench-setup"
 
 
