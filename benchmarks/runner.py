@@ -443,7 +443,7 @@ async def run_bench(args: argparse.Namespace, modes: list[str]) -> dict[str, Any
         "python": platform.python_version(),
         "platform": platform.platform(),
         **versions,
-        "redis_server": "private (started by the bench)" if bench.server else args.redis_url,
+        "redis_server": "a private server started by the bench" if bench.server else args.redis_url,
         "locked_modes": sorted(LOCKED),
         "references": list(REFERENCES),
         "args": vars(args),
