@@ -171,7 +171,7 @@ async def test_bad_messages_store_nothing_and_still_unlock(
     with pytest.raises(InvalidInputError):
         async with store.turn(s) as turn:
             try:
-                await turn.commit([{"role": "nobody", "content": "x"}])
+                await turn.commit([{"role": "user", "content": {"a set"}}])
             finally:
                 assert await lock_token(pg_dsn, migrated_schema, s) == turn.token
     assert await lock_token(pg_dsn, migrated_schema, s) is None
