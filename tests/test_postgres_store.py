@@ -87,7 +87,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == latest_version() == 2
+    assert await migrate(pg_dsn, pg_schema) == latest_version() == 3
     columns = await sql(
         pg_dsn,
         pg_schema,
@@ -154,33 +154,39 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
 
 
 async def test_migrate_twice_changes_nothing(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == 2
+    latest = latest_version()
+    assert await migrate(pg_dsn, pg_schema) == latest
     async with connect(pg_dsn, pg_schema) as conn:
-        assert await migrate(conn) == 2
-        assert await schema_version(conn) == 2
+        assert await migrate(conn) == latest
+        assert await schema_version(conn) == latest
         rows = await conn.fetch("SELECT version FROM vel_schema_version ORDER BY version")
-    assert [r["version"] for r in rows] == [1, 2]
+    assert [r["version"] for r in rows] == list(range(1, latest + 1))
 
 
 async def test_three_concurrent_migrators_apply_each_file_once(pg_dsn: str, pg_schema: str) -> None:
     versions = await asyncio.gather(*(migrate(pg_dsn, pg_schema) for _ in range(3)))
-    assert versions == [2, 2, 2]
-    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version ORDER BY version")
-    assert [r["version"] for r in rows] == [1, 2]
+    latest = latest_version()
+    assert versions == [latest] * 3
+    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version ORDER BY 1")
+    assert [r["version"] for r in rows] == list(range(1, latest + 1))
 
 
-async def test_upgrade_from_0001_keeps_the_sessions_it_holds(pg_dsn: str, pg_schema: str) -> None:
-    """0002 (tier lease and revision) applied over a 0001 schema with sessions in it."""
+async def test_upgrade_to_the_tier_lease_keeps_the_sessions_it_holds(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """0003 (tier lease and revision) applied over a 0002 schema with sessions in it."""
     from vel.stores.postgres.migrate import load_migrations
 
-    first = load_migrations()[0]
     async with connect(pg_dsn, pg_schema) as conn:
         await conn.execute(
             "CREATE TABLE vel_schema_version (version integer PRIMARY KEY,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        await conn.execute(first.sql)
-        await conn.execute("INSERT INTO vel_schema_version (version) VALUES (1)")
+        for migration in load_migrations()[:2]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO vel_schema_version (version) VALUES ($1)", migration.version
+            )
         await conn.execute(
             "INSERT INTO vel_sessions (id, last_seq, generation, expires_at)"
             " VALUES ('old', 2, 3, now() + interval '1 hour'), ('gone', 0, 1, NULL)"
@@ -191,9 +197,9 @@ async def test_upgrade_from_0001_keeps_the_sessions_it_holds(pg_dsn: str, pg_sch
             text(1),
             text(2),
         )
-    with pytest.raises(ConfigurationError, match="version 1, need 2"):
+    with pytest.raises(ConfigurationError, match=f"version 2, need {latest_version()}"):
         await PostgresStore(pg_dsn, schema=pg_schema).open()
-    assert await migrate(pg_dsn, pg_schema) == 2
+    assert await migrate(pg_dsn, pg_schema) == latest_version() == 3
     rows = await sql(
         pg_dsn, pg_schema, "SELECT id, hot_until, revision FROM vel_sessions ORDER BY id"
     )

@@ -1,7 +1,11 @@
-"""Turn locks of the Postgres tier: one lease row per session in ``vel_locks``.
+"""Turn locks of the Postgres tier: one lease row per session in ``vel_locks``, and the locked
+turn (:class:`PostgresTurn`).
 
 A holder renews its lease while it runs and deletes the row when done; a holder that dies loses
-the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns).
+the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns). The
+lease table is UNLOGGED (migration 0002): taking and giving back a lease costs no durable
+commit. A turn as the Agent runs it takes two round trips: ``vel_turn_begin`` takes the lock
+and reads the window, and the commit's append deletes the lease row in its own transaction.
 """
 
 from __future__ import annotations
@@ -9,22 +13,31 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TypeVar
 
-from vel._lease import LeaseKeeper
-from vel.bounds import wait_arg
+import asyncpg
+
+from vel import tracing
+from vel._lease import DeferredKeeper, LeaseKeeper
+from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, TierLeaseError
-from vel.messages import validate_session_id
-from vel.metrics.histograms import LOCK_WAIT
-from vel.stores.postgres.connector import Connector, log
-from vel.stores.postgres.sessions import LEASED
+from vel.instrument import observed
+from vel.messages import Message, decode_message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
+from vel.stores.postgres.connector import Conn, Connector, log
+from vel.stores.postgres.sessions import LEASED, Sessions
+
+T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 # Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder). Also
-# says, at no extra round trip, whether the Redis tier holds the session (its tier lease), so
-# that a 'database'-mode turn is refused before it calls the model, not at its commit.
+# says, at no extra round trip, whether the Redis tier holds the session (its tier lease,
+# DESIGN.md 3.8), so that a 'database'-mode turn is refused before it calls the model.
 _LOCK_ACQUIRE = f"""
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
@@ -40,13 +53,78 @@ UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
 RETURNING token
 """
 _LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
+# Lock and window in one round trip: NULL when held by another turn, else newest first.
+_TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
+# What vel_turn_begin raises (migration 0003) for a session the Redis tier holds; its DETAIL
+# is the tier lease's end in Unix seconds.
+TIER_LEASED = "VL001"
+
+
+async def _begin(
+    conn: Conn, session_id: str, token: str, lease: float, limit: int | None
+) -> list[str] | None:
+    try:
+        result: list[str] | None = await conn.fetchval(_TURN_BEGIN, session_id, token, lease, limit)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate != TIER_LEASED:
+            raise
+        until = datetime.fromtimestamp(float(getattr(exc, "detail", 0) or 0), UTC)
+        raise TierLeaseError(session_id, until) from None
+    return result
+
+
+async def _acquire(conn: Conn, session_id: str, token: str, lease: float) -> str | None:
+    got = await conn.fetchrow(_LOCK_ACQUIRE, session_id, token, lease)
+    if got is None:
+        return None
+    if got["held_until"] is not None:
+        await conn.execute(_LOCK_RELEASE, session_id, token)
+        raise TierLeaseError(session_id, got["held_until"])
+    return str(got["token"])
+
+
+class PostgresTurn:
+    """A turn holding its session's lock (see :meth:`PostgresStore.turn
+    <vel.stores.postgres.PostgresStore.turn>`)."""
+
+    def __init__(
+        self, sessions: Sessions, session_id: str, token: str, keeper: DeferredKeeper
+    ) -> None:
+        self.sessions = sessions
+        self.session_id = session_id
+        self.token = token
+        self.keeper = keeper
+        self.window: list[Message] = []
+        self.committed = False
+        self.released = False
+
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int:
+        """Append the turn's messages and release the lock in one transaction; return the
+        last seq.
+
+        Raises:
+            InvalidInputError: bad messages; nothing was stored and the lock is still held.
+            StoreError: as :meth:`PostgresStore.append <vel.stores.postgres.PostgresStore.append>`.
+        """
+        if self.committed:
+            raise StoreError("this turn was already committed")
+        await self.keeper.stop()  # the append below ends the lease
+        with observed(APPEND, "append", self.session_id):
+            seq, self.released = await self.sessions.append_unlocking(
+                self.session_id, messages, message_ids, self.token
+            )
+        self.committed = True
+        return seq
 
 
 class TurnLocks:
     """Lease rows in ``vel_locks``; ``lease`` is the seconds one lives without renewal."""
 
-    def __init__(self, db: Connector, lease: float) -> None:
+    def __init__(self, db: Connector, sessions: Sessions, lease: float) -> None:
         self._db = db
+        self._sessions = sessions
         self._lease = lease
         self.waits = 0
 
@@ -57,51 +135,100 @@ class TurnLocks:
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
-        await self._acquire(session_id, token, wait)
-        keeper = LeaseKeeper(
+        await self._until_locked(
+            session_id,
+            wait,
+            lambda: self._db.run(
+                "acquire turn lock", lambda c: _acquire(c, session_id, token, self._lease)
+            ),
+        )
+        keeper = self._keeper(session_id, token)
+        try:
+            yield
+        finally:
+            await keeper.stop()
+            await self._release(session_id, token)
+
+    @asynccontextmanager
+    async def turn(
+        self, session_id: str, limit: int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[PostgresTurn]:
+        """See :meth:`PostgresStore.turn <vel.stores.postgres.PostgresStore.turn>`."""
+        session_id = validate_session_id(session_id)
+        limit = limit_arg(limit)
+        checked = wait_arg(timeout)
+        wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
+        token = secrets.token_hex(16)
+        try:
+            # The lock and the window come in one call; what the turn waited for the lock
+            # goes to the lock-wait histogram, the last call and the decoding to the load.
+            with tracing.span("load", session_id):
+                newest_first: list[str]
+                newest_first, tried = await self._until_locked(
+                    session_id,
+                    wait,
+                    lambda: self._db.run(
+                        "lock and load",
+                        lambda c: _begin(c, session_id, token, self._lease, limit),
+                    ),
+                )
+                window = [decode_message(text) for text in reversed(newest_first)]
+                LOAD.observe(time.perf_counter() - tried)
+        except SessionLockedError:
+            raise
+        except BaseException:
+            # Postgres may have granted the lock with its reply lost: give it back by token.
+            await self._release(session_id, token)
+            raise
+        # Started after a sixth of the lease, the keeper first renews at half of it.
+        keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self._lease / 6)
+        turn = PostgresTurn(self._sessions, session_id, token, keeper)
+        turn.window = window
+        try:
+            yield turn
+        finally:
+            await keeper.stop()
+            if not turn.released:
+                await self._release(session_id, token)
+
+    def _keeper(self, session_id: str, token: str) -> LeaseKeeper:
+        return LeaseKeeper(
             lambda: self._renew(session_id, token),
             self._lease / 3,
             f"turn lock of session {session_id!r}",
             session_id,
         )
-        try:
-            yield
-        finally:
-            await keeper.stop()
-            try:
-                await self._db.run(
-                    "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
-                )
-            except StoreError as exc:
-                # Not worth failing a finished turn over: the lease runs out by itself.
-                log.warning(
-                    "could not release turn lock of session %r: %s",
-                    session_id,
-                    exc,
-                    extra={"session_id": session_id},
-                )
 
-    async def _acquire(self, session_id: str, token: str, wait: float) -> None:
+    async def _release(self, session_id: str, token: str) -> None:
+        try:
+            await self._db.run(
+                "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
+            )
+        except StoreError as exc:
+            # Not worth failing a finished turn over: the lease runs out by itself.
+            log.warning(
+                "could not release turn lock of session %r: %s",
+                session_id,
+                exc,
+                extra={"session_id": session_id},
+            )
+
+    async def _until_locked(
+        self, session_id: str, wait: float, attempt: Callable[[], Awaitable[T | None]]
+    ) -> tuple[T, float]:
+        """Call ``attempt`` (one try at the lock) with backoff until it returns a value;
+        return it and the ``perf_counter()`` time the successful attempt began."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + wait
+        started = time.perf_counter()
+        deadline = loop.time() + wait
         delay = 0.005
         waited = False
         while True:
-            attempt = loop.time()
-            got = await self._db.run(
-                "acquire turn lock",
-                lambda c: c.fetchrow(_LOCK_ACQUIRE, session_id, token, self._lease),
-            )
+            tried = time.perf_counter()
+            got = await attempt()
             if got is not None:
-                LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
-                if got["held_until"] is not None:
-                    await self._db.run(
-                        "release turn lock",
-                        lambda c: c.execute(_LOCK_RELEASE, session_id, token),
-                    )
-                    raise TierLeaseError(session_id, got["held_until"])
-                return
+                LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
+                return got, tried
             if not waited:
                 waited = True
                 self.waits += 1

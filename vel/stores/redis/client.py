@@ -121,6 +121,7 @@ class Client:
         self.ack = self._register(lua.ACK)
         self.conflict = self._register(lua.CONFLICT)
         self.resolved = self._register(lua.RESOLVED)
+        self.copy = self._register(lua.COPY)
         self.renew = self._register(lua.RENEW_LOCK)
         self.release = self._register(lua.RELEASE_LOCK)
         self.drop_clean = self._register(lua.DROP_CLEAN)

@@ -510,6 +510,21 @@ return 1
 """,
 )
 
+# The whole copy in one step (for conflict resolution): KEYS 1-2 = meta, messages. Returns
+# {n, the meta's n fields and values, the items (seqs base+1 .. seq)...}, or {} if absent.
+COPY = _script(
+    "no-writes,allow-oom",
+    "",
+    """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+local out = {#meta}
+for _, v in ipairs(meta) do table.insert(out, v) end
+for _, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, v) end
+return out
+""",
+)
+
 # Lease-based lock: KEYS[1] = lock key. ARGV: 1 token, 2 lease ms.
 RENEW_LOCK = _script(
     "allow-oom",

@@ -194,19 +194,16 @@ class Sessions:
         )
 
     async def read_copy(self, session_id: str) -> Copy | None:
-        """The whole copy (meta and every message it holds) in one transaction."""
+        """The whole copy (meta and every message it holds), read in one script."""
         keys = self._keys.session(validate_session_id(session_id))
-
-        async def run(c: Client) -> list[Any]:
-            pipe = c.redis.pipeline(transaction=True)
-            pipe.hgetall(keys.meta)
-            pipe.lrange(keys.messages, 0, -1)
-            return list(await pipe.execute())
-
-        meta, items = await self._redis.call("read copy", run)
-        if not meta:
+        reply: list[Any] = await self._redis.call(
+            "read copy", lambda c: c.copy(keys=[keys.meta, keys.messages], args=[])
+        )
+        if not reply:
             return None
-        fields = {k.decode(): v.decode() for k, v in meta.items()}
+        n = int(reply[0])
+        pairs, items = reply[1 : 1 + n], reply[1 + n :]
+        fields = {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, n, 2)}
         return Copy(
             seq=int(fields.get("seq", 0)),
             flushed=int(fields.get("flushed", 0)),
