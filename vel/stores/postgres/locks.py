@@ -55,7 +55,7 @@ RETURNING token
 _LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
 # Lock and window in one round trip: NULL when held by another turn, else newest first.
 _TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
-# What vel_turn_begin raises (migration 0003) for a session the Redis tier holds; its DETAIL
+# What vel_turn_begin raises (migration 0004) for a session the Redis tier holds; its DETAIL
 # is the tier lease's end in Unix seconds.
 TIER_LEASED = "VL001"
 

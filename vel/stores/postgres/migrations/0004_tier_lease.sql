@@ -1,4 +1,4 @@
--- 0003: the tier lease and the revision, so that writers outside the Redis tier and the tier
+-- 0004: the tier lease and the revision, so that writers outside the Redis tier and the tier
 -- itself never silently overwrite each other (DESIGN.md 3.8).
 
 -- hot_until: while it lies in the future the Redis tier may hold a copy of the session (set
@@ -14,8 +14,9 @@ ALTER TABLE vel_sessions ADD COLUMN hot_until timestamptz;
 ALTER TABLE vel_sessions ADD COLUMN revision bigint NOT NULL DEFAULT 0 CHECK (revision >= 0);
 
 -- A 'database'-mode turn on a session the Redis tier holds is refused when it takes its lock,
--- before it calls the model (not at its commit): vel_turn_begin (0002) raises SQLSTATE VL001,
--- its DETAIL the lease's end in Unix seconds, and takes no lock.
+-- before it calls the model (not at its commit): vel_turn_begin (0002, 0003) raises SQLSTATE
+-- VL001, its DETAIL the lease's end in Unix seconds, and takes no lock (the exception undoes
+-- the INSERT).
 CREATE OR REPLACE FUNCTION vel_turn_begin(p_session text, p_token text, p_lease float8,
                                           p_limit bigint)
 RETURNS text[] LANGUAGE plpgsql AS $$
@@ -26,7 +27,7 @@ BEGIN
     VALUES (p_session, p_token, now() + p_lease * interval '1 second')
     ON CONFLICT (session_id) DO UPDATE
        SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
-     WHERE l.expires_at < now();
+     WHERE l.expires_at < now() AND l.token <> EXCLUDED.token;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
