@@ -3,9 +3,12 @@
 A turn loads the session's window, calls the model (streaming), runs requested tools until
 the model answers in text (or ``policies['max_steps']`` is reached), then commits the turn's
 new messages (user, assistant tool calls, tool results, final answer) in **one** atomic
-append. A turn that fails or is cancelled commits nothing: the session is exactly as it was.
-Two turns of the same session are serialised by the store's turn lock (across processes for
-the database and redis stores), so their messages never interleave.
+append. Two turns of the same session are serialised by the store's turn lock (across
+processes for the database and redis stores), so their messages never interleave.
+
+A turn is stored whole or not at all (:mod:`vel.outcome` states the rule for a cancellation
+that arrives during the commit, and how the caller tells which happened). The turn lock is
+released whatever ends the turn, before ``run()`` returns or raises.
 """
 
 from __future__ import annotations
@@ -19,10 +22,20 @@ from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppr
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import anyio.lowlevel
+
 from vel import events as ev
 from vel import tracing
+from vel._shield import CancelWatch, settle
 from vel.context import ContextManager
-from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
+from vel.errors import (
+    BackpressureError,
+    ConfigurationError,
+    InvalidInputError,
+    StoreFullError,
+    TurnCancelledError,
+    VelError,
+)
 from vel.messages import (
     Message,
     TextCleaner,
@@ -33,11 +46,15 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.metrics.histograms import TURN
+from vel.outcome import TurnReceipt, mark
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
+from vel.settings import Settings, load_settings
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, error_text, tool_result
 
 DEFAULT_MAX_STEPS = 8
+# Failures the store reports before anything is sent or applied: the turn is not stored.
+_NOT_STORED = (InvalidInputError, BackpressureError, StoreFullError)
 
 
 class CancelToken(Protocol):
@@ -73,6 +90,7 @@ class _Outcome:
     text: str = ""
     error: BaseException | None = None
     cancelled: bool = False
+    receipt: TurnReceipt = field(default_factory=TurnReceipt)
 
 
 @dataclass
@@ -107,6 +125,14 @@ class Agent:
         generation_config: extra chat-completions parameters (``temperature``, ...).
         policies: ``max_steps`` (default 8), ``turn_lock`` (default True),
             ``lock_timeout`` seconds (default 30).
+
+    Cancelling a turn (``asyncio.timeout``, ``wait_for``, ``task.cancel()``, an anyio cancel
+    scope, a closed stream): a cancellation before the commit is sent stores nothing; once
+    the commit (one atomic append) is sent it completes, the lock is released, then the
+    cancellation propagates unchanged and the turn is stored. ``vel.turn_committed(exc)``
+    or a ``receipt`` says which (:mod:`vel.outcome`). vel checks for a cancellation before
+    each model call, before running tools and before the commit, so no tool runs and nothing
+    is committed after a deadline, even when a driver dropped the cancellation (Python 3.11).
 
     Raises:
         ConfigurationError: unknown provider or storage mode, or missing ``POSTGRES_DSN``.
@@ -148,6 +174,8 @@ class Agent:
             and type(self.ctxmgr).aprepare_run is ContextManager.aprepare_run
             else None
         )
+        # A safety net only: each store call has its own deadline, which ends a commit first.
+        self._commit_limit = _commit_limit()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -175,20 +203,25 @@ class Agent:
         session_id: str | None = None,
         *,
         cancel_token: CancelToken | None = None,
+        receipt: TurnReceipt | None = None,
     ) -> str:
-        """Run one turn and return the final answer text.
+        """Run one turn and return the final answer text (the turn is stored by then).
 
         Args:
             input: ``{'message': str}`` (the session's history is used and extended) or
                 ``{'messages': [...]}`` (the caller owns the history: nothing is loaded or
                 stored).
             session_id: the conversation to continue; None for a one-off call.
-            cancel_token: setting it cancels the turn (raises TurnCancelledError).
+            cancel_token: setting it before the commit cancels the turn (raises
+                TurnCancelledError; nothing is stored).
+            receipt: filled in as the turn goes: whether it is stored, whatever ended it.
 
         Raises:
-            InvalidInputError, ProviderError, StoreError, TurnCancelledError.
+            InvalidInputError, ProviderError, StoreError, TurnCancelledError; a cancellation
+            of the calling task propagates unchanged (``vel.turn_committed(exc)`` tells
+            whether the turn was stored first).
         """
-        outcome = _Outcome()
+        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         async for _ in self._turn(input, session_id, cancel_token, outcome):
             pass
         if outcome.error is not None:
@@ -203,16 +236,19 @@ class Agent:
         session_id: str | None = None,
         *,
         cancel_token: CancelToken | None = None,
+        receipt: TurnReceipt | None = None,
     ) -> AsyncIterator[ev.Event]:
         """Run one turn, yielding Vercel AI SDK UI stream events (see :mod:`vel.events`).
 
         Failures are reported as a final ``error`` event rather than raised; a set
         ``cancel_token`` ends the stream with ``abort`` then ``finish``. Closing the
-        generator early cancels the turn the same way (no event can follow the close).
+        generator early cancels the turn the same way (no event can follow the close); the
+        turn is stored once ``finish`` is yielded, and ``receipt`` says so in every case.
         """
+        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         # aclosing: a consumer's aclose() must end the turn (release its session lock, close
         # the model stream) before it returns, not whenever the generator is collected.
-        async with aclosing(self._turn(input, session_id, cancel_token, _Outcome())) as turn:
+        async with aclosing(self._turn(input, session_id, cancel_token, outcome)) as turn:
             async for event in turn:
                 yield event
 
@@ -257,6 +293,7 @@ class Agent:
         # Not the current span while events are yielded (the consumer runs then): only
         # around the store calls, which nest their load/append spans in it.
         span = tracing.start("turn", session_id if isinstance(session_id, str) else None)
+        watch = CancelWatch()
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
@@ -273,8 +310,11 @@ class Agent:
                         *([turn.window] if turn is not None else []),
                     )
                 for _ in range(self.max_steps):
+                    watch.check()
                     has_calls = False
-                    steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
+                    steps = self._step(
+                        run_id, session_id, cancel_token, open_blocks, outcome, watch
+                    )
                     async with aclosing(steps):
                         async for event in steps:
                             if event["type"] == "tool-input-available":
@@ -284,12 +324,12 @@ class Agent:
                         break
                 if keep:
                     assert session_id is not None
-                    # Not cancellable: an interrupted append could be stored yet reported lost.
+                    # The last moment the turn can still be cancelled: nothing is sent yet.
+                    watch.check()
+                    if cancel_token is not None and cancel_token.is_set():
+                        raise _Cancelled
                     with tracing.current(span):
-                        if turn is not None:
-                            await turn.commit(self.ctxmgr.turn_messages(run_id))
-                        else:
-                            await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+                        await self._commit(session_id, turn, run_id, outcome.receipt)
             yield ev.finish()
         except _Cancelled:
             outcome.cancelled = True
@@ -298,6 +338,7 @@ class Agent:
             yield ev.abort()
             yield ev.finish()
         except Exception as exc:
+            mark(exc, outcome.receipt, session_id)
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
             # terminal event; run() re-raises the original exception.
             outcome.error = exc
@@ -305,10 +346,42 @@ class Agent:
                 yield closing
             text = str(exc) if isinstance(exc, VelError) else f"{type(exc).__name__}: {exc}"
             yield ev.error(text)
+        except BaseException as exc:  # a cancellation, or the stream closed: propagates as is
+            mark(exc, outcome.receipt, session_id)
+            raise
         finally:
             self.ctxmgr.end_run(run_id)
             TURN.observe(time.perf_counter() - started)
             tracing.end(span, outcome.error)
+
+    async def _commit(
+        self, session_id: str, turn: _Turn | None, run_id: str, receipt: TurnReceipt
+    ) -> None:
+        """Store the turn's messages: once sent, the append completes whatever cancels the
+        caller meanwhile; that cancellation is raised after it (the turn is stored)."""
+        messages = self.ctxmgr.turn_messages(run_id)
+        receipt.stored = None  # sent: unknown until the store answers
+        work = (
+            turn.commit(messages) if turn is not None else self.store.append(session_id, messages)
+        )
+        done = await settle(work, self._commit_limit, f"commit of session {session_id!r}")
+        if done.error is None:
+            receipt.stored, receipt.seq = True, done.result
+        elif isinstance(done.error, _NOT_STORED):
+            receipt.stored = False
+        if done.cancel is None:
+            # An anyio scope cancelled meanwhile waits for the next checkpoint: this one, so
+            # the cancellation propagates after the commit whoever requested it.
+            try:
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            except asyncio.CancelledError as exc:
+                done.cancel = exc
+        if done.cancel is not None:
+            if done.error is not None:
+                done.cancel.add_note(f"vel: the turn's commit failed: {done.error!r}")
+            raise done.cancel
+        if done.error is not None:
+            raise done.error
 
     async def _step(
         self,
@@ -317,6 +390,7 @@ class Agent:
         cancel_token: CancelToken | None,
         open_blocks: list[ev.Event],
         outcome: _Outcome,
+        watch: CancelWatch,
     ) -> AsyncGenerator[ev.Event, None]:
         yield ev.start_step()
         open_blocks.append(ev.finish_step())
@@ -390,6 +464,7 @@ class Agent:
                     value = call.arguments
                 parsed.append(value)
                 yield ev.tool_input_available(call.call_id, call.name, value)
+            watch.check()  # no tool runs after a deadline, even one a driver dropped
             results = await _until_cancelled(
                 asyncio.gather(
                     *(self._call_tool(c, a) for c, a in zip(ordered, parsed, strict=True))
@@ -428,6 +503,14 @@ class Agent:
         except Exception as exc:
             return False, None, error_text(exc)
         return True, output, text
+
+
+def _commit_limit() -> float:
+    try:
+        settings = load_settings()
+    except ConfigurationError:
+        settings = Settings()
+    return 4 * settings.op_timeout + settings.backpressure_wait + 5.0
 
 
 async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:
