@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from vel._lease import LeaseKeeper
+from vel._shield import finish
 from vel.errors import SessionLockedError, StoreError
 from vel.messages import validate_session_id
 from vel.metrics.histograms import LOCK_WAIT
@@ -56,7 +57,18 @@ class TurnLocks:
             else seconds("timeout", timeout, allow_zero=True)
         )
         token = secrets.token_hex(16)
-        await self._acquire(session_id, token, wait)
+        # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
+        # cancels every await of a plain ``finally``. A cancelled or failed acquire releases
+        # too: the server may have granted the lock while its reply was lost.
+        release = f"release of the turn lock of session {session_id!r}"
+        limit = self._db.op_timeout + 1.0
+        try:
+            await self._acquire(session_id, token, wait)
+        except SessionLockedError:
+            raise
+        except BaseException:
+            await finish(self._release(session_id, token), limit, release)
+            raise
         keeper = LeaseKeeper(
             lambda: self._renew(session_id, token),
             self._lease / 3,
@@ -66,19 +78,25 @@ class TurnLocks:
         try:
             yield
         finally:
-            await keeper.stop()
-            try:
-                await self._db.run(
-                    "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
-                )
-            except StoreError as exc:
-                # Not worth failing a finished turn over: the lease runs out by itself.
-                log.warning(
-                    "could not release turn lock of session %r: %s",
-                    session_id,
-                    exc,
-                    extra={"session_id": session_id},
-                )
+            await finish(self._end(keeper, session_id, token), limit, release)
+
+    async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
+        await keeper.stop()
+        await self._release(session_id, token)
+
+    async def _release(self, session_id: str, token: str) -> None:
+        try:
+            await self._db.run(
+                "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
+            )
+        except StoreError as exc:
+            # Not worth failing a finished turn over: the lease runs out by itself.
+            log.warning(
+                "could not release turn lock of session %r: %s",
+                session_id,
+                exc,
+                extra={"session_id": session_id},
+            )
 
     async def _acquire(self, session_id: str, token: str, wait: float) -> None:
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from vel import tracing
 from vel._lease import LeaseKeeper
+from vel._shield import finish
 from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
 from vel.instrument import observed
 from vel.messages import Message, validate_session_id
@@ -171,6 +172,22 @@ class Locks:
                 extra={"session_id": self._keys.session_id_of(keys.meta)},
             )
 
+    async def _locked(self, keys: SessionKeys, token: str, until_locked: Awaitable[T]) -> T:
+        """Await ``until_locked`` (attempts at the turn lock with ``token``); if it fails or is
+        cancelled, release by token: Redis may have granted the lock with the reply lost."""
+        try:
+            return await until_locked
+        except SessionLockedError:
+            raise
+        except BaseException:
+            await finish(self._unlock(keys, token), self._limit, "turn lock release")
+            raise
+
+    @property
+    def _limit(self) -> float:
+        """Bound of a shielded release: one call's deadline, and a little more."""
+        return self._redis.op_timeout + 1.0
+
     @asynccontextmanager
     async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
         token = uuid.uuid4().hex
@@ -178,13 +195,17 @@ class Locks:
         async def attempt() -> bool | None:
             return await self.try_lock(keys.turn_lock, token, self._lease) or None
 
-        await self._until_locked(keys, timeout, attempt)
+        await self._locked(keys, token, self._until_locked(keys, timeout, attempt))
         keeper = self._keep_lock(keys, token)
         try:
             yield
         finally:
-            await keeper.stop()
-            await self._unlock(keys, token)
+            # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+            await finish(self._end_lock(keeper, keys, token), self._limit, "unlock")
+
+    async def _end_lock(self, keeper: LeaseKeeper, keys: SessionKeys, token: str) -> None:
+        await keeper.stop()
+        await self._unlock(keys, token)
 
     @asynccontextmanager
     async def turn(
@@ -216,7 +237,9 @@ class Locks:
             # The lock and the window come in one script; what the turn waited for the lock
             # goes to the lock-wait histogram, the rest (with any warm) is the load.
             with tracing.span("load", session_id):
-                reply, tried = await self._until_locked(keys, timeout, attempt)
+                reply, tried = await self._locked(
+                    keys, token, self._until_locked(keys, timeout, attempt)
+                )
                 turn = RedisTurn(self._sessions, session_id, token, on_miss)
                 window = self._sessions.window(session_id, reply)
                 for _ in range(5):
@@ -233,6 +256,10 @@ class Locks:
             yield turn
         finally:
             if turn is not None:
-                await turn.stop_lease()
-                if not turn.committed:
-                    await self._unlock(keys, token)
+                # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+                await finish(self._end_turn(turn, keys), self._limit, "unlock")
+
+    async def _end_turn(self, turn: RedisTurn, keys: SessionKeys) -> None:
+        await turn.stop_lease()
+        if not turn.committed:
+            await self._unlock(keys, turn.token)
