@@ -40,7 +40,7 @@ from servers import sized
 import vel
 from vel import Agent, MemoryStore, SessionLockedError
 from vel.messages import Message
-from vel.stores.redis_keys import KeyLayout
+from vel.stores.redis.keys import KeyLayout
 from vel.testing import FakeOpenAIServer
 from vel.testing.proxy import FaultProxy
 

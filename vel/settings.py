@@ -39,6 +39,13 @@ class Settings:
             of the data layout: every process sharing a key prefix must use the same value,
             and changing it needs a drained Redis or a new key prefix (docs/scaling.md).
         op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
+        lock_lease: ``VEL_LOCK_LEASE`` seconds a session's turn lock outlives its holder
+            (default 10, at most 600): renewed every third of it while the turn runs, so
+            it only matters when a worker dies mid-turn or loses its backend.
+        flush_lease: ``VEL_FLUSH_LEASE`` seconds a flusher's claim on dirty sessions
+            outlives the flusher (default 5), renewed while it writes them.
+        warm_lease: ``VEL_WARM_LEASE`` seconds one process may hold a cold session while
+            loading it from Postgres (default 5), renewed while it loads.
         flush_interval: ``VEL_FLUSH_INTERVAL`` seconds between two sweeps of one bucket by
             all the flushers sharing a Redis together (0, the default: no limit). Set it when
             many workers run embedded flushers, so Postgres sees a bounded number of flush
@@ -61,6 +68,9 @@ class Settings:
     redis_pool_max: int = 50
     buckets: int = 16  # vel.stores.redis.keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
+    lock_lease: float = 10.0
+    flush_lease: float = 5.0
+    warm_lease: float = 5.0
     flush_interval: float = 0.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
@@ -77,6 +87,22 @@ def _float(env: Mapping[str, str], name: str, default: float | None) -> float | 
         raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
     if value < 0:
         raise ConfigurationError(f"{name} must not be negative, got {raw!r}")
+    return value
+
+
+# Leases are renewed every third of their length, so very short ones mostly renew; a very
+# long one blocks a session that long after its holder died.
+LEASE_RANGE = (0.5, 600.0)
+
+
+def _lease(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    assert value is not None
+    low, high = LEASE_RANGE
+    if not low <= value <= high:
+        raise ConfigurationError(
+            f"{name} must be between {low:g} and {high:g} seconds, got {env.get(name)!r}"
+        )
     return value
 
 
@@ -125,6 +151,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         redis_pool_max=_int(env, "VEL_REDIS_POOL_MAX", base.redis_pool_max),
         buckets=_int(env, "VEL_BUCKETS", base.buckets),
         op_timeout=op_timeout,
+        lock_lease=_lease(env, "VEL_LOCK_LEASE", base.lock_lease),
+        flush_lease=_lease(env, "VEL_FLUSH_LEASE", base.flush_lease),
+        warm_lease=_lease(env, "VEL_WARM_LEASE", base.warm_lease),
         flush_interval=flush_interval,
         migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
         flusher=flusher,

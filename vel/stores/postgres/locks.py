@@ -44,7 +44,7 @@ class TurnLocks:
 
     def __init__(self, db: Connector, lease: float) -> None:
         self._db = db
-        self._lease = lease
+        self.lease = lease
         self.waits = 0
 
     @asynccontextmanager
@@ -71,7 +71,7 @@ class TurnLocks:
             raise
         keeper = LeaseKeeper(
             lambda: self._renew(session_id, token),
-            self._lease / 3,
+            self.lease / 3,
             f"turn lock of session {session_id!r}",
             session_id,
         )
@@ -108,7 +108,7 @@ class TurnLocks:
             attempt = loop.time()
             got = await self._db.run(
                 "acquire turn lock",
-                lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self._lease),
+                lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self.lease),
             )
             if got is not None:
                 LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
@@ -128,6 +128,6 @@ class TurnLocks:
     async def _renew(self, session_id: str, token: str) -> bool:
         held = await self._db.run(
             "renew turn lock",
-            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self._lease),
+            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self.lease),
         )
         return held is not None

@@ -64,7 +64,7 @@ class PostgresStore:
             ``VEL_RETENTION_TTL`` (unset: forever).
         migrate: apply pending migrations when connecting; default ``VEL_MIGRATE``.
         lock_lease: seconds a turn lock survives without renewal (a crashed holder's lock is
-            free again after this).
+            free again after this); default ``VEL_LOCK_LEASE`` (10).
         settings: where the defaults above come from; default :func:`load_settings`.
 
     Raises:
@@ -83,7 +83,7 @@ class PostgresStore:
         connect_timeout: float = 5.0,
         retention_ttl: float | None = None,
         migrate: bool | None = None,
-        lock_lease: float = 60.0,
+        lock_lease: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         needs_env = (
@@ -92,6 +92,7 @@ class PostgresStore:
             or op_timeout is None
             or retention_ttl is None
             or migrate is None
+            or lock_lease is None
         )
         env = settings if settings is not None else (load_settings() if needs_env else Settings())
         if pool is None:
@@ -123,7 +124,7 @@ class PostgresStore:
         retention = env.retention_ttl if retention_ttl is None else retention_ttl
         retention = None if retention is None else seconds("retention_ttl", retention)
         migrate = env.migrate_on_start if migrate is None else bool(migrate)
-        lock_lease = seconds("lock_lease", lock_lease)
+        lock_lease = seconds("lock_lease", env.lock_lease if lock_lease is None else lock_lease)
 
         self._db = Connector(
             dsn if pool is None else None,
@@ -163,6 +164,11 @@ class PostgresStore:
     def op_timeout(self) -> float:
         """Seconds one call may take, connecting included."""
         return self._db.op_timeout
+
+    @property
+    def lock_lease(self) -> float:
+        """Seconds a turn lock outlives its holder (renewed while held)."""
+        return self._locks.lease
 
     # --- lifecycle -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from vel.stores.redis.client import CLUSTER_SCHEMES, cluster_seeds
 from vel.stores.redis.locks import RedisTurn
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY
 from vel.stores.redis.store import RedisStore
-from vel.stores.redis.writebehind import Pending
+from vel.stores.redis.writebehind import Claim, Pending
 
 __all__ = [
     "BACKPRESSURE",
@@ -19,6 +19,7 @@ __all__ = [
     "LOCKED",
     "MISS",
     "REPLAY",
+    "Claim",
     "Pending",
     "RedisStore",
     "RedisTurn",

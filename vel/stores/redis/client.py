@@ -107,6 +107,7 @@ class Client:
         self.seed = self._register(lua.SEED)
         self.replace = self._register(lua.REPLACE)
         self.claim = self._register(lua.CLAIM)
+        self.renew_claims = self._register(lua.RENEW_CLAIMS)
         self.pending = self._register(lua.PENDING)
         self.ack = self._register(lua.ACK)
         self.renew = self._register(lua.RENEW_LOCK)

@@ -211,6 +211,24 @@ return due
 """,
 )
 
+# Renew a flusher's claims (KEYS[1] = dirty): each session still claimed until ARGV[1] (ms)
+# is claimed until ARGV[2]. One acked, rescheduled or claimed anew since has another score
+# and is left alone. ARGV[3..] = session ids. Returns how many were renewed.
+RENEW_CLAIMS = _script(
+    "allow-oom",
+    "",
+    """
+local n = 0
+for i = 3, #ARGV do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '-1') == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+""",
+)
+
 # What a flusher must copy: ARGV[1] = max rows. Returns {gen, fgen, flushed, seq, items...}
 # (items are seqs flushed+1 ..) or {-1} if the session is gone.
 PENDING = _script(

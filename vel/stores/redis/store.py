@@ -34,7 +34,7 @@ from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks, RedisTurn
 from vel.stores.redis.sessions import Sessions, encode
-from vel.stores.redis.writebehind import Pending, WriteBehind
+from vel.stores.redis.writebehind import Claim, Pending, WriteBehind
 
 T = TypeVar("T")
 
@@ -61,7 +61,8 @@ class RedisStore:
         op_timeout: socket timeout of every Redis call.
         pool_max: connections per process (per event loop), per node on a cluster
             (``VEL_REDIS_POOL_MAX``).
-        lock_lease: seconds a turn lock lives without renewal (renewed while held).
+        lock_lease: seconds a turn lock lives without renewal (renewed while held);
+            default ``VEL_LOCK_LEASE`` (10).
     """
 
     def __init__(
@@ -79,7 +80,7 @@ class RedisStore:
         flush_delay: float = 0.05,
         op_timeout: float | None = None,
         pool_max: int | None = None,
-        lock_lease: float = 60.0,
+        lock_lease: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         s = settings or load_settings()
@@ -99,7 +100,7 @@ class RedisStore:
         self.flush_delay = flush_delay
         self.op_timeout = s.op_timeout if op_timeout is None else op_timeout
         self.pool_max = s.redis_pool_max if pool_max is None else pool_max
-        self.lock_lease = lock_lease
+        self.lock_lease = s.lock_lease if lock_lease is None else lock_lease
         if client is None:
             check_url(self.url)
         self._redis = Connector(
@@ -123,7 +124,9 @@ class RedisStore:
             backpressure_wait=self.backpressure_wait,
             flush_delay=flush_delay,
         )
-        self._locks = Locks(self._redis, self.keys, self.counters, self._sessions, lease=lock_lease)
+        self._locks = Locks(
+            self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
+        )
         self._write_behind = WriteBehind(self._redis, self.keys, hot_ttl=self.hot_ttl)
 
     @classmethod
@@ -288,8 +291,14 @@ class RedisStore:
 
     # -- flushing (write-behind) -----------------------------------------------------------
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
+        """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
         return await self._write_behind.claim(bucket, lease, limit)
+
+    async def renew_claim(self, claim: Claim, lease: float) -> bool:
+        """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;
+        False when it holds none any more."""
+        return await self._write_behind.renew_claim(claim, lease)
 
     async def try_sweep(self, bucket: int, interval: float) -> bool:
         """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""

@@ -29,6 +29,15 @@ class Pending:
     rows: list[tuple[int, str, str]]  # (seq, message id, message JSON)
 
 
+@dataclass(slots=True)
+class Claim:
+    """A flusher's claim on due sessions of one bucket, held until ``until_ms``."""
+
+    bucket: int
+    session_ids: list[str]
+    until_ms: int
+
+
 def _split(item: bytes) -> tuple[str, str]:
     mid, _, text = item.partition(b"\n")
     return mid.decode(), text.decode()
@@ -43,12 +52,23 @@ class WriteBehind:
         self._keys = keys
         self._hot_ttl = hot_ttl
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         dirty = self._keys.bucket_keys(bucket)[0]
+        now = now_ms()
         reply = await self._redis.call(
-            "claim", lambda c: c.claim(keys=[dirty], args=[now_ms(), ms(lease), limit])
+            "claim", lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit])
         )
-        return [sid.decode() for sid in reply]
+        return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
+
+    async def renew_claim(self, claim: Claim, lease: float) -> bool:
+        dirty = self._keys.bucket_keys(claim.bucket)[0]
+        until = now_ms() + ms(lease)
+        args: list[Any] = [claim.until_ms, until, *claim.session_ids]
+        renewed = await self._redis.call(
+            "renew claim", lambda c: c.renew_claims(keys=[dirty], args=args)
+        )
+        claim.until_ms = until
+        return int(renewed) > 0
 
     async def try_sweep(self, bucket: int, interval: float) -> bool:
         key = self._keys.sweep(bucket)
