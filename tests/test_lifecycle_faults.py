@@ -22,6 +22,7 @@ import time
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 from checker import acks_of, postgres_rows, redis_rows
 from servers import PostgresServer, RedisServer, sized
@@ -78,7 +79,7 @@ async def wait_turns(
     while True:
         firsts: dict[str, float] = {}
         for line in worker.events("turn"):
-            if line["t1"] >= since:
+            if line["t1"] >= since and line["sid"] in sids:
                 firsts[line["sid"]] = min(firsts.get(line["sid"], 1e18), line["t1"] - since)
         if len(firsts) == len(sids):
             return firsts
@@ -88,8 +89,31 @@ async def wait_turns(
         await asyncio.sleep(0.05)
 
 
+async def postgres_pairs(stack: Stack, sids: list[str]) -> set[tuple[str, str]]:
+    """(session id, content) of every message Postgres holds for ``sids`` (one query)."""
+    conn = await asyncpg.connect(stack.pg_dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            f"SELECT session_id, message->>'content' AS content FROM \"{stack.schema}\"."
+            "vel_messages WHERE session_id = ANY($1::text[])",
+            sids,
+        )
+    finally:
+        await conn.close()
+    return {(r["session_id"], r["content"]) for r in rows}
+
+
 async def postgres_contents(stack: Stack, sids: list[str]) -> set[str]:
-    return {r.content for sid in sids for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)}
+    return {content for _, content in await postgres_pairs(stack, sids)}
+
+
+def turn_lock_held(cluster: Any, layout: Any, sid: str) -> bool:
+    key = layout.session(sid).turn_lock
+    client = cluster.node_client(cluster.master_of_key(key))
+    try:
+        return bool(client.exists(key))
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres"])
@@ -259,3 +283,99 @@ async def test_killed_workers_claims_hold_back_write_behind_for_one_lease(
     assert alive, figures
     assert not missing and in_postgres_after <= 10.0, figures
     assert not lost, figures
+
+
+async def test_cluster_master_killed_mid_turn_no_turn_fails_and_no_session_stays_locked(
+    stack: Stack, srv: FakeOpenAIServer, request: pytest.FixtureRequest
+) -> None:
+    """A 3+3 Redis Cluster; 4 worker processes with 6 turns each in flight on 40 sessions;
+    the master serving most of them is SIGKILLed. With ``VEL_OP_TIMEOUT`` longer than the
+    replica's promotion, idempotent operations are retried with backoff until it is done:
+    no turn fails, every exception out of ``agent.run`` would be a VelError, no session is
+    left locked, and Postgres holds every acknowledged turn within 5 s of the promotion."""
+    from cluster import RedisClusterServers
+
+    from vel.stores.redis.keys import KeyLayout
+
+    sids = [new_sid() for _ in range(40)]
+    duration = sized(16.0, 30.0)
+    with RedisClusterServers(node_timeout_ms=1000) as cluster:
+        stack.redis_url = cluster.url
+        layout = KeyLayout(stack.prefix)
+        ports = [cluster.master_of_key(layout.session(sid).meta).port for sid in sids]
+        victim_port = max(set(ports), key=ports.count)
+        victim = next(n for n in cluster.nodes if n.port == victim_port)
+        env = stack.env(openai_url=srv.base_url, VEL_OP_TIMEOUT="8")
+        workers = [
+            stack.worker(
+                "turns",
+                storage="redis",
+                session=",".join(sids),
+                proc=p,
+                tasks=6,
+                duration=duration,
+                name=f"turns-{p}",
+                env=env,
+            )
+            for p in range(4)
+        ]
+        try:
+            deadline = time.monotonic() + 30
+            while sum(len(w.events("turn")) for w in workers) < 200:
+                assert time.monotonic() < deadline, "the workers never got going"
+                await asyncio.sleep(0.05)
+            cluster.kill(victim)
+            killed_at = time.time()
+            await asyncio.to_thread(cluster.wait_ok, 30.0)
+            promoted_at = time.time()
+            acked_by_promotion = {
+                (line["sid"], line["turn"])
+                for w in workers
+                for line in w.events("turn")
+                if line["t1"] <= promoted_at
+            }
+            missing = set(acked_by_promotion)
+            while missing:
+                missing = acked_by_promotion - await postgres_pairs(stack, sids)
+                if not missing or time.time() - promoted_at > 30:
+                    break
+                await asyncio.sleep(0.1)
+            in_postgres_after = time.time() - promoted_at
+            for w in workers:
+                w.check(await w.wait_async(duration + 60))
+            lines = [line for w in workers for line in w.lines()]
+            tiered = stack.tiered()
+            try:
+                assert await tiered.flush(30)
+            finally:
+                await tiered.aclose()
+            histories = {
+                sid: [r.content for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)]
+                for sid in sids
+            }
+            locked = [sid for sid in sids if turn_lock_held(cluster, layout, sid)]
+        finally:
+            for w in workers:
+                w.kill()
+    errors = [line for line in lines if line.get("event") == "error"]
+    figures = {
+        "sessions": len(sids),
+        "sessions_on_killed_master": ports.count(victim_port),
+        "workers_x_tasks": "4 x 6",
+        "promoted_after_kill_s": round(promoted_at - killed_at, 2),
+        "turns_failed": len(errors),
+        "error_types": sorted({e["type"] for e in errors}),
+        "errors_not_vel": sorted({e["type"] for e in errors if "VelError" not in e["mro"]}),
+        "sessions_locked_after": len(locked),
+        "acked_by_promotion": len(acked_by_promotion),
+        "acked_by_promotion_in_postgres_after_s": round(in_postgres_after, 2),
+        "acked_by_promotion_missing_after_30_s": len(missing),
+        **check_turns(lines, histories),
+    }
+    record_figures(request, figures)
+    assert figures["errors_not_vel"] == [], figures
+    assert errors == [], figures
+    assert locked == [], figures
+    assert not missing and in_postgres_after <= 5.0, figures
+    assert figures["acknowledged_turns_lost"] == 0, figures
+    assert figures["duplicated"] == figures["broken_or_unexpected"] == 0, figures

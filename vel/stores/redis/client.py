@@ -10,6 +10,7 @@ every network call). Times go to Redis as integer milliseconds (:func:`ms`, :fun
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -102,6 +103,7 @@ class Client:
         self.gate = asyncio.Semaphore(gate) if gate > 0 else None
         self.scripts: list[Any] = []
         self.load = self._register(lua.LOAD)
+        self.take = self._register(lua.TAKE_LOCK)
         self.lock_load = self._register(lua.LOCK_LOAD)
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
@@ -153,6 +155,7 @@ class Connector:
         self.pool_max = pool_max
         self._injected = injected
         self._clients: PerLoop[Client] = PerLoop(self._connect, self._disconnect)
+        self.retries = 0  # idempotent calls retried through a cluster failover
 
     @property
     def is_cluster(self) -> bool:
@@ -189,14 +192,11 @@ class Connector:
             max_connections=self.pool_max,
             socket_timeout=self.op_timeout,
             socket_connect_timeout=self.op_timeout,
-            # MOVED/ASK are followed by the client; a dead master (ConnectionError,
-            # CLUSTERDOWN while its replica is promoted) is retried with backoff and a fresh
-            # slot map. The retries add up to about op_timeout: call()'s deadline cannot be
-            # relied on to cut them short (a cancellation landing in redis-py may be lost).
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
-                retries=max(2, round(self.op_timeout / 0.25)),
-            ),
+            # MOVED/ASK are followed by the client. redis-py retries a connection error at
+            # once (the backoff below applies to other errors), with a fresh slot map: a
+            # couple of times, to pick up a topology that already changed. Waiting out a
+            # replica's promotion is call()'s job, with backoff, for idempotent calls.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
         )
         client = Client(cluster, gate=self.pool_max)
         seeds_used = list(cluster.nodes_manager.startup_nodes.values())
@@ -225,11 +225,40 @@ class Connector:
     async def aclose(self) -> None:
         await self._clients.aclose()
 
-    async def call(self, what: str, make: Callable[[Client], Awaitable[T]]) -> T:
-        """Run one Redis operation, mapping redis-py errors to vel's, once."""
+    async def call(
+        self, what: str, make: Callable[[Client], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run one Redis operation, mapping redis-py errors to vel's, once.
+
+        ``idempotent``: running it twice does what running it once does (a read, a
+        token-checked lock or release, an append carrying its message ids). On a Redis
+        Cluster such a call is retried with backoff while a master is unreachable (refused,
+        reset, CLUSTERDOWN while its replica is promoted), for about ``op_timeout`` in all:
+        redis-py's own retries of a connection error come without a pause and are spent in
+        about a second, long before a replica is promoted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await self._call_once(what, make, deadline - loop.time() + 1.0)
+            except StoreUnavailableError as exc:
+                if not idempotent or not self.is_cluster or isinstance(exc, StoreTimeoutError):
+                    raise
+                pause = delay * (0.5 + random.random() / 2)
+                if loop.time() + pause >= deadline:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 0.5)
+
+    async def _call_once(
+        self, what: str, make: Callable[[Client], Awaitable[T]], seconds: float
+    ) -> T:
         try:
             client = await self._clients.get()
-            async with asyncio.timeout(self.op_timeout + 1.0):
+            async with asyncio.timeout(seconds):
                 if client.gate is None:
                     return await make(client)
                 async with client.gate:
@@ -241,6 +270,10 @@ class Connector:
                             # a moment longer than its gate permit. Raised before sending
                             # (pipelines carry idempotent commands only), so retrying is safe.
                             await asyncio.sleep(0.01)
+        except (rexc.ClusterDownError, rexc.TryAgainError, rexc.SlotNotCoveredError) as exc:
+            raise StoreUnavailableError(
+                f"Redis Cluster cannot serve {what} now (failover?): {exc}"
+            ) from exc
         except rexc.ResponseError as exc:
             if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in str(exc):
                 raise StoreFullError(
@@ -262,6 +295,13 @@ class Connector:
             ) from exc
         except (rexc.RedisError, rexc.RedisClusterException) as exc:
             raise StoreError(f"Redis failed during {what}: {exc}") from exc
+        except (AttributeError, TypeError) as exc:
+            # redis-py writing to a connection the peer has just reset (or one its cluster
+            # client is tearing down) leaks the transport's internals as these instead of a
+            # ConnectionError (redis/redis-py#4287): the connection broke mid-call.
+            raise StoreUnavailableError(
+                f"Redis connection broke during {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @staticmethod
     async def pipelined(c: Client, fill: Callable[[Client, Any], Awaitable[None]]) -> list[Any]:

@@ -114,17 +114,24 @@ class Locks:
         self._lease = lease
 
     async def try_lock(self, key: str, token: str, lease: float) -> bool:
+        """Take the lease-based lock ``key`` for ``token`` (again, if it holds it already)."""
+        args: list[Any] = [token, ms(lease)]
         return bool(
-            await self._redis.call("lock", lambda c: c.redis.set(key, token, nx=True, px=ms(lease)))
+            await self._redis.call("lock", lambda c: c.take(keys=[key], args=args), idempotent=True)
         )
 
     async def renew_lock(self, key: str, token: str, lease: float) -> bool:
+        args: list[Any] = [token, ms(lease)]
         return bool(
-            await self._redis.call("renew", lambda c: c.renew(keys=[key], args=[token, ms(lease)]))
+            await self._redis.call(
+                "renew", lambda c: c.renew(keys=[key], args=args), idempotent=True
+            )
         )
 
     async def release_lock(self, key: str, token: str) -> None:
-        await self._redis.call("unlock", lambda c: c.release(keys=[key], args=[token]))
+        await self._redis.call(
+            "unlock", lambda c: c.release(keys=[key], args=[token]), idempotent=True
+        )
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None
@@ -229,6 +236,7 @@ class Locks:
             reply: list[Any] = await self._redis.call(
                 "lock+load",
                 lambda c: c.lock_load(keys=[*keys.data, keys.turn_lock], args=args),
+                idempotent=True,
             )
             return None if int(reply[0]) == LOCKED else reply
 

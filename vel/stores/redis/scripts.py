@@ -75,18 +75,33 @@ end
 # Read the window (see _READ_WINDOW). Returns {seq, items...}, {-1} or {-4}.
 LOAD = _script("allow-oom", _SET_TTL + _READ_WINDOW, "return read_window()\n")
 
+# Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again.
+_TAKE_LOCK = """
+local function take_lock(n, t)
+  if redis.call('SET', KEYS[n], ARGV[t], 'NX', 'PX', ARGV[t + 1]) then return true end
+  if redis.call('GET', KEYS[n]) ~= ARGV[t] then return false end
+  redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
+  return true
+end
+"""
+
 # Take the turn lock (KEYS[4]) and read the window in one step, so a locked turn costs no
 # round trip of its own. ARGV 1-3 as LOAD, 4 lock token, 5 lease ms. Returns {-5} when
 # another turn holds the lock (nothing read), else what LOAD returns, the lock now held
 # (also on a miss or damage: the caller warms or reports, then releases).
 LOCK_LOAD = _script(
     "",
-    _SET_TTL + _READ_WINDOW,
+    _SET_TTL + _READ_WINDOW + _TAKE_LOCK,
     """
-if not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', ARGV[5]) then return {-5} end
+if not take_lock(4, 4) then return {-5} end
 return read_window()
 """,
 )
+
+# Take the lock KEYS[1] for token ARGV[1], lease ARGV[2] ms. Returns 1 taken, 0 held by
+# another token.
+TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,

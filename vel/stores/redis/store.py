@@ -147,15 +147,18 @@ class RedisStore:
     async def client(self) -> Client:
         return await self._redis.client()
 
-    async def call(self, what: str, make: Callable[[Client], Awaitable[T]]) -> T:
-        """Run one Redis operation, mapping redis-py errors to vel's, once."""
-        return await self._redis.call(what, make)
+    async def call(
+        self, what: str, make: Callable[[Client], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run one Redis operation, mapping redis-py errors to vel's, once (see
+        :meth:`Connector.call <vel.stores.redis.client.Connector.call>`)."""
+        return await self._redis.call(what, make, idempotent=idempotent)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self.call("PING", lambda c: c.redis.ping()))
+        return bool(await self.call("PING", lambda c: c.redis.ping(), idempotent=True))
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -338,6 +341,8 @@ class RedisStore:
 
     async def stats(self) -> dict[str, float]:
         result = dict(self.counters)
+        if self.is_cluster:
+            result["cluster_retries"] = float(self._redis.retries)
         if self.write_behind:
             unflushed, oldest, dirty = await self.backlog()
             result.update(

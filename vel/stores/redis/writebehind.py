@@ -55,8 +55,12 @@ class WriteBehind:
     async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         dirty = self._keys.bucket_keys(bucket)[0]
         now = now_ms()
+        # Retried through a failover: a replay after a lost reply finds the first attempt's
+        # sessions claimed (not due), which holds them back one lease at most.
         reply = await self._redis.call(
-            "claim", lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit])
+            "claim",
+            lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit]),
+            idempotent=True,
         )
         return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
 
@@ -65,7 +69,7 @@ class WriteBehind:
         until = now_ms() + ms(lease)
         args: list[Any] = [claim.until_ms, until, *claim.session_ids]
         renewed = await self._redis.call(
-            "renew claim", lambda c: c.renew_claims(keys=[dirty], args=args)
+            "renew claim", lambda c: c.renew_claims(keys=[dirty], args=args), idempotent=True
         )
         claim.until_ms = until
         return int(renewed) > 0
@@ -80,7 +84,9 @@ class WriteBehind:
         dirty = self._keys.bucket_keys(bucket)[0]
         due = now_ms() + ms(delay)
         mapping: dict[str, float] = {sid: due for sid in session_ids}
-        await self._redis.call("reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True))
+        await self._redis.call(
+            "reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True), idempotent=True
+        )
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
         async def fill(c: Client, pipe: Any) -> None:
@@ -88,7 +94,9 @@ class WriteBehind:
                 keys = self._keys.session(sid)
                 await c.queue(pipe, c.pending, [keys.meta, keys.messages], [max_rows])
 
-        replies = await self._redis.call("pending", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         result: list[Pending | None] = []
         for sid, reply in zip(session_ids, replies, strict=True):
             if int(reply[0]) == MISS and len(reply) == 1:
@@ -115,7 +123,9 @@ class WriteBehind:
                     [sid, gen, upto, now, ms(self._hot_ttl)],
                 )
 
-        replies = await self._redis.call("ack", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return [int(r) for r in replies]
 
     async def backlog(self) -> tuple[int, float, int]:
@@ -128,7 +138,7 @@ class WriteBehind:
                 pipe.zcard(dirty)
             return list(await pipe.execute())
 
-        replies = await self._redis.call("backlog", run)
+        replies = await self._redis.call("backlog", run, idempotent=True)
         total, oldest, sessions = 0, None, 0
         for i in range(0, len(replies), 3):
             total += int(replies[i] or 0)
@@ -147,5 +157,7 @@ class WriteBehind:
 
         if not session_ids:
             return 0
-        replies = await self._redis.call("drop clean", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "drop clean", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return sum(int(r) for r in replies)
