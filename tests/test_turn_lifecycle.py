@@ -38,7 +38,7 @@ from conftest import model_for, schema_dsn
 from servers import sized
 
 import vel
-from vel import Agent, MemoryStore, SessionLockedError
+from vel import Agent, MemoryStore, SessionLockedError, StoreUnavailableError
 from vel.messages import Message
 from vel.stores.redis.keys import KeyLayout
 from vel.testing import FakeOpenAIServer
@@ -314,10 +314,10 @@ async def test_cancelled_turns_are_whole_or_absent_as_the_caller_was_told(
         tools=[log.tool()],
         policies={"lock_timeout": 0},
     ) as agent:
-        durations = [
-            await timed_turn(agent, sids[k], tool_turn(f"warm{k}", 0.002)) for k in range(3)
-        ]
-        turn = sorted(durations)[1]
+        for k, sid in enumerate(sids):  # the sessions exist (warm in Redis) as in a service
+            await agent.run({"message": f"w{k}"}, session_id=sid)
+        durations = [await timed_turn(agent, sids[k], tool_turn(f"t{k}", 0.002)) for k in range(5)]
+        turn = sorted(durations)[2]
         for i in range(trials):
             sid = sids[i % len(sids)]
             tag = f"c{i}"
@@ -434,6 +434,43 @@ async def test_a_cancellation_during_the_commit_lets_it_finish_then_propagates(
             {"role": "assistant", "content": "You said: hello"},
         ]
         assert await agent.run({"message": "next"}, session_id="s") == "You said: next"
+
+
+class LostReplyStore(MemoryStore):
+    """A store whose append is sent, then fails the way a lost reply does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appending = asyncio.Event()
+
+    async def append(self, session_id: str, messages: Any, message_ids: Any = None) -> int:
+        self.appending.set()
+        await asyncio.sleep(0.2)
+        raise StoreUnavailableError("the connection broke before the reply came")
+
+
+async def test_a_commit_that_failed_after_it_was_sent_is_reported_as_unknown(
+    srv: FakeOpenAIServer,
+) -> None:
+    store = LostReplyStore()
+    async with Agent(id="c", model=model_for(srv), session_storage=store) as agent:
+        receipt = vel.TurnReceipt()
+        with pytest.raises(StoreUnavailableError) as failed:
+            await agent.run({"message": "hello"}, session_id="s", receipt=receipt)
+        assert vel.turn_committed(failed.value) is None
+        assert receipt.stored is None and receipt.seq is None
+
+        # Cancelled meanwhile: the cancellation propagates (unchanged), the failure noted.
+        receipt = vel.TurnReceipt()
+        store.appending.clear()
+        task = asyncio.create_task(agent.run({"message": "again"}, session_id="s", receipt=receipt))
+        await store.appending.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        assert vel.turn_committed(cancelled.value) is None
+        assert any("StoreUnavailableError" in note for note in vel_notes(cancelled.value))
+        assert receipt.stored is None
 
 
 def vel_notes(exc: BaseException) -> list[str]:
