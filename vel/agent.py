@@ -72,7 +72,9 @@ class _Cancelled(Exception):
 class _Turn(Protocol):
     window: list[Message]
 
-    async def commit(self, messages: Sequence[Message]) -> int: ...
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int: ...
 
 
 @runtime_checkable
@@ -360,10 +362,15 @@ class Agent:
         """Store the turn's messages: once sent, the append completes whatever cancels the
         caller meanwhile; that cancellation is raised after it (the turn is stored)."""
         messages = self.ctxmgr.turn_messages(run_id)
+        # Ids made once: a commit interrupted mid-flight is sent again, and stored once.
+        ids = [uuid.uuid4().hex for _ in messages]
+
+        async def work() -> int:
+            if turn is not None:
+                return await turn.commit(messages, ids)
+            return await self.store.append(session_id, messages, ids)
+
         receipt.stored = None  # sent: unknown until the store answers
-        work = (
-            turn.commit(messages) if turn is not None else self.store.append(session_id, messages)
-        )
         done = await settle(work, self._commit_limit, f"commit of session {session_id!r}")
         if done.error is None:
             receipt.stored, receipt.seq = True, done.result

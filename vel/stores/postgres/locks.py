@@ -67,7 +67,7 @@ class TurnLocks:
         except SessionLockedError:
             raise
         except BaseException:
-            await finish(self._release(session_id, token), limit, release)
+            await finish(lambda: self._release(session_id, token), limit, release)
             raise
         keeper = LeaseKeeper(
             lambda: self._renew(session_id, token),
@@ -78,7 +78,7 @@ class TurnLocks:
         try:
             yield
         finally:
-            await finish(self._end(keeper, session_id, token), limit, release)
+            await finish(lambda: self._end(keeper, session_id, token), limit, release)
 
     async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
         await keeper.stop()

@@ -187,7 +187,7 @@ class Locks:
         except SessionLockedError:
             raise
         except BaseException:
-            await finish(self._unlock(keys, token), self._limit, "turn lock release")
+            await finish(lambda: self._unlock(keys, token), self._limit, "turn lock release")
             raise
 
     @property
@@ -208,7 +208,7 @@ class Locks:
             yield
         finally:
             # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-            await finish(self._end_lock(keeper, keys, token), self._limit, "unlock")
+            await finish(lambda: self._end_lock(keeper, keys, token), self._limit, "unlock")
 
     async def _end_lock(self, keeper: LeaseKeeper, keys: SessionKeys, token: str) -> None:
         await keeper.stop()
@@ -264,8 +264,9 @@ class Locks:
             yield turn
         finally:
             if turn is not None:
+                held = turn
                 # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-                await finish(self._end_turn(turn, keys), self._limit, "unlock")
+                await finish(lambda: self._end_turn(held, keys), self._limit, "unlock")
 
     async def _end_turn(self, turn: RedisTurn, keys: SessionKeys) -> None:
         await turn.stop_lease()

@@ -108,7 +108,7 @@ class Warmer:
     async def _end_lease(self, keys: SessionKeys, token: str) -> None:
         """Release the warm lease, shielded and bounded (an anyio scope cancels every await
         of a plain ``finally``); a failure leaves it to run out."""
-        await finish(self._release(keys, token), self.hot.op_timeout + 1.0, "warm release")
+        await finish(lambda: self._release(keys, token), self.hot.op_timeout + 1.0, "warm release")
 
     async def _release(self, keys: SessionKeys, token: str) -> None:
         try:
