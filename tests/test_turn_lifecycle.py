@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import time
 import urllib.parse
@@ -44,12 +45,12 @@ from vel.stores.redis.keys import KeyLayout
 from vel.testing import FakeOpenAIServer
 from vel.testing.proxy import FaultProxy
 
-FIGURES = Path("/tmp/vel-figures")
+FIGURES = Path(os.environ.get("VEL_FIGURES_DIR", "/tmp/vel-figures"))
 HOW = ("wait_for", "timeout", "move_on_after", "cancel")
 
 
 def write_figures(name: str, figures: dict[str, Any]) -> None:
-    FIGURES.mkdir(exist_ok=True)
+    FIGURES.mkdir(parents=True, exist_ok=True)
     (FIGURES / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
 
 
