@@ -145,3 +145,38 @@ async def test_a_slow_warm_keeps_its_lease_and_loads_postgres_once(stack: Stack)
         failpoints.configure("")
         for s in (seed, a, b):
             await s.aclose()
+
+
+async def test_an_abandoned_lock_attempt_delivered_late_cannot_take_the_lock(stack: Stack) -> None:
+    """A cancelled attempt at a lock may reach the server after the caller gave it up (its
+    connection closed, the give-up sent on another): the give-up leaves a tombstone that the
+    late attempt cannot take, while every other token can."""
+    hot = RedisStore(stack.redis_url, key_prefix=stack.prefix)
+    key = hot.keys.session(f"lease-{uuid.uuid4().hex[:8]}").turn_lock
+    try:
+        await hot.abandon_lock(key, "late", 5)
+        assert not await hot.try_lock(key, "late", 5)  # the attempt, arriving late
+        assert await hot.try_lock(key, "other", 5)  # free for anyone else
+        await hot.abandon_lock(key, "late", 5)  # another token's lock is left alone
+        assert not await hot.try_lock(key, "third", 5)
+        await hot.abandon_lock(key, "other", 5)  # the attempt had run: freed
+        assert await hot.try_lock(key, "third", 5)
+    finally:
+        await hot.aclose()
+
+    import asyncpg
+
+    from vel.stores.postgres.locks import _LOCK_ABANDON, _LOCK_ACQUIRE
+
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        sid = f"lease-{uuid.uuid4().hex[:8]}"
+        await conn.execute(_LOCK_ABANDON, sid, "late")
+        assert await conn.fetchval(_LOCK_ACQUIRE, sid, "late", 5.0) is None
+        assert await conn.fetchval(_LOCK_ACQUIRE, sid, "other", 5.0) == "other"
+        await conn.execute(_LOCK_ABANDON, sid, "late")
+        assert await conn.fetchval(_LOCK_ACQUIRE, sid, "third", 5.0) is None
+        await conn.execute(_LOCK_ABANDON, sid, "other")
+        assert await conn.fetchval(_LOCK_ACQUIRE, sid, "third", 5.0) == "third"
+    finally:
+        await conn.close()

@@ -344,6 +344,8 @@ async def cmd_append(args: argparse.Namespace) -> int:
     sessions = args.session.split(",")
     failed = 0
     stop = asyncio.Event()
+    # SIGTERM ends the run early, as a deployment stops a worker: the store still closes.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     # Each task keeps its share of the rate on an absolute schedule (no drift).
     interval = args.tasks / args.rate if args.rate > 0 else 0.0
     start = time.monotonic()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from vel.errors import StoreTimeoutError
 
@@ -57,6 +58,13 @@ class CancelWatch:
         """Raise CancelledError if a cancellation was requested since this watch began."""
         if self.requested():
             raise asyncio.CancelledError("cancelled (vel noticed a request a driver dropped)")
+
+    async def checkpoint(self) -> None:
+        """:meth:`check`, then let an enclosing anyio scope that was cancelled (a deadline
+        passed) deliver its cancellation now: anyio delivers at the next await, and the
+        work that follows may not start with one (a tool's first statements, a commit)."""
+        self.check()
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
 
 @dataclass

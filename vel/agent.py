@@ -312,7 +312,7 @@ class Agent:
                         *([turn.window] if turn is not None else []),
                     )
                 for _ in range(self.max_steps):
-                    watch.check()
+                    await watch.checkpoint()
                     has_calls = False
                     steps = self._step(
                         run_id, session_id, cancel_token, open_blocks, outcome, watch
@@ -327,7 +327,7 @@ class Agent:
                 if keep:
                     assert session_id is not None
                     # The last moment the turn can still be cancelled: nothing is sent yet.
-                    watch.check()
+                    await watch.checkpoint()
                     if cancel_token is not None and cancel_token.is_set():
                         raise _Cancelled
                     with tracing.current(span):
@@ -471,7 +471,7 @@ class Agent:
                     value = call.arguments
                 parsed.append(value)
                 yield ev.tool_input_available(call.call_id, call.name, value)
-            watch.check()  # no tool runs after a deadline, even one a driver dropped
+            await watch.checkpoint()  # no tool runs after a deadline, even one a driver dropped
             results = await _until_cancelled(
                 asyncio.gather(
                     *(self._call_tool(c, a) for c, a in zip(ordered, parsed, strict=True))

@@ -22,14 +22,25 @@ from vel.stores.postgres.connector import Connector, log
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 
-# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder).
+# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder), unless
+# the row is this very token's, expired: the tombstone of an abandoned attempt (see below).
 _LOCK_ACQUIRE = """
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
 ON CONFLICT (session_id) DO UPDATE
    SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
- WHERE l.expires_at < now()
+ WHERE l.expires_at < now() AND l.token <> EXCLUDED.token
 RETURNING token
+"""
+# Gives up an attempt whose outcome is unknown (cancelled, reply lost): unless another token
+# holds the lease, the row becomes this token's, expired now. Whether the attempt already ran
+# (the lock is free again) or is still on its way (it meets its own tombstone and fails; if
+# it is mid-insert, this waits for it and then expires it), the lock ends up free. Purged
+# with the other expired rows an hour later.
+_LOCK_ABANDON = """
+INSERT INTO vel_locks AS l (session_id, token, expires_at) VALUES ($1, $2, now())
+ON CONFLICT (session_id) DO UPDATE SET token = EXCLUDED.token, expires_at = now()
+ WHERE l.token = EXCLUDED.token OR l.expires_at < now()
 """
 _LOCK_RENEW = """
 UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
@@ -67,7 +78,7 @@ class TurnLocks:
         except SessionLockedError:
             raise
         except BaseException:
-            await finish(lambda: self._release(session_id, token), limit, release)
+            await finish(lambda: self._release(session_id, token, _LOCK_ABANDON), limit, release)
             raise
         keeper = LeaseKeeper(
             lambda: self._renew(session_id, token),
@@ -84,11 +95,9 @@ class TurnLocks:
         await keeper.stop()
         await self._release(session_id, token)
 
-    async def _release(self, session_id: str, token: str) -> None:
+    async def _release(self, session_id: str, token: str, sql: str = _LOCK_RELEASE) -> None:
         try:
-            await self._db.run(
-                "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
-            )
+            await self._db.run("release turn lock", lambda c: c.execute(sql, session_id, token))
         except StoreError as exc:
             # Not worth failing a finished turn over: the lease runs out by itself.
             log.warning(

@@ -114,6 +114,7 @@ class Client:
         self.ack = self._register(lua.ACK)
         self.renew = self._register(lua.RENEW_LOCK)
         self.release = self._register(lua.RELEASE_LOCK)
+        self.abandon = self._register(lua.ABANDON_LOCK)
         self.drop_clean = self._register(lua.DROP_CLEAN)
 
     def _register(self, source: str) -> Any:

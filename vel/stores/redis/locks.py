@@ -133,6 +133,14 @@ class Locks:
             "unlock", lambda c: c.release(keys=[key], args=[token]), idempotent=True
         )
 
+    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+        """Give up an attempt at ``key`` whose outcome is unknown (cancelled, reply lost):
+        the lock is free afterwards even if the attempt reaches Redis later."""
+        args: list[Any] = [token, ms(lease)]
+        await self._redis.call(
+            "abandon lock", lambda c: c.abandon(keys=[key], args=args), idempotent=True
+        )
+
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
@@ -181,14 +189,25 @@ class Locks:
 
     async def _locked(self, keys: SessionKeys, token: str, until_locked: Awaitable[T]) -> T:
         """Await ``until_locked`` (attempts at the turn lock with ``token``); if it fails or is
-        cancelled, release by token: Redis may have granted the lock with the reply lost."""
+        cancelled, abandon the attempt: Redis may have granted the lock with the reply lost,
+        or may still receive the attempt."""
         try:
             return await until_locked
         except SessionLockedError:
             raise
         except BaseException:
-            await finish(lambda: self._unlock(keys, token), self._limit, "turn lock release")
+            await finish(lambda: self._abandon(keys, token), self._limit, "turn lock release")
             raise
+
+    async def _abandon(self, keys: SessionKeys, token: str) -> None:
+        try:
+            await self.abandon_lock(keys.turn_lock, token, self._lease)
+        except StoreError:
+            log.warning(
+                "could not release turn lock %s; its lease will run out",
+                keys.turn_lock,
+                extra={"session_id": self._keys.session_id_of(keys.meta)},
+            )
 
     @property
     def _limit(self) -> float:

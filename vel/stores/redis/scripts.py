@@ -76,12 +76,18 @@ end
 LOAD = _script("allow-oom", _SET_TTL + _READ_WINDOW, "return read_window()\n")
 
 # Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
-# lock this token already holds (an attempt whose reply was lost, retried) is taken again.
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
+# value '~token' is the tombstone of an abandoned attempt (ABANDON_LOCK): free for every
+# other token, never taken by that one, so an attempt delivered late cannot take it back.
 _TAKE_LOCK = """
 local function take_lock(n, t)
-  if redis.call('SET', KEYS[n], ARGV[t], 'NX', 'PX', ARGV[t + 1]) then return true end
-  if redis.call('GET', KEYS[n]) ~= ARGV[t] then return false end
-  redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
+  local held = redis.call('GET', KEYS[n])
+  if held == ARGV[t] then
+    redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
+    return true
+  end
+  if held and (string.sub(held, 1, 1) ~= '~' or held == '~' .. ARGV[t]) then return false end
+  redis.call('SET', KEYS[n], ARGV[t], 'PX', ARGV[t + 1])
   return true
 end
 """
@@ -315,6 +321,21 @@ RELEASE_LOCK = _script(
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+""",
+)
+
+# Give up an attempt at a lock whose outcome is unknown (cancelled, reply lost): KEYS[1] =
+# lock, ARGV: 1 token, 2 ms. Unless another token holds the lock, leave the tombstone
+# '~token' for ARGV[2] ms: whether the attempt already ran (the lock is freed) or is still
+# on its way (it will find the tombstone and fail), the lock ends up free. Returns 1 or 0.
+ABANDON_LOCK = _script(
+    "allow-oom",
+    "",
+    """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
+redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+return 1
 """,
 )
 

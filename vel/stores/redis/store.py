@@ -261,6 +261,11 @@ class RedisStore:
     async def release_lock(self, key: str, token: str) -> None:
         await self._locks.release_lock(key, token)
 
+    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+        """Give up an attempt at lock ``key`` whose outcome is unknown (cancelled, its reply
+        lost): the lock is free afterwards even if the attempt reaches Redis later."""
+        await self._locks.abandon_lock(key, token, lease)
+
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:

@@ -101,18 +101,26 @@ class Warmer:
         try:
             return await self.hot.try_lock(keys.warm_lock, token, self.lease)
         except BaseException:
-            # Redis may have granted the lease with the reply lost: release it by token.
-            await self._end_lease(keys, token)
+            # Redis may have granted the lease with the reply lost, or may still receive the
+            # attempt: abandon it.
+            await self._end_lease(keys, token, abandon=True)
             raise
 
-    async def _end_lease(self, keys: SessionKeys, token: str) -> None:
+    async def _end_lease(self, keys: SessionKeys, token: str, *, abandon: bool = False) -> None:
         """Release the warm lease, shielded and bounded (an anyio scope cancels every await
         of a plain ``finally``); a failure leaves it to run out."""
-        await finish(lambda: self._release(keys, token), self.hot.op_timeout + 1.0, "warm release")
+        await finish(
+            lambda: self._release(keys, token, abandon),
+            self.hot.op_timeout + 1.0,
+            "warm release",
+        )
 
-    async def _release(self, keys: SessionKeys, token: str) -> None:
+    async def _release(self, keys: SessionKeys, token: str, abandon: bool) -> None:
         try:
-            await self.hot.release_lock(keys.warm_lock, token)
+            if abandon:
+                await self.hot.abandon_lock(keys.warm_lock, token, self.lease)
+            else:
+                await self.hot.release_lock(keys.warm_lock, token)
         except StoreError as exc:
             log.warning("could not release warm lease %s: %s", keys.warm_lock, exc)
 
