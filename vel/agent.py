@@ -22,20 +22,11 @@ from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppr
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import anyio.lowlevel
-
 from vel import events as ev
 from vel import tracing
-from vel._shield import CancelWatch, settle
+from vel._shield import CancelWatch
 from vel.context import ContextManager
-from vel.errors import (
-    BackpressureError,
-    ConfigurationError,
-    InvalidInputError,
-    StoreFullError,
-    TurnCancelledError,
-    VelError,
-)
+from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
     Message,
     TextCleaner,
@@ -46,15 +37,12 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.metrics.histograms import TURN
-from vel.outcome import TurnReceipt, mark
+from vel.outcome import TurnReceipt, commit, commit_limit, mark
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
-from vel.settings import Settings, load_settings
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, error_text, tool_result
 
 DEFAULT_MAX_STEPS = 8
-# Failures the store reports before anything is sent or applied: the turn is not stored.
-_NOT_STORED = (InvalidInputError, BackpressureError, StoreFullError)
 
 
 class CancelToken(Protocol):
@@ -177,7 +165,7 @@ class Agent:
             else None
         )
         # A safety net only: each store call has its own deadline, which ends a commit first.
-        self._commit_limit = _commit_limit()
+        self._commit_limit = commit_limit()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -370,25 +358,7 @@ class Agent:
                 return await turn.commit(messages, ids)
             return await self.store.append(session_id, messages, ids)
 
-        receipt.stored = None  # sent: unknown until the store answers
-        done = await settle(work, self._commit_limit, f"commit of session {session_id!r}")
-        if done.error is None:
-            receipt.stored, receipt.seq = True, done.result
-        elif isinstance(done.error, _NOT_STORED):
-            receipt.stored = False
-        if done.cancel is None:
-            # An anyio scope cancelled meanwhile waits for the next checkpoint: this one, so
-            # the cancellation propagates after the commit whoever requested it.
-            try:
-                await anyio.lowlevel.checkpoint_if_cancelled()
-            except asyncio.CancelledError as exc:
-                done.cancel = exc
-        if done.cancel is not None:
-            if done.error is not None:
-                done.cancel.add_note(f"vel: the turn's commit failed: {done.error!r}")
-            raise done.cancel
-        if done.error is not None:
-            raise done.error
+        await commit(work, receipt, self._commit_limit, f"commit of session {session_id!r}")
 
     async def _step(
         self,
@@ -510,14 +480,6 @@ class Agent:
         except Exception as exc:
             return False, None, error_text(exc)
         return True, output, text
-
-
-def _commit_limit() -> float:
-    try:
-        settings = load_settings()
-    except ConfigurationError:
-        settings = Settings()
-    return 4 * settings.op_timeout + settings.backpressure_wait + 5.0
 
 
 async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:

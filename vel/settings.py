@@ -43,9 +43,9 @@ class Settings:
             (default 10, at most 600): renewed every third of it while the turn runs, so
             it only matters when a worker dies mid-turn or loses its backend.
         flush_lease: ``VEL_FLUSH_LEASE`` seconds a flusher's claim on dirty sessions
-            outlives the flusher (default 5), renewed while it writes them.
+            outlives the flusher (default 3), renewed while it writes them.
         warm_lease: ``VEL_WARM_LEASE`` seconds one process may hold a cold session while
-            loading it from Postgres (default 5), renewed while it loads.
+            loading it from Postgres (default 3), renewed while it loads.
         flush_interval: ``VEL_FLUSH_INTERVAL`` seconds between two sweeps of one bucket by
             all the flushers sharing a Redis together (0, the default: no limit). Set it when
             many workers run embedded flushers, so Postgres sees a bounded number of flush
@@ -69,8 +69,8 @@ class Settings:
     buckets: int = 16  # vel.stores.redis.keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
     lock_lease: float = 10.0
-    flush_lease: float = 5.0
-    warm_lease: float = 5.0
+    flush_lease: float = 3.0
+    warm_lease: float = 3.0
     flush_interval: float = 0.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
