@@ -250,12 +250,7 @@ async def test_killed_workers_claims_hold_back_write_behind_for_one_lease(
         wanted = {c for a in acked for c in a.contents}
         missing: set[str] = set(wanted)
         while missing:
-            present = {
-                r.content
-                for sid in sids
-                for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)
-            }
-            missing = wanted - present
+            missing = wanted - await postgres_contents(stack, sids)
             if not missing or time.time() - last_kill > 30:
                 break
             await asyncio.sleep(0.1)
