@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import redis
 from servers import RedisServer, free_port
@@ -39,19 +40,50 @@ def free_cluster_port() -> int:
 class RedisClusterServers:
     """``masters`` masters, each with ``replicas`` replicas, on free loopback ports."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        tls: dict[str, Path] | None = None,
+    ) -> None:
         self.masters = masters
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
+        # With TLS (``ca.crt``, ``server.crt``, ``server.key``): clients, the cluster bus and
+        # replication all speak TLS only.
+        self.tls = tls
         self.nodes: list[RedisServer] = []
 
     @property
     def url(self) -> str:
-        """The ``redis+cluster://`` URL vel takes in ``REDIS_URL`` (every node as a seed)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """The ``redis+cluster://`` URL vel takes in ``REDIS_URL`` (every node as a seed);
+        ``rediss+cluster://...?ssl_ca_certs=...`` with TLS."""
+        seeds = ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        if self.tls is None:
+            return "redis+cluster://" + seeds
+        return f"rediss+cluster://{seeds}?ssl_ca_certs={self.tls['ca.crt']}"
 
     def node_client(self, node: RedisServer) -> redis.Redis:
+        if self.tls is not None:
+            return redis.Redis(
+                host="127.0.0.1",
+                port=node.port,
+                socket_timeout=5,
+                ssl=True,
+                ssl_ca_certs=str(self.tls["ca.crt"]),
+            )
         return redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5)
+
+    def _tls_config(self, port: int) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
+            "--tls-replication", "yes", "--tls-cert-file", str(self.tls["server.crt"]),
+            "--tls-key-file", str(self.tls["server.key"]),
+            "--tls-ca-cert-file", str(self.tls["ca.crt"]), "--tls-auth-clients", "no",
+        ]  # fmt: skip
 
     def info(self, node: RedisServer) -> dict[str, str]:
         client = self.node_client(node)
@@ -89,13 +121,16 @@ class RedisClusterServers:
                 "0",
                 "--cluster-replica-validity-factor",
                 "0",
+                *self._tls_config(port),
                 port=port,
             )
             self.nodes.append(node)
             node.start()
+        tls = [] if self.tls is None else ["--tls", "--cacert", str(self.tls["ca.crt"])]
         subprocess.run(
             [
                 "redis-cli",
+                *tls,
                 "--cluster",
                 "create",
                 *(f"127.0.0.1:{p}" for p in ports),

@@ -18,7 +18,12 @@ import pytest
 from servers import PostgresServer, RedisServer, free_port
 
 from vel import Agent
-from vel.errors import ConfigurationError, StoreError, StoreUnavailableError, VelError
+from vel.errors import (
+    AccessDeniedError,
+    ConfigurationError,
+    StoreUnavailableError,
+    VelError,
+)
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
@@ -115,7 +120,7 @@ async def test_acl_user_runs_the_tiered_store_within_its_prefix(
         await store.clear(sid)
         assert await store.load(sid) == []
         # The same credentials under another prefix are refused, with a typed error.
-        with pytest.raises(StoreError) as info:
+        with pytest.raises(AccessDeniedError) as info:
             await roundtrip(outside, "s")
         assert "NOPERM" in str(info.value) or "permission" in str(info.value).lower()
         assert_no_secret(everything_said(info.value), repr(store), repr(outside), logs.text)
@@ -180,14 +185,53 @@ async def test_rediss_with_a_generated_ca(
         assert await roundtrip(good, "s") == [{"role": "user", "content": "hi"}]
         config = await good.call("config", lambda c: c.redis.config_get("port"))
         assert config == {"port": "0"}, "the test must only ever reach Redis over TLS"
-        for store in (untrusted, plaintext):
-            with pytest.raises(StoreUnavailableError) as failed:
+        # An untrusted certificate is configuration (retrying cannot help); plain text
+        # against a TLS port looks like a dropped connection.
+        for store, kind in ((untrusted, ConfigurationError), (plaintext, StoreUnavailableError)):
+            with pytest.raises(kind) as failed:
                 await roundtrip(store, "s")
             assert_no_secret(everything_said(failed.value))
+            if store is untrusted:
+                assert "certificate" in str(failed.value)
+                assert "ssl_ca_certs" in str(failed.value)
         assert_no_secret(repr(good), logs.text)
     finally:
         for store in (good, untrusted, plaintext):
             await store.aclose()
+
+
+async def test_rediss_cluster_with_a_private_ca(
+    tmp_path: Path, pg_dsn: str, migrated_schema: str, logs: pytest.LogCaptureFixture
+) -> None:
+    """A cluster behind a private CA takes its CA in the URL (``?ssl_ca_certs=``), like a
+    single server; without it the certificate is refused as configuration, naming the fix."""
+    from cluster import RedisClusterServers
+
+    certs = make_certificates(tmp_path)
+    with RedisClusterServers(masters=3, replicas=0, tls=certs) as cluster:
+        assert cluster.url.startswith("rediss+cluster://")
+        store = TieredStore(
+            RedisStore(cluster.url, key_prefix="tlsc", write_behind=True, flush_delay=0),
+            PostgresStore(pg_dsn, schema=migrated_schema),
+            flusher=False,
+        )
+        no_ca = RedisStore(cluster.url.partition("?")[0], key_prefix="tlsc", op_timeout=2.0)
+        try:
+            assert store.hot.is_cluster
+            for sid in ("c-1", "c-2", "{0}"):
+                assert await roundtrip(store, sid) == [{"role": "user", "content": "hi"}]
+            assert await store.flush(10)
+            keys = store.hot.keys.session("c-1").data
+            await store.hot.call("drop", lambda c: c.redis.delete(*keys))
+            assert len(await store.load("c-1")) == 1  # warmed back over TLS
+            with pytest.raises(ConfigurationError) as refused:
+                await no_ca.load("c-1")
+            assert "certificate" in str(refused.value)
+            assert "ssl_ca_certs" in str(refused.value)
+        finally:
+            await store.aclose()
+            await no_ca.aclose()
+    assert "Traceback" not in logs.text
 
 
 # -- Postgres password auth -------------------------------------------------------------------

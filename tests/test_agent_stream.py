@@ -28,7 +28,6 @@ CONTENT_EVENTS = {
     "tool-input-available",
     "tool-output-available",
     "tool-output-error",
-    "response-metadata",
 }
 
 
@@ -163,7 +162,8 @@ async def test_plain_text_answer_is_one_step_with_one_text_block(srv: FakeOpenAI
     assert types_of(events).count("start-step") == 1
     assert types_of(events).count("text-start") == 1
     assert text_of(events) == "You said: hello there"
-    assert events[-1] == {"type": "finish"}
+    usage = {"inputTokens": 2, "outputTokens": 4, "totalTokens": 6}
+    assert events[-1] == {"type": "finish", "messageMetadata": {"usage": usage}}
 
 
 async def test_one_tool_call_streams_input_output_then_answer(srv: FakeOpenAIServer) -> None:
@@ -221,7 +221,7 @@ async def test_failing_tool_is_reported_and_the_model_still_answers(
     errors = [e["errorText"] for e in events if e["type"] == "tool-output-error"]
     assert len(errors) == 1 and "boom" in errors[0]
     assert text_of(events) == "Tool results: Error: ValueError: boom"
-    assert events[-1] == {"type": "finish"}
+    assert events[-1]["type"] == "finish"
     assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
 
 
@@ -264,7 +264,7 @@ async def test_max_steps_policy_stops_the_tool_loop(srv: FakeOpenAIServer) -> No
     assert len(srv.requests) == 1
     assert calls == [(1, 2)]
     assert types_of(events).count("start-step") == 1
-    assert events[-1] == {"type": "finish"}
+    assert events[-1]["type"] == "finish"
 
 
 # -- failures -----------------------------------------------------------------------------

@@ -255,7 +255,7 @@ def doctor(redis: RedisServer, ops: Env, *flags: str) -> Any:
 
 
 async def test_doctor_refuses_allkeys_eviction_and_spells_out_the_fix(ops: Env) -> None:
-    with RedisServer("--maxmemory-policy", "allkeys-lru") as redis:
+    with RedisServer("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as redis:
         result = await asyncio.to_thread(doctor, redis, ops)
     assert result.returncode == 1
     assert "FAIL  maxmemory-policy  allkeys-lru" in result.stdout
@@ -265,6 +265,8 @@ async def test_doctor_refuses_allkeys_eviction_and_spells_out_the_fix(ops: Env) 
 
 async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
     config = (
+        "--maxmemory",
+        "64mb",
         "--maxmemory-policy",
         "volatile-lru",
         "--appendonly",
@@ -276,7 +278,9 @@ async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
         result = await asyncio.to_thread(doctor, redis, ops, "--strict")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok    appendonly        yes, appendfsync everysec" in result.stdout
-    assert "ok    schema            version 1" in result.stdout
+    assert "ok    schema            version 1 in schema " in result.stdout
+    assert "ok    redis permissions" in result.stdout
+    assert "ok    postgres permissions" in result.stdout
     assert "all good (0 warning(s))" in result.stdout
 
 
@@ -300,9 +304,8 @@ async def test_doctor_fails_on_missing_schema_and_unreachable_redis(
     result = await asyncio.to_thread(vel_cmd, "doctor", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL  redis" in result.stdout and "fix: start Redis" in result.stdout
-    assert (
-        "FAIL  schema            version 0, this vel needs 1 -- fix: vel migrate" in result.stdout
-    )
+    assert "FAIL  schema            version 0 in the search_path" in result.stdout
+    assert "this vel needs 1 -- fix: vel migrate" in result.stdout
 
 
 # -- flusher: metrics and structured logs -------------------------------------------------------
@@ -477,7 +480,7 @@ async def test_doctor_reports_clock_skew_and_a_stalled_backlog(
     report = doc.Report()
     settings = load_settings(ops.env)
     await doc.check_redis(report, settings, max_skew=2.0, max_age=0.01)
-    await doc.check_postgres(report, ops.dsn, max_skew=2.0)
+    await doc.check_postgres(report, settings, max_skew=2.0)
     failed = {what: text for level, what, text in report.lines if level == "FAIL"}
     assert set(failed) == {"redis clock", "postgres clock", "flusher"}, report.lines
     assert failed["redis clock"].startswith("-10.0") and "NTP" in failed["redis clock"]

@@ -37,6 +37,30 @@ def test_cluster_url_gives_seeds_credentials_and_tls() -> None:
     assert cluster_seeds("redis+cluster://:secret@h:1")[1:3] == (None, "secret")
 
 
+def test_cluster_url_takes_tls_options() -> None:
+    from vel.stores.redis import parse_redis_url
+
+    url = (
+        "rediss+cluster://app:p@ss/w#rd@h1:7000,h2:7001?ssl_ca_certs=/etc/ca.pem"
+        "&ssl_cert_reqs=required&ssl_check_hostname=false&ssl_certfile=/c.pem&ssl_keyfile=/k.pem"
+    )
+    parsed = parse_redis_url(url)
+    assert parsed.cluster and parsed.tls and parsed.password == "p@ss/w#rd"
+    assert parsed.cluster_kwargs() == {
+        "username": "app",
+        "password": "p@ss/w#rd",
+        "client_name": None,
+        "ssl": True,
+        "ssl_ca_certs": "/etc/ca.pem",
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": False,
+        "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k.pem",
+    }
+    with pytest.raises(ConfigurationError, match="needs TLS"):
+        parse_redis_url("redis+cluster://h1:7000?ssl_ca_certs=/etc/ca.pem")
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -78,6 +78,8 @@ async def test_readme_python_blocks_run_against_the_fake_server_and_real_service
         monkeypatch.setenv("POSTGRES_DSN", schema_dsn(pg_dsn, migrated_schema))
         monkeypatch.setenv("REDIS_URL", redis_url)
         monkeypatch.setenv("VEL_KEY_PREFIX", key_prefix)
+        # The Agents SDK block: its traces would go to api.openai.com, unreachable here.
+        monkeypatch.setenv("OPENAI_AGENTS_DISABLE_TRACING", "1")
         # A module of its own, as a user's script would be (dataclasses look it up).
         module = types.ModuleType("readme_snippets")
         monkeypatch.setitem(sys.modules, module.__name__, module)
@@ -98,6 +100,12 @@ async def test_readme_python_blocks_run_against_the_fake_server_and_real_service
                         {"message": f"[[call weather {args}]]"}
                     )
                     assert answer == "Tool results: 1 days of sun in Oslo from 01 May (celsius)"
+                if "VelSession" in block.code:
+                    # The Agents SDK's runs, kept by vel: the second answers from the first.
+                    assert namespace["result"].final_output == "Your name is Alice."
+                    session = namespace["session"]
+                    items = await session.store.load(session.session_id)
+                    assert [i.get("role") for i in items] == ["user", "assistant"] * 2
             history = await namespace["agent"].ctxmgr.aget_session_context("user-123")
             assert history == []  # the session operations block ended with a clear
         finally:
@@ -315,8 +323,9 @@ def test_help_is_plain_text_with_every_option_explained_and_its_default_shown() 
 
 def test_each_command_offers_only_the_connection_flags_it_uses() -> None:
     parsers = every_parser()
-    assert option_strings(parsers["vel migrate"]) & {"--redis-url", "--prefix"} == set()
-    assert "--dsn" in option_strings(parsers["vel migrate"])
+    # migrate follows the namespace (--prefix picks the schema) but never touches Redis.
+    assert "--redis-url" not in option_strings(parsers["vel migrate"])
+    assert {"--dsn", "--prefix", "--schema"} <= option_strings(parsers["vel migrate"])
     assert "--dsn" not in option_strings(parsers["vel stats"])
     assert "--redis-url" in option_strings(parsers["vel stats"])
     assert option_strings(parsers["vel demo"]) & {"--dsn", "--redis-url", "--prefix"} == set()

@@ -104,51 +104,60 @@ async def test_multi_worker_in_memory_mode_does_not_share(
     assert answers[3] == ("2", "I don't know your name.")
 
 
-# -- SSE server behind uvicorn with two worker processes -------------------------------------
+# -- the FastAPI chat behind uvicorn with two worker processes, read by the AI SDK ---------
 
 
-def post_chat(port: int, session_id: str, message: str) -> tuple[dict[str, str], list[str]]:
+def post_chat(port: int, token: str, chat_id: str, text: str) -> tuple[dict[str, str], list[str]]:
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        body = json.dumps({"session_id": session_id, "message": message})
-        conn.request("POST", "/chat", body, {"content-type": "application/json"})
+        parts = [{"type": "text", "text": text}]
+        body = json.dumps({"id": chat_id, "messages": [{"role": "user", "parts": parts}]})
+        headers = {"content-type": "application/json", "authorization": f"Bearer {token}"}
+        conn.request("POST", "/api/chat", body, headers)
         response = conn.getresponse()
         assert response.status == 200
-        headers = {k.lower(): v for k, v in response.getheaders()}
-        text = response.read().decode()
+        response_headers = {k.lower(): v for k, v in response.getheaders()}
+        answer = response.read().decode()
     finally:
         conn.close()
-    return headers, [chunk for chunk in text.split("\n\n") if chunk]
+    return response_headers, [chunk for chunk in answer.split("\n\n") if chunk]
 
 
-async def test_sse_server_streams_turns_of_one_session_across_uvicorn_workers(
+async def test_fastapi_chat_serves_the_ai_sdk_client_across_uvicorn_workers(
     pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
     await asyncio.to_thread(
-        run_sse_server_turns, pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path
+        run_fastapi_chat_turns, pg_dsn, migrated_schema, redis_url, key_prefix, tmp_path
     )
 
 
-def run_sse_server_turns(
+def run_fastapi_chat_turns(
     pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, tmp_path: Path
 ) -> None:
+    import aisdk
     from servers import free_port, wait_port
 
     from vel.testing import FakeOpenAIServer
 
+    aisdk.install()
     port = free_port()
+    api = f"http://127.0.0.1:{port}/api/chat"
     with FakeOpenAIServer() as fake:
         env = example_env(pg_dsn, migrated_schema, redis_url, key_prefix)
-        env.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="test")
+        env.update(
+            OPENAI_BASE_URL=fake.base_url,
+            OPENAI_API_KEY="test",
+            VEL_EXAMPLE_TOKENS="alice-token=alice,bob-token=bob",
+        )
         log = (tmp_path / "uvicorn.log").open("w")
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "examples.sse_server:app",
+                "examples.fastapi_chat:app",
                 "--workers",
                 "2",
                 "--host",
@@ -163,21 +172,30 @@ def run_sse_server_turns(
         )
         try:
             wait_port(port, timeout=60)
-            headers, first = post_chat(port, "sse-1", "My name is Alice")
-            _, second = post_chat(port, "sse-1", "What is my name?")
+            headers, first = post_chat(port, "alice-token", "c1", "My name is Alice")
+            by_sdk = {
+                alias: aisdk.run(
+                    "chat_client.mjs", alias, api, "alice-token", "c1", "What is my name?"
+                )
+                for alias in sorted(aisdk.PACKAGES)
+            }
+            stranger = aisdk.run(
+                "chat_client.mjs", "ai6", api, "bob-token", "c1", "What is my name?"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
             log.close()
     assert headers["content-type"].startswith("text/event-stream")
     assert headers["x-vercel-ai-ui-message-stream"] == "v1"
-    for chunks in (first, second):
-        assert all(c.startswith("data: ") for c in chunks)
-        assert chunks[-1] == "data: [DONE]"
-        events = [json.loads(c[6:]) for c in chunks[:-1]]
-        assert events[0]["type"] == "start" and events[-1]["type"] == "finish"
-    text = "".join(
-        e["delta"] for e in (json.loads(c[6:]) for c in second[:-1]) if e["type"] == "text-delta"
-    )
-    assert text == "Your name is Alice."
+    assert first[-1] == "data: [DONE]"
+    events = [json.loads(c[6:]) for c in first[:-1]]
+    assert events[0]["type"] == "start" and events[-1]["type"] == "finish"
+    for alias, seen in by_sdk.items():
+        assert seen["errors"] == [], alias
+        texts = [p["text"] for p in seen["message"]["parts"] if p["type"] == "text"]
+        assert texts == ["Your name is Alice."], alias
+        assert seen["message"]["metadata"]["usage"]["totalTokens"] > 0, alias
+    texts = [p["text"] for p in stranger["message"]["parts"] if p["type"] == "text"]
+    assert texts == ["I don't know your name."]
     assert proc.returncode == 0, (tmp_path / "uvicorn.log").read_text()[-3000:]

@@ -404,3 +404,15 @@ async def test_argument_edge_cases_and_max_tokens(srv: FakeOpenAIServer) -> None
         )
         assert resp.choices[0].message.content == "You said: one"
         assert resp.choices[0].finish_reason == "length"
+
+
+async def test_completion_ids_are_a_function_of_the_request(srv: FakeOpenAIServer) -> None:
+    async with client_for(srv) as client:
+        ping = [user("ping")]
+        first = await client.chat.completions.create(model="gpt-test", messages=ping)
+        again = await client.chat.completions.create(model="gpt-test", messages=ping)
+        other = await client.chat.completions.create(model="gpt-test", messages=[user("pong")])
+        chunks = await stream_chunks(client, ping)
+    assert first.id == again.id != other.id
+    assert first.id.startswith("chatcmpl-")
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id != first.id  # stream=True differs

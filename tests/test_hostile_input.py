@@ -50,26 +50,24 @@ def deep(levels: int) -> dict[str, Any]:
     return root
 
 
-BAD_MESSAGES: list[Any] = [
+# What no store can keep.
+UNSTORABLE_MESSAGES: list[Any] = [
     {"role": "user", "content": {1, 2}},
     {"role": "user", "content": float("nan")},
     {"role": "user", "content": "x" * (10 * 1024 * 1024)},
     {"role": "user", "content": "x", "extra": deep(50_000)},
-    {"role": "wizard", "content": "x"},
-    {"role": None, "content": "x"},
     {"role": "user", "content": "nul \x00 inside"},
     {"role": "user", "content": "lone \ud800 surrogate"},
+    ["not", "an", "object"],
 ]
-BAD_MESSAGE_NAMES = [
-    "set",
-    "nan",
-    "10MB",
-    "nested-50k",
-    "unknown-role",
-    "no-role",
-    "NUL",
-    "surrogate",
+# Storable, but not chat messages: the Agent refuses them (stores keep any JSON object, such
+# as the Agents SDK's role-less items).
+NOT_CHAT_MESSAGES: list[Any] = [
+    {"role": "wizard", "content": "x"},
+    {"role": None, "content": "x"},
+    {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
 ]
+BAD_MESSAGES = UNSTORABLE_MESSAGES + NOT_CHAT_MESSAGES
 
 
 async def agent_snapshot(agent: Agent, sids: list[str]) -> dict[str, list[Any]]:
@@ -110,6 +108,7 @@ BAD_INPUTS: list[Any] = [
     {"messages": [{"role": "wizard", "content": "x"}]},
     {"messages": [{"role": "user", "content": {1, 2}}]},
     {"messages": [{"role": "user", "content": "x", "extra": deep(50_000)}]},
+    {"messages": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}]},
 ]
 BAD_INPUT_NAMES = [
     "10MB",
@@ -120,6 +119,7 @@ BAD_INPUT_NAMES = [
     "unknown-role",
     "set-content",
     "nested-50k",
+    "role-less-item",
 ]
 
 
@@ -240,7 +240,7 @@ async def test_rejected_input_leaves_raw_storage_untouched(
             ):
                 with pytest.raises(InvalidInputError):
                     await call()
-        for bad in BAD_MESSAGES:
+        for bad in UNSTORABLE_MESSAGES:
             with pytest.raises(InvalidInputError):
                 await store.append(sid, [good[0], bad])
             with pytest.raises(InvalidInputError):
@@ -259,8 +259,29 @@ async def test_rejected_input_leaves_raw_storage_untouched(
         "http://127.0.0.1:6379",
         "redis://127.0.0.1:notaport/0",
         "redis://user:s3cret-pw@127.0.0.1:99999/0",
+        "redis://user:s3cret-pw@127.0.0.1:6379/notadb",
+        "redis://127.0.0.1:6379/0?db=1",
+        "redis://127.0.0.1:6379/0?socket_timeout=100",
+        "redis://127.0.0.1:6379/0?ssl_ca_certs=/ca.pem",
+        "redis://127.0.0.1:6379,127.0.0.1:6380/0",
+        "redis://127.0.0.1:6379/0#frag",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=maybe",
+        "redis://127.0.0.1:6379/99999999",
     ],
-    ids=["no-scheme", "http", "port-text", "port-range"],
+    ids=[
+        "no-scheme",
+        "http",
+        "port-text",
+        "port-range",
+        "db-text",
+        "db-twice",
+        "unknown-option",
+        "tls-option-without-tls",
+        "hosts-without-cluster",
+        "fragment",
+        "bad-cert-reqs",
+        "db-range",
+    ],
 )
 async def test_malformed_redis_url_is_a_configuration_error(
     srv: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, url: str

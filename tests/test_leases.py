@@ -35,7 +35,7 @@ def test_leases_are_short_by_default_and_set_from_the_environment() -> None:
     assert tiered.flusher.lease == 1.5
     assert tiered.warm_lease == 0.75
     for name in env:
-        for bad in ("0", "0.1", "601", "soon", "-3"):
+        for bad in ("0", "0.05", "3601", "soon", "-3", "nan"):
             with pytest.raises(ConfigurationError, match=name):
                 load_settings({name: bad})
 

@@ -1,7 +1,7 @@
 """Model-based test of the two-tier store: a Hypothesis state machine drives appends,
-retried appends, flush steps, flusher crashes, expiry, eviction, clear, replace and Postgres
-outages against a real Redis and a real Postgres (through a fault proxy), and checks after
-every step that the store agrees with a plain dict of lists.
+retried appends, pops, flush steps, flusher crashes and stalls, expiry, eviction, clear,
+replace and Postgres outages against a real Redis and a real Postgres (through a fault
+proxy), and checks after every step that the store agrees with a plain dict of lists.
 
 The default run keeps the example count small (seconds); ``scripts/faults`` raises it
 (``VEL_FAULTS_FULL=1``).
@@ -60,6 +60,8 @@ class TwoTierMachine(RuleBasedStateMachine):
         self.model: dict[str, list[str]] = {sid: [] for sid in self.sids}
         # The last append of each session, retryable while its replay record can exist.
         self.last: dict[str, tuple[list[str], list[str], int] | None] = {}
+        # What a stalled flusher read, to be written (and acknowledged) later.
+        self.stalled: dict[str, Any] = {}
         self.pg_up = True
         self.proxy.set_mode("pass")
         hot = RedisStore(self.redis_url, key_prefix=self.prefix, write_behind=True, flush_delay=0)
@@ -132,7 +134,32 @@ class TwoTierMachine(RuleBasedStateMachine):
         (pending,) = self.run(hot.pending([sid], 1000))
         if pending is None or not pending.rows:
             return
-        self.run(self.store.cold.apply_flushes([(sid, pending.gen, pending.rows)]))
+        self.run(self.store.cold.apply_flushes(*self._batch(pending)))
+
+    @staticmethod
+    def _batch(pending: Any) -> tuple[Any, Any]:
+        """apply_flushes' arguments for one pending read, as the flusher passes them."""
+        cut = {pending.session_id: pending.truncate} if pending.truncate else None
+        return [(pending.session_id, pending.gen, pending.rows)], cut
+
+    @rule(i=st.integers(0, 2))
+    def flusher_stalls(self, i: int) -> None:
+        """A flusher reads what a session has to copy, then freezes (see stalled_flush)."""
+        sid = self.sids[i]
+        (pending,) = self.run(self.store.hot.pending([sid], 1000))
+        if pending is not None:
+            self.stalled[sid] = pending
+
+    @precondition(lambda self: self.pg_up and self.stalled)
+    @rule(i=st.integers(0, 2))
+    def stalled_flush_lands(self, i: int) -> None:
+        """The frozen flusher wakes up: writes what it read long ago, then acknowledges."""
+        pending = self.stalled.pop(self.sids[i], None)
+        if pending is None:
+            return
+        self.run(self.store.cold.apply_flushes(*self._batch(pending)))
+        upto = pending.rows[-1][0] if pending.rows else pending.flushed
+        self.run(self.store.hot.ack([(pending.session_id, pending.gen, upto)]))
 
     def _clean(self, sid: str) -> bool:
         meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
@@ -176,6 +203,19 @@ class TwoTierMachine(RuleBasedStateMachine):
             return seq is not None and int(seq) == await client.llen(keys.messages)
 
         return bool(self.run(check()))
+
+    @rule(i=st.integers(0, 2))
+    def pop(self, i: int) -> None:
+        sid = self.sids[i]
+        try:
+            item = self.run(self.store.pop(sid))
+        except StoreUnavailableError:
+            assert not self.pg_up
+            assert not self._intact(sid)
+            return
+        expected = self.model[sid].pop() if self.model[sid] else None
+        assert (None if item is None else item["content"]) == expected
+        self.last[sid] = None
 
     @precondition(lambda self: self.pg_up)
     @rule(i=st.integers(0, 2))

@@ -255,7 +255,13 @@ async def test_bad_input_is_rejected_before_any_io() -> None:
     with pytest.raises(InvalidInputError):
         await unreachable.append("", [msg(1)])
     with pytest.raises(InvalidInputError):
-        await unreachable.append("s", [{"role": "wizard"}])
+        await unreachable.append("s", [{"role": "user", "content": {"a set"}}])
+    with pytest.raises(InvalidInputError):
+        await unreachable.pop("")
+    with pytest.raises(InvalidInputError):
+        await unreachable.apply_flushes([("s", 1, [])], {"s": (1, 0)})  # not below gen 1
+    with pytest.raises(InvalidInputError):
+        await unreachable.apply_flushes([("s", 1, [])], {"other": (0, 0)})
     with pytest.raises(InvalidInputError):
         await unreachable.append("s", [msg(1)], message_ids=["a", "b"])
     with pytest.raises(InvalidInputError):

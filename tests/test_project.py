@@ -69,11 +69,12 @@ def test_compose_workers_share_one_session_and_the_flusher_exports_metrics() -> 
     assert flusher["environment"]["VEL_LOG_FORMAT"] == "json"
 
 
-def test_compose_api_runs_the_sse_example_with_several_workers() -> None:
+def test_compose_api_runs_the_fastapi_example_with_several_workers() -> None:
     services = compose()["services"]
     assert isinstance(services, dict)
     api = services["api"]["entrypoint"]
-    assert api[:2] == ["uvicorn", "examples.sse_server:app"]
+    assert api[:2] == ["uvicorn", "examples.fastapi_chat:app"]
+    assert (ROOT / "examples" / "fastapi_chat.py").exists()
     assert int(api[api.index("--workers") + 1]) >= 2
     assert services["api"]["environment"]["VEL_FLUSHER"] == "off"
     assert "fake-llm" in services

@@ -122,7 +122,7 @@ async def test_bad_messages_store_nothing_and_still_unlock(
     s = f"t-{uuid.uuid4().hex[:8]}"
     with pytest.raises(InvalidInputError):
         async with redis_only.turn(s) as turn:
-            await turn.commit([{"role": "nobody", "content": "x"}])
+            await turn.commit([{"role": "user", "content": {"a set"}}])
     assert await lock_holder(redis_only, s, redis_url) is None
     assert await redis_only.load(s) == []
 

@@ -8,6 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vel.agent import Agent
 from vel.context import ContextManager, StatelessContextManager
 from vel.errors import (
+    AccessDeniedError,
     BackpressureError,
     ConfigurationError,
     InvalidInputError,
@@ -27,6 +28,7 @@ from vel.stores.memory import MemoryStore
 from vel.tools import Tool
 
 __all__ = [
+    "AccessDeniedError",
     "Agent",
     "BackpressureError",
     "ConfigurationError",

@@ -9,13 +9,13 @@ then keep running forever and its owner hang waiting for it. An event cannot be 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from vel.errors import VelError
+from vel.logs import get_logger
 
-log = logging.getLogger("vel.lease")
+log = get_logger("vel.lease")
 
 
 class LeaseKeeper:

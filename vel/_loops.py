@@ -9,9 +9,14 @@ resource, created on first use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from vel._sync import blocked_in_run_sync
+from vel.errors import ConfigurationError
 
 T = TypeVar("T")
 
@@ -56,3 +61,78 @@ class PerLoop(Generic[T]):
                 self._items.pop(other, None)
         if item is not None:
             await self._closer(item)
+
+
+class CallerOwned:
+    """Runs work on the event loop that owns a caller's resource (an injected Redis client or
+    asyncpg pool), from whichever loop asks.
+
+    The resource belongs to ``loop`` (default: the loop running when this object is made, or
+    the first loop that uses it). Work asked for on another loop (the plain ``ctxmgr`` calls
+    run on vel's helper loop; a second ``asyncio.run``) is sent to the owner loop when it is
+    running in another thread, and refused with ConfigurationError naming the fix when it
+    cannot run there: the owner loop has stopped, or its thread is blocked waiting for this
+    very call.
+
+    Args:
+        what: the resource, for messages (``"RedisStore(client=...)"``).
+        fix: what to do instead, for messages.
+        loop: the owner loop, when known.
+    """
+
+    def __init__(self, what: str, fix: str, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._what = what
+        self._fix = fix
+        self._loop = loop
+        self._thread: int | None = None
+        if loop is None:
+            with contextlib.suppress(RuntimeError):
+                self._loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop.is_running():
+            try:
+                if asyncio.get_running_loop() is self._loop:
+                    self._thread = threading.get_ident()
+            except RuntimeError:
+                pass
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    def is_home(self) -> bool:
+        """Whether the running loop owns the resource (binding it on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        if self._loop is loop:
+            if self._thread is None:
+                self._thread = threading.get_ident()
+            return True
+        return False
+
+    async def run(self, make: Callable[[], Awaitable[T]]) -> T:
+        """``await make()`` on the owner loop; called from a loop that is not the owner's.
+
+        Raises:
+            ConfigurationError: the owner loop cannot run it (stopped, or blocked by this
+                very call).
+        """
+        owner = self._loop
+        assert owner is not None
+        if owner.is_closed() or not owner.is_running():
+            raise ConfigurationError(
+                f"{self._what} belongs to an event loop that is not running; {self._fix}"
+            )
+        if self._thread is not None and blocked_in_run_sync(self._thread):
+            raise ConfigurationError(
+                f"{self._what} belongs to the event loop this plain call blocks; await the "
+                f"async twin (aget_session_context, ...) there, or {self._fix}"
+            )
+
+        async def on_owner() -> T:
+            if self._thread is None:
+                self._thread = threading.get_ident()
+            return await make()
+
+        future = asyncio.run_coroutine_threadsafe(on_owner(), owner)
+        return await asyncio.wrap_future(future)

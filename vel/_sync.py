@@ -21,6 +21,9 @@ _lock = threading.Lock()
 _portal: BlockingPortal | None = None
 _portal_cm: AbstractContextManager[BlockingPortal] | None = None
 _portal_thread: int | None = None
+# Threads blocked in run_sync right now: work sent to a loop running in one of them would
+# never run (see vel._loops.CallerOwned).
+_blocked: set[int] = set()
 
 
 def _get_portal() -> BlockingPortal:
@@ -52,10 +55,22 @@ def in_helper_thread() -> bool:
     return threading.get_ident() == _portal_thread
 
 
+def blocked_in_run_sync(thread: int) -> bool:
+    """Whether ``thread`` is waiting in :func:`run_sync` (its event loop, if any, is stuck)."""
+    return thread in _blocked
+
+
 def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
     """Run ``await func(*args)`` to completion on the helper loop and return its result."""
     if in_helper_thread():
         raise RuntimeError(
             "a plain vel call was made from vel's own helper loop; await the a* twin"
         )
-    return _get_portal().call(func, *args)
+    me = threading.get_ident()
+    nested = me in _blocked
+    _blocked.add(me)
+    try:
+        return _get_portal().call(func, *args)
+    finally:
+        if not nested:
+            _blocked.discard(me)

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 from vel import events as ev
 from vel import tracing
 from vel._shield import CancelWatch
+from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
@@ -81,6 +82,11 @@ class _Outcome:
     error: BaseException | None = None
     cancelled: bool = False
     receipt: TurnReceipt = field(default_factory=TurnReceipt)
+    usage: ev.Usage | None = None  # summed over the turn's model calls
+
+    def metadata(self) -> dict[str, Any] | None:
+        """What the stream's client gets as ``message.metadata``."""
+        return None if self.usage is None else {"usage": self.usage}
 
 
 @dataclass
@@ -94,7 +100,6 @@ class _PendingCall:
 class _Step:
     text: list[str] = field(default_factory=list)
     calls: dict[int, _PendingCall] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
     text_block: str | None = None
     # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
     # they stream, so the deltas a client sees are the text that is stored.
@@ -146,11 +151,18 @@ class Agent:
         self.system_prompt = system_prompt
         self.generation_config = dict(generation_config or {})
         self.policies = dict(policies or {})
-        self.max_steps = int(self.policies.get("max_steps", DEFAULT_MAX_STEPS))
-        if self.max_steps < 1:
-            raise ConfigurationError("policies['max_steps'] must be at least 1")
-        self.turn_lock = bool(self.policies.get("turn_lock", True))
-        self.lock_timeout = float(self.policies.get("lock_timeout", 30.0))
+        self.max_steps = MAX_STEPS.check_int(
+            "policies['max_steps']", self.policies.get("max_steps", DEFAULT_MAX_STEPS)
+        )
+        turn_lock = self.policies.get("turn_lock", True)
+        if not isinstance(turn_lock, bool):
+            raise ConfigurationError(
+                f"policies['turn_lock'] must be True or False, got {turn_lock!r}"
+            )
+        self.turn_lock = turn_lock
+        self.lock_timeout = WAIT.check(
+            "policies['lock_timeout']", self.policies.get("lock_timeout", 30.0)
+        )
         self.tools: dict[str, Tool] = build_tools(tools)
         self.provider: Provider = make_provider(self.model)
         self.store, self._store_key = acquire_store(session_storage)
@@ -320,13 +332,13 @@ class Agent:
                         raise _Cancelled
                     with tracing.current(span):
                         await self._commit(session_id, turn, run_id, outcome.receipt)
-            yield ev.finish()
+            yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
             for closing in reversed(open_blocks):
                 yield closing
             yield ev.abort()
-            yield ev.finish()
+            yield ev.finish(outcome.metadata())
         except Exception as exc:
             mark(exc, outcome.receipt, session_id)
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
@@ -335,6 +347,8 @@ class Agent:
             for closing in reversed(open_blocks):
                 yield closing
             text = str(exc) if isinstance(exc, VelError) else f"{type(exc).__name__}: {exc}"
+            if (metadata := outcome.metadata()) is not None:
+                yield ev.message_metadata(metadata)  # tokens were spent all the same
             yield ev.error(text)
         except BaseException as exc:  # a cancellation, or the stream closed: propagates as is
             mark(exc, outcome.receipt, session_id)
@@ -405,7 +419,7 @@ class Agent:
                         call.arguments += chunk.arguments
                         yield ev.tool_input_delta(call.call_id, chunk.arguments)
                 elif isinstance(chunk, UsageChunk):
-                    step.usage = chunk.usage
+                    outcome.usage = ev.add_usage(outcome.usage, ev.usage(chunk.usage))
         finally:
             await chunks.aclose()
         if step.text_block is not None:
@@ -460,8 +474,6 @@ class Agent:
                     {"role": "tool", "tool_call_id": call.call_id, "content": content}
                 )
             self.ctxmgr.record(run_id, tool_messages)
-        if step.usage is not None:
-            yield ev.response_metadata(step.usage)
         open_blocks.remove(ev.finish_step())
         yield ev.finish_step()
         outcome.text = text

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vel._sync import run_sync
+from vel.bounds import AGE_HOURS, COUNT, age_arg
 from vel.errors import ConfigurationError, InvalidInputError
 from vel.messages import Message, validate_message, validate_session_id
 from vel.stores.base import SessionInfo, SessionStore
@@ -55,10 +56,8 @@ class ContextManager:
     stores_history = True
 
     def __init__(self, max_history: int | None = None, summarize: bool = False) -> None:
-        if max_history is not None and (
-            not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0
-        ):
-            raise ConfigurationError(f"max_history must be a non-negative int, got {max_history!r}")
+        checked = COUNT.check_optional("max_history", max_history)
+        max_history = None if checked is None else int(checked)
         if summarize:
             raise ConfigurationError("summarize=True is not supported yet; use max_history")
         self.max_history = max_history
@@ -165,9 +164,12 @@ class ContextManager:
         limit: int = 1000,
     ) -> list[SessionInfo]:
         """Sessions (with their sizes and timestamps), least recently updated first."""
-        age = max_age_seconds
+        if max_age_hours is not None and max_age_seconds is not None:
+            raise InvalidInputError("give max_age_hours or max_age_seconds, not both")
+        age = age_arg(max_age_seconds, "max_age_seconds")
         if max_age_hours is not None:
-            age = max_age_hours * 3600.0
+            age = AGE_HOURS.check("max_age_hours", max_age_hours, InvalidInputError) * 3600.0
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         return await self.store.list_sessions(inactive_for=age, limit=limit)
 
     def get_session_context(self, session_id: str) -> list[Message]:

@@ -4,7 +4,9 @@ Every error vel raises derives from :class:`VelError`; backend errors (asyncpg, 
 are wrapped once at the boundary with ``raise ... from exc`` so the cause stays inspectable::
 
     VelError
-    ├── ConfigurationError        bad DSN/URL, missing API key, unknown storage mode
+    ├── ConfigurationError        bad DSN/URL, missing API key, unknown storage mode,
+    │   │                         refused credentials or certificate, missing tables
+    │   └── AccessDeniedError         the backend refused an operation for lack of permission
     ├── InvalidInputError         bad session id, message or run input (nothing was stored)
     ├── StoreError                a session store failed
     │   ├── StoreUnavailableError     connection refused / reset / timed out
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "AccessDeniedError",
     "BackpressureError",
     "ConfigurationError",
     "FlushConflictError",
@@ -44,7 +47,14 @@ class VelError(Exception):
 
 
 class ConfigurationError(VelError):
-    """The configuration is unusable (bad URL or DSN, missing key, unknown mode)."""
+    """The configuration is unusable (bad URL or DSN, missing key, unknown mode, refused
+    credentials or certificate, missing tables): retrying cannot help until it is fixed."""
+
+
+class AccessDeniedError(ConfigurationError):
+    """The backend refused an operation for lack of permission: a Redis ACL (``NOPERM``) or a
+    Postgres grant (``insufficient_privilege``). Retrying cannot help; the message names the
+    permission (docs/operations.md lists what vel needs)."""
 
 
 class InvalidInputError(VelError, ValueError):

@@ -12,7 +12,21 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging"]
+from vel.redaction import RedactingFilter
+
+__all__ = ["JsonFormatter", "configure_logging", "get_logger"]
+
+_REDACTING = RedactingFilter()
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger ``name`` (one of vel's), with every record it emits redacted
+    (:mod:`vel.redaction`): no vel log line shows a password."""
+    logger = logging.getLogger(name)
+    if _REDACTING not in logger.filters:
+        logger.addFilter(_REDACTING)
+    return logger
+
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -34,7 +48,8 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and key not in entry:
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            # exc_text is the redacted traceback when a vel logger made the record.
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 

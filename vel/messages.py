@@ -1,7 +1,12 @@
-"""Validation and encoding of session ids and chat messages.
+"""Validation and encoding of session ids and session entries.
 
-Every store validates through here before touching its backend, so bad input is rejected with
-:class:`~vel.errors.InvalidInputError` and never reaches (or corrupts) stored data.
+A store keeps any JSON object, in order: OpenAI chat messages for vel's Agent, and equally the
+role-less Responses API items (``function_call``, ``reasoning``, ...) an OpenAI Agents SDK
+session holds. Every store encodes through :func:`encode_message`, which refuses what no
+backend could keep (non-objects, unserialisable values, NUL, oversize) with
+:class:`~vel.errors.InvalidInputError` before touching its backend. The chat shape (a known
+``role``) is checked where chat messages come in: the Agent's input and its ContextManager
+(:func:`validate_message`).
 """
 
 from __future__ import annotations
@@ -52,19 +57,29 @@ def validate_session_id(session_id: object) -> str:
     return session_id
 
 
-def validate_message(message: object) -> Message:
-    """Check one chat message's shape (a dict with a known ``role``)."""
+def _object(message: object) -> Message:
     if not isinstance(message, Mapping):
         raise InvalidInputError(f"a message must be a dict, got {type(message).__name__}")
-    role = message.get("role")
-    if role not in ROLES:
-        raise InvalidInputError(f"message role must be one of {sorted(ROLES)}, got {role!r}")
     return dict(message)
 
 
+def validate_message(message: object) -> Message:
+    """Check one chat message's shape (a dict with a known ``role``)."""
+    checked = _object(message)
+    role = checked.get("role")
+    if role not in ROLES:
+        raise InvalidInputError(f"message role must be one of {sorted(ROLES)}, got {role!r}")
+    return checked
+
+
 def encode_message(message: object) -> str:
-    """Validate ``message`` and return its compact JSON text."""
-    checked = validate_message(message)
+    """Return the compact JSON text a store keeps for ``message`` (any JSON object).
+
+    Raises:
+        InvalidInputError: not a dict, not JSON-serialisable, nested too deeply, holding NUL
+            or lone surrogates, or over 4 MiB of JSON.
+    """
+    checked = _object(message)
     try:
         text = json.dumps(checked, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except RecursionError:
@@ -146,7 +161,7 @@ class TextCleaner:
 
 
 def encode_messages(messages: Iterable[object]) -> list[str]:
-    """Validate and encode a batch for one append."""
+    """Encode a batch for one append (see :func:`encode_message`)."""
     if isinstance(messages, (str, bytes, Mapping)):
         raise InvalidInputError("messages must be a list of message dicts")
     encoded = [encode_message(m) for m in messages]

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from vel import bounds
+from vel.bounds import Bound
 from vel.errors import ConfigurationError
+from vel.namespace import check_prefix, check_schema_name
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -40,8 +44,8 @@ class Settings:
             and changing it needs a drained Redis or a new key prefix (docs/scaling.md).
         op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
         lock_lease: ``VEL_LOCK_LEASE`` seconds a session's turn lock outlives its holder
-            (default 10, at most 600): renewed every third of it while the turn runs, so
-            it only matters when a worker dies mid-turn or loses its backend.
+            (default 10): renewed every third of it while the turn runs, so it only matters
+            when a worker dies mid-turn or loses its backend.
         flush_lease: ``VEL_FLUSH_LEASE`` seconds a flusher's claim on dirty sessions
             outlives the flusher (default 3), renewed while it writes them.
         warm_lease: ``VEL_WARM_LEASE`` seconds one process may hold a cold session while
@@ -50,11 +54,17 @@ class Settings:
             all the flushers sharing a Redis together (0, the default: no limit). Set it when
             many workers run embedded flushers, so Postgres sees a bounded number of flush
             transactions however many workers there are (docs/scaling.md).
-        migrate_on_start: ``VEL_MIGRATE`` = 1 applies migrations when a store opens.
+        migrate_on_start: ``VEL_MIGRATE`` = 1 (or true/yes/on) applies migrations when a
+            store opens; 0/false/no/off or unset leaves them to ``vel migrate``.
         flusher: ``VEL_FLUSHER`` = ``embedded`` (default) or ``off`` (a standalone
             ``vel flusher`` does the work).
         log_format: ``VEL_LOG_FORMAT`` of the ``vel`` command's logs: ``text`` (default)
             or ``json`` (one object per line).
+        pg_schema: ``VEL_PG_SCHEMA``, the Postgres schema holding vel's tables; unset, it
+            follows the namespace (see :mod:`vel.namespace`).
+
+    Every numeric value is checked against its range in :data:`NUMERIC` (see
+    :mod:`vel.bounds`), whether it comes from the environment or is given directly.
     """
 
     postgres_dsn: str | None = None
@@ -75,100 +85,91 @@ class Settings:
     migrate_on_start: bool = False
     flusher: str = "embedded"
     log_format: str = "text"
+    pg_schema: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
-def _float(env: Mapping[str, str], name: str, default: float | None) -> float | None:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ConfigurationError(f"{name} must not be negative, got {raw!r}")
-    return value
+# The numeric settings: (field, environment variable, range). Values given in the environment
+# and values given to Settings() directly are checked against the same range.
+NUMERIC: tuple[tuple[str, str, Bound], ...] = (
+    ("hot_ttl", "VEL_HOT_TTL", bounds.TTL),
+    ("retention_ttl", "VEL_RETENTION_TTL", bounds.TTL),
+    ("max_unflushed", "VEL_MAX_UNFLUSHED", bounds.MAX_UNFLUSHED),
+    ("backpressure_wait", "VEL_BACKPRESSURE_WAIT", bounds.WAIT),
+    ("pg_pool_max", "VEL_PG_POOL_MAX", bounds.POOL),
+    ("redis_pool_max", "VEL_REDIS_POOL_MAX", bounds.POOL),
+    ("buckets", "VEL_BUCKETS", bounds.BUCKETS),
+    ("op_timeout", "VEL_OP_TIMEOUT", bounds.TIMEOUT),
+    ("lock_lease", "VEL_LOCK_LEASE", bounds.LEASE),
+    ("flush_lease", "VEL_FLUSH_LEASE", bounds.LEASE),
+    ("warm_lease", "VEL_WARM_LEASE", bounds.LEASE),
+    ("flush_interval", "VEL_FLUSH_INTERVAL", bounds.DELAY),
+)
+# Settings that may be unset (None).
+_OPTIONAL = frozenset({"retention_ttl"})
+_CHOICES = {"flusher": ("embedded", "off"), "log_format": ("text", "json")}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-# Leases are renewed every third of their length, so very short ones mostly renew; a very
-# long one blocks a session that long after its holder died.
-LEASE_RANGE = (0.5, 600.0)
+def _check(settings: Settings) -> None:
+    for field, _, bound in NUMERIC:
+        value = getattr(settings, field)
+        if field in _OPTIONAL:
+            bound.check_optional(f"Settings.{field}", value)
+        else:
+            bound.check(f"Settings.{field}", value)
+    for field, choices in _CHOICES.items():
+        if getattr(settings, field) not in choices:
+            raise ConfigurationError(
+                f"Settings.{field} must be one of {choices}, got {getattr(settings, field)!r}"
+            )
+    check_prefix(settings.key_prefix, "VEL_KEY_PREFIX")
+    if settings.pg_schema is not None:
+        check_schema_name(settings.pg_schema, "Settings.pg_schema")
 
 
-def _lease(env: Mapping[str, str], name: str, default: float) -> float:
-    value = _float(env, name, default)
-    assert value is not None
-    low, high = LEASE_RANGE
-    if not low <= value <= high:
-        raise ConfigurationError(
-            f"{name} must be between {low:g} and {high:g} seconds, got {env.get(name)!r}"
-        )
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive, got {raw!r}")
-    return value
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE or raw == "":
+        return False
+    raise ConfigurationError(f"{name} must be one of {_TRUE + _FALSE}, got {env[name]!r}")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read vel's settings from ``env`` (default: the process environment).
 
     Raises:
-        ConfigurationError: a variable is set to something unusable.
+        ConfigurationError: a variable is set to something unusable (the message names the
+            variable and what it accepts).
     """
     env = os.environ if env is None else env
     base = Settings()
-    flusher = env.get("VEL_FLUSHER", base.flusher) or base.flusher
-    if flusher not in ("embedded", "off"):
-        raise ConfigurationError(f"VEL_FLUSHER must be 'embedded' or 'off', got {flusher!r}")
-    log_format = env.get("VEL_LOG_FORMAT") or base.log_format
-    if log_format not in ("text", "json"):
-        raise ConfigurationError(f"VEL_LOG_FORMAT must be 'text' or 'json', got {log_format!r}")
-    hot_ttl = _float(env, "VEL_HOT_TTL", base.hot_ttl)
-    backpressure_wait = _float(env, "VEL_BACKPRESSURE_WAIT", base.backpressure_wait)
-    op_timeout = _float(env, "VEL_OP_TIMEOUT", base.op_timeout)
-    flush_interval = _float(env, "VEL_FLUSH_INTERVAL", base.flush_interval)
-    assert hot_ttl is not None and backpressure_wait is not None and op_timeout is not None
-    assert flush_interval is not None
+    values: dict[str, Any] = {}
+    for field, name, bound in NUMERIC:
+        raw = env.get(name)
+        if raw is not None and raw.strip() != "":
+            values[field] = bound.parse(name, raw)
+    for field, choices in _CHOICES.items():
+        name = f"VEL_{field.upper()}"
+        raw = env.get(name) or getattr(base, field)
+        if raw not in choices:
+            raise ConfigurationError(f"{name} must be one of {choices}, got {raw!r}")
+        values[field] = raw
+    schema = env.get("VEL_PG_SCHEMA") or None
+    if schema is not None:
+        values["pg_schema"] = check_schema_name(schema, "VEL_PG_SCHEMA")
     return Settings(
         postgres_dsn=env.get("POSTGRES_DSN") or None,
         redis_url=env.get("REDIS_URL") or base.redis_url,
         key_prefix=env.get("VEL_KEY_PREFIX") or base.key_prefix,
-        hot_ttl=hot_ttl,
-        retention_ttl=_float(env, "VEL_RETENTION_TTL", None),
-        max_unflushed=_int(env, "VEL_MAX_UNFLUSHED", base.max_unflushed),
-        backpressure_wait=backpressure_wait,
-        pg_pool_max=_int(env, "VEL_PG_POOL_MAX", base.pg_pool_max),
-        redis_pool_max=_int(env, "VEL_REDIS_POOL_MAX", base.redis_pool_max),
-        buckets=_int(env, "VEL_BUCKETS", base.buckets),
-        op_timeout=op_timeout,
-        lock_lease=_lease(env, "VEL_LOCK_LEASE", base.lock_lease),
-        flush_lease=_lease(env, "VEL_FLUSH_LEASE", base.flush_lease),
-        warm_lease=_lease(env, "VEL_WARM_LEASE", base.warm_lease),
-        flush_interval=flush_interval,
-        migrate_on_start=env.get("VEL_MIGRATE", "") in ("1", "true", "yes"),
-        flusher=flusher,
-        log_format=log_format,
+        migrate_on_start=_flag(env, "VEL_MIGRATE"),
+        **values,
     )
-
-
-def redact(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (for errors and logs)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
 
 
 def failpoint_spec(env: Mapping[str, str] | None = None) -> str:

@@ -9,19 +9,19 @@ which gives a flush rate over the last minute without sampling twice.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vel.errors import StoreError
+from vel.logs import get_logger
 
 if TYPE_CHECKING:
     from vel.stores.redis import RedisStore
 
 __all__ = ["RATE_WINDOW", "Totals", "read_totals"]
 
-log = logging.getLogger("vel.totals")
+log = get_logger("vel.totals")
 
 RATE_WINDOW = 60  # seconds the flush rate is averaged over
 _SECOND_TTL = 300

@@ -96,8 +96,8 @@ class _Recorder:
         apply_flushes = cold.apply_flushes
         load_snapshot = cold.load_snapshot
 
-        async def counted_flush(batch: Any) -> Any:
-            result = await apply_flushes(batch)
+        async def counted_flush(batch: Any, truncations: Any = None) -> Any:
+            result = await apply_flushes(batch, truncations)
             now = time.time()
             self.flush_tx += 1
             for sid, _gen, rows in batch:

@@ -16,10 +16,20 @@ import sys
 import time
 from collections.abc import Sequence
 
+from vel.bounds import LEASE, PORT, WAIT, cli
 from vel.cli import doctor, sessions, stats, warm
-from vel.cli._common import Parser, add_command, add_connection_flags, need_dsn, settings_from
+from vel.cli._common import (
+    Parser,
+    add_command,
+    add_connection_flags,
+    need_dsn,
+    placement_of,
+    settings_from,
+)
 from vel.errors import VelError
-from vel.settings import load_settings, redact
+from vel.logs import get_logger
+from vel.redaction import redact
+from vel.settings import load_settings
 
 # `vel --help` shows this as plain text (the module docstring is reStructuredText).
 DESCRIPTION = (
@@ -33,14 +43,19 @@ async def _migrate(args: argparse.Namespace) -> int:
     from vel.cli._pg import connection
     from vel.stores.postgres.migrate import latest_version, migrate, schema_version
 
-    dsn = need_dsn(settings_from(args))
+    settings = settings_from(args)
+    dsn = need_dsn(settings)
+    placement = placement_of(settings)
     if args.show:
-        async with connection(dsn) as conn:
+        async with connection(dsn, placement) as conn:
             version = await schema_version(conn)
-        print(f"schema version {version} (this vel expects {latest_version()})")
+        print(
+            f"{placement.describe()}: schema version {version} "
+            f"(this vel expects {latest_version()})"
+        )
         return 0
-    version = await migrate(dsn)
-    print(f"vel schema at version {version} ({redact(dsn)})")
+    version = await migrate(dsn, placement.schema)
+    print(f"vel schema at version {version} in {placement.describe()} ({redact(dsn)})")
     return 0
 
 
@@ -97,7 +112,7 @@ async def _flusher(args: argparse.Namespace) -> int:
             try:
                 health = await figures()
             except VelError as exc:
-                print(json.dumps({"error": str(exc), **flusher.counters}), flush=True)
+                print(json.dumps({"error": redact(exc), **flusher.counters}), flush=True)
                 continue
             print(json.dumps({"unflushed": health.pop("unflushed_messages"), **health}), flush=True)
 
@@ -143,23 +158,26 @@ def _parser() -> argparse.ArgumentParser:
     p = add_command(sub, "flusher", "run a standalone write-behind flusher until SIGTERM")
     add_connection_flags(p)
     p.add_argument(
-        "--lease", type=float, default=None, help="claim lease in seconds (VEL_FLUSH_LEASE)"
+        "--lease",
+        type=cli(LEASE, "--lease"),
+        default=None,
+        help="claim lease in seconds (default: VEL_FLUSH_LEASE, 3)",
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=cli(WAIT, "--drain-timeout"),
         default=30.0,
         help="seconds spent flushing what is left after SIGTERM",
     )
     p.add_argument(
         "--health-interval",
-        type=float,
+        type=cli(WAIT, "--health-interval"),
         default=10.0,
         help="seconds between JSON health lines (0: none)",
     )
     p.add_argument(
         "--metrics-port",
-        type=int,
+        type=cli(PORT, "--metrics-port"),
         help="serve Prometheus metrics on this port (0: any free; default: no metrics server)",
     )
     p.add_argument(
@@ -198,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(logging.INFO if args.verbose else logging.WARNING, fmt)
         return int(asyncio.run(args.run(args)))
     except VelError as exc:
-        print(f"vel {args.command}: {exc}", file=sys.stderr)
+        print(f"vel {args.command}: {redact(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -210,12 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(
-            f"vel {args.command}: unexpected {type(exc).__name__}: {exc} "
+            f"vel {args.command}: unexpected {type(exc).__name__}: {redact(exc)} "
             "(run `vel -v ...` for the traceback)",
             file=sys.stderr,
         )
         return 1
     finally:
-        logging.getLogger("vel.cli").info(
-            "%s took %.2f s", args.command, time.monotonic() - started
-        )
+        get_logger("vel.cli").info("%s took %.2f s", args.command, time.monotonic() - started)

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from vel.errors import ConfigurationError
+from vel.namespace import Placement, place
 from vel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -53,12 +54,33 @@ def add_command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
 def add_connection_flags(
     p: argparse.ArgumentParser, *, postgres: bool = True, redis: bool = True
 ) -> None:
-    """The flags of the backends a command uses (and only those)."""
+    """The flags of the backends a command uses (and only those). The namespace flags
+    (``--prefix``, ``--schema``) come with either backend: both tiers follow it."""
     if postgres:
         p.add_argument("--dsn", help="Postgres DSN (default: POSTGRES_DSN)")
     if redis:
         p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL)")
-        p.add_argument("--prefix", help="Redis key prefix (default: VEL_KEY_PREFIX or vel)")
+    p.add_argument(
+        "--prefix",
+        help="namespace: the Redis key prefix, which also picks the Postgres schema "
+        "(default: VEL_KEY_PREFIX or vel)",
+    )
+    if postgres:
+        p.add_argument(
+            "--schema",
+            help="Postgres schema of vel's tables (default: VEL_PG_SCHEMA, else the DSN's "
+            "search_path for prefix vel, else one derived from the prefix)",
+        )
+
+
+def placement_of(settings: Settings) -> Placement:
+    """Where the namespace of ``settings`` keeps its Postgres tables (see vel.namespace)."""
+    return place(
+        schema=None,
+        dsn=settings.postgres_dsn,
+        env_schema=settings.pg_schema,
+        prefix=settings.key_prefix,
+    )
 
 
 def add_storage_flag(p: argparse.ArgumentParser) -> None:
@@ -80,6 +102,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["redis_url"] = args.redis_url
     if getattr(args, "prefix", None):
         changes["key_prefix"] = args.prefix
+    if getattr(args, "schema", None):
+        changes["pg_schema"] = args.schema
     return dataclasses.replace(settings, **changes)
 
 
@@ -103,6 +127,10 @@ class Backends:
     @property
     def hot(self) -> RedisStore | None:
         return self.tiered.hot if self.tiered is not None else None
+
+    @property
+    def placement(self) -> Placement:
+        return self.cold.placement
 
 
 @asynccontextmanager

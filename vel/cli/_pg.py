@@ -8,21 +8,42 @@ from typing import Any
 
 import asyncpg
 
-from vel.errors import StoreError
-from vel.stores.postgres.migrate import CONNECT_ERRORS, connect_error, redact_dsn
+from vel.errors import AccessDeniedError, ConfigurationError, StoreError
+from vel.namespace import Placement
+from vel.redaction import normalize_userinfo, redact, remember
+from vel.stores.postgres.migrate import CONNECT_ERRORS, connect_error
 
 
 @asynccontextmanager
-async def connection(dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    """One connection, every driver error turned into one password-free vel error."""
+async def connection(
+    dsn: str, placement: Placement | None = None
+) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """One connection to the namespace's schema (``placement``; None: the DSN's
+    search_path), every driver error turned into one password-free vel error."""
+    remember(dsn)
+    settings = {}
+    if placement is not None and placement.schema is not None:
+        settings["search_path"] = f'"{placement.schema}"'
+    where = placement.describe() if placement is not None else "the search_path"
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
+        conn = await asyncpg.connect(normalize_userinfo(dsn), timeout=10, server_settings=settings)
     except CONNECT_ERRORS as exc:
         raise connect_error(exc, dsn) from exc
     try:
         yield conn
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise AccessDeniedError(
+            f"Postgres at {redact(dsn)} refused it for lack of permission "
+            f"({redact(exc)}; insufficient_privilege) in {where}: grant the role the "
+            "privileges listed in docs/operations.md (Postgres grants)"
+        ) from exc
+    except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError) as exc:
+        raise ConfigurationError(
+            f"vel tables are missing in {where} at {redact(dsn)} ({redact(exc)}): run "
+            "`vel migrate` with the same settings"
+        ) from exc
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StoreError(f"Postgres at {redact_dsn(dsn)} failed: {exc}") from exc
+        raise StoreError(f"Postgres at {redact(dsn)} failed: {redact(exc)}") from exc
     finally:
         await conn.close()
 

@@ -20,8 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vel.bounds import WAIT, cli
 from vel.cli._common import add_command, add_connection_flags, settings_from
-from vel.errors import VelError
+from vel.errors import AccessDeniedError, ConfigurationError, VelError
+from vel.redaction import redact
+from vel.totals import read_totals
 
 MIN_REDIS = (6, 2)
 
@@ -57,116 +60,252 @@ def _skew(local_before: float, local_after: float, remote: float) -> float:
     return remote - (local_before + local_after) / 2
 
 
+PROBE_SESSION = "vel-doctor-probe"
+
+
+async def _check_redis_permissions(report: Report, hot: Any) -> bool:
+    """Run what a worker runs on its namespace, touching no session: a read, a lock taken and
+    released, the backlog, the shared counters, loading the scripts. False on a refusal."""
+    keys = hot.keys.session(PROBE_SESSION)
+    token = f"doctor-{time.time_ns()}"
+
+    async def load_scripts(c: Any) -> None:
+        await c.load_scripts()
+
+    try:
+        await hot.call("SCRIPT LOAD", load_scripts)
+        await hot.read(PROBE_SESSION, 1)
+        if await hot.try_lock(keys.turn_lock, token, 1.0):
+            await hot.release_lock(keys.turn_lock, token)
+        await hot.backlog()
+        await read_totals(hot)
+    except AccessDeniedError as exc:
+        report.fail(
+            "redis permissions",
+            f"{exc} -- fix: give the ACL user the commands of docs/operations.md and the "
+            f"key pattern ~{hot.keys.prefix}:{{*",
+        )
+        return False
+    report.ok("redis permissions", f"reads, locks and scripts work under {hot.keys.prefix}:{{*")
+    return True
+
+
 async def check_redis(report: Report, settings: Any, max_skew: float, max_age: float) -> None:
     from vel.stores.redis import RedisStore
 
-    hot = RedisStore.from_settings(settings, write_behind=True)
+    try:
+        hot = RedisStore.from_settings(settings, write_behind=True)
+    except ConfigurationError as exc:
+        report.fail("redis", f"{exc} -- fix: correct REDIS_URL")
+        return
     try:
         try:
-            info = await hot.call("INFO", lambda c: c.redis.info("server"))
+            await hot.ping()
+        except AccessDeniedError as exc:
+            report.fail("redis", f"{exc} -- fix: the ACL user needs +ping")
+            return
+        except ConfigurationError as exc:
+            report.fail("redis", f"{exc} -- fix: correct the credentials or TLS in REDIS_URL")
+            return
         except VelError as exc:
             report.fail("redis", f"{exc} -- fix: start Redis or correct REDIS_URL")
             return
-        version = str(info.get("redis_version", "0"))
-        parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-        if parts < MIN_REDIS:
-            report.fail(
-                "redis version",
-                f"{version}; vel needs >= {'.'.join(map(str, MIN_REDIS))} -- fix: upgrade Redis",
-            )
-        else:
-            report.ok("redis version", version)
-
+        if not await _check_redis_permissions(report, hot):
+            return
         try:
-
-            async def read_config(c: Any) -> dict[str, str]:
-                found: dict[str, str] = {}
-                for name in ("maxmemory-policy", "appendonly", "appendfsync"):
-                    reply = await c.redis.config_get(name)
-                    found.update({_text(k): _text(v) for k, v in reply.items()})
-                return found
-
-            config = await hot.call("CONFIG GET", read_config)
-        except VelError as exc:
+            info = await hot.call("INFO", lambda c: c.redis.info("server"))
+        except AccessDeniedError as exc:
             report.warn(
-                "redis config",
-                f"cannot read it ({exc}); check by hand that maxmemory-policy is volatile-lru "
-                "(or another volatile-* or noeviction) and appendonly is yes",
+                "redis server",
+                f"this ACL user may not read the server's settings ({exc}) -- vel does not "
+                "need them; to check the version, maxmemory-policy and appendonly, run vel "
+                "doctor as a user with +info and +config|get",
             )
-            config = {}
-        policy = config.get("maxmemory-policy")
-        if policy is not None:
-            if policy.startswith("allkeys-"):
-                report.fail(
-                    "maxmemory-policy",
-                    f"{policy} lets Redis evict sessions whose messages are not yet in "
-                    "Postgres -- fix: redis-cli CONFIG SET maxmemory-policy volatile-lru "
-                    "(and `maxmemory-policy volatile-lru` in redis.conf)",
-                )
-            elif policy == "noeviction":
-                report.ok("maxmemory-policy", "noeviction (appends fail when Redis is full)")
-            else:
-                report.ok("maxmemory-policy", f"{policy} (only flushed sessions have a TTL)")
-        appendonly = config.get("appendonly")
-        if appendonly == "no":
-            report.warn(
-                "appendonly",
-                "no: a Redis crash or restart loses turns not yet flushed to Postgres "
-                "(normally under a second's worth, more while Postgres is down) -- fix: "
-                "redis-cli CONFIG SET appendonly yes; CONFIG SET appendfsync everysec "
-                "(and the same two lines in redis.conf)",
-            )
-        elif appendonly == "yes":
-            fsync = config.get("appendfsync", "?")
-            if fsync == "no":
-                report.warn(
-                    "appendfsync",
-                    "no: the OS decides when the AOF reaches disk (up to ~30 s of turns at "
-                    "risk on a machine crash) -- fix: CONFIG SET appendfsync everysec",
-                )
-            else:
-                report.ok("appendonly", f"yes, appendfsync {fsync}")
-
-        before = _clock()
-        seconds, micros = await hot.call("TIME", lambda c: c.redis.time())
-        skew = _skew(before, _clock(), seconds + micros / 1e6)
-        if abs(skew) > max_skew:
-            report.fail(
-                "redis clock",
-                f"{skew:+.2f} s from this machine's clock (leases, due times and TTL "
-                "ages are computed from both) -- fix: run NTP (chrony/timesyncd) on both",
-            )
-        else:
-            report.ok("redis clock", f"{skew:+.3f} s from this machine")
-
-        unflushed, oldest, dirty = await hot.backlog()
-        if oldest > max_age:
-            report.fail(
-                "flusher",
-                f"{unflushed} messages in {dirty} sessions wait for Postgres, the oldest "
-                f"for {oldest:.0f} s -- fix: start `vel flusher` (or leave VEL_FLUSHER "
-                "unset so workers flush), and check Postgres is reachable from it",
-            )
-        else:
-            report.ok("flusher", f"backlog {unflushed} messages, oldest {oldest:.1f} s")
+            info = None
+        if info is not None:
+            await _check_server(report, hot, info)
+        await _check_clock_and_backlog(report, hot, max_skew, max_age)
     finally:
         await hot.aclose()
 
 
-async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
+async def _check_server(report: Report, hot: Any, info: dict[str, Any]) -> None:
+    version = str(info.get("redis_version", "0"))
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_REDIS:
+        report.fail(
+            "redis version",
+            f"{version}; vel needs >= {'.'.join(map(str, MIN_REDIS))} -- fix: upgrade Redis",
+        )
+    else:
+        report.ok("redis version", version)
+
+    async def read_config(c: Any) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for name in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync"):
+            reply = await c.redis.config_get(name)
+            found.update({_text(k): _text(v) for k, v in reply.items()})
+        return found
+
+    try:
+        config = await hot.call("CONFIG GET", read_config)
+    except VelError as exc:
+        permission = (
+            " (this ACL user lacks +config|get)" if isinstance(exc, AccessDeniedError) else ""
+        )
+        report.warn(
+            "redis config",
+            f"cannot read it{permission}: {exc}; check by hand that maxmemory is set, "
+            "maxmemory-policy is volatile-lru (or another volatile-* or noeviction) and "
+            "appendonly is yes",
+        )
+        config = {}
+    if config.get("maxmemory") == "0":
+        report.warn(
+            "maxmemory",
+            "0 (no limit): Redis grows until the machine runs out of memory, and nothing is "
+            "evicted -- fix: CONFIG SET maxmemory <size> (and in redis.conf), sized as in "
+            "docs/operations.md",
+        )
+    policy = config.get("maxmemory-policy")
+    if policy is not None:
+        if policy.startswith("allkeys-"):
+            report.fail(
+                "maxmemory-policy",
+                f"{policy} lets Redis evict sessions whose messages are not yet in "
+                "Postgres -- fix: redis-cli CONFIG SET maxmemory-policy volatile-lru "
+                "(and `maxmemory-policy volatile-lru` in redis.conf)",
+            )
+        elif policy == "noeviction":
+            report.ok("maxmemory-policy", "noeviction (appends fail when Redis is full)")
+        else:
+            report.ok("maxmemory-policy", f"{policy} (only flushed sessions have a TTL)")
+    appendonly = config.get("appendonly")
+    if appendonly == "no":
+        report.warn(
+            "appendonly",
+            "no: a Redis crash or restart loses turns not yet flushed to Postgres "
+            "(normally under a second's worth, more while Postgres is down) -- fix: "
+            "redis-cli CONFIG SET appendonly yes; CONFIG SET appendfsync everysec "
+            "(and the same two lines in redis.conf)",
+        )
+    elif appendonly == "yes":
+        fsync = config.get("appendfsync", "?")
+        if fsync == "no":
+            report.warn(
+                "appendfsync",
+                "no: the OS decides when the AOF reaches disk (up to ~30 s of turns at "
+                "risk on a machine crash) -- fix: CONFIG SET appendfsync everysec",
+            )
+        else:
+            report.ok("appendonly", f"yes, appendfsync {fsync}")
+
+
+async def _check_clock_and_backlog(
+    report: Report, hot: Any, max_skew: float, max_age: float
+) -> None:
+    before = _clock()
+    seconds, micros = await hot.call("TIME", lambda c: c.redis.time())
+    skew = _skew(before, _clock(), seconds + micros / 1e6)
+    if abs(skew) > max_skew:
+        report.fail(
+            "redis clock",
+            f"{skew:+.2f} s from this machine's clock (leases, due times and TTL "
+            "ages are computed from both) -- fix: run NTP (chrony/timesyncd) on both",
+        )
+    else:
+        report.ok("redis clock", f"{skew:+.3f} s from this machine")
+
+    unflushed, oldest, dirty = await hot.backlog()
+    if oldest > max_age:
+        report.fail(
+            "flusher",
+            f"{unflushed} messages in {dirty} sessions wait for Postgres, the oldest "
+            f"for {oldest:.0f} s -- fix: start `vel flusher` (or leave VEL_FLUSHER "
+            "unset so workers flush), and check Postgres is reachable from it",
+        )
+    else:
+        report.ok("flusher", f"backlog {unflushed} messages, oldest {oldest:.1f} s")
+
+
+_TABLES = {
+    "vel_sessions": "SELECT, INSERT, UPDATE, DELETE",
+    "vel_messages": "SELECT, INSERT, UPDATE, DELETE",
+    "vel_locks": "SELECT, INSERT, UPDATE, DELETE",
+    "vel_schema_version": "SELECT",
+}
+_WHERE_TABLES = """
+SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.oid = to_regclass('vel_schema_version')
+"""
+
+
+async def _check_grants(report: Report, conn: Any) -> bool:
+    """Whether the role holds what vel needs on its tables (FAIL naming what is missing)."""
+    missing = []
+    for table, privileges in _TABLES.items():
+        for privilege in privileges.split(", "):
+            if not await conn.fetchval("SELECT has_table_privilege($1, $2)", table, privilege):
+                missing.append(f"{privilege} on {table}")
+    if missing:
+        role = await conn.fetchval("SELECT current_user")
+        report.fail(
+            "postgres permissions",
+            f"role {role!r} lacks {', '.join(missing)} (insufficient_privilege) -- fix: "
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA <schema> TO "
+            f"{role} (docs/operations.md, Postgres grants)",
+        )
+        return False
+    return True
+
+
+async def check_postgres(report: Report, settings: Any, max_skew: float) -> None:
+    from vel.cli._common import placement_of
     from vel.cli._pg import connection
     from vel.stores.postgres.migrate import latest_version, schema_version
 
+    dsn = settings.postgres_dsn
     try:
-        async with connection(dsn) as conn:
+        placement = placement_of(settings)
+    except ConfigurationError as exc:
+        report.fail("postgres", f"{exc} -- fix: correct VEL_PG_SCHEMA or --schema")
+        return
+    try:
+        async with connection(dsn, placement) as conn:
             server = await conn.fetchval("SHOW server_version")
             report.ok("postgres", f"reachable, version {server}")
+            if placement.schema is not None and not await conn.fetchval(
+                "SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = $1",
+                placement.schema,
+            ):
+                exists = await conn.fetchval(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = $1", placement.schema
+                )
+                if exists:
+                    role = await conn.fetchval("SELECT current_user")
+                    report.fail(
+                        "postgres permissions",
+                        f"role {role!r} lacks USAGE on schema {placement.schema!r} "
+                        f"(insufficient_privilege) -- fix: GRANT USAGE ON SCHEMA "
+                        f"{placement.schema} TO {role} (docs/operations.md, Postgres grants)",
+                    )
+                    return
             version = await schema_version(conn)
             latest = latest_version()
             if version < latest:
+                hint = ""
+                if placement.schema is not None and version == 0:
+                    async with connection(dsn) as plain:
+                        if await schema_version(plain) > 0:
+                            hint = (
+                                " (vel tables exist in the DSN's search_path: a deployment "
+                                "made before namespaces? set VEL_PG_SCHEMA to that schema to "
+                                "keep using them)"
+                            )
                 report.fail(
                     "schema",
-                    f"version {version}, this vel needs {latest} -- fix: vel migrate",
+                    f"version {version} in {placement.describe()}, this vel needs {latest}"
+                    f"{hint} -- fix: vel migrate",
                 )
             elif version > latest:
                 report.fail(
@@ -175,7 +314,10 @@ async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
                     "upgrade vel on this machine",
                 )
             else:
-                report.ok("schema", f"version {version}")
+                where = await conn.fetchval(_WHERE_TABLES)
+                report.ok("schema", f"version {version} in schema {where!r}")
+                if await _check_grants(report, conn):
+                    report.ok("postgres permissions", "the role may read and write vel's tables")
             before = _clock()
             remote = float(await conn.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
             skew = _skew(before, _clock(), remote)
@@ -187,17 +329,38 @@ async def check_postgres(report: Report, dsn: str, max_skew: float) -> None:
                 )
             else:
                 report.ok("postgres clock", f"{skew:+.3f} s from this machine")
+    except AccessDeniedError as exc:
+        report.fail(
+            "postgres permissions",
+            f"{exc} -- fix: grant the role what docs/operations.md lists (Postgres grants)",
+        )
+    except ConfigurationError as exc:
+        report.fail("postgres", f"{exc} -- fix: correct POSTGRES_DSN (credentials, TLS)")
     except VelError as exc:
         report.fail("postgres", f"{exc} -- fix: start Postgres or correct POSTGRES_DSN")
+
+
+def _namespace(report: Report, settings: Any) -> None:
+    from vel.cli._common import placement_of
+
+    try:
+        where = placement_of(settings).describe() if settings.postgres_dsn else "no Postgres"
+    except ConfigurationError:
+        return  # reported by the Postgres checks
+    report.ok(
+        "namespace",
+        f"prefix {settings.key_prefix!r}: Redis keys {settings.key_prefix}:{{*, Postgres {where}",
+    )
 
 
 async def cmd_doctor(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     report = Report()
+    _namespace(report, settings)
     if args.storage in ("auto", "redis"):
         await check_redis(report, settings, args.max_skew, args.max_backlog_age)
     if settings.postgres_dsn:
-        await check_postgres(report, settings.postgres_dsn, args.max_skew)
+        await check_postgres(report, settings, args.max_skew)
     elif args.storage == "database":
         report.fail("postgres", "POSTGRES_DSN is not set -- fix: export POSTGRES_DSN=...")
     else:
@@ -207,7 +370,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
             "and they end with their TTL -- fix: export POSTGRES_DSN=postgresql://...",
         )
     for level, what, text in report.lines:
-        print(f"{level:4}  {what:17} {text}")
+        print(redact(f"{level:4}  {what:17} {text}"))
     fails, warns = report.count("FAIL"), report.count("WARN")
     if fails or (args.strict and warns):
         print(f"vel doctor: {fails} problem(s), {warns} warning(s)", file=sys.stderr)
@@ -226,10 +389,12 @@ def register(sub: Any) -> None:
         help="database: skip the Redis checks",
     )
     p.add_argument("--strict", action="store_true", help="warnings fail too")
-    p.add_argument("--max-skew", type=float, default=2.0, help="allowed clock skew, seconds")
+    p.add_argument(
+        "--max-skew", type=cli(WAIT, "--max-skew"), default=2.0, help="allowed clock skew, seconds"
+    )
     p.add_argument(
         "--max-backlog-age",
-        type=float,
+        type=cli(WAIT, "--max-backlog-age"),
         default=60.0,
         help="oldest unflushed session age that means no flusher keeps up, seconds",
     )

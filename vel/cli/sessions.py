@@ -20,6 +20,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from vel.bounds import AGE, COUNT, WAIT, cli
 from vel.cli._common import (
     Backends,
     add_command,
@@ -28,6 +29,7 @@ from vel.cli._common import (
     need_dsn,
     open_backends,
     open_output,
+    placement_of,
     read_input,
     settings_from,
 )
@@ -106,7 +108,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(messages, indent=2))
     else:
         for i, message in enumerate(messages, 1):
-            print(f"{i:4} {message.get('role', '?'):9} {_text(dict(message))}")
+            kind = message.get("role") or message.get("type") or "?"
+            print(f"{i:4} {kind:9} {_text(dict(message))}")
     return 0
 
 
@@ -123,8 +126,12 @@ async def cmd_export(args: argparse.Namespace) -> int:
         if not args.no_flush:
             async with open_backends(args) as b:
                 await _flush_first(b, args.flush_timeout)
-        dsn = need_dsn(settings_from(args))
-        async with connection(dsn) as conn, conn.transaction(isolation="repeatable_read"):
+        settings = settings_from(args)
+        dsn = need_dsn(settings)
+        async with (
+            connection(dsn, placement_of(settings)) as conn,
+            conn.transaction(isolation="repeatable_read"),
+        ):
             async for row in conn.cursor(EXPORT, ids, prefetch=200):
                 pairs = json.loads(row["messages"] or "[]")
                 entry = {
@@ -208,7 +215,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
             messages += len(entry["messages"])
         await _flush_first(b, args.flush_timeout)
         touched = [e for e in entries if e["messages"]]
-        async with connection(need_dsn(b.settings)) as conn:
+        async with connection(need_dsn(b.settings), b.placement) as conn:
             await conn.executemany(
                 FIX_IMPORTED,
                 [
@@ -251,7 +258,7 @@ async def cmd_purge(args: argparse.Namespace) -> int:
     async with open_backends(args) as b:
         expired: list[str] = []
         if b.tiered is not None:
-            async with connection(need_dsn(b.settings)) as conn:
+            async with connection(need_dsn(b.settings), b.placement) as conn:
                 expired = [r["id"] for r in await conn.fetch(EXPIRED)]
         purged = await b.cold.purge_expired()
         dropped = await b.hot.drop_clean(expired) if b.hot is not None else 0
@@ -272,7 +279,10 @@ def register(sub: Any) -> None:
 
     def flush_flags(p: argparse.ArgumentParser, skip: bool) -> None:
         p.add_argument(
-            "--flush-timeout", type=float, default=30.0, help="seconds to flush Redis first"
+            "--flush-timeout",
+            type=cli(WAIT, "--flush-timeout"),
+            default=30.0,
+            help="seconds to flush Redis first",
         )
         if skip:
             p.add_argument(
@@ -280,9 +290,14 @@ def register(sub: Any) -> None:
             )
 
     p = base("list", "sessions with messages, least recently updated first")
-    p.add_argument("--limit", type=int, default=100, help="at most this many sessions")
     p.add_argument(
-        "--older-than", type=float, metavar="SECONDS", help="only sessions idle this long"
+        "--limit", type=cli(COUNT, "--limit"), default=100, help="at most this many sessions"
+    )
+    p.add_argument(
+        "--older-than",
+        type=cli(AGE, "--older-than"),
+        metavar="SECONDS",
+        help="only sessions idle this long",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(run=cmd_list)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from vel.bounds import COUNT, INTERVAL, cli
 from vel.cli._common import add_command, add_connection_flags, settings_from
 from vel.totals import RATE_WINDOW, read_totals
 
@@ -100,8 +101,16 @@ def register(sub: Any) -> None:
     add_connection_flags(p, postgres=False)  # everything it shows is in Redis
     p.add_argument("--json", action="store_true", help="one JSON object per refresh")
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument(
-        "--count", type=int, default=0, help="with --watch: stop after N refreshes (0: never)"
+        "--interval",
+        type=cli(INTERVAL, "--interval"),
+        default=2.0,
+        help="seconds between refreshes",
+    )
+    p.add_argument(
+        "--count",
+        type=cli(COUNT, "--count"),
+        default=0,
+        help="with --watch: stop after N refreshes (0: never)",
     )
     p.set_defaults(run=cmd_stats)

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from vel.bounds import COUNT, POOL, cli
 from vel.cli._common import (
     Progress,
     add_command,
@@ -16,9 +17,10 @@ from vel.cli._common import (
     read_input,
 )
 from vel.messages import validate_session_id
+from vel.namespace import Placement
 
 
-async def _ids(args: argparse.Namespace, dsn: str) -> list[str]:
+async def _ids(args: argparse.Namespace, dsn: str, placement: Placement) -> list[str]:
     from vel.cli._pg import ALL_PAGE, RECENT, connection
 
     if args.ids or args.ids_file:
@@ -26,7 +28,7 @@ async def _ids(args: argparse.Namespace, dsn: str) -> list[str]:
         if args.ids_file:
             ids += read_input(args.ids_file).split()
         return [validate_session_id(s) for s in dict.fromkeys(ids)]
-    async with connection(dsn) as conn:
+    async with connection(dsn, placement) as conn:
         if args.recent is not None:
             return [r["id"] for r in await conn.fetch(RECENT, args.recent)]
         found: list[str] = []
@@ -44,7 +46,7 @@ async def cmd_warm(args: argparse.Namespace) -> int:
     async with open_backends(args) as b:
         tiered = b.tiered
         assert tiered is not None
-        ids = await _ids(args, need_dsn(b.settings))
+        ids = await _ids(args, need_dsn(b.settings), b.placement)
         progress = Progress(len(ids), "warming")
         before = dict(tiered.counters)
         gate = asyncio.Semaphore(args.concurrency)
@@ -75,8 +77,16 @@ def register(sub: Any) -> None:
     which.add_argument("--ids", nargs="+", metavar="ID", help="these sessions")
     which.add_argument("--ids-file", help="a file of session ids (whitespace-separated)")
     which.add_argument(
-        "--recent", type=int, metavar="N", help="the N most recently updated sessions"
+        "--recent",
+        type=cli(COUNT, "--recent"),
+        metavar="N",
+        help="the N most recently updated sessions",
     )
     which.add_argument("--all", action="store_true", help="every live session")
-    p.add_argument("--concurrency", type=int, default=16, help="sessions loaded at the same time")
+    p.add_argument(
+        "--concurrency",
+        type=cli(POOL, "--concurrency"),
+        default=16,
+        help="sessions loaded at the same time",
+    )
     p.set_defaults(run=cmd_warm)

@@ -7,14 +7,15 @@ and handles restarts); gauges are read fresh at every scrape.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 
+from vel.bounds import PORT
+from vel.logs import get_logger
 from vel.metrics.exposition import CONTENT_TYPE, render
 
 __all__ = ["MetricsServer"]
 
-log = logging.getLogger("vel.metrics")
+log = get_logger("vel.metrics")
 
 Collect = Callable[[], Awaitable[Mapping[str, float]]]
 
@@ -37,7 +38,7 @@ class MetricsServer:
         self.collect = collect
         self.tier = tier
         self.host = host
-        self.port = port
+        self.port = PORT.check_int("port", port)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:

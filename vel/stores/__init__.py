@@ -7,11 +7,11 @@ object passed in belongs to the caller and is never closed by an agent.
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
 from vel.errors import ConfigurationError
+from vel.logs import get_logger
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo, SessionStore
 from vel.stores.memory import MemoryStore
@@ -26,7 +26,7 @@ __all__ = [
     "release_store",
 ]
 
-log = logging.getLogger("vel.stores")
+log = get_logger("vel.stores")
 
 StorageSpec = str | SessionStore
 

@@ -26,8 +26,9 @@ class SessionInfo:
 class SessionStore(Protocol):
     """Where session histories live. All methods are safe to call concurrently.
 
-    A session is an ordered list of OpenAI-format chat messages. Appends are atomic: either
-    every message of an append is stored, contiguously and in order, or none is.
+    A session is an ordered list of JSON objects: OpenAI-format chat messages for vel's Agent,
+    Responses API items for an OpenAI Agents SDK session. Appends are atomic: either every
+    message of an append is stored, contiguously and in order, or none is.
     """
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
@@ -53,6 +54,19 @@ class SessionStore(Protocol):
             InvalidInputError: bad id or message; nothing was stored.
             StoreError: the backend failed; nothing was stored, or the same append may be
                 retried with the same ``message_ids``.
+        """
+        ...
+
+    async def pop(self, session_id: str) -> Message | None:
+        """Atomically remove and return the session's last message (None when it has none).
+
+        One step in the backend: concurrent pops take different messages, and a pop ordered
+        after an append removes that append's last message. The next append reuses the
+        popped message's sequence number.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: the backend failed; the message may or may not have been removed.
         """
         ...
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vel import metrics
+from vel.bounds import COUNT, TTL, age_arg, limit_arg, wait_arg
+from vel.errors import InvalidInputError
 from vel.instrument import observed
 from vel.messages import (
     Message,
@@ -45,7 +47,7 @@ class MemoryStore:
     """
 
     def __init__(self, retention_ttl: float | None = None) -> None:
-        self.retention_ttl = retention_ttl
+        self.retention_ttl = TTL.check_optional("retention_ttl", retention_ttl)
         self._sessions: dict[str, _Session] = {}
         # Plain calls run on vel's helper thread while the agent's loop runs elsewhere.
         self._mutex = threading.Lock()
@@ -71,6 +73,7 @@ class MemoryStore:
 
     def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
+        limit = limit_arg(limit)
         with self._mutex:
             session = self._live(session_id, time.time())
             if session is None or limit == 0:
@@ -113,6 +116,20 @@ class MemoryStore:
                 del self._sessions[session_id]
             return session.last_seq
 
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None or not session.entries:
+                return None
+            mid, text = session.entries.pop()
+            del session.ids[mid]
+            session.last_seq -= 1
+            session.updated = time.time()
+            if not session.entries:
+                del self._sessions[session_id]
+        return decode_message(text)
+
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         validate_session_id(session_id)
         texts = encode_messages(messages)
@@ -137,6 +154,8 @@ class MemoryStore:
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
+        inactive_for = age_arg(inactive_for)
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         now = time.time()
         with self._mutex:
             live = [
@@ -174,7 +193,7 @@ class MemoryStore:
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
-        return self._locks.hold(validate_session_id(session_id), timeout)
+        return self._locks.hold(validate_session_id(session_id), wait_arg(timeout))
 
     async def stats(self) -> dict[str, float]:
         with self._mutex:

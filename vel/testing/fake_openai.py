@@ -11,7 +11,8 @@ client to run against it unchanged::
 Endpoints: ``POST /v1/chat/completions`` (streaming and non-streaming) and
 ``GET /v1/models``.  Anything else answers 404 with an OpenAI-style error body.
 
-Answers are a pure function of the received ``messages``.  Only the *last* user message
+Answers are a pure function of the received ``messages`` (completion ids: of the whole
+request, so replaying a conversation gives identical records).  Only the *last* user message
 (``last_user``; string content or the joined ``text`` parts of list content) may carry
 directives, so replaying an older history gives the same answers:
 
@@ -311,6 +312,13 @@ def _error_body(status: int, message: str | None = None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 
 
+def _completion_id(body: dict[str, Any]) -> str:
+    """The same request gets the same completion id, so two clients replaying one conversation
+    store identical records (the Agents SDK keeps it as ``response_id``)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return f"chatcmpl-{hashlib.sha256(canonical.encode()).hexdigest()[:24]}"
+
+
 def _usage(prompt: int, completion: int) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
@@ -355,7 +363,7 @@ def _completion(body: dict[str, Any], plan: _Plan, model: str) -> dict[str, Any]
         text, finish = _limit_text(plan.text, body)
         message["content"] = text
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": _completion_id(body),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -368,7 +376,7 @@ def _completion(body: dict[str, Any], plan: _Plan, model: str) -> dict[str, Any]
 def _chunks(body: dict[str, Any], plan: _Plan, model: str) -> Iterator[dict[str, Any]]:
     """The ``chat.completion.chunk`` objects of a streamed answer."""
     base: dict[str, Any] = {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "id": _completion_id(body),
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,

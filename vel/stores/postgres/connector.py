@@ -12,7 +12,7 @@ network call; a frozen Postgres must not hang a worker).
 from __future__ import annotations
 
 import asyncio
-import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeAlias, TypeVar
@@ -20,8 +20,9 @@ from typing import TypeAlias, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from vel._loops import PerLoop
+from vel._loops import CallerOwned, PerLoop
 from vel.errors import (
+    AccessDeniedError,
     ConfigurationError,
     InvalidInputError,
     StoreError,
@@ -29,17 +30,19 @@ from vel.errors import (
     StoreUnavailableError,
     VelError,
 )
+from vel.logs import get_logger
+from vel.redaction import redact
 from vel.stores.postgres.migrate import (
     CONNECT_ERRORS,
     connect_error,
     latest_version,
     migrate,
-    redact_dsn,
+    schema_refused,
     schema_version,
 )
 
 # One logger for the whole Postgres tier, whichever part logs.
-log = logging.getLogger("vel.stores.postgres")
+log = get_logger("vel.stores.postgres")
 
 T = TypeVar("T")
 # Strings: asyncpg's classes are generic only in its type stubs.
@@ -57,10 +60,24 @@ MESSAGE_ID_KEY = "vel_messages_message_id_key"
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool reset hook: nothing to undo, so no reset query round trip per release.
 
-    vel keeps no session state on a connection (no advisory locks, LISTEN, cursors or
-    SET; settings come with the connection, locks and search_path are transaction-scoped),
+    vel keeps no session state on a connection (no LISTEN, cursors or SET; settings
+    come with the connection, locks and search_path are transaction-scoped, and the migration's
+    session lock is released, or its connection terminated, before it returns),
     and asyncpg still rolls back a transaction left open before calling this.
     """
+
+
+def check_injected_pool(pool: object) -> None:
+    """Refuse a caller's pool vel cannot use, naming the fix.
+
+    Raises:
+        ConfigurationError: not an ``asyncpg.Pool``.
+    """
+    if not isinstance(pool, asyncpg.Pool):
+        raise ConfigurationError(
+            f"PostgresStore(pool=...) takes an asyncpg.Pool, got {type(pool).__name__}: "
+            "pass dsn= instead"
+        )
 
 
 def poisons_connection(exc: BaseException) -> bool:
@@ -114,6 +131,7 @@ class Connector:
         *,
         pool: Pool | None,
         schema: str | None,
+        placement: str = "the search_path",
         pool_min: int,
         pool_max: int,
         op_timeout: float,
@@ -127,14 +145,24 @@ class Connector:
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
         self._migrate = migrate
+        self.placement = placement
         self._injected = pool
         self._injected_ready = False
+        self._owner = (
+            None
+            if pool is None
+            else CallerOwned(
+                "PostgresStore(pool=...)",
+                "give PostgresStore a dsn= instead (vel then opens a pool per event loop)",
+                loop=getattr(pool, "_loop", None),
+            )
+        )
         self._pools: PerLoop[Pool] = PerLoop(self._create_pool, self._close_pool)
         self.failures = 0
 
     @property
     def where(self) -> str:
-        return redact_dsn(self.dsn) if self.dsn else "the caller's pool"
+        return redact(self.dsn) if self.dsn else "the caller's pool"
 
     def current_pool(self) -> Pool | None:
         """This event loop's pool if it is open (the caller's pool if one was given)."""
@@ -143,6 +171,9 @@ class Connector:
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self._owner is not None and not self._owner.is_home():
+            await self._owner.run(self.open)
+            return
         async with self.deadline("open", self._connect_timeout + self.op_timeout):
             await self._get_pool()
 
@@ -205,14 +236,24 @@ class Connector:
         version = await self.use(pool, schema_version)
         if version >= need:
             return
+        schema = self.schema
+        if version == 0 and schema is not None:
+            role = await self.use(pool, lambda conn: schema_refused(conn, schema))
+            if role is not None:
+                # A schema the role may not use looks empty to it: say what is missing.
+                raise AccessDeniedError(
+                    f"Postgres refused role {role!r} the use of {self.placement} at "
+                    f"{self.where} for lack of permission (no USAGE on the schema; "
+                    "insufficient_privilege): grant the role the privileges listed in "
+                    "docs/operations.md (Postgres grants)"
+                )
         if self._migrate:
             await self.use(pool, lambda conn: migrate(conn, self.schema))
             return
-        where = f"schema {self.schema!r}" if self.schema else "the search_path"
         state = "has no vel tables" if version == 0 else f"is at version {version}, need {need}"
         raise ConfigurationError(
-            f"Postgres {where} at {self.where} {state}: run `vel migrate` "
-            "(or set VEL_MIGRATE=1 to migrate at start-up)"
+            f"Postgres {self.placement} at {self.where} {state}: run `vel migrate` with the "
+            "same settings (or set VEL_MIGRATE=1 to migrate at start-up)"
         )
 
     async def _get_pool(self) -> Pool:
@@ -245,6 +286,8 @@ class Connector:
             StoreTimeoutError, StoreUnavailableError, ConfigurationError, InvalidInputError,
             StoreError: as :meth:`translate` maps the backend's error (``action`` names it).
         """
+        if self._owner is not None and not self._owner.is_home():
+            return await self._owner.run(lambda: self.run(action, op))
         async with self.deadline(action, self.op_timeout):
             return await self.use(await self._get_pool(), op)
 
@@ -260,14 +303,21 @@ class Connector:
             raise self.translate(action, exc, seconds) from exc
 
     def translate(self, action: str, exc: Exception, seconds: float) -> VelError:
-        detail = _one_line(exc)
+        detail = redact(_one_line(exc))
         if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
             return StoreTimeoutError(
                 f"Postgres {action} did not finish within {seconds:g}s ({self.where})"
             )
-        if isinstance(exc, asyncpg.UndefinedTableError):
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            return AccessDeniedError(
+                f"Postgres refused {action} for lack of permission ({detail}; "
+                f"insufficient_privilege) in {self.placement}: grant the role the privileges "
+                "listed in docs/operations.md (Postgres grants)"
+            )
+        if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
             return ConfigurationError(
-                f"vel tables are missing at {self.where} ({detail}): run `vel migrate`"
+                f"vel tables are missing in {self.placement} at {self.where} ({detail}): run "
+                "`vel migrate` with the same settings"
             )
         if isinstance(exc, asyncpg.DataError):
             return InvalidInputError(f"Postgres rejected the data of {action}: {detail}")
@@ -275,6 +325,11 @@ class Connector:
             if exc.sqlstate[:2] in _TROUBLE_CLASSES:
                 return StoreUnavailableError(f"Postgres {action} failed ({self.where}): {detail}")
             return StoreError(f"Postgres {action} failed: {detail}")
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return ConfigurationError(
+                f"Postgres at {self.where}: the server's certificate was not accepted "
+                f"({detail}) -- give its CA with ?sslrootcert=/path/ca.pem in POSTGRES_DSN"
+            )
         if isinstance(exc, OSError | asyncpg.InterfaceError):
             return StoreUnavailableError(
                 f"Postgres connection failed during {action} ({self.where}): {detail}"

@@ -14,10 +14,10 @@ from contextlib import asynccontextmanager
 
 from vel._lease import LeaseKeeper
 from vel._shield import finish
+from vel.bounds import wait_arg
 from vel.errors import SessionLockedError, StoreError
 from vel.messages import validate_session_id
 from vel.metrics.histograms import LOCK_WAIT
-from vel.stores.postgres.checks import seconds
 from vel.stores.postgres.connector import Connector, log
 
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -62,11 +62,8 @@ class TurnLocks:
     async def hold(self, session_id: str, timeout: float | None = None) -> AsyncIterator[None]:
         """See :meth:`PostgresStore.turn_lock <vel.stores.postgres.PostgresStore.turn_lock>`."""
         session_id = validate_session_id(session_id)
-        wait = (
-            DEFAULT_LOCK_TIMEOUT
-            if timeout is None
-            else seconds("timeout", timeout, allow_zero=True)
-        )
+        checked = wait_arg(timeout)
+        wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
         # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
         # cancels every await of a plain ``finally``. A cancelled or failed acquire releases

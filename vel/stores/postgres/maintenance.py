@@ -7,8 +7,9 @@ behind to carry their generation (DESIGN.md 3.5 and 3.9).
 
 from __future__ import annotations
 
+from vel.bounds import COUNT, age_arg
+from vel.errors import InvalidInputError
 from vel.stores.base import SessionInfo
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import Connector
 
 # Cleared sessions keep their row (a tombstone carrying the generation) this long, so a flush
@@ -58,9 +59,8 @@ class Maintenance:
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
-        if inactive_for is not None:
-            inactive_for = float(non_negative("inactive_for", inactive_for, float))
-        non_negative("limit", limit, int)
+        inactive_for = age_arg(inactive_for)
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         rows = await self._db.run("list_sessions", lambda c: c.fetch(_LIST, inactive_for, limit))
         return [
             SessionInfo(

@@ -1,9 +1,10 @@
 """Versioned schema migrations for the Postgres tier, plus the connection helpers they share.
 
 Migrations are the numbered ``NNNN_name.sql`` files of :mod:`vel.stores.postgres.migrations`.
-Each runs in its own transaction that first takes a transaction-scoped advisory lock, so any
-number of processes (``vel migrate``, workers started with ``VEL_MIGRATE=1``) may migrate at
-once: one applies each file, the others wait and then find nothing left to do. Applied
+Migrators take one advisory lock, then run each file in its own transaction, so any number
+of processes (``vel migrate``, workers started with ``VEL_MIGRATE=1``) may migrate at once:
+one applies each file, the others wait and then find nothing left to do (every check of the
+version happens under the lock, in a transaction begun after it was granted). Applied
 versions are recorded in ``vel_schema_version``. The hot path never runs DDL; stores only read
 the version.
 """
@@ -11,17 +12,25 @@ the version.
 from __future__ import annotations
 
 import re
+import ssl
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from vel.errors import ConfigurationError, StoreTimeoutError, StoreUnavailableError, VelError
-from vel.settings import redact
+from vel.bounds import TIMEOUT
+from vel.errors import (
+    AccessDeniedError,
+    ConfigurationError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    VelError,
+)
+from vel.namespace import check_schema_name
+from vel.redaction import normalize_userinfo, redact, remember
 
 __all__ = [
     "CONNECT_ERRORS",
@@ -30,7 +39,7 @@ __all__ = [
     "latest_version",
     "load_migrations",
     "migrate",
-    "redact_dsn",
+    "schema_refused",
     "schema_version",
     "validate_schema_name",
 ]
@@ -42,7 +51,6 @@ MIGRATIONS_PACKAGE = "vel.stores.postgres.migrations"
 # Any constant works as long as every vel process agrees on it ("vel_migr" in ASCII).
 _LOCK_KEY = 0x76656C5F6D696772
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # What opening a connection can raise; connect_error() turns each into a vel error.
 CONNECT_ERRORS = (
     OSError,
@@ -92,37 +100,17 @@ def latest_version() -> int:
 
 
 def validate_schema_name(schema: str) -> str:
-    """Return ``schema`` if it is a plain identifier (letters, digits, ``_``; <= 63 chars).
+    """Return ``schema`` if it is a plain identifier (see
+    :func:`vel.namespace.check_schema_name`).
 
     Raises:
         ConfigurationError: anything else, since the name is placed in ``search_path``.
     """
-    if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
-        raise ConfigurationError(
-            f"schema must be a plain identifier (letters, digits, _; at most 63), got {schema!r}"
-        )
-    return schema
+    return check_schema_name(schema)
 
 
-def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` without its password (userinfo or ``password=`` query parameter)."""
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", redact(dsn))
-
-
-def _scrub(text: str, dsn: str | None) -> str:
-    """Remove ``dsn``'s password from ``text`` (driver messages may echo parts of the DSN)."""
-    if dsn:
-        secrets: list[str] = []
-        try:
-            password = urlsplit(dsn).password
-        except ValueError:
-            password = None
-        if password:
-            secrets.append(password)
-        secrets += re.findall(r"(?i)password=([^&\s]+)", dsn)
-        for secret in secrets:
-            text = text.replace(secret, "***")
-    return " ".join(text.split())
+def _scrub(text: str) -> str:
+    return " ".join(redact(text).split())
 
 
 def connect_error(exc: BaseException, dsn: str | None) -> VelError:
@@ -136,8 +124,10 @@ def connect_error(exc: BaseException, dsn: str | None) -> VelError:
         ConfigurationError for what retrying cannot fix (bad DSN, credentials, database),
         StoreTimeoutError / StoreUnavailableError for an unreachable or struggling server.
     """
-    where = redact_dsn(dsn) if dsn else "the given pool"
-    detail = _scrub(f"{type(exc).__name__}: {exc}", dsn)
+    if dsn:
+        remember(dsn)
+    where = redact(dsn) if dsn else "the given pool"
+    detail = _scrub(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, TimeoutError):
         return StoreTimeoutError(f"Postgres at {where} did not answer in time ({detail})")
     if isinstance(exc, ValueError | OverflowError):
@@ -147,7 +137,17 @@ def connect_error(exc: BaseException, dsn: str | None) -> VelError:
     if isinstance(exc, asyncpg.PostgresError):
         if exc.sqlstate[:2] in _TRANSIENT_CLASSES:
             return StoreUnavailableError(f"Postgres at {where} is unavailable: {detail}")
+        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+            return AccessDeniedError(
+                f"Postgres at {where} refused the connection for lack of permission "
+                f"({detail}; insufficient_privilege): GRANT CONNECT ON DATABASE to the role"
+            )
         return ConfigurationError(f"Postgres at {where} refused the connection: {detail}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigurationError(
+            f"Postgres at {where}: the server's certificate was not accepted ({detail}) -- "
+            "give its CA with ?sslrootcert=/path/ca.pem in POSTGRES_DSN"
+        )
     return StoreUnavailableError(f"cannot connect to Postgres at {where}: {detail}")
 
 
@@ -164,9 +164,19 @@ async def schema_version(conn: Connection) -> int:
     return int(version)
 
 
+async def schema_refused(conn: Connection, schema: str) -> str | None:
+    """The role's name when ``schema`` exists but the role lacks USAGE on it (its tables are
+    then invisible, not missing); None otherwise."""
+    row = await conn.fetchrow(
+        "SELECT has_schema_privilege(oid, 'USAGE') AS usage, current_user AS role "
+        "FROM pg_namespace WHERE nspname = $1",
+        schema,
+    )
+    return None if row is None or row["usage"] else str(row["role"])
+
+
 async def _enter_schema(conn: Connection, schema: str | None) -> None:
-    """Serialise migrators and point this transaction at ``schema``, creating what must exist."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+    """Point this transaction at ``schema``, creating the schema and the version table."""
     if schema is not None:
         await conn.execute("SELECT set_config('search_path', $1, true)", f'"{schema}"')
         # Checked first: CREATE SCHEMA IF NOT EXISTS still needs the CREATE privilege.
@@ -181,19 +191,39 @@ async def _enter_schema(conn: Connection, schema: str | None) -> None:
 
 
 async def _migrate_connection(conn: Connection, schema: str | None) -> int:
+    """Apply what is pending, one file per transaction, under the migration lock.
+
+    The lock is a session-level advisory lock taken before any transaction starts, so every
+    check (schema, version table, version) runs in a transaction that began after the lock
+    was granted, and so after the previous holder committed. A transaction-scoped lock would
+    not do: a backend checks names against its catalog cache, which it refreshes when a
+    transaction starts, not when a lock it waited for is granted, so a check made after the
+    wait could still miss the tables the previous holder had just created.
+    """
     migrations = load_migrations()
-    while True:
-        async with conn.transaction():
-            await _enter_schema(conn, schema)
-            current = await schema_version(conn)
-            pending = [m for m in migrations if m.version > current]
-            if not pending:
-                return current
-            # One file per transaction: a failure leaves the schema at the last good version.
-            await conn.execute(pending[0].sql)
-            await conn.execute(
-                "INSERT INTO vel_schema_version (version) VALUES ($1)", pending[0].version
-            )
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        while True:
+            async with conn.transaction():
+                await _enter_schema(conn, schema)
+                current = await schema_version(conn)
+                pending = [m for m in migrations if m.version > current]
+                if not pending:
+                    return current
+                # One file per transaction: a failure leaves the schema at the last good
+                # version.
+                await conn.execute(pending[0].sql)
+                await conn.execute(
+                    "INSERT INTO vel_schema_version (version) VALUES ($1)", pending[0].version
+                )
+    finally:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        except BaseException:
+            # A connection that cannot run the unlock (broken, cancelled mid-query) must not
+            # go back to a pool still holding the lock: closing it releases the lock.
+            conn.terminate()
+            raise
 
 
 async def migrate(
@@ -221,11 +251,13 @@ async def migrate(
     """
     if schema is not None:
         validate_schema_name(schema)
+    connect_timeout = TIMEOUT.check("connect_timeout", connect_timeout)
     if not isinstance(conn_or_dsn, str):
         return await _migrate_connection(conn_or_dsn, schema)
     dsn = conn_or_dsn
+    remember(dsn)
     try:
-        conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+        conn = await asyncpg.connect(normalize_userinfo(dsn), timeout=connect_timeout)
     except CONNECT_ERRORS as exc:
         raise connect_error(exc, dsn) from exc
     try:

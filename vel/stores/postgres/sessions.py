@@ -1,5 +1,5 @@
 """Write-through session reads and writes (``session_storage='database'``): append, load,
-replace, clear, and the ``(generation, last_seq)`` read.
+pop, replace, clear, and the ``(generation, last_seq)`` read.
 
 Every writer first takes the session row's lock (an upsert), which is what serialises
 concurrent appends, replaces and clears of one session across processes (DESIGN.md 3.1,
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from vel.bounds import limit_arg
 from vel.errors import InvalidInputError, StoreError
 from vel.messages import (
     Message,
@@ -21,7 +22,6 @@ from vel.messages import (
     encode_messages,
     validate_session_id,
 )
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
@@ -100,6 +100,25 @@ UPDATE vel_sessions
 RETURNING id
 """
 
+# Pop, step one: take the row lock and claim the newest seq. The generation moves on, as with a
+# clear or replace, so a Redis copy of this session made before the pop can no longer be
+# flushed back over it (DESIGN.md 3.5 and 3.8).
+_POP_SESSION = """
+UPDATE vel_sessions
+   SET last_seq = last_seq - 1,
+       generation = generation + 1,
+       updated_at = now(),
+       expires_at = now() + $2::float8 * interval '1 second'
+ WHERE id = $1 AND last_seq > 0 AND (expires_at IS NULL OR expires_at > now())
+RETURNING last_seq + 1 AS seq
+"""
+# Step two, a statement of its own after the lock is held (see _DELETE_MESSAGES).
+_POP_MESSAGE = """
+DELETE FROM vel_messages
+ WHERE session_id = $1 AND seq = $2
+RETURNING message::text
+"""
+
 
 class Sessions:
     """The write-through reads and writes of :class:`~vel.stores.postgres.PostgresStore`
@@ -166,10 +185,9 @@ class Sessions:
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         session_id = validate_session_id(session_id)
-        if limit is not None:
-            non_negative("limit", limit, int)
-            if limit == 0:
-                return []
+        limit = limit_arg(limit)
+        if limit == 0:
+            return []
         rows = await self._db.run("load", lambda c: c.fetch(_LOAD, session_id, limit))
         return [decode_message(row[0]) for row in reversed(rows)]
 
@@ -196,6 +214,22 @@ class Sessions:
                     await conn.execute(_DELETE_MESSAGES, session_id)
 
         await self._db.run("clear", op)
+
+    async def pop(self, session_id: str) -> Message | None:
+        session_id = validate_session_id(session_id)
+
+        async def op(conn: Conn) -> str | None:
+            async with transaction(conn):
+                seq = await conn.fetchval(_POP_SESSION, session_id, self._retention)
+                if seq is None:
+                    return None
+                text: str | None = await conn.fetchval(_POP_MESSAGE, session_id, seq)
+                if text is None:
+                    raise StoreError(f"session {session_id!r} has no message at seq {seq}")
+                return text
+
+        text = await self._db.run("pop", op)
+        return None if text is None else decode_message(text)
 
     async def last_seq(self, session_id: str) -> tuple[int, int]:
         session_id = validate_session_id(session_id)

@@ -10,15 +10,15 @@ messages back (3.5).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
 from vel import failpoints
+from vel.bounds import COUNTER
 from vel.errors import FlushConflictError, InvalidInputError
 from vel.messages import check_message_ids, validate_session_id
-from vel.stores.postgres.checks import non_negative
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
 
 # One statement, hence one snapshot: the header and the rows always agree.
@@ -57,6 +57,23 @@ UPDATE vel_sessions s
        updated_at = now(),
        created_at = CASE WHEN s.expires_at <= now() THEN now() ELSE s.created_at END,
        expires_at = now() + $3::float8 * interval '1 second'
+  FROM target t
+ WHERE s.id = t.id
+"""
+# Also with the row locks held: sessions Redis brought to a newer generation by pops only keep
+# their messages up to the kept seq and take that generation (see vel.stores.redis.scripts).
+_TRUNCATE_SESSIONS = """
+WITH target AS (
+    SELECT u.id, u.generation, u.keep
+      FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (id, generation, keep)
+), gone AS (
+    DELETE FROM vel_messages m USING target t WHERE m.session_id = t.id AND m.seq > t.keep
+)
+UPDATE vel_sessions s
+   SET generation = t.generation,
+       last_seq = least(s.last_seq, t.keep),
+       updated_at = now(),
+       expires_at = now() + $4::float8 * interval '1 second'
   FROM target t
  WHERE s.id = t.id
 """
@@ -181,7 +198,9 @@ class Sink:
         )
 
     async def apply_flushes(
-        self, batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]]
+        self,
+        batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]],
+        truncations: Mapping[str, tuple[int, int]] | None = None,
     ) -> list[FlushResult]:
         generations: dict[str, int] = {}
         flat_sids: list[str] = []
@@ -192,7 +211,7 @@ class Sink:
             session_id = validate_session_id(session_id)
             if session_id in generations:
                 raise InvalidInputError(f"session {session_id!r} appears twice in one flush")
-            generations[session_id] = non_negative("generation", generation, int)
+            generations[session_id] = COUNTER.check_int("generation", generation, InvalidInputError)
             seqs = [row[0] for row in rows]
             for seq in seqs:
                 if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
@@ -208,12 +227,23 @@ class Sink:
             flat_texts += texts
         if not generations:
             return []
+        cuts: dict[str, tuple[int, int]] = {}
+        for session_id, (from_generation, keep) in (truncations or {}).items():
+            if session_id not in generations:
+                raise InvalidInputError(f"truncation of {session_id!r}, which has no batch")
+            COUNTER.check_int("keep", keep, InvalidInputError)
+            from_generation = COUNTER.check_int("generation", from_generation, InvalidInputError)
+            if not from_generation < generations[session_id]:
+                raise InvalidInputError(
+                    f"session {session_id!r}: a truncation must start below its generation"
+                )
+            cuts[session_id] = (from_generation, keep)
 
         async def op(conn: Conn) -> dict[str, FlushResult]:
             results: dict[str, FlushResult] = {}
             try:
                 async with transaction(conn):
-                    stale = await self._sync_generations(conn, generations)
+                    stale = await self._sync_generations(conn, generations, cuts)
                     results = {sid: FlushResult(0, 0, stale=True) for sid in stale}
                     keep = [i for i, sid in enumerate(flat_sids) if sid not in stale]
                     live = [sid for sid in generations if sid not in stale]
@@ -257,7 +287,11 @@ class Sink:
         return results
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
-        wanted = {validate_session_id(session_id): non_negative("generation", generation, int)}
+        wanted = {
+            validate_session_id(session_id): COUNTER.check_int(
+                "generation", generation, InvalidInputError
+            )
+        }
 
         async def op(conn: Conn) -> None:
             async with transaction(conn):
@@ -265,25 +299,47 @@ class Sink:
 
         await self._db.run("apply_clear", op)
 
-    async def _sync_generations(self, conn: Conn, wanted: dict[str, int]) -> set[str]:
+    async def _sync_generations(
+        self,
+        conn: Conn,
+        wanted: dict[str, int],
+        cuts: Mapping[str, tuple[int, int]] | None = None,
+    ) -> set[str]:
         """Lock (creating if need be) the sessions' rows and bring them to ``wanted``.
 
         Rows of an older generation, or expired ones (which count as absent), lose their
-        messages and take the wanted generation. Returns the sessions for which Postgres
-        already holds a newer generation.
+        messages and take the wanted generation, except where ``cuts`` gives
+        ``(from_generation, keep)`` and the row's generation is at least ``from_generation``:
+        those lose only the messages above seq ``keep``. Returns the sessions for which
+        Postgres already holds a newer generation.
         """
         ids = sorted(wanted)
         rows = await conn.fetch(_LOCK_SESSIONS, ids, [wanted[sid] for sid in ids], self._retention)
         stale: set[str] = set()
         reset: list[str] = []
+        truncate: list[str] = []
         for row in rows:
             sid, stored = row["id"], row["generation"]
-            if row["expired"] or stored < wanted[sid]:
+            cut = (cuts or {}).get(sid)
+            if row["expired"]:
+                reset.append(sid)
+            elif stored < wanted[sid] and cut is not None and stored >= cut[0]:
+                truncate.append(sid)
+            elif stored < wanted[sid]:
                 reset.append(sid)
             elif stored > wanted[sid]:
                 stale.add(sid)
         if reset:
             await conn.execute(
                 _RESET_SESSIONS, reset, [wanted[sid] for sid in reset], self._retention
+            )
+        if truncate:
+            assert cuts is not None
+            await conn.execute(
+                _TRUNCATE_SESSIONS,
+                truncate,
+                [wanted[sid] for sid in truncate],
+                [cuts[sid][1] for sid in truncate],
+                self._retention,
             )
         return stale

@@ -23,23 +23,24 @@ This module validates the constructor's arguments and documents the public calls
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
 from vel import metrics
+from vel.bounds import LEASE, POOL, POOL_MIN, TIMEOUT, TTL
 from vel.errors import ConfigurationError
 from vel.instrument import observed
 from vel.messages import Message
 from vel.metrics.histograms import APPEND, LOAD
+from vel.namespace import Placement, place
+from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
-from vel.stores.postgres.checks import seconds
-from vel.stores.postgres.connector import Connector, Pool
+from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.locks import TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
-from vel.stores.postgres.migrate import redact_dsn, validate_schema_name
 from vel.stores.postgres.sessions import Sessions
 from vel.stores.postgres.sink import FlushResult, Sink, Snapshot
 
@@ -50,10 +51,16 @@ class PostgresStore:
     Args:
         dsn: ``postgresql://user:password@host:port/database``; default ``POSTGRES_DSN``.
         pool: an asyncpg pool to use instead of creating one. It stays the caller's: it is
-            never closed here, and works only on the event loop it was made on.
-        schema: Postgres schema holding vel's tables (put in ``search_path``); lets tenants or
-            tests share a database. Not combinable with ``pool`` (configure that pool's
-            ``server_settings`` instead).
+            never closed here. It works on the event loop it was made on; calls from another
+            loop (the plain ``ctxmgr`` calls run on vel's helper loop) are sent to that loop
+            while it runs, and refused with ConfigurationError when it cannot run them.
+        schema: Postgres schema holding vel's tables (put first in ``search_path``). Not
+            combinable with ``pool`` (configure that pool's ``server_settings`` instead).
+            Default: the namespace's schema (see :mod:`vel.namespace`): a ``search_path``
+            in the DSN, else ``VEL_PG_SCHEMA``, else derived from ``namespace``.
+        namespace: the deployment's namespace, its Redis key prefix (default
+            ``VEL_KEY_PREFIX``): ``vel`` keeps the DSN's search_path, any other prefix has a
+            schema of its own, so two prefixes never share sessions.
         pool_min: connections each event loop's pool keeps open (default 0, so an outage
             does not make the pool retry its floor in the background).
         pool_max: connections per event loop's pool; default ``VEL_PG_POOL_MAX``.
@@ -77,6 +84,7 @@ class PostgresStore:
         *,
         pool: Pool | None = None,
         schema: str | None = None,
+        namespace: str | None = None,
         pool_min: int = 0,
         pool_max: int | None = None,
         op_timeout: float | None = None,
@@ -88,6 +96,7 @@ class PostgresStore:
     ) -> None:
         needs_env = (
             (dsn is None and pool is None)
+            or (schema is None and namespace is None)
             or pool_max is None
             or op_timeout is None
             or retention_ttl is None
@@ -97,39 +106,54 @@ class PostgresStore:
         env = settings if settings is not None else (load_settings() if needs_env else Settings())
         if pool is None:
             dsn = dsn or env.postgres_dsn
-            if not dsn:
+            if not dsn or not isinstance(dsn, str):
                 raise ConfigurationError(
                     "POSTGRES_DSN is required for session_storage='database' "
                     "(e.g. postgresql://user:password@host:5432/dbname)"
                 )
+            remember(dsn)
             if not dsn.startswith(("postgresql://", "postgres://")):
                 raise ConfigurationError(
-                    f"POSTGRES_DSN must start with postgresql://, got {redact_dsn(dsn)!r}"
+                    f"POSTGRES_DSN must start with postgresql://, got {redact(dsn)!r}"
                 )
-        elif schema is not None:
-            raise ConfigurationError(
-                "schema= cannot be combined with pool=: set search_path in that pool's "
-                "server_settings instead"
+            placement = place(
+                schema=schema,
+                dsn=dsn,
+                env_schema=env.pg_schema,
+                prefix=namespace if namespace is not None else env.key_prefix,
             )
-        schema = validate_schema_name(schema) if schema is not None else None
-        pool_max = env.pg_pool_max if pool_max is None else pool_max
-        if isinstance(pool_min, bool) or not isinstance(pool_min, int) or pool_min < 0:
-            raise ConfigurationError(f"pool_min must be an int >= 0, got {pool_min!r}")
-        if isinstance(pool_max, bool) or not isinstance(pool_max, int) or pool_max < 1:
-            raise ConfigurationError(f"pool_max must be an int >= 1, got {pool_max!r}")
+        else:
+            check_injected_pool(pool)
+            if schema is not None:
+                raise ConfigurationError(
+                    "schema= cannot be combined with pool=: set search_path in that pool's "
+                    "server_settings instead"
+                )
+            placement = Placement(None, "the caller's pool")
+        pool_max = env.pg_pool_max if pool_max is None else POOL.check_int("pool_max", pool_max)
+        pool_min = POOL_MIN.check_int("pool_min", pool_min)
         if pool_min > pool_max:
             raise ConfigurationError(f"pool_min ({pool_min}) exceeds pool_max ({pool_max})")
-        op_timeout = seconds("op_timeout", env.op_timeout if op_timeout is None else op_timeout)
-        connect_timeout = seconds("connect_timeout", connect_timeout)
-        retention = env.retention_ttl if retention_ttl is None else retention_ttl
-        retention = None if retention is None else seconds("retention_ttl", retention)
-        migrate = env.migrate_on_start if migrate is None else bool(migrate)
-        lock_lease = seconds("lock_lease", env.lock_lease if lock_lease is None else lock_lease)
+        op_timeout = (
+            env.op_timeout if op_timeout is None else TIMEOUT.check("op_timeout", op_timeout)
+        )
+        connect_timeout = TIMEOUT.check("connect_timeout", connect_timeout)
+        retention = (
+            env.retention_ttl
+            if retention_ttl is None
+            else TTL.check("retention_ttl", retention_ttl)
+        )
+        if migrate is not None and not isinstance(migrate, bool):
+            raise ConfigurationError(f"migrate must be True, False or None, got {migrate!r}")
+        migrate = env.migrate_on_start if migrate is None else migrate
+        lock_lease = env.lock_lease if lock_lease is None else LEASE.check("lock_lease", lock_lease)
+        self.placement = placement
 
         self._db = Connector(
-            dsn if pool is None else None,
+            normalize_userinfo(dsn) if pool is None and dsn else None,
             pool=pool,
-            schema=schema,
+            schema=placement.schema,
+            placement=placement.describe(),
             pool_min=pool_min,
             pool_max=pool_max,
             op_timeout=op_timeout,
@@ -156,9 +180,14 @@ class PostgresStore:
         return cls(settings=settings, **kwargs)
 
     def __repr__(self) -> str:
-        where = redact_dsn(self._db.dsn) if self._db.dsn else "<caller's pool>"
+        where = redact(self._db.dsn) if self._db.dsn else "<caller's pool>"
         schema = f", schema={self._db.schema!r}" if self._db.schema else ""
         return f"PostgresStore({where!r}{schema})"
+
+    @property
+    def schema(self) -> str | None:
+        """The schema holding this store's tables (None: the connection's search_path)."""
+        return self._db.schema
 
     @property
     def op_timeout(self) -> float:
@@ -241,6 +270,20 @@ class PostgresStore:
         """
         with observed(LOAD, "load", session_id):
             return await self._sessions.load(session_id, limit)
+
+    async def pop(self, session_id: str) -> Message | None:
+        """Atomically remove and return the newest message (None for an unknown, empty or
+        expired session); one transaction whose ``DELETE ... RETURNING`` takes the message.
+
+        The session's generation moves on, as with :meth:`clear`, so a Redis copy made
+        before the pop is never flushed back over it.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed; nothing changed (unless it failed while
+                committing: then the message may be gone).
+        """
+        return await self._sessions.pop(session_id)
 
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         """Atomically replace the whole history with ``messages`` (seqs restart at 1).
@@ -361,20 +404,27 @@ class PostgresStore:
         return result
 
     async def apply_flushes(
-        self, batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]]
+        self,
+        batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]],
+        truncations: Mapping[str, tuple[int, int]] | None = None,
     ) -> list[FlushResult]:
         """Write batches copied from the hot tier, idempotently, in one transaction.
 
-        Per session: a batch of an older generation than Postgres holds is ignored (a clear
-        or replace happened after it was read); a newer generation first wipes the stored
-        messages (an expired session counts as absent, whatever its generation). Rows
-        already stored with the same message id count as duplicates. The cost is a fixed
-        four or five round trips, whatever the number of sessions and rows.
+        Per session: a batch of an older generation than Postgres holds is ignored (a clear,
+        replace or pop happened after it was read); a newer generation first wipes the stored
+        messages (an expired session counts as absent, whatever its generation), or, with a
+        truncation whose generation Postgres has reached, drops only the messages above its
+        kept seq (the newer generation came from pops). Rows already stored with the same
+        message id count as duplicates. The cost is a fixed four to six round trips,
+        whatever the number of sessions and rows.
 
         Args:
             batches: ``(session_id, generation, rows)`` with each session at most once;
                 ``rows`` are ``(seq, message_id, message JSON text)``, possibly empty (to
                 record a newer generation only).
+            truncations: session id -> ``(from_generation, keep)``: Postgres at
+                ``from_generation`` or later (below the batch's generation) holds the
+                session's history up to seq ``keep``.
 
         Returns:
             One :class:`FlushResult` per batch, in order.
@@ -386,7 +436,7 @@ class PostgresStore:
                 the others can be retried without it).
             StoreError: Postgres failed; nothing was written, the batches may be retried.
         """
-        return await self._sink.apply_flushes(batches)
+        return await self._sink.apply_flushes(batches, truncations)
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
         """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.

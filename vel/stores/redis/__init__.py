@@ -1,15 +1,17 @@
 """The Redis tier: :class:`RedisStore`, its locked turns, and what the flusher reads from it.
 
 The store is a facade (:mod:`.store`) over parts that each hold one responsibility:
-:mod:`.client` (URL, per-loop client, the one error mapping), :mod:`.sessions` (session data),
+:mod:`.url` (REDIS_URL parsed and checked), :mod:`.client` (per-loop client, the one
+error mapping), :mod:`.sessions` (session data),
 :mod:`.locks` (leases and turns), :mod:`.writebehind` (claims, pending reads, acks),
 :mod:`.listing` (the scan). :mod:`.keys` is the one key layout, :mod:`.scripts` the Lua.
 """
 
-from vel.stores.redis.client import CLUSTER_SCHEMES, cluster_seeds
+from vel.stores.redis.client import cluster_seeds
 from vel.stores.redis.locks import RedisTurn
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY
 from vel.stores.redis.store import RedisStore
+from vel.stores.redis.url import CLUSTER_SCHEMES, RedisURL, parse_redis_url
 from vel.stores.redis.writebehind import Claim, Pending
 
 __all__ = [
@@ -23,5 +25,7 @@ __all__ = [
     "Pending",
     "RedisStore",
     "RedisTurn",
+    "RedisURL",
     "cluster_seeds",
+    "parse_redis_url",
 ]

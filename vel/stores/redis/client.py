@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,64 +22,72 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from vel._loops import PerLoop
+from vel._loops import CallerOwned, PerLoop
 from vel.errors import (
+    AccessDeniedError,
     ConfigurationError,
     StoreError,
     StoreFullError,
     StoreTimeoutError,
     StoreUnavailableError,
+    VelError,
 )
-from vel.settings import redact
+from vel.redaction import redact
 from vel.stores.redis import scripts as lua
+from vel.stores.redis.url import RedisURL, parse_redis_url
 
 T = TypeVar("T")
 
-CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
-
 
 def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], str | None, str | None, bool]:
-    """Parse ``redis+cluster://[user[:password]@]host:port[,host:port...][/0]``.
+    """(seed nodes, username, password, TLS) of a ``redis+cluster://`` URL (see
+    :mod:`vel.stores.redis.url`). Any one reachable seed is enough: the client discovers the
+    other nodes from it.
 
-    Returns (seed nodes, username, password, TLS). Any one reachable seed is enough: the
-    client discovers the other nodes from it.
+    Raises:
+        ConfigurationError: not a valid cluster URL.
     """
-    scheme, _, rest = url.partition("://")
-    rest, _, query = rest.partition("?")
-    rest, _, db = rest.partition("/")
-    creds, at, hosts = rest.rpartition("@")
-    if query or db not in ("", "0"):
-        raise ConfigurationError(
-            f"a cluster REDIS_URL takes no database or options (cluster mode has only db 0), "
-            f"got {redact(url)!r}"
-        )
-    username = password = None
-    if at:
-        user, colon, secret = creds.partition(":")
-        username = urllib.parse.unquote(user) or None
-        password = urllib.parse.unquote(secret) if colon else None
-    seeds = []
-    for item in hosts.split(","):
-        host, colon, port = item.strip().rpartition(":")
-        host = host.strip("[]")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigurationError(
-                f"cluster REDIS_URL needs host:port seeds separated by commas, got "
-                f"{item!r} in {redact(url)!r}"
-            )
-        seeds.append((host, int(port)))
-    return seeds, username, password, scheme == "rediss+cluster"
+    parsed = parse_redis_url(url)
+    if not parsed.cluster:
+        raise ConfigurationError(f"not a cluster REDIS_URL (redis+cluster://...): {redact(url)!r}")
+    return parsed.hosts, parsed.username, parsed.password, parsed.tls
 
 
-def check_url(url: str) -> None:
-    """Raise ConfigurationError unless ``url`` has a scheme vel connects to."""
-    if url.startswith(CLUSTER_SCHEMES):
-        cluster_seeds(url)
-    elif not url.startswith(("redis://", "rediss://", "unix://")):
+def check_injected(client: object) -> None:
+    """Refuse a caller's Redis client vel cannot use, naming the fix.
+
+    Raises:
+        ConfigurationError: not a ``redis.asyncio`` client, or one that decodes replies.
+    """
+    if not isinstance(client, (aioredis.Redis, RedisCluster)):
         raise ConfigurationError(
-            "REDIS_URL must start with redis://, rediss://, unix://, redis+cluster:// or "
-            f"rediss+cluster://, got {redact(url)!r}"
+            "RedisStore(client=...) takes a redis.asyncio.Redis or "
+            f"redis.asyncio.RedisCluster, got {type(client).__name__} (a synchronous "
+            "client cannot serve an async store): pass url= instead"
         )
+    if client.get_encoder().decode_responses:
+        raise ConfigurationError(
+            "RedisStore(client=...) needs a client made with decode_responses=False (vel "
+            "stores messages as bytes): create it without decode_responses, or pass url="
+        )
+
+
+def _tls_problem(exc: BaseException) -> str | None:
+    """A TLS failure that retrying cannot fix (an untrusted certificate, TLS against a plain
+    port), found anywhere in ``exc``'s chain, as text; None otherwise."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"the server's certificate was not accepted ({seen.verify_message})"
+        if isinstance(seen, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(seen):
+            return "the server does not speak TLS there (use redis:// or its TLS port)"
+        text = str(seen)
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            return "the server's certificate was not accepted (certificate verify failed)"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def ms(seconds: float | None) -> int:
@@ -108,6 +116,7 @@ class Client:
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
         self.replace = self._register(lua.REPLACE)
+        self.pop = self._register(lua.POP)
         self.claim = self._register(lua.CLAIM)
         self.renew_claims = self._register(lua.RENEW_CLAIMS)
         self.pending = self._register(lua.PENDING)
@@ -142,54 +151,72 @@ class Connector:
     """A :class:`Client` per event loop (or the caller's client) and the one error mapping.
 
     Args:
-        url: a URL that passed :func:`check_url` (ignored when ``injected`` is given).
-        injected: the caller's ``redis.asyncio.Redis`` (never closed here).
+        url: the REDIS_URL (ignored when ``injected`` is given).
+        injected: the caller's ``redis.asyncio.Redis`` or ``RedisCluster``: never closed
+            here, used on its own event loop (calls from other loops are sent there, see
+            :class:`~vel._loops.CallerOwned`).
         op_timeout: socket timeout of every call, and the bound of :meth:`call`.
         pool_max: connections per event loop (per node on a cluster).
     """
 
     def __init__(
-        self, url: str, *, injected: aioredis.Redis | None, op_timeout: float, pool_max: int
+        self,
+        url: str,
+        *,
+        injected: aioredis.Redis | RedisCluster | None,
+        op_timeout: float,
+        pool_max: int,
     ) -> None:
         self.url = url
         self.op_timeout = op_timeout
         self.pool_max = pool_max
         self._injected = injected
+        self.parsed: RedisURL | None = None
+        self._owner: CallerOwned | None = None
+        if injected is None:
+            self.parsed = parse_redis_url(url)
+        else:
+            check_injected(injected)
+            self._owner = CallerOwned(
+                "RedisStore(client=...)",
+                "give RedisStore a url= instead (vel then opens a client per event loop)",
+            )
         self._clients: PerLoop[Client] = PerLoop(self._connect, self._disconnect)
         self.retries = 0  # idempotent calls retried through a cluster failover
+        self._injected_client: Client | None = None
+        self._injected_lock: asyncio.Lock | None = None
 
     @property
     def is_cluster(self) -> bool:
-        return self._injected is None and self.url.startswith(CLUSTER_SCHEMES)
+        if self._injected is not None:
+            return isinstance(self._injected, RedisCluster)
+        assert self.parsed is not None
+        return self.parsed.cluster
+
+    @property
+    def where(self) -> str:
+        """The server, for messages (never with credentials)."""
+        return "the caller's Redis client" if self._injected is not None else redact(self.url)
 
     async def _connect(self) -> Client:
-        if self._injected is not None:
-            return Client(self._injected)
-        if self.is_cluster:
-            return await self._connect_cluster()
-        try:
-            # A blocking pool makes a burst of callers wait for a connection (bounded by
-            # op_timeout) instead of failing with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                max_connections=self.pool_max,
-                timeout=self.op_timeout,
-                socket_timeout=self.op_timeout,
-                socket_connect_timeout=self.op_timeout,
-                health_check_interval=30,
-            )
-            client = aioredis.Redis.from_pool(pool)
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad REDIS_URL {redact(self.url)!r}: {exc}") from None
-        return Client(client)
+        assert self.parsed is not None
+        if self.parsed.cluster:
+            return await self._connect_cluster(self.parsed)
+        # A blocking pool makes a burst of callers wait for a connection (bounded by
+        # op_timeout) instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=self.pool_max,
+            timeout=self.op_timeout,
+            socket_timeout=self.op_timeout,
+            socket_connect_timeout=self.op_timeout,
+            health_check_interval=30,
+            **self.parsed.connection_kwargs(),
+        )
+        return Client(aioredis.Redis.from_pool(pool))
 
-    async def _connect_cluster(self) -> Client:
-        seeds, username, password, tls = cluster_seeds(self.url)
+    async def _connect_cluster(self, parsed: RedisURL) -> Client:
         cluster = RedisCluster(
-            startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-            username=username,
-            password=password,
-            ssl=tls,
+            startup_nodes=[ClusterNode(host, port) for host, port in parsed.hosts],
             max_connections=self.pool_max,
             socket_timeout=self.op_timeout,
             socket_connect_timeout=self.op_timeout,
@@ -198,6 +225,7 @@ class Connector:
             # couple of times, to pick up a topology that already changed. Waiting out a
             # replica's promotion is call()'s job, with backoff, for idempotent calls.
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
+            **parsed.cluster_kwargs(),
         )
         client = Client(cluster, gate=self.pool_max)
         seeds_used = list(cluster.nodes_manager.startup_nodes.values())
@@ -217,10 +245,26 @@ class Connector:
         return client
 
     async def _disconnect(self, client: Client) -> None:
-        if self._injected is None:
-            await client.redis.aclose()
+        await client.redis.aclose()
+
+    async def _caller_client(self) -> Client:
+        """The caller's client, its scripts registered (and on a cluster loaded) once."""
+        if self._injected_client is None:
+            if self._injected_lock is None:
+                self._injected_lock = asyncio.Lock()
+            async with self._injected_lock:
+                if self._injected_client is None:
+                    assert self._injected is not None
+                    cluster = isinstance(self._injected, RedisCluster)
+                    client = Client(self._injected, gate=self.pool_max if cluster else 0)
+                    if cluster:
+                        await client.load_scripts()
+                    self._injected_client = client
+        return self._injected_client
 
     async def client(self) -> Client:
+        if self._injected is not None:
+            return await self._caller_client()
         return await self._clients.get()
 
     async def aclose(self) -> None:
@@ -237,7 +281,17 @@ class Connector:
         reset, CLUSTERDOWN while its replica is promoted), for about ``op_timeout`` in all:
         redis-py's own retries of a connection error come without a pause and are spent in
         about a second, long before a replica is promoted.
+
+        Raises:
+            StoreFullError: Redis is out of memory.
+            AccessDeniedError: the ACL user may not run the command or touch the key.
+            ConfigurationError: refused credentials or certificate, a database that does not
+                exist, a caller's client whose loop cannot run the call.
+            StoreTimeoutError, StoreUnavailableError: Redis did not answer.
+            StoreError: anything else Redis refused.
         """
+        if self._owner is not None and not self._owner.is_home():
+            return await self._owner.run(lambda: self.call(what, make, idempotent=idempotent))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.op_timeout
         delay = 0.05
@@ -258,7 +312,7 @@ class Connector:
         self, what: str, make: Callable[[Client], Awaitable[T]], seconds: float
     ) -> T:
         try:
-            client = await self._clients.get()
+            client = await self.client()
             async with asyncio.timeout(seconds):
                 if client.gate is None:
                     return await make(client)
@@ -271,38 +325,64 @@ class Connector:
                             # a moment longer than its gate permit. Raised before sending
                             # (pipelines carry idempotent commands only), so retrying is safe.
                             await asyncio.sleep(0.01)
-        except (rexc.ClusterDownError, rexc.TryAgainError, rexc.SlotNotCoveredError) as exc:
-            raise StoreUnavailableError(
-                f"Redis Cluster cannot serve {what} now (failover?): {exc}"
-            ) from exc
-        except rexc.ResponseError as exc:
-            if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in str(exc):
-                raise StoreFullError(
+        except VelError:
+            raise
+        except Exception as exc:
+            raise self.translate(what, exc) from exc
+
+    def translate(self, what: str, exc: Exception) -> VelError:
+        """The vel error for a redis-py (or socket) error raised during ``what``."""
+        detail = redact(exc)
+        if isinstance(exc, (rexc.ClusterDownError, rexc.TryAgainError, rexc.SlotNotCoveredError)):
+            return StoreUnavailableError(
+                f"Redis Cluster cannot serve {what} now (failover?): {detail}"
+            )
+        if isinstance(exc, rexc.NoPermissionError) or detail.startswith("NOPERM"):
+            return AccessDeniedError(
+                f"Redis refused {what} for lack of permission ({detail}): the ACL user of "
+                f"{self.where} needs the commands and the key pattern listed in "
+                "docs/operations.md (Redis ACL)"
+            )
+        if isinstance(exc, rexc.ResponseError):
+            if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in detail:
+                return StoreFullError(
                     f"Redis is out of memory during {what}; nothing was "
                     "stored (raise maxmemory or flush faster)"
-                ) from exc
-            raise StoreError(f"Redis rejected {what}: {exc}") from exc
-        except rexc.AuthenticationError as exc:
-            raise ConfigurationError(
-                f"Redis refused the credentials in {redact(self.url)!r}"
-            ) from exc
-        except (rexc.TimeoutError, TimeoutError) as exc:
-            raise StoreTimeoutError(
-                f"Redis did not answer {what} within {self.op_timeout} s"
-            ) from exc
-        except (rexc.ConnectionError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"Redis at {redact(self.url)} is unreachable during {what}: {exc}"
-            ) from exc
-        except (rexc.RedisError, rexc.RedisClusterException) as exc:
-            raise StoreError(f"Redis failed during {what}: {exc}") from exc
-        except (AttributeError, TypeError) as exc:
+                )
+            if "DB index is out of range" in detail:
+                return ConfigurationError(
+                    f"Redis at {self.where} has no such database ({detail}): correct the "
+                    "database number in REDIS_URL"
+                )
+            if detail.startswith("unknown command") or "ERR unknown command" in detail:
+                return ConfigurationError(
+                    f"Redis refused {what}: {detail} (a renamed or disabled command?)"
+                )
+            return StoreError(f"Redis rejected {what}: {detail}")
+        if isinstance(exc, rexc.AuthenticationError):
+            return ConfigurationError(f"Redis refused the credentials in {self.where!r}")
+        certificate = _tls_problem(exc)
+        if certificate is not None:
+            return ConfigurationError(
+                f"TLS with Redis at {self.where} failed: {certificate} -- give the server's "
+                "CA with ?ssl_ca_certs=/path/ca.pem in REDIS_URL (rediss:// for TLS)"
+            )
+        if isinstance(exc, (rexc.TimeoutError, TimeoutError)):
+            return StoreTimeoutError(f"Redis did not answer {what} within {self.op_timeout} s")
+        if isinstance(exc, (rexc.ConnectionError, OSError)):
+            return StoreUnavailableError(
+                f"Redis at {self.where} is unreachable during {what}: {detail}"
+            )
+        if isinstance(exc, (rexc.RedisError, rexc.RedisClusterException)):
+            return StoreError(f"Redis failed during {what}: {detail}")
+        if isinstance(exc, (AttributeError, TypeError)):
             # redis-py writing to a connection the peer has just reset (or one its cluster
             # client is tearing down) leaks the transport's internals as these instead of a
             # ConnectionError (redis/redis-py#4287): the connection broke mid-call.
-            raise StoreUnavailableError(
-                f"Redis connection broke during {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+            return StoreUnavailableError(
+                f"Redis connection broke during {what}: {type(exc).__name__}: {detail}"
+            )
+        return StoreError(f"Redis failed during {what}: {type(exc).__name__}: {detail}")
 
     @staticmethod
     async def pipelined(c: Client, fill: Callable[[Client, Any], Awaitable[None]]) -> list[Any]:

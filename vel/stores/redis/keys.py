@@ -12,19 +12,18 @@ value (it is fixed per key prefix).
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 
-from vel.errors import ConfigurationError
+from vel.bounds import BUCKETS
+from vel.namespace import check_prefix
 
 DEFAULT_BUCKETS = 16
-_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
-    meta: str  # hash: seq, flushed, gen, fgen, created, updated
+    meta: str  # hash: seq, flushed, gen, fgen, created, updated (+ tgen, tseq after a pop)
     messages: str  # list: "<message id>\n<json>" per message, seq 1 at index 0
     replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
     # warmed session) -> the seq of that message
@@ -46,13 +45,8 @@ class KeyLayout:
     buckets: int = DEFAULT_BUCKETS
 
     def __post_init__(self) -> None:
-        if not _PREFIX.fullmatch(self.prefix):
-            raise ConfigurationError(
-                f"Redis key prefix must be 1-64 of letters, digits, '_', '.', ':', '-'; "
-                f"got {self.prefix!r}"
-            )
-        if not 1 <= self.buckets <= 16384:
-            raise ConfigurationError("bucket count must be between 1 and 16384")
+        check_prefix(self.prefix, "Redis key prefix")
+        BUCKETS.check("bucket count", self.buckets)
 
     def bucket_of(self, session_id: str) -> int:
         return zlib.crc32(session_id.encode("utf-8")) % self.buckets

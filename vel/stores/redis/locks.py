@@ -9,7 +9,6 @@ and released by the append that stores its messages (DESIGN.md 4, turns).
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import time
 import uuid
@@ -20,8 +19,10 @@ from typing import Any, TypeVar
 from vel import tracing
 from vel._lease import LeaseKeeper
 from vel._shield import finish
+from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
 from vel.instrument import observed
+from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.redis.client import Connector, ms
@@ -29,7 +30,7 @@ from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
 from vel.stores.redis.sessions import Sessions, encode
 
-log = logging.getLogger("vel.redis")
+log = get_logger("vel.redis")
 T = TypeVar("T")
 
 
@@ -144,7 +145,8 @@ class Locks:
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
-        return self._turn_lock(self._keys.session(validate_session_id(session_id)), timeout)
+        keys = self._keys.session(validate_session_id(session_id))
+        return self._turn_lock(keys, wait_arg(timeout))
 
     async def _until_locked(
         self, keys: SessionKeys, timeout: float | None, attempt: Callable[[], Awaitable[T | None]]
@@ -242,6 +244,8 @@ class Locks:
         on_miss: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[RedisTurn]:
         keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
+        timeout = wait_arg(timeout)
         token = uuid.uuid4().hex
         args: list[Any] = [
             -1 if limit is None else limit,

@@ -5,6 +5,14 @@ clock, so replicas and AOF replay see the same values); a session exists while i
 exists; its message list always holds seqs 1..seq, so ``LLEN == seq`` is checked on reads to
 catch a list evicted without its meta; "clean" means ``flushed == seq and fgen == gen``.
 
+Generations: ``gen`` moves on with every replace, clear and pop, and ``fgen`` is the generation
+Postgres was last brought to (by a warm or an acknowledged flush), so a flush that read the
+session before one of them can never write old messages back (DESIGN.md 3.5). A replace or a
+clear makes Postgres start the new generation afresh; a pop leaves a truncation record instead,
+``tgen``/``tseq``: Postgres at any generation from ``tgen`` on (these came only from pops) holds
+the current history up to seq ``tseq`` and reaches ``gen`` by dropping the seqs above it, so a
+pop costs Postgres one ``DELETE``, not a rewrite. The record goes when Postgres reaches ``gen``.
+
 Return codes shared by the scripts: -1 miss (warm from Postgres first), -2 replay of an
 append already applied, -3 backpressure, -4 damaged dirty session, -5 turn lock held by another
 turn.
@@ -212,11 +220,60 @@ local gen = tonumber(m[3]) + 1
 redis.call('DEL', KEYS[2], KEYS[3])
 push(5)
 redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', gen, 'updated', now)
+redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres starts this generation afresh
 redis.call('INCRBY', KEYS[6], k - unflushed)
 redis.call('ZADD', KEYS[4], now, ARGV[4])
 redis.call('ZADD', KEYS[5], 'NX', now, ARGV[4])
 set_ttl(0)
 return {gen}
+""",
+)
+
+# Remove and return the newest message. KEYS[4..6] as APPEND. ARGV: 1 now, 2 mode ('wb' |
+# 'ro'), 3 ttl ms (redis-only mode), 4 flush delay ms, 5 session id. Returns {1, item},
+# {0} (nothing to pop), {-1} or {-4}. In write-behind mode the pop is a new generation with a
+# truncation record (see the module docstring), and the session is dirty until Postgres has it.
+POP = _script(
+    "",
+    _SET_TTL,
+    """
+local now = tonumber(ARGV[1])
+local wb = ARGV[2] == 'wb'
+local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'tgen', 'tseq')
+if not m[1] then return {wb and -1 or 0} end
+local seq = tonumber(m[1])
+if redis.call('LLEN', KEYS[2]) ~= seq then
+  -- As in APPEND: the remains of a clean session are dropped and warmed again.
+  if wb and not (m[1] == m[2] and m[3] == m[4]) then return {-4} end
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  return {wb and -1 or 0}
+end
+if seq == 0 then return {0} end
+local item = redis.call('RPOP', KEYS[2])
+seq = seq - 1
+redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now)
+-- A replay record must not point at a seq that is gone (the next append takes it).
+redis.call('ZREMRANGEBYSCORE', KEYS[3], seq + 1, '+inf')
+if not wb then
+  set_ttl(tonumber(ARGV[3]))
+  return {1, item}
+end
+local flushed = tonumber(m[2])
+if flushed > seq then
+  redis.call('HSET', KEYS[1], 'flushed', seq)
+elseif redis.call('DECRBY', KEYS[6], 1) < 0 then
+  redis.call('SET', KEYS[6], 0)  -- an unflushed message: one fewer waits for Postgres
+end
+if m[3] == m[4] then
+  redis.call('HSET', KEYS[1], 'tgen', m[3], 'tseq', seq)
+elseif m[5] then
+  redis.call('HSET', KEYS[1], 'tseq', math.min(tonumber(m[6]), seq))
+end
+redis.call('HSET', KEYS[1], 'gen', tonumber(m[3]) + 1)
+redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[4]), ARGV[5])
+redis.call('ZADD', KEYS[5], 'NX', now, ARGV[5])
+set_ttl(0)
+return {1, item}
 """,
 )
 
@@ -250,16 +307,19 @@ return n
 """,
 )
 
-# What a flusher must copy: ARGV[1] = max rows. Returns {gen, fgen, flushed, seq, items...}
-# (items are seqs flushed+1 ..) or {-1} if the session is gone.
+# What a flusher must copy: ARGV[1] = max rows. Returns
+# {gen, fgen, flushed, seq, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq
+# -1 without a truncation record) or {-1} if the session is gone.
 PENDING = _script(
     "no-writes,allow-oom",
     "",
     """
-local m = redis.call('HMGET', KEYS[1], 'gen', 'fgen', 'flushed', 'seq')
+local m = redis.call('HMGET', KEYS[1], 'gen', 'fgen', 'flushed', 'seq', 'tgen', 'tseq')
 if not m[1] then return {-1} end
 local flushed = tonumber(m[3])
 local items = redis.call('LRANGE', KEYS[2], flushed, flushed + tonumber(ARGV[1]) - 1)
+table.insert(items, 1, tonumber(m[6] or '-1'))
+table.insert(items, 1, tonumber(m[5] or '-1'))
 table.insert(items, 1, tonumber(m[4]))
 table.insert(items, 1, flushed)
 table.insert(items, 1, tonumber(m[2]))
@@ -292,6 +352,7 @@ if flushed > old then
   if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
 redis.call('HSET', KEYS[1], 'fgen', ARGV[2])
+redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres is at this generation now
 if flushed >= tonumber(m[1]) then
   redis.call('ZREM', KEYS[4], ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[1])

@@ -1,4 +1,4 @@
-"""Session data in Redis: window reads, appends, replaces and the warm's seed.
+"""Session data in Redis: window reads, appends, pops, replaces and the warm's seed.
 
 Each write is one Lua script (:mod:`vel.stores.redis.scripts`) touching one hash slot, so an
 append assigns its seqs, stores its messages and, in write-behind mode, marks the session dirty
@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from vel import failpoints
+from vel.bounds import limit_arg
 from vel.errors import (
     BackpressureError,
     StoreError,
@@ -70,6 +71,7 @@ class Sessions:
 
     async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
         keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
         args = [
             -1 if limit is None else limit,
             ms(self.hot_ttl),
@@ -208,6 +210,30 @@ class Sessions:
             ),
         )
         return int(reply[0])
+
+    async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
+        """Run the pop script once: (0, message or None) or (MISS | DAMAGED, None)."""
+        keys = self._keys.session(session_id)
+        args: list[Any] = [
+            now_ms(),
+            "wb" if self.write_behind else "ro",
+            ms(self.hot_ttl),
+            ms(self._flush_delay),
+            session_id,
+        ]
+        names = [*keys.data, keys.dirty, keys.dirty_since, keys.backlog]
+        reply = await self._redis.call("pop", lambda c: c.pop(keys=names, args=args))
+        head = int(reply[0])
+        if head == 1:
+            item: bytes = reply[1]
+            return 0, decode_message(item[item.index(b"\n") + 1 :])
+        if head == DAMAGED:
+            self._counters["damaged_reads"] += 1
+            raise StoreError(
+                f"session {session_id!r} lost part of its data in Redis while unflushed; "
+                "check maxmemory-policy (never allkeys-*) with `vel doctor`"
+            )
+        return head, None
 
     async def seed(
         self,

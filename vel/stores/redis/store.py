@@ -23,13 +23,25 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 
 from vel import metrics
-from vel.errors import StoreError
+from vel.bounds import (
+    BUCKETS,
+    COUNT,
+    DELAY,
+    LEASE,
+    MAX_UNFLUSHED,
+    POOL,
+    TIMEOUT,
+    TTL,
+    WAIT,
+    age_arg,
+)
+from vel.errors import InvalidInputError, StoreError
 from vel.instrument import observed
 from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
-from vel.settings import Settings, load_settings, redact
+from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
-from vel.stores.redis.client import Client, Connector, check_url
+from vel.stores.redis.client import Client, Connector
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks, RedisTurn
@@ -46,7 +58,13 @@ class RedisStore:
         url: ``redis://`` / ``rediss://`` / ``unix://`` URL (default ``REDIS_URL`` or
             ``redis://127.0.0.1:6379/0``); ``redis+cluster://[user:password@]host:port[,...]``
             (``rediss+cluster://`` with TLS) uses a Redis Cluster, discovered from those seeds.
-        client: a ``redis.asyncio.Redis`` to use instead (it belongs to the caller).
+            Checked at once (see :mod:`vel.stores.redis.url` for the forms and options).
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use instead, made with
+            ``decode_responses=False``. It stays the caller's (never closed here) and serves
+            the event loop it belongs to (the one running when the store is made, or the
+            first to use it); calls from another loop (the plain ``ctxmgr`` calls run on
+            vel's helper loop) are sent to that loop while it runs, and refused with
+            ConfigurationError when it cannot run them.
         write_behind: True inside a TieredStore (sessions get dirty marks, no TTL while dirty).
         key_prefix: namespace of every key (``VEL_KEY_PREFIX``, default ``vel``).
         buckets: hash-slot buckets (part of the key layout: same value in every process;
@@ -85,24 +103,39 @@ class RedisStore:
     ) -> None:
         s = settings or load_settings()
         self.url = url or s.redis_url
-        self.keys = KeyLayout(key_prefix or s.key_prefix, s.buckets if buckets is None else buckets)
+        self.keys = KeyLayout(
+            key_prefix or s.key_prefix,
+            s.buckets if buckets is None else BUCKETS.check_int("buckets", buckets),
+        )
         self.write_behind = write_behind
-        hot = s.hot_ttl if hot_ttl is None else hot_ttl
-        retention = s.retention_ttl if retention_ttl is None else retention_ttl
-        if retention is not None and retention > 0:
-            hot = min(hot, retention) if hot > 0 else retention
+        hot = s.hot_ttl if hot_ttl is None else TTL.check("hot_ttl", hot_ttl)
+        retention = (
+            s.retention_ttl if retention_ttl is None else TTL.check("retention_ttl", retention_ttl)
+        )
+        if retention is not None:
+            hot = min(hot, retention)
         self.hot_ttl = hot
         self.retention_ttl = retention
-        self.max_unflushed = s.max_unflushed if max_unflushed is None else max_unflushed
-        self.backpressure_wait = (
-            s.backpressure_wait if backpressure_wait is None else backpressure_wait
+        self.max_unflushed = (
+            s.max_unflushed
+            if max_unflushed is None
+            else MAX_UNFLUSHED.check_int("max_unflushed", max_unflushed)
         )
-        self.flush_delay = flush_delay
-        self.op_timeout = s.op_timeout if op_timeout is None else op_timeout
-        self.pool_max = s.redis_pool_max if pool_max is None else pool_max
-        self.lock_lease = s.lock_lease if lock_lease is None else lock_lease
-        if client is None:
-            check_url(self.url)
+        self.backpressure_wait = (
+            s.backpressure_wait
+            if backpressure_wait is None
+            else WAIT.check("backpressure_wait", backpressure_wait)
+        )
+        self.flush_delay = DELAY.check("flush_delay", flush_delay)
+        self.op_timeout = (
+            s.op_timeout if op_timeout is None else TIMEOUT.check("op_timeout", op_timeout)
+        )
+        self.pool_max = (
+            s.redis_pool_max if pool_max is None else POOL.check_int("pool_max", pool_max)
+        )
+        self.lock_lease = (
+            s.lock_lease if lock_lease is None else LEASE.check("lock_lease", lock_lease)
+        )
         self._redis = Connector(
             self.url, injected=client, op_timeout=self.op_timeout, pool_max=self.pool_max
         )
@@ -122,7 +155,7 @@ class RedisStore:
             hot_ttl=self.hot_ttl,
             max_unflushed=self.max_unflushed,
             backpressure_wait=self.backpressure_wait,
-            flush_delay=flush_delay,
+            flush_delay=self.flush_delay,
         )
         self._locks = Locks(
             self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
@@ -135,7 +168,7 @@ class RedisStore:
 
     def __repr__(self) -> str:
         mode = "write-behind" if self.write_behind else "redis-only"
-        return f"RedisStore({redact(self.url)!r}, prefix={self.keys.prefix!r}, {mode})"
+        return f"RedisStore({self._redis.where!r}, prefix={self.keys.prefix!r}, {mode})"
 
     @property
     def is_cluster(self) -> bool:
@@ -220,6 +253,17 @@ class RedisStore:
 
     async def last_seq(self, session_id: str) -> int:
         return await self._sessions.last_seq(session_id)
+
+    async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
+        """Run the pop script once: ``(0, message or None)``, or ``(MISS, None)`` when a
+        write-behind store must warm the session first."""
+        return await self._sessions.try_pop(session_id)
+
+    async def pop(self, session_id: str) -> Message | None:
+        validate_session_id(session_id)
+        if self.write_behind:
+            raise StoreError("a write-behind RedisStore is driven by its TieredStore")
+        return (await self.try_pop(session_id))[1]
 
     async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
         """Replace (no items: clear). Returns the new generation, or MISS."""
@@ -339,6 +383,8 @@ class RedisStore:
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
         """Scan the sessions held in Redis (Redis-only mode's listing)."""
+        inactive_for = age_arg(inactive_for)
+        limit = COUNT.check_int("limit", limit, InvalidInputError)
         return await scan_sessions(self._redis, self.keys, inactive_for, limit)
 
     async def purge_expired(self) -> int:

@@ -19,7 +19,12 @@ from vel.stores.redis.scripts import MISS
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """What a flusher has to copy for one session."""
+    """What a flusher has to copy for one session.
+
+    ``truncate`` is ``(tgen, tseq)`` after pops: Postgres at generation ``tgen`` or later
+    (but older than ``gen``) reaches ``gen`` by dropping the seqs above ``tseq``; None: a
+    Postgres older than ``gen`` starts it afresh.
+    """
 
     session_id: str
     gen: int
@@ -27,6 +32,7 @@ class Pending:
     flushed: int
     seq: int
     rows: list[tuple[int, str, str]]  # (seq, message id, message JSON)
+    truncate: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -102,12 +108,13 @@ class WriteBehind:
             if int(reply[0]) == MISS and len(reply) == 1:
                 result.append(None)
                 continue
-            gen, fgen, flushed, seq = (int(x) for x in reply[:4])
+            gen, fgen, flushed, seq, tgen, tseq = (int(x) for x in reply[:6])
             rows = []
-            for offset, item in enumerate(reply[4:], start=1):
+            for offset, item in enumerate(reply[6:], start=1):
                 mid, text = _split(item)
                 rows.append((flushed + offset, mid, text))
-            result.append(Pending(sid, gen, fgen, flushed, seq, rows))
+            truncate = (tgen, tseq) if tgen >= 0 else None
+            result.append(Pending(sid, gen, fgen, flushed, seq, rows, truncate))
         return result
 
     async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 from typing import TYPE_CHECKING
 
 from vel import failpoints, metrics
 from vel._lease import renewed
-from vel.errors import FlushConflictError, StoreError
+from vel._outage import PERMANENT_RETRY, Outage, permanent
+from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
+from vel.errors import FlushConflictError, InvalidInputError, VelError
 from vel.instrument import observed
+from vel.logs import get_logger
 from vel.metrics.histograms import FLUSH
 from vel.settings import load_settings
 from vel.totals import Totals
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from vel.stores.redis import Claim, Pending, RedisStore
 
 # The logger keeps its name from before the flusher moved here: log filters select on it.
-log = logging.getLogger("vel.flusher")
+log = get_logger("vel.flusher")
 
 
 class Flusher:
@@ -69,17 +71,22 @@ class Flusher:
     ) -> None:
         self.hot = hot
         self.cold = cold
-        self.batch_sessions = batch_sessions
-        self.max_rows = max_rows
-        self.lease = load_settings().flush_lease if lease is None else lease
-        self.idle_interval = idle_interval
-        self.max_backoff = max_backoff
+        self.batch_sessions = BATCH.check_int("batch_sessions", batch_sessions)
+        self.max_rows = BATCH.check_int("max_rows", max_rows)
+        self.lease = load_settings().flush_lease if lease is None else LEASE.check("lease", lease)
+        self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
+        self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
-            load_settings().flush_interval if sweep_interval is None else sweep_interval
+            load_settings().flush_interval
+            if sweep_interval is None
+            else DELAY.check("sweep_interval", sweep_interval)
         )
         self._stop = asyncio.Event()
         self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
+        self.outage = Outage(log, "flush")
+        # What ended the last drain early, if anything (for the closing store's log line).
+        self.last_error: VelError | None = None
         self.counters: dict[str, float] = {
             "flush_batches_ok": 0,
             "flush_batches_failed": 0,
@@ -127,7 +134,7 @@ class Flusher:
                 self.counters["flush_batches_failed"] += 1
             # Hand the claims back early so a short outage does not wait out the whole lease
             # (those already written and acknowledged are clean: rescheduling skips them).
-            with contextlib.suppress(StoreError):
+            with contextlib.suppress(VelError):
                 for claim in claims:
                     await self.hot.reschedule(
                         claim.bucket, claim.session_ids, delay=self._retry_delay()
@@ -174,7 +181,8 @@ class Flusher:
         while work:
             try:
                 results = await self.cold.apply_flushes(
-                    [(p.session_id, p.gen, p.rows) for p in work]
+                    [(p.session_id, p.gen, p.rows) for p in work],
+                    {p.session_id: p.truncate for p in work if p.truncate is not None},
                 )
                 break
             except FlushConflictError as exc:
@@ -225,7 +233,13 @@ class Flusher:
         return base * (0.5 + random.random() / 2)
 
     async def run(self) -> None:
-        """Flush until :meth:`stop`; failures are logged and retried with capped backoff."""
+        """Flush until :meth:`stop`; failures are retried with capped backoff.
+
+        An outage is logged once when it starts (then at most once a minute while it lasts,
+        and once when it ends), not at every retry. A permanent failure (ConfigurationError:
+        refused credentials, a missing permission or table, an untrusted certificate) is
+        retried only every :data:`PERMANENT_RETRY` seconds, until someone fixes it.
+        """
         self._stop.clear()
         while not self._stop.is_set():
             if self.totals.due():
@@ -235,16 +249,13 @@ class Flusher:
             except Exception as exc:
                 self._failures += 1
                 self.counters["flush_retries"] += 1
-                delay = self._retry_delay()
-                if isinstance(exc, (StoreError, OSError)):
-                    log.warning("flush failed (retrying in %.2f s): %s", delay, exc)
-                else:
-                    log.exception("flush failed unexpectedly (retrying in %.2f s)", delay)
+                delay = PERMANENT_RETRY if permanent(exc) else self._retry_delay()
+                self.outage.failed(exc, delay)
                 await self._sleep(delay)
                 continue
-            if written:
-                self._failures = 0
-            else:
+            self._failures = 0
+            self.outage.recovered()
+            if not written:
                 await self._sleep(self.idle_interval * (0.5 + random.random()))
 
     async def _sleep(self, seconds: float) -> None:
@@ -258,8 +269,14 @@ class Flusher:
         self._stop.set()
 
     async def drain(self, timeout: float = 10.0) -> bool:
-        """Flush until nothing is unflushed or ``timeout`` passes; True when drained."""
-        deadline = time.monotonic() + timeout
+        """Flush until nothing is unflushed or ``timeout`` passes; True when drained.
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        deadline = time.monotonic() + WAIT.check("timeout", timeout, InvalidInputError)
+        delay = 0.02
+        self.last_error = None
         while True:
             try:
                 await self.flush_once()
@@ -267,9 +284,17 @@ class Flusher:
                 # an estimate (it can drift if keys are lost), so it does not decide.
                 _, _, dirty = await self.hot.backlog()
                 if dirty == 0:
+                    self.outage.recovered()
                     return True
-            except StoreError as exc:
-                log.warning("drain: flush failed: %s", exc)
-            if time.monotonic() >= deadline:
+                delay = 0.02
+            except VelError as exc:
+                self.last_error = exc
+                if permanent(exc):
+                    self.outage.failed(exc, None)
+                    return False  # retrying cannot help: stop draining at once
+                self.outage.failed(exc, delay)
+                delay = min(delay * 2, 1.0)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return False
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(min(delay, remaining))

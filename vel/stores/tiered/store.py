@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from vel import metrics
 from vel._sync import in_helper_thread
-from vel.errors import StoreTimeoutError
+from vel.bounds import LEASE, WAIT, wait_arg
+from vel.errors import ConfigurationError, StoreTimeoutError
 from vel.instrument import observed
+from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
+from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
@@ -30,7 +32,26 @@ from vel.stores.tiered.flusher import Flusher
 from vel.stores.tiered.warm import Warmer
 from vel.totals import Totals
 
-log = logging.getLogger("vel.tiered")
+log = get_logger("vel.tiered")
+
+
+def check_same_namespace(hot: RedisStore, cold: PostgresStore) -> None:
+    """Refuse tiers of two namespaces: a hot prefix whose schema is not the cold store's
+    (unless the cold store's schema was chosen explicitly).
+
+    Raises:
+        ConfigurationError: the tiers would serve different namespaces.
+    """
+    origin = cold.placement.origin
+    if not (origin.startswith("key prefix") or origin.startswith("the default prefix")):
+        return  # an explicit schema (schema=, DSN search_path, VEL_PG_SCHEMA) is the operator's
+    expected = place(schema=None, dsn=None, env_schema=None, prefix=hot.keys.prefix)
+    if expected.schema != cold.schema:
+        raise ConfigurationError(
+            f"the tiers serve two namespaces: Redis prefix {hot.keys.prefix!r} (Postgres "
+            f"{expected.describe()}) but Postgres {cold.placement.describe()}; give both the "
+            "same namespace (PostgresStore(namespace=...)) or an explicit schema"
+        )
 
 
 class TieredStore:
@@ -59,8 +80,13 @@ class TieredStore:
         drain_timeout: float = 10.0,
         settings: Settings | None = None,
     ) -> None:
-        if not hot.write_behind:
-            raise ValueError("TieredStore needs a RedisStore(write_behind=True)")
+        if not isinstance(hot, RedisStore) or not hot.write_behind:
+            raise ConfigurationError("TieredStore needs a RedisStore(write_behind=True) as hot")
+        if not isinstance(cold, PostgresStore):
+            raise ConfigurationError("TieredStore needs a PostgresStore as cold")
+        check_same_namespace(hot, cold)
+        if flusher is not None and not isinstance(flusher, bool):
+            raise ConfigurationError(f"flusher must be True, False or None, got {flusher!r}")
         s = settings or load_settings()
         self.hot = hot
         self.cold = cold
@@ -68,12 +94,16 @@ class TieredStore:
         self.flusher = Flusher(
             hot,
             cold,
-            lease=s.flush_lease if flush_lease is None else flush_lease,
+            lease=s.flush_lease if flush_lease is None else LEASE.check("flush_lease", flush_lease),
             sweep_interval=s.flush_interval,
         )
-        self.warm_lease = s.warm_lease if warm_lease is None else warm_lease
-        self.drain_timeout = drain_timeout
+        self.warm_lease = (
+            s.warm_lease if warm_lease is None else LEASE.check("warm_lease", warm_lease)
+        )
+        self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
         self._flusher_task: asyncio.Task[None] | None = None
+        # Whether this process wrote anything that a drain on close should push to Postgres.
+        self._wrote = False
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -135,6 +165,7 @@ class TieredStore:
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id)
+        self._wrote = True
         with observed(APPEND, "append", session_id):
             return await self.hot.append_items(session_id, items, first_id, on_miss)
 
@@ -152,6 +183,7 @@ class TieredStore:
         validate_session_id(session_id)
         items = self.hot.encode(messages, None)
         self._ensure_flusher()
+        self._wrote = True
         for _ in range(5):
             gen = await self.hot.try_replace(session_id, items)
             if gen != MISS:
@@ -161,6 +193,19 @@ class TieredStore:
 
     async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
         await self._replace(session_id, messages)
+
+    async def pop(self, session_id: str) -> Message | None:
+        """Remove and return the newest message in one Redis script (warming the session
+        first if Redis lacks it); Postgres drops it with the next flush, and no flush that
+        read it before can write it back (see :mod:`vel.stores.redis.scripts`)."""
+        validate_session_id(session_id)
+        self._ensure_flusher()
+        for _ in range(5):
+            code, message = await self.hot.try_pop(session_id)
+            if code != MISS:
+                return message
+            await self._miss(session_id)
+        raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
 
     async def clear(self, session_id: str) -> None:
         await self._replace(session_id, [])
@@ -190,6 +235,7 @@ class TieredStore:
         on_miss = functools.partial(self._miss, session_id)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
             self._count_hit()  # the window came from Redis (after any warm)
+            self._wrote = True  # the turn may commit
             yield turn
 
     async def stats(self) -> dict[str, float]:
@@ -214,8 +260,16 @@ class TieredStore:
         )
 
     async def flush(self, timeout: float | None = None) -> bool:
-        """Write everything unflushed to Postgres now; True when nothing is left."""
-        return await self.flusher.drain(self.drain_timeout if timeout is None else timeout)
+        """Write everything unflushed to Postgres now; True when nothing is left.
+
+        Args:
+            timeout: seconds to keep trying (default ``drain_timeout``).
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        checked = wait_arg(timeout)
+        return await self.flusher.drain(self.drain_timeout if checked is None else checked)
 
     async def aclose(self) -> None:
         """Stop the embedded flusher, drain what is dirty (bounded), close both tiers."""
@@ -229,9 +283,19 @@ class TieredStore:
                 await task
             except Exception:
                 log.exception("embedded flusher failed")
-            drained = await self.flusher.drain(self.drain_timeout)
-            if not drained:
-                log.warning("closing with unflushed messages; another flusher will write them")
+            # Only this process's own writes are worth waiting for at close; with none, the
+            # other flushers' backlog is theirs.
+            if not self._wrote:
+                drained = not self.flusher.outage.ongoing  # Redis answered the last flush
+            else:
+                drained = await self.flusher.drain(self.drain_timeout)
+                if not drained:
+                    why = self.flusher.last_error
+                    log.warning(
+                        "closing before every write of this process reached Postgres%s; "
+                        "what is unflushed stays in Redis, without a TTL, for the next flusher",
+                        f" ({why})" if why is not None else f" within {self.drain_timeout} s",
+                    )
         if not in_helper_thread():
             # A last report only when Redis just answered the drain: with Redis gone it
             # would cost a timeout.
