@@ -19,6 +19,7 @@ from conftest import schema_dsn
 from vel.settings import load_settings
 from vel.stores import open_store
 from vel.stores.postgres import PostgresStore
+from vel.stores.postgres.migrate import latest_version
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
@@ -46,9 +47,9 @@ async def test_migrate_applies_and_shows_the_version(pg_dsn: str, pg_schema: str
     env = clean_env(POSTGRES_DSN=schema_dsn(pg_dsn, pg_schema))
     first = await asyncio.to_thread(vel_cmd, "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert "version 1" in first.stdout
+    assert f"version {latest_version()}" in first.stdout
     shown = await asyncio.to_thread(vel_cmd, "migrate", "--show", env=env)
-    assert shown.returncode == 0 and "schema version 1" in shown.stdout
+    assert shown.returncode == 0 and f"schema version {latest_version()}" in shown.stdout
     conn = await asyncpg.connect(pg_dsn)
     try:
         tables = await conn.fetch(

@@ -20,6 +20,7 @@ from servers import RedisServer
 from test_cli import clean_env, vel_cmd
 
 from vel.stores.postgres import PostgresStore
+from vel.stores.postgres.migrate import latest_version
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
@@ -278,7 +279,7 @@ async def test_doctor_passes_aof_everysec_and_volatile_lru(ops: Env) -> None:
         result = await asyncio.to_thread(doctor, redis, ops, "--strict")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok    appendonly        yes, appendfsync everysec" in result.stdout
-    assert "ok    schema            version 1 in schema " in result.stdout
+    assert f"ok    schema            version {latest_version()} in schema " in result.stdout
     assert "ok    redis permissions" in result.stdout
     assert "ok    postgres permissions" in result.stdout
     assert "all good (0 warning(s))" in result.stdout
@@ -305,7 +306,7 @@ async def test_doctor_fails_on_missing_schema_and_unreachable_redis(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "FAIL  redis" in result.stdout and "fix: start Redis" in result.stdout
     assert "FAIL  schema            version 0 in the search_path" in result.stdout
-    assert "this vel needs 1 -- fix: vel migrate" in result.stdout
+    assert f"this vel needs {latest_version()} -- fix: vel migrate" in result.stdout
 
 
 # -- flusher: metrics and structured logs -------------------------------------------------------

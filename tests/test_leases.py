@@ -178,5 +178,11 @@ async def test_an_abandoned_lock_attempt_delivered_late_cannot_take_the_lock(sta
         assert await conn.fetchval(_LOCK_ACQUIRE, sid, "third", 5.0) is None
         await conn.execute(_LOCK_ABANDON, sid, "other")
         assert await conn.fetchval(_LOCK_ACQUIRE, sid, "third", 5.0) == "third"
+        # The locked turn's one-call lock and read (vel_turn_begin) obeys the same rule.
+        sid = f"lease-{uuid.uuid4().hex[:8]}"
+        begin = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
+        await conn.execute(_LOCK_ABANDON, sid, "late")
+        assert await conn.fetchval(begin, sid, "late", 5.0, 10) is None
+        assert await conn.fetchval(begin, sid, "other", 5.0, 10) == []
     finally:
         await conn.close()

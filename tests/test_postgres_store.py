@@ -87,7 +87,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == latest_version() == 1
+    assert await migrate(pg_dsn, pg_schema) == latest_version() == 3
     columns = await sql(
         pg_dsn,
         pg_schema,
@@ -152,19 +152,21 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
 
 
 async def test_migrate_twice_changes_nothing(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == 1
+    latest = latest_version()
+    assert await migrate(pg_dsn, pg_schema) == latest
     async with connect(pg_dsn, pg_schema) as conn:
-        assert await migrate(conn) == 1
-        assert await schema_version(conn) == 1
-        rows = await conn.fetch("SELECT version FROM vel_schema_version")
-    assert [r["version"] for r in rows] == [1]
+        assert await migrate(conn) == latest
+        assert await schema_version(conn) == latest
+        rows = await conn.fetch("SELECT version FROM vel_schema_version ORDER BY version")
+    assert [r["version"] for r in rows] == list(range(1, latest + 1))
 
 
 async def test_three_concurrent_migrators_apply_each_file_once(pg_dsn: str, pg_schema: str) -> None:
     versions = await asyncio.gather(*(migrate(pg_dsn, pg_schema) for _ in range(3)))
-    assert versions == [1, 1, 1]
-    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version")
-    assert [r["version"] for r in rows] == [1]
+    latest = latest_version()
+    assert versions == [latest] * 3
+    rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version ORDER BY 1")
+    assert [r["version"] for r in rows] == list(range(1, latest + 1))
 
 
 async def test_unmigrated_schema_is_refused_with_a_hint(pg_dsn: str, pg_schema: str) -> None:

@@ -57,6 +57,30 @@ class LeaseKeeper:
         await asyncio.wait({self._task})
 
 
+class DeferredKeeper:
+    """A :class:`LeaseKeeper` started only once its holder has held the lease ``after``
+    seconds: most turns end before a renewal is due, and then no task is ever created (a task
+    per turn costs more than the rest of a turn's bookkeeping). ``start`` makes the keeper."""
+
+    def __init__(self, start: Callable[[], LeaseKeeper], after: float) -> None:
+        self._keeper: LeaseKeeper | None = None
+        self._later: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            after, self._begin, start
+        )
+
+    def _begin(self, start: Callable[[], LeaseKeeper]) -> None:
+        self._later = None
+        self._keeper = start()
+
+    async def stop(self) -> None:
+        """Stop renewing (idempotent)."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        if self._keeper is not None:
+            await self._keeper.stop()
+
+
 @asynccontextmanager
 async def renewed(
     renew: Callable[[], Awaitable[bool]],

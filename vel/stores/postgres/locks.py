@@ -1,7 +1,11 @@
-"""Turn locks of the Postgres tier: one lease row per session in ``vel_locks``.
+"""Turn locks of the Postgres tier: one lease row per session in ``vel_locks``, and the locked
+turn (:class:`PostgresTurn`).
 
 A holder renews its lease while it runs and deletes the row when done; a holder that dies loses
-the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns).
+the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns). The
+lease table is UNLOGGED (migration 0002): taking and giving back a lease costs no durable
+commit. A turn as the Agent runs it takes two round trips: ``vel_turn_begin`` takes the lock
+and reads the window, and the commit's append deletes the lease row in its own transaction.
 """
 
 from __future__ import annotations
@@ -9,21 +13,29 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
-from vel._lease import LeaseKeeper
+from vel import tracing
+from vel._lease import DeferredKeeper, LeaseKeeper
 from vel._shield import finish
-from vel.bounds import wait_arg
+from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError
-from vel.messages import validate_session_id
-from vel.metrics.histograms import LOCK_WAIT
+from vel.instrument import observed
+from vel.messages import Message, decode_message, validate_session_id
+from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.postgres.connector import Connector, log
+from vel.stores.postgres.sessions import Sessions
+
+T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 # Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder), unless
 # the row is this very token's, expired: the tombstone of an abandoned attempt (see below).
+# vel_turn_begin (migration 0003) takes it the same way.
 _LOCK_ACQUIRE = """
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
@@ -48,15 +60,59 @@ UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
 RETURNING token
 """
 _LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
+# Lock and window in one round trip: NULL when held by another turn, else newest first.
+_TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
+
+
+class PostgresTurn:
+    """A turn holding its session's lock (see :meth:`PostgresStore.turn
+    <vel.stores.postgres.PostgresStore.turn>`)."""
+
+    def __init__(
+        self, sessions: Sessions, session_id: str, token: str, keeper: DeferredKeeper
+    ) -> None:
+        self.sessions = sessions
+        self.session_id = session_id
+        self.token = token
+        self.keeper = keeper
+        self.window: list[Message] = []
+        self.committed = False
+        self.released = False
+
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int:
+        """Append the turn's messages and release the lock in one transaction; return the
+        last seq.
+
+        Raises:
+            InvalidInputError: bad messages; nothing was stored and the lock is still held.
+            StoreError: as :meth:`PostgresStore.append <vel.stores.postgres.PostgresStore.append>`.
+        """
+        if self.committed:
+            raise StoreError("this turn was already committed")
+        await self.keeper.stop()  # the append below ends the lease
+        with observed(APPEND, "append", self.session_id):
+            seq, self.released = await self.sessions.append_unlocking(
+                self.session_id, messages, message_ids, self.token
+            )
+        self.committed = True
+        return seq
 
 
 class TurnLocks:
     """Lease rows in ``vel_locks``; ``lease`` is the seconds one lives without renewal."""
 
-    def __init__(self, db: Connector, lease: float) -> None:
+    def __init__(self, db: Connector, sessions: Sessions, lease: float) -> None:
         self._db = db
+        self._sessions = sessions
         self.lease = lease
         self.waits = 0
+
+    @property
+    def _limit(self) -> float:
+        """Bound of a shielded release: one call's deadline, and a little more."""
+        return self._db.op_timeout + 1.0
 
     @asynccontextmanager
     async def hold(self, session_id: str, timeout: float | None = None) -> AsyncIterator[None]:
@@ -66,31 +122,90 @@ class TurnLocks:
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
         # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
-        # cancels every await of a plain ``finally``. A cancelled or failed acquire releases
-        # too: the server may have granted the lock while its reply was lost.
-        release = f"release of the turn lock of session {session_id!r}"
-        limit = self._db.op_timeout + 1.0
+        # cancels every await of a plain ``finally``. A cancelled or failed acquire gives the
+        # lock up too: the server may have granted it with the reply lost, or may still
+        # receive the attempt.
         try:
-            await self._acquire(session_id, token, wait)
+            await self._until_locked(
+                session_id,
+                wait,
+                lambda: self._db.run(
+                    "acquire turn lock",
+                    lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self.lease),
+                ),
+            )
         except SessionLockedError:
             raise
         except BaseException:
-            await finish(lambda: self._release(session_id, token, _LOCK_ABANDON), limit, release)
+            await self._abandon(session_id, token)
             raise
-        keeper = LeaseKeeper(
+        keeper = self._keeper(session_id, token)
+        try:
+            yield
+        finally:
+            await finish(lambda: self._end(keeper, session_id, token), self._limit, "unlock")
+
+    @asynccontextmanager
+    async def turn(
+        self, session_id: str, limit: int | None = None, timeout: float | None = None
+    ) -> AsyncIterator[PostgresTurn]:
+        """See :meth:`PostgresStore.turn <vel.stores.postgres.PostgresStore.turn>`."""
+        session_id = validate_session_id(session_id)
+        limit = limit_arg(limit)
+        checked = wait_arg(timeout)
+        wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
+        token = secrets.token_hex(16)
+        try:
+            # The lock and the window come in one call; what the turn waited for the lock
+            # goes to the lock-wait histogram, the last call and the decoding to the load.
+            with tracing.span("load", session_id):
+                newest_first: list[str]
+                newest_first, tried = await self._until_locked(
+                    session_id,
+                    wait,
+                    lambda: self._db.run(
+                        "lock and load",
+                        lambda c: c.fetchval(_TURN_BEGIN, session_id, token, self.lease, limit),
+                    ),
+                )
+                window = [decode_message(text) for text in reversed(newest_first)]
+                LOAD.observe(time.perf_counter() - tried)
+        except SessionLockedError:
+            raise
+        except BaseException:
+            # Postgres may have granted the lock with its reply lost, or may still receive
+            # the attempt: give it up by token.
+            await self._abandon(session_id, token)
+            raise
+        # Started after a sixth of the lease, the keeper first renews at half of it.
+        keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self.lease / 6)
+        turn = PostgresTurn(self._sessions, session_id, token, keeper)
+        turn.window = window
+        try:
+            yield turn
+        finally:
+            # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+            await finish(lambda: self._end_turn(turn), self._limit, "unlock")
+
+    async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
+        await keeper.stop()
+        await self._release(session_id, token)
+
+    async def _end_turn(self, turn: PostgresTurn) -> None:
+        await turn.keeper.stop()
+        if not turn.released:
+            await self._release(turn.session_id, turn.token)
+
+    async def _abandon(self, session_id: str, token: str) -> None:
+        await finish(lambda: self._release(session_id, token, _LOCK_ABANDON), self._limit, "unlock")
+
+    def _keeper(self, session_id: str, token: str) -> LeaseKeeper:
+        return LeaseKeeper(
             lambda: self._renew(session_id, token),
             self.lease / 3,
             f"turn lock of session {session_id!r}",
             session_id,
         )
-        try:
-            yield
-        finally:
-            await finish(lambda: self._end(keeper, session_id, token), limit, release)
-
-    async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
-        await keeper.stop()
-        await self._release(session_id, token)
 
     async def _release(self, session_id: str, token: str, sql: str = _LOCK_RELEASE) -> None:
         try:
@@ -104,21 +219,22 @@ class TurnLocks:
                 extra={"session_id": session_id},
             )
 
-    async def _acquire(self, session_id: str, token: str, wait: float) -> None:
+    async def _until_locked(
+        self, session_id: str, wait: float, attempt: Callable[[], Awaitable[T | None]]
+    ) -> tuple[T, float]:
+        """Call ``attempt`` (one try at the lock) with backoff until it returns a value;
+        return it and the ``perf_counter()`` time the successful attempt began."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + wait
+        started = time.perf_counter()
+        deadline = loop.time() + wait
         delay = 0.005
         waited = False
         while True:
-            attempt = loop.time()
-            got = await self._db.run(
-                "acquire turn lock",
-                lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self.lease),
-            )
+            tried = time.perf_counter()
+            got = await attempt()
             if got is not None:
-                LOCK_WAIT.observe(attempt - started)  # the waiting, not the last round trip
-                return
+                LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
+                return got, tried
             if not waited:
                 waited = True
                 self.waits += 1

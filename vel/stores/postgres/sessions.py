@@ -31,8 +31,8 @@ from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, trans
 # last_seq. An expired session matches the upsert's WHERE nowhere and returns no row: the caller
 # then deletes it and retries, so it starts a fresh history. A session with last_seq = 0 (new or
 # cleared) restarts created_at.
-_APPEND = """
-WITH sess AS (
+_APPEND_CTES = """
+sess AS (
     INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
     VALUES ($1, cardinality($2::text[]), now() + $4::float8 * interval '1 second')
     ON CONFLICT (id) DO UPDATE
@@ -46,9 +46,17 @@ WITH sess AS (
     INSERT INTO vel_messages (session_id, seq, message_id, message)
     SELECT $1, sess.last_seq - cardinality($2::text[]) + m.ord, m.message_id, m.message::jsonb
       FROM sess, unnest($2::text[], $3::text[]) WITH ORDINALITY AS m (message_id, message, ord)
+)"""
+_APPEND = f"WITH {_APPEND_CTES}\nSELECT last_seq FROM sess"
+# A locked turn's commit: the append, and the release of its turn lock ($5 = the lock's token)
+# in the same transaction, so the next holder's window read (vel_turn_begin) sees the turn.
+# Only once the messages are stored: an expired session (no row from sess) keeps the lock for
+# the retry. The lease row is UNLOGGED, so the release adds no WAL to the commit.
+_APPEND_UNLOCK = f"""WITH {_APPEND_CTES}, unlock AS (
+    DELETE FROM vel_locks
+     WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
 )
-SELECT last_seq FROM sess
-"""
+SELECT last_seq FROM sess"""
 _DELETE_EXPIRED = "DELETE FROM vel_sessions WHERE id = $1 AND expires_at <= now()"
 _REPLAYED = """
 SELECT count(*) AS found, coalesce(max(seq), 0) AS last_seq
@@ -142,29 +150,48 @@ class Sessions:
         messages: Sequence[Message],
         message_ids: Sequence[str] | None = None,
     ) -> int:
+        seq, _ = await self.append_unlocking(session_id, messages, message_ids, None)
+        return seq
+
+    async def append_unlocking(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None,
+        token: str | None,
+    ) -> tuple[int, bool]:
+        """Append; with ``token``, release that turn lock in the same statement.
+
+        Returns:
+            The session's last seq, and whether the lock was released (not for an empty
+            append or a replay, which store nothing: the caller releases then).
+        """
         session_id = validate_session_id(session_id)
         encoded = encode_messages(messages)
         ids = check_message_ids(message_ids, len(encoded))
         if not encoded:
             current = await self._db.run("append", lambda c: c.fetchrow(_LAST_SEQ, session_id))
-            return 0 if current is None else int(current["last_seq"])
+            return (0 if current is None else int(current["last_seq"])), False
+        statement, args = (
+            (_APPEND, (session_id, ids, encoded, self._retention))
+            if token is None
+            else (_APPEND_UNLOCK, (session_id, ids, encoded, self._retention, token))
+        )
 
-        async def op(conn: Conn) -> int:
+        async def op(conn: Conn) -> tuple[int, bool]:
             # A replay can race with a clear that deletes the rows it collided with; then the
             # append is simply new again and the next round stores it.
             for _ in range(3):
                 try:
-                    last = await conn.fetchval(_APPEND, session_id, ids, encoded, self._retention)
+                    last = await conn.fetchval(statement, *args)
                     if last is None:
                         async with transaction(conn):
                             await conn.execute(_DELETE_EXPIRED, session_id)
-                            last = await conn.fetchval(
-                                _APPEND, session_id, ids, encoded, self._retention
-                            )
+                            last = await conn.fetchval(statement, *args)
                     if last is None:
                         raise StoreError(f"session {session_id!r}: append found no session row")
                     self._appends += 1
-                    return int(last)
+                    return int(last), token is not None
                 except asyncpg.UniqueViolationError as exc:
                     if exc.constraint_name != MESSAGE_ID_KEY:
                         raise
@@ -173,7 +200,7 @@ class Sessions:
                 found = int(replayed["found"])
                 if found == len(ids):
                     self._deduplicated += 1
-                    return int(replayed["last_seq"])
+                    return int(replayed["last_seq"]), False
                 if found:
                     raise InvalidInputError(
                         f"session {session_id!r}: {found} of {len(ids)} message_ids already "

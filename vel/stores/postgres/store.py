@@ -39,7 +39,7 @@ from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
-from vel.stores.postgres.locks import TurnLocks
+from vel.stores.postgres.locks import PostgresTurn, TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
 from vel.stores.postgres.sessions import Sessions
 from vel.stores.postgres.sink import FlushResult, Sink, Snapshot
@@ -162,7 +162,7 @@ class PostgresStore:
         )
         self._sessions = Sessions(self._db, retention)
         self._sink = Sink(self._db, retention)
-        self._locks = TurnLocks(self._db, lock_lease)
+        self._locks = TurnLocks(self._db, self._sessions, lock_lease)
         self._maintenance = Maintenance(self._db)
         metrics.track(
             self,
@@ -355,6 +355,31 @@ class PostgresStore:
             StoreError: Postgres failed while acquiring.
         """
         return self._locks.hold(session_id, timeout)
+
+    def turn(
+        self, session_id: str, limit: int | None = None, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[PostgresTurn]:
+        """A turn under the session's turn lock, in two round trips: the lock is taken with
+        the window read and released by :meth:`PostgresTurn.commit
+        <vel.stores.postgres.locks.PostgresTurn.commit>` in the append's own transaction
+        (the Agent runs its turns this way).
+
+        ``turn.window`` holds the last ``limit`` messages (all when None), oldest first. Leaving
+        the block without committing releases the lock and stores nothing. The lease is
+        renewed while a turn outlives a sixth of ``lock_lease``; a holder that dies loses it
+        after ``lock_lease`` seconds.
+
+        Args:
+            session_id: the session.
+            limit: the window's size (None: the whole history).
+            timeout: seconds to wait for the lock (default 30; 0 tries once).
+
+        Raises:
+            SessionLockedError: another holder kept the lock for ``timeout`` seconds.
+            InvalidInputError: bad session id or limit.
+            StoreError: Postgres failed.
+        """
+        return self._locks.turn(session_id, limit, timeout)
 
     async def stats(self) -> dict[str, float]:
         """Counters of this store object and gauges of the database.

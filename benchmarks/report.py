@@ -1,95 +1,39 @@
-"""Turn a benchmark result (the JSON) into target checks, markdown tables and a PNG chart."""
+"""Turn a benchmark result (the JSON) into markdown tables, a PNG chart and a summary."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from benchmarks.targets import get as _get
+
 NOTES_MARKER = "<!-- hand-written notes below: kept when the tables are regenerated -->"
 
 _MODE_ORDER = (
     "memory",
     "database",
+    "database-lock",
     "redis",
+    "redis-lock",
     "redis-only",
+    "proto-redis",
     "ref-redis",
     "ref-redis-2rt",
     "ref-asyncpg",
+    "sdk-redis",
+    "sdk-sqlalchemy",
 )
-
-
-def _get(data: dict[str, Any], *path: str) -> Any:
-    node: Any = data
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node
-
-
-def _target(name: str, value: Any, goal: str, ok: bool | None) -> dict[str, Any]:
-    return {"target": name, "value": value, "goal": goal, "ok": ok}
-
-
-def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the issue, with the measured value and whether it is met."""
-    modes = data["modes"]
-    out: list[dict[str, Any]] = []
-
-    def tps(mode: str) -> float | None:
-        value = _get(modes, mode, "throughput", "turns_per_s")
-        return float(value) if value else None
-
-    def ratio(a: str, b: str, goal: float, label: str) -> None:
-        x, y = tps(a), tps(b)
-        if x is not None and y is not None:
-            r = round(x / y, 2)
-            out.append(_target(label, r, f">= {goal}", r >= goal))
-
-    ratio("redis", "ref-redis", 0.75, "redis turns/s vs raw redis-py pipeline")
-    # Not an issue target: the same ratio against a reference that, like a real turn, reads
-    # and commits in two calls (the model runs between them).
-    ratio("redis", "ref-redis-2rt", 0.75, "redis turns/s vs raw redis-py, read and write apart")
-    ratio("database", "ref-asyncpg", 0.9, "database turns/s vs raw asyncpg")
-    ratio("redis", "database", 3.0, "redis turns/s vs database turns/s")
-    for mode in _MODE_ORDER[:4]:  # vel's modes; the references' figures are for reading
-        r = _get(modes, mode, "growth", "ratio")
-        if r is not None:
-            out.append(_target(f"{mode}: last turns / first turns latency", r, "<= 1.2", r <= 1.2))
-    pg = _get(modes, "redis", "throughput", "pg_tx_per_1000_messages")
-    if pg is not None:
-        out.append(_target("redis: Postgres transactions / 1000 messages", pg, "<= 20", pg <= 20))
-    lag = _get(modes, "redis", "steady", "flush_lag", "p99_ms")
-    if lag is not None:
-        out.append(_target("redis: flush lag p99 at steady rate (ms)", lag, "<= 1000", lag <= 1000))
-    for mode in ("redis", "redis-only"):
-        mem = _get(modes, mode, "throughput", "redis_memory", "ratio")
-        if mem is not None:
-            out.append(_target(f"{mode}: Redis bytes / JSON bytes", mem, "<= 1.5", mem <= 1.5))
-    rss = [
-        _get(modes, m, "throughput", "worker_rss_mb")
-        for m in _MODE_ORDER
-        if _get(modes, m, "throughput", "worker_rss_mb") is not None
-    ]
-    if rss:
-        out.append(_target("worker RSS, worst mode (MB)", max(rss), "<= 80", max(rss) <= 80))
-    for mode in _MODE_ORDER:
-        check = _get(modes, mode, "shared", "check")
-        if check is not None:
-            lost = check["lost"]
-            mixed = check["split"] + check["stale"] + check["duplicated"]
-            out.append(
-                _target(
-                    f"{mode}: shared mode lost / interleaved turns",
-                    f"{lost} / {mixed}",
-                    "0 / 0",
-                    lost == 0 and mixed == 0,
-                )
-            )
-    over = _get(data, "agent", "redis", "overhead_p50_ms")
-    if over is not None:
-        out.append(_target("redis: vel overhead per agent turn p50 (ms)", over, "<= 2", over <= 2))
-    return out
+# What "x its reference" divides by.
+_REFERENCE_OF = {
+    "database": "ref-asyncpg",
+    "database-lock": "ref-asyncpg",
+    "sdk-sqlalchemy": "ref-asyncpg",
+    "redis": "ref-redis",
+    "redis-lock": "ref-redis",
+    "redis-only": "ref-redis",
+    "proto-redis": "ref-redis",
+    "sdk-redis": "ref-redis",
+}
 
 
 def _row(cells: list[Any]) -> str:
@@ -100,6 +44,10 @@ def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return [_row(head), _row(["---"] * len(head)), *(_row(r) for r in rows), ""]
 
 
+def _load(values: list[float] | None) -> str:
+    return " / ".join(f"{v:g}" for v in values) if values else "unknown"
+
+
 def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = None) -> str:
     """The generated tables; ``previous`` (the old file) donates its hand-written notes."""
     meta, modes = data["meta"], data["modes"]
@@ -107,46 +55,60 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
     lines = [
         "# Benchmarks",
         "",
-        "Generated by `scripts/bench` (`python -m vel.bench`) from `benchmarks.json`; "
+        "Generated by `scripts/bench` (`python -m benchmarks`) from `benchmarks.json`; "
         "do not edit the tables by hand.",
         "",
-        f"Run {meta['date']}, {meta['duration_s']} s, {meta['cpus']} CPUs, Python "
-        f"{meta['python']}, Redis {meta['redis']}, Postgres {meta['postgres']}. Command: "
-        f"`{meta['command'].strip()}`.",
+        f"Run {meta['date']}, {meta['duration_s']} s, {meta['cpus']} CPUs (load average "
+        f"{_load(meta.get('load_before'))} before, {_load(meta.get('load_after'))} after), "
+        f"Python {meta['python']}, Redis {meta['redis']} "
+        f"({meta.get('redis_server', 'shared server')}), Postgres {meta['postgres']}. "
+        f"Command: `{meta['command'].strip()}`.",
         "",
         f"Workload: {args['processes']} processes x {args['tasks']} asyncio tasks; "
         f"{args['sessions']} sessions x {args['turns']} turns; a turn reads the last "
         f"{args['window']} messages and commits a user message (~300 B) and an assistant "
-        "message (~800 B) in one append. The references do the same work (JSON decode of the "
-        "window, JSON encode of the messages) with no ids, no idempotence and no durability "
-        "(redis-py: one LRANGE + RPUSH pipeline, and as `ref-redis-2rt` the same two commands "
-        "as two calls, as a real turn must make them with the model in between; asyncpg: one "
-        "SELECT and one INSERT).",
+        "message (~800 B) in one append. `database-lock` and `redis-lock` run every turn as "
+        "the Agent does, under the session's turn lock (`redis-lock` with the embedded "
+        "flusher); `database` and `redis` read and append unlocked. The references do the "
+        "same work (JSON decode of the window, JSON encode of the messages) with no ids, no "
+        "idempotence and no durability (redis-py: one LRANGE + RPUSH pipeline, and as "
+        "`ref-redis-2rt` the same two commands as two calls, as a real turn must make them "
+        "with the model in between; asyncpg: one SELECT and one INSERT). `proto-redis` is "
+        "the prototype of a minimal locked turn (`benchmarks/prototype.py`, no flusher). The "
+        "peers are the OpenAI Agents SDK's `RedisSession` (`sdk-redis`) and "
+        "`SQLAlchemySession` on Postgres via asyncpg (`sdk-sqlalchemy`): no lock, no "
+        "write-behind, no replay record.",
         "",
         "## Throughput and latency",
         "",
+        f"{args.get('rounds', 1)} interleaved round(s): every mode once per round, in an "
+        "order rotated each round; each figure is the median over rounds, and the turns/s "
+        "range shows the rounds' lowest and highest. Redis commands and Redis CPU per turn "
+        "are `INFO commandstats` and `INFO cpu` deltas on the bench's own Redis server "
+        "(commands run inside Lua scripts included, embedded flusher included); client CPU "
+        "is the worker processes' CPU time over their turns.",
+        "",
     ]
-    ref = {
-        "redis": "ref-redis",
-        "redis-only": "ref-redis",
-        "database": "ref-asyncpg",
-    }
     rows = []
     for mode in _MODE_ORDER:
         t = _get(modes, mode, "throughput")
         if t is None:
             continue
-        base = _get(modes, ref.get(mode, ""), "throughput", "turns_per_s")
+        base = _get(modes, _REFERENCE_OF.get(mode, ""), "throughput", "turns_per_s")
         vs = round(t["turns_per_s"] / base, 2) if base else None
+        per_round = [r["turns_per_s"] for r in t.get("rounds", [])]
+        spread = f"{min(per_round):.0f}-{max(per_round):.0f}" if len(per_round) > 1 else None
         rows.append(
             [
                 mode,
                 t["turns_per_s"],
+                spread,
                 vs,
                 t["p50_ms"],
-                t["p95_ms"],
                 t["p99_ms"],
                 t.get("client_cpu_us_per_turn"),
+                _get(t, "redis", "commands_per_turn"),
+                _get(t, "redis", "server_cpu_us_per_turn"),
                 t.get("pg_tx_per_1000_messages"),
                 t["worker_rss_mb"],
                 len(t["errors"]),
@@ -156,17 +118,42 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
         [
             "mode",
             "turns/s",
+            "rounds",
             "x its reference",
             "p50 ms",
-            "p95 ms",
             "p99 ms",
             "client CPU us / turn",
+            "Redis cmds / turn",
+            "Redis CPU us / turn",
             "Postgres tx / 1000 msgs",
             "worker RSS MB",
             "errors",
         ],
         rows,
     )
+    if data.get("ratios"):
+        lines += ["## Ratios (paired within each round)", ""]
+        lines += _table(
+            ["ratio", "compares", "median", "per round", "goal"],
+            [
+                [
+                    f"`{r['ratio']}`",
+                    r["label"],
+                    r["median"],
+                    ", ".join(f"{x:.2f}" for x in r["rounds"]),
+                    f">= {r['goal']}" if r["goal"] is not None else "",
+                ]
+                for r in data["ratios"]
+            ],
+        )
+    rows = []
+    for mode in _MODE_ORDER:
+        by = _get(modes, mode, "throughput", "redis", "by_command")
+        if by:
+            rows.append([mode, ", ".join(f"{k} {v:g}" for k, v in by.items())])
+    if rows:
+        lines += ["## Redis commands per turn, by command", ""]
+        lines += _table(["mode", "calls per turn (busiest first)"], rows)
     red = _get(modes, "redis", "throughput")
     if red is not None and "flush_transactions" in red:
         lines += [
@@ -214,6 +201,7 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
                     s["turns_per_s"],
                     s["p50_ms"],
                     s["p99_ms"],
+                    round(s["p99_ms"] / s["p50_ms"], 1) if s["p50_ms"] else None,
                     c["lost"],
                     c["duplicated"],
                     c["split"],
@@ -221,7 +209,18 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
                 ]
             )
     lines += _table(
-        ["mode", "turns", "turns/s", "p50 ms", "p99 ms", "lost", "duplicated", "split", "stale"],
+        [
+            "mode",
+            "turns",
+            "turns/s",
+            "p50 ms",
+            "p99 ms",
+            "p99 / p50",
+            "lost",
+            "duplicated",
+            "split",
+            "stale",
+        ],
         rows,
     )
     lines += [
@@ -233,7 +232,7 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
         "",
     ]
     rows = []
-    for mode in ("redis", "redis-only", "ref-redis", "ref-redis-2rt"):
+    for mode in _MODE_ORDER:
         m = _get(modes, mode, "throughput", "redis_memory")
         if m is not None:
             rows.append(
@@ -241,8 +240,8 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
             )
     lines += _table(["mode", "keys", "bytes / message", "JSON bytes / message", "ratio"], rows)
     lines += [
-        "`MEMORY USAGE key SAMPLES 0` over every key of the sessions (meta hash, message list, "
-        "replay set), after the run.",
+        "`MEMORY USAGE key SAMPLES 0` over every key of the sessions (vel: meta hash, message "
+        "list, replay set; the prototype: the message list), after the run.",
         "",
     ]
     st = _get(modes, "redis", "steady")
@@ -336,8 +335,15 @@ def chart(data: dict[str, Any], path: Path) -> Path | None:
     tps = [data["modes"][m]["throughput"]["turns_per_s"] for m in modes]
     p50 = [data["modes"][m]["throughput"]["p50_ms"] for m in modes]
     p99 = [data["modes"][m]["throughput"]["p99_ms"] for m in modes]
-    colours = ["#8fa3bf" if m.startswith("ref-") else "#2b6cb0" for m in modes]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = [
+        "#8fa3bf"
+        if m.startswith(("ref-", "proto-"))
+        else "#d69e2e"
+        if m.startswith("sdk-")
+        else "#2b6cb0"
+        for m in modes
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
     left.bar(modes, tps, color=colours)
     left.set_yscale("log")  # memory is an order of magnitude above the rest
     left.set_title("turns/s, log scale (higher is better)")
@@ -366,10 +372,14 @@ def summary(data: dict[str, Any]) -> str:
     lines = []
     for mode, result in data["modes"].items():
         t = result["throughput"]
+        cmds = _get(t, "redis", "commands_per_turn")
         lines.append(
-            f"{mode:12} {t['turns_per_s']:9.1f} turns/s  p50 {t['p50_ms']:7.2f} ms  "
-            f"p99 {t['p99_ms']:7.2f} ms  rss {t['worker_rss_mb']:5.1f} MB"
+            f"{mode:14} {t['turns_per_s']:9.1f} turns/s  p50 {t['p50_ms']:7.2f} ms  "
+            f"p99 {t['p99_ms']:7.2f} ms  cpu {t['client_cpu_us_per_turn']:6.1f} us"
+            + (f"  redis cmds {cmds:5.1f}" if cmds is not None else "")
         )
+    for r in data.get("ratios", []):
+        lines.append(f"     {r['ratio']}: {r['median']} (rounds {r['rounds']})")
     for t in data.get("targets", []):
         lines.append(f"{'ok  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']} ({t['goal']})")
     return "\n".join(lines)

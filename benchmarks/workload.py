@@ -1,11 +1,12 @@
 """One benchmark worker process: C asyncio tasks running chat turns against one mode.
 
-The parent starts it as ``python -m vel.bench.workload`` with a JSON spec on stdin; it
+The parent starts it as ``python -m benchmarks.workload`` with a JSON spec on stdin; it
 connects, prints ``ready``, waits for ``go`` (so process start-up and connecting are not
 timed), runs, closes its store (a redis-mode worker drains its flusher), and prints one JSON
 line of results. Kinds of run:
 
-- ``throughput``: each task owns some sessions and runs ``turns`` turns on each, round-robin.
+- ``throughput``: each task owns some sessions and runs ``turns`` turns on each, round-robin
+  (under the turn lock in the ``-lock`` modes and the prototype, as the Agent runs them).
 - ``steady``: the same, paced to ``rate`` turns/s per process (open loop), for flush lag.
 - ``growth``: one task, one session, ``turns`` turns; every latency is returned in order.
 - ``shared``: every task of every process on the same 4 sessions, each turn under the
@@ -22,7 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from vel.bench.modes import StoreDriver, make_driver
+from benchmarks.modes import LOCKED, StoreDriver, base_mode, make_driver
 from vel.messages import Message
 
 USER_BYTES = 300
@@ -117,7 +118,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
     mode, kind = spec["mode"], spec["kind"]
     driver = make_driver(mode, spec)
     recorder = _Recorder()
-    if mode == "redis":
+    if base_mode(mode) == "redis":
         recorder.instrument(driver)
     await driver.open()
     sys.stdout.write("ready\n")
@@ -130,6 +131,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
     shared_turns: dict[str, list[tuple[str, str]]] = {}
     errors: list[str] = []
     track = bool(spec.get("track_acks"))
+    locked = mode in LOCKED
 
     async def owned(task: int) -> None:
         sessions = [f"{run}-p{proc}-s{i}" for i in range(task, int(spec["sessions"]), tasks)]
@@ -144,7 +146,11 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
                         await asyncio.sleep(wait)
                     k += 1
                 start = time.perf_counter()
-                seq = await driver.turn(sid, turn_messages(f"{sid}/{n}"), limit)
+                if locked:
+                    await driver.locked_turn(sid, turn_messages(f"{sid}/{n}"), limit)
+                    seq = 0
+                else:
+                    seq = await driver.turn(sid, turn_messages(f"{sid}/{n}"), limit)
                 latencies.append(time.perf_counter() - start)
                 if track:
                     recorder.acks.append((sid, seq, time.time()))
@@ -189,7 +195,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "turns": len(latencies),
         "latencies": latencies,
         "errors": errors,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": peak_rss_mb(),
         "acks": recorder.acks,
         "commits": recorder.commits,
         "flush_tx": recorder.flush_tx,
@@ -197,6 +203,20 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
         "shared_turns": shared_turns,
         "shared_check": shared_check,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux from ``VmHWM``: ``ru_maxrss`` survives
+    ``exec``, so a worker would report its parent's peak at the fork (the bench parent grows
+    when it imports the Agents SDK to create the SQLAlchemy peer's tables)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
+from benchmarks.modes import StoreDriver, make_driver
 from vel.agent import Agent
-from vel.bench.modes import StoreDriver, make_driver
 from vel.context import ContextManager
 
 _ANSWER = ("Here is a considered answer to your question about the session store. " * 12)[:800]

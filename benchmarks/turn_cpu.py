@@ -4,7 +4,7 @@ One process, 16 asyncio tasks, 64 sessions, 200 turns per task after a warm-up r
 reads the last 20 messages and appends a ~300 B and a ~800 B message. Prints turns/s and
 client CPU per turn for each variant (docs/benchmarks.md, "where the time goes").
 
-    .venv/bin/python scripts/bench_turn_cpu.py [--redis-url URL]
+    .venv/bin/python -m benchmarks.turn_cpu [--redis-url URL]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 
-from vel.bench.workload import turn_messages
+from benchmarks.workload import turn_messages
 from vel.stores.redis import RedisStore
 
 TASKS, TURNS, SESSIONS, WINDOW = 16, 200, 64, 20

@@ -1,10 +1,16 @@
-"""What each benchmark mode runs a turn against: vel's stores, and the raw references.
+"""What each benchmark mode runs a turn against: vel's stores, the references and the peers.
 
 Every driver does the same work per turn: read the last ``limit`` messages (decoded from
 JSON, as any caller needs them) and commit the turn's two messages (encoded to JSON). The
 references are the floor each backend allows a Python client: a raw redis-py pipeline
 (LRANGE + RPUSH in one round trip, no ids, no dirty marks, no durability) and a raw asyncpg
-window read plus one-statement append (no ids, no idempotence, no lock).
+window read plus one-statement append (no ids, no idempotence, no lock). ``proto-redis`` is
+the prototype of the minimal locked turn (:mod:`benchmarks.prototype`); the peers are the
+OpenAI Agents SDK's session stores (:mod:`benchmarks.peers`).
+
+The ``-lock`` modes run every turn as the Agent does, under the session's turn lock
+(``redis-lock``: ``TieredStore.turn`` with the embedded flusher; ``database-lock``: the
+Postgres lease row around the read and the append); the plain modes read and append unlocked.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from typing import Any, Protocol
 import asyncpg
 import redis.asyncio as aioredis
 
+from benchmarks.peers import PEERS, SdkRedisDriver, SdkSqlAlchemyDriver
+from benchmarks.prototype import ProtoRedisDriver
 from vel.messages import Message
 from vel.stores.base import SessionStore
 from vel.stores.memory import MemoryStore
@@ -23,11 +31,22 @@ from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
-STORE_MODES = ("memory", "database", "redis", "redis-only")
-REFERENCES = ("ref-redis", "ref-redis-2rt", "ref-asyncpg")
-ALL_MODES = STORE_MODES + REFERENCES
-POSTGRES_MODES = ("database", "redis", "ref-asyncpg")
-REDIS_MODES = ("redis", "redis-only", "ref-redis", "ref-redis-2rt")
+STORE_MODES = ("memory", "database", "database-lock", "redis", "redis-lock", "redis-only")
+REFERENCES = ("ref-redis", "ref-redis-2rt", "ref-asyncpg", "proto-redis")
+ALL_MODES = STORE_MODES + REFERENCES + PEERS
+POSTGRES_MODES = frozenset(
+    {"database", "database-lock", "redis", "redis-lock", "ref-asyncpg", "sdk-sqlalchemy"}
+)
+REDIS_MODES = frozenset(
+    {"redis", "redis-lock", "redis-only", "ref-redis", "ref-redis-2rt", "proto-redis", "sdk-redis"}
+)
+# A -lock mode is its base mode's store, every turn under the turn lock.
+LOCKED = {"database-lock": "database", "redis-lock": "redis", "proto-redis": "proto-redis"}
+
+
+def base_mode(mode: str) -> str:
+    """The store a mode runs on (``redis-lock`` -> ``redis``)."""
+    return LOCKED.get(mode, mode)
 
 
 class Driver(Protocol):
@@ -61,9 +80,11 @@ class StoreDriver:
         return await self.store.append(session_id, messages)
 
     async def locked_turn(self, session_id: str, messages: Sequence[Message], limit: int) -> str:
-        # As the Agent does it: the Redis stores take the lock with the read.
-        if isinstance(self.store, RedisStore | TieredStore):
-            async with self.store.turn(session_id, limit, 60.0) as turn:
+        # As the Agent does it: a store with turn() takes the lock with the read and
+        # releases it with the append; the others lock around a separate read and append.
+        locked_turns = getattr(self.store, "turn", None)
+        if callable(locked_turns):
+            async with locked_turns(session_id, limit, 60.0) as turn:
                 window = turn.window
                 await turn.commit(messages)
         else:
@@ -185,6 +206,7 @@ def make_driver(mode: str, spec: dict[str, Any]) -> Driver:
     dsn, schema = spec.get("dsn"), spec.get("schema")
     url, prefix = spec.get("redis_url"), spec.get("prefix")
     pool = int(spec.get("pool_max", 20))
+    mode = base_mode(mode)
     if mode == "memory":
         return StoreDriver(MemoryStore())
     if mode == "database":
@@ -208,4 +230,13 @@ def make_driver(mode: str, spec: dict[str, Any]) -> Driver:
     if mode == "ref-asyncpg":
         assert dsn is not None and schema is not None
         return PostgresReference(dsn, schema, pool)
+    if mode == "proto-redis":
+        assert url is not None and prefix is not None
+        return ProtoRedisDriver(url, prefix, pool)
+    if mode == "sdk-redis":
+        assert url is not None and prefix is not None
+        return SdkRedisDriver(url, prefix)
+    if mode == "sdk-sqlalchemy":
+        assert dsn is not None and schema is not None
+        return SdkSqlAlchemyDriver(dsn, schema, pool)
     raise ValueError(f"unknown mode {mode!r}")
