@@ -87,7 +87,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == latest_version() == 2
+    assert await migrate(pg_dsn, pg_schema) == latest_version() == 3
     columns = await sql(
         pg_dsn,
         pg_schema,

@@ -12,7 +12,7 @@ from vel.stores.redis.locks import RedisTurn
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY
 from vel.stores.redis.store import RedisStore
 from vel.stores.redis.url import CLUSTER_SCHEMES, RedisURL, parse_redis_url
-from vel.stores.redis.writebehind import Pending
+from vel.stores.redis.writebehind import Claim, Pending
 
 __all__ = [
     "BACKPRESSURE",
@@ -21,6 +21,7 @@ __all__ = [
     "LOCKED",
     "MISS",
     "REPLAY",
+    "Claim",
     "Pending",
     "RedisStore",
     "RedisTurn",

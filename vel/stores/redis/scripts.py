@@ -83,18 +83,39 @@ end
 # Read the window (see _READ_WINDOW). Returns {seq, items...}, {-1} or {-4}.
 LOAD = _script("allow-oom", _SET_TTL + _READ_WINDOW, "return read_window()\n")
 
+# Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
+# value '~token' is the tombstone of an abandoned attempt (ABANDON_LOCK): free for every
+# other token, never taken by that one, so an attempt delivered late cannot take it back.
+_TAKE_LOCK = """
+local function take_lock(n, t)
+  local held = redis.call('GET', KEYS[n])
+  if held == ARGV[t] then
+    redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
+    return true
+  end
+  if held and (string.sub(held, 1, 1) ~= '~' or held == '~' .. ARGV[t]) then return false end
+  redis.call('SET', KEYS[n], ARGV[t], 'PX', ARGV[t + 1])
+  return true
+end
+"""
+
 # Take the turn lock (KEYS[4]) and read the window in one step, so a locked turn costs no
 # round trip of its own. ARGV 1-3 as LOAD, 4 lock token, 5 lease ms. Returns {-5} when
 # another turn holds the lock (nothing read), else what LOAD returns, the lock now held
 # (also on a miss or damage: the caller warms or reports, then releases).
 LOCK_LOAD = _script(
     "",
-    _SET_TTL + _READ_WINDOW,
+    _SET_TTL + _READ_WINDOW + _TAKE_LOCK,
     """
-if not redis.call('SET', KEYS[4], ARGV[4], 'NX', 'PX', ARGV[5]) then return {-5} end
+if not take_lock(4, 4) then return {-5} end
 return read_window()
 """,
 )
+
+# Take the lock KEYS[1] for token ARGV[1], lease ARGV[2] ms. Returns 1 taken, 0 held by
+# another token.
+TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
 # 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
@@ -268,6 +289,24 @@ return due
 """,
 )
 
+# Renew a flusher's claims (KEYS[1] = dirty): each session still claimed until ARGV[1] (ms)
+# is claimed until ARGV[2]. One acked, rescheduled or claimed anew since has another score
+# and is left alone. ARGV[3..] = session ids. Returns how many were renewed.
+RENEW_CLAIMS = _script(
+    "allow-oom",
+    "",
+    """
+local n = 0
+for i = 3, #ARGV do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '-1') == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+""",
+)
+
 # What a flusher must copy: ARGV[1] = max rows. Returns
 # {gen, fgen, flushed, seq, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq
 # -1 without a truncation record) or {-1} if the session is gone.
@@ -343,6 +382,21 @@ RELEASE_LOCK = _script(
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+""",
+)
+
+# Give up an attempt at a lock whose outcome is unknown (cancelled, reply lost): KEYS[1] =
+# lock, ARGV: 1 token, 2 ms. Unless another token holds the lock, leave the tombstone
+# '~token' for ARGV[2] ms: whether the attempt already ran (the lock is freed) or is still
+# on its way (it will find the tombstone and fail), the lock ends up free. Returns 1 or 0.
+ABANDON_LOCK = _script(
+    "allow-oom",
+    "",
+    """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
+redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+return 1
 """,
 )
 

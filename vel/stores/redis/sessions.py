@@ -78,7 +78,7 @@ class Sessions:
             "1" if self.write_behind else "0",
         ]
         reply: list[Any] = await self._redis.call(
-            "load", lambda c: c.load(keys=list(keys.data), args=args)
+            "load", lambda c: c.load(keys=list(keys.data), args=args), idempotent=True
         )
         return self.window(session_id, reply)
 
@@ -102,11 +102,15 @@ class Sessions:
 
     async def exists(self, session_id: str) -> bool:
         keys = self._keys.session(session_id)
-        return bool(await self._redis.call("exists", lambda c: c.redis.exists(keys.meta)))
+        return bool(
+            await self._redis.call("exists", lambda c: c.redis.exists(keys.meta), idempotent=True)
+        )
 
     async def last_seq(self, session_id: str) -> int:
         keys = self._keys.session(validate_session_id(session_id))
-        raw = await self._redis.call("hget", lambda c: c.redis.hget(keys.meta, "seq"))
+        raw = await self._redis.call(
+            "hget", lambda c: c.redis.hget(keys.meta, "seq"), idempotent=True
+        )
         return int(raw or 0)
 
     # -- writes ----------------------------------------------------------------------------
@@ -130,7 +134,10 @@ class Sessions:
         names = [*keys.data, keys.dirty, keys.dirty_since, keys.backlog]
         if unlock:
             names.append(keys.turn_lock)
-        reply = await self._redis.call("append", lambda c: c.append(keys=names, args=args))
+        # Idempotent: the first message id makes a replayed append return the original seq.
+        reply = await self._redis.call(
+            "append", lambda c: c.append(keys=names, args=args), idempotent=True
+        )
         head = int(reply[0])
         if head >= 0:
             self._counters["appends"] += 1
@@ -241,7 +248,10 @@ class Sessions:
         keys = self._keys.session(session_id)
         args: list[Any] = [token, ms(self.hot_ttl), gen, last_seq, created_ms, updated_ms]
         args += [f"{mid}\n{text}" for _, mid, text in rows]
+        # Idempotent: a replayed seed finds the session present (0).
         reply = await self._redis.call(
-            "seed", lambda c: c.seed(keys=[*keys.data, keys.warm_lock], args=args)
+            "seed",
+            lambda c: c.seed(keys=[*keys.data, keys.warm_lock], args=args),
+            idempotent=True,
         )
         return int(reply)

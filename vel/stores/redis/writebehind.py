@@ -35,6 +35,15 @@ class Pending:
     truncate: tuple[int, int] | None = None
 
 
+@dataclass(slots=True)
+class Claim:
+    """A flusher's claim on due sessions of one bucket, held until ``until_ms``."""
+
+    bucket: int
+    session_ids: list[str]
+    until_ms: int
+
+
 def _split(item: bytes) -> tuple[str, str]:
     mid, _, text = item.partition(b"\n")
     return mid.decode(), text.decode()
@@ -49,12 +58,27 @@ class WriteBehind:
         self._keys = keys
         self._hot_ttl = hot_ttl
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         dirty = self._keys.bucket_keys(bucket)[0]
+        now = now_ms()
+        # Retried through a failover: a replay after a lost reply finds the first attempt's
+        # sessions claimed (not due), which holds them back one lease at most.
         reply = await self._redis.call(
-            "claim", lambda c: c.claim(keys=[dirty], args=[now_ms(), ms(lease), limit])
+            "claim",
+            lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit]),
+            idempotent=True,
         )
-        return [sid.decode() for sid in reply]
+        return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
+
+    async def renew_claim(self, claim: Claim, lease: float) -> bool:
+        dirty = self._keys.bucket_keys(claim.bucket)[0]
+        until = now_ms() + ms(lease)
+        args: list[Any] = [claim.until_ms, until, *claim.session_ids]
+        renewed = await self._redis.call(
+            "renew claim", lambda c: c.renew_claims(keys=[dirty], args=args), idempotent=True
+        )
+        claim.until_ms = until
+        return int(renewed) > 0
 
     async def try_sweep(self, bucket: int, interval: float) -> bool:
         key = self._keys.sweep(bucket)
@@ -66,7 +90,9 @@ class WriteBehind:
         dirty = self._keys.bucket_keys(bucket)[0]
         due = now_ms() + ms(delay)
         mapping: dict[str, float] = {sid: due for sid in session_ids}
-        await self._redis.call("reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True))
+        await self._redis.call(
+            "reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True), idempotent=True
+        )
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
         async def fill(c: Client, pipe: Any) -> None:
@@ -74,7 +100,9 @@ class WriteBehind:
                 keys = self._keys.session(sid)
                 await c.queue(pipe, c.pending, [keys.meta, keys.messages], [max_rows])
 
-        replies = await self._redis.call("pending", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         result: list[Pending | None] = []
         for sid, reply in zip(session_ids, replies, strict=True):
             if int(reply[0]) == MISS and len(reply) == 1:
@@ -102,7 +130,9 @@ class WriteBehind:
                     [sid, gen, upto, now, ms(self._hot_ttl)],
                 )
 
-        replies = await self._redis.call("ack", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return [int(r) for r in replies]
 
     async def backlog(self) -> tuple[int, float, int]:
@@ -115,7 +145,7 @@ class WriteBehind:
                 pipe.zcard(dirty)
             return list(await pipe.execute())
 
-        replies = await self._redis.call("backlog", run)
+        replies = await self._redis.call("backlog", run, idempotent=True)
         total, oldest, sessions = 0, None, 0
         for i in range(0, len(replies), 3):
             total += int(replies[i] or 0)
@@ -134,5 +164,7 @@ class WriteBehind:
 
         if not session_ids:
             return 0
-        replies = await self._redis.call("drop clean", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "drop clean", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return sum(int(r) for r in replies)
