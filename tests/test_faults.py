@@ -518,13 +518,14 @@ async def test_frozen_flusher_late_ack_changes_nothing(
     await append_phase("p1-", 4, 10)  # seqs 1..80
 
     # A pauses 1 s right after its first commit (the window in which the test freezes it),
-    # and parks 30 s after its second claim (so that its late ack can be observed alone).
+    # and freezes 30 s after its second claim (so that its late ack can be observed alone;
+    # frozen, it cannot renew that claim either).
     frozen = stack.vel(
         "flusher",
         lease=1,
         health_interval=0,
         name="flusher-frozen",
-        env=stack.env(VEL_FAILPOINTS="flush_after_commit=sleep:1@1,flush_after_claim=sleep:30@2"),
+        env=stack.env(VEL_FAILPOINTS="flush_after_commit=sleep:1@1,flush_after_claim=freeze:30@2"),
     )
     deadline = time.monotonic() + 20
     while await count_postgres_rows(stack, [sid]) == 0:
@@ -1152,9 +1153,11 @@ async def flush_only(store: TieredStore, sids: set[str]) -> None:
 async def test_slow_warm_never_installs_a_stale_history(
     stack: Stack, request: pytest.FixtureRequest
 ) -> None:
-    """A warm stalled (``during_warm`` failpoint) past its lease while another worker warms
-    the same session, appends, flushes and lets it expire: the stalled warm must not seed its
-    old snapshot, and its read never returns fewer messages than Postgres holds."""
+    """A warm frozen past its lease (``during_warm=freeze``: its event loop blocked, so not
+    even the lease renewal runs, as in a long GC pause) while another worker warms the same
+    session, appends, flushes and lets it expire: the frozen warm must not seed its old
+    snapshot, and its read never returns fewer messages than Postgres holds. The frozen
+    worker runs its own event loop on a thread of its own."""
     from vel import failpoints
     from vel.stores.postgres import PostgresStore
     from vel.stores.redis import RedisStore
@@ -1170,14 +1173,30 @@ async def test_slow_warm_never_installs_a_stale_history(
         )
 
     sid = new_sid()
-    a, b = store(3600, 1.0), store(0.3, 1.0)
+    b = store(0.3, 1.0)
+    stale = 0
+
+    def frozen_worker() -> tuple[list[Any], list[Any]]:
+        async def main() -> tuple[list[Any], list[Any]]:
+            nonlocal stale
+            a = store(3600, 1.0)
+            try:
+                seen = await a.load(sid)
+                again = await a.load(sid)
+                stale = int(a.counters["warm_loads_stale"])
+                return seen, again
+            finally:
+                await a.aclose()
+
+        return asyncio.run(main())
+
     try:
         await b.append(sid, [{"role": "user", "content": f"m{i}"} for i in range(10)])
         assert await b.flush(10)
         await b.hot.call("del", lambda c: c.redis.delete(*b.hot.keys.session(sid).data))
-        failpoints.configure("during_warm=sleep:4@1")
-        slow = asyncio.create_task(a.load(sid))
-        await asyncio.sleep(1.3)  # a's warm lease (1 s) has run out, a still stalls
+        failpoints.configure("during_warm=freeze:4@1")
+        slow = asyncio.create_task(asyncio.to_thread(frozen_worker))
+        await asyncio.sleep(1.3)  # a's warm lease (1 s) has run out, a is still frozen
         assert not slow.done()
         await b.append(
             sid, [{"role": "user", "content": "m10"}, {"role": "user", "content": "m11"}]
@@ -1187,25 +1206,23 @@ async def test_slow_warm_never_installs_a_stale_history(
         while await b.hot.exists(sid):
             assert time.monotonic() < deadline, "b's session never expired"
             await asyncio.sleep(0.05)
-        assert not slow.done(), "the stalled warm ended before the race was set up"
-        seen = await slow
+        assert not slow.done(), "the frozen warm ended before the race was set up"
+        seen, again = await slow
         in_postgres = await count_postgres_rows(stack, [sid])
-        again = await a.load(sid)
     finally:
         failpoints.configure("")
-        await a.aclose()
         await b.aclose()
     figures = {
         "messages_in_postgres": in_postgres,
         "messages_returned_by_stalled_warm": len(seen),
         "messages_read_after": len(again),
-        "stale_seeds_refused": a.counters["warm_loads_stale"],
+        "stale_seeds_refused": stale,
     }
     record_figures(request, figures)
     assert in_postgres == 12
     assert len(seen) >= in_postgres, figures
     assert [m["content"] for m in again] == [f"m{i}" for i in range(12)], figures
-    assert a.counters["warm_loads_stale"] >= 1, figures
+    assert stale >= 1, figures
 
 
 async def test_a_retry_after_the_session_left_redis_is_still_recognised(
@@ -1256,8 +1273,8 @@ async def test_worker_killed_at_an_append_or_warm_failpoint(
 ) -> None:
     """A worker SIGKILLed right after its append script ran (the caller never got the ack),
     or while warming a cold session (holding the warm lease): another worker carries on
-    (after the 15 s warm lease, in the second case); nothing acknowledged is lost, nothing is
-    duplicated, and the unacknowledged append is stored at most once."""
+    (after the warm lease, ``VEL_WARM_LEASE``, in the second case); nothing acknowledged is
+    lost, nothing is duplicated, and the unacknowledged append is stored at most once."""
     sid = new_sid()
     await tiered.append(sid, [{"role": "user", "content": f"old-{i}"} for i in range(4)])
     assert await tiered.flush(10)

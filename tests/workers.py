@@ -13,6 +13,10 @@ environment (``POSTGRES_DSN``, ``REDIS_URL``, ``VEL_KEY_PREFIX``, ``VEL_FLUSHER`
     every failed one as ``{"event": "error", ...}``.
 ``agent-turns``
     full Agent turns (turn lock on, the default) against the fake LLM; prints each turn.
+``turns``
+    T asyncio tasks running Agent turns round the given sessions for D seconds, carrying
+    on through backend failures; prints every returned turn as ``{"event": "turn", ...}``
+    (the oracle) and every failed one as ``{"event": "error", ...}``.
 ``read``
     N concurrent loads of one session, started together on a ``go`` line read from stdin
     (so that several processes can be released at once); prints the store's stats.
@@ -340,6 +344,8 @@ async def cmd_append(args: argparse.Namespace) -> int:
     sessions = args.session.split(",")
     failed = 0
     stop = asyncio.Event()
+    # SIGTERM ends the run early, as a deployment stops a worker: the store still closes.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     # Each task keeps its share of the rate on an absolute schedule (no drift).
     interval = args.tasks / args.rate if args.rate > 0 else 0.0
     start = time.monotonic()
@@ -424,6 +430,38 @@ async def cmd_agent_turns(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_turns(args: argparse.Namespace) -> int:
+    from vel import Agent
+
+    sessions = args.session.split(",")
+    policies = {"lock_timeout": args.lock_timeout}
+    agent = Agent(id="worker", model=MODEL, session_storage=args.storage, policies=policies)
+    start = time.monotonic()
+
+    async def task(t: int) -> None:
+        i = 0
+        while time.monotonic() - start < args.duration:
+            sid = sessions[(t + i) % len(sessions)]
+            message = f"{args.tag}w{args.proc}-t{t}-{i}"
+            began = time.time()
+            try:
+                answer = await agent.run({"message": message}, session_id=sid)
+            except Exception as exc:
+                emit(event="error", sid=sid, turn=message, t0=began, t1=time.time(),
+                     **_error_fields(exc))  # fmt: skip
+                await asyncio.sleep(0.05)
+            else:
+                emit(event="turn", sid=sid, turn=message, answer=answer, t0=began,
+                     t1=time.time())  # fmt: skip
+            i += 1
+
+    try:
+        await asyncio.gather(*(task(t) for t in range(args.tasks)))
+    finally:
+        await agent.aclose()
+    return 0
+
+
 async def cmd_read(args: argparse.Namespace) -> int:
     from vel.stores.tiered import TieredStore
 
@@ -486,6 +524,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, default=1)
     p.add_argument("--turns", type=int, default=1, help="turns per task")
     p.set_defaults(run=cmd_agent_turns)
+
+    p = sub.add_parser("turns", help="agent turns round sessions for a while, through faults")
+    p.add_argument("--storage", required=True, choices=["memory", "database", "redis"])
+    p.add_argument("--session", required=True, help="session ids separated by commas")
+    p.add_argument("--proc", type=int, default=0)
+    p.add_argument("--tag", default="")
+    p.add_argument("--tasks", type=int, default=1)
+    p.add_argument("--duration", type=float, required=True)
+    p.add_argument("--lock-timeout", type=float, default=30.0)
+    p.set_defaults(run=cmd_turns)
 
     p = sub.add_parser("read", help="N concurrent loads of one session after a 'go' line")
     p.add_argument("--session", required=True)

@@ -23,6 +23,7 @@ from vel.errors import (
     TurnCancelledError,
     VelError,
 )
+from vel.outcome import TurnReceipt, turn_committed
 from vel.stores.base import SessionInfo, SessionStore
 from vel.stores.memory import MemoryStore
 from vel.tools import Tool
@@ -48,7 +49,9 @@ __all__ = [
     "Tool",
     "ToolError",
     "TurnCancelledError",
+    "TurnReceipt",
     "VelError",
+    "turn_committed",
 ]
 
 #: The distribution that installs this package (``pip install vel-memory``): ``vel`` on PyPI

@@ -1,4 +1,5 @@
-"""Background renewal of a lease (turn locks) that is stopped by an event, not cancellation.
+"""Background renewal of a lease (turn locks, flush claims, warms) that is stopped by an
+event, not cancellation.
 
 On Python 3.11, ``asyncio.wait_for`` (used inside redis-py and asyncpg) drops a cancellation
 that arrives as the awaited call completes; a renewal loop stopped by ``task.cancel()`` can
@@ -8,7 +9,8 @@ then keep running forever and its owner hang waiting for it. An event cannot be 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from vel.errors import VelError
 from vel.logs import get_logger
@@ -77,3 +79,29 @@ class DeferredKeeper:
             self._later = None
         if self._keeper is not None:
             await self._keeper.stop()
+
+
+@asynccontextmanager
+async def renewed(
+    renew: Callable[[], Awaitable[bool]],
+    lease: float,
+    what: str,
+    session_id: str | None = None,
+) -> AsyncIterator[None]:
+    """Keep a lease of ``lease`` seconds alive while the block runs: renewed at half of it,
+    then every third of it. Most blocks end before then, and never start a task."""
+    loop = asyncio.get_running_loop()
+    keeper: LeaseKeeper | None = None
+
+    def begin() -> None:
+        nonlocal keeper
+        keeper = LeaseKeeper(renew, lease / 3, what, session_id)
+
+    # The keeper's first renewal comes one interval (a third) after it starts.
+    later = loop.call_later(lease / 6, begin)
+    try:
+        yield
+    finally:
+        later.cancel()
+        if keeper is not None:
+            await keeper.stop()

@@ -3,9 +3,12 @@
 A turn loads the session's window, calls the model (streaming), runs requested tools until
 the model answers in text (or ``policies['max_steps']`` is reached), then commits the turn's
 new messages (user, assistant tool calls, tool results, final answer) in **one** atomic
-append. A turn that fails or is cancelled commits nothing: the session is exactly as it was.
-Two turns of the same session are serialised by the store's turn lock (across processes for
-the database and redis stores), so their messages never interleave.
+append. Two turns of the same session are serialised by the store's turn lock (across
+processes for the database and redis stores), so their messages never interleave.
+
+A turn is stored whole or not at all (:mod:`vel.outcome` states the rule for a cancellation
+that arrives during the commit, and how the caller tells which happened). The turn lock is
+released whatever ends the turn, before ``run()`` returns or raises.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel import tracing
+from vel._shield import CancelWatch
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
@@ -34,6 +38,7 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.metrics.histograms import TURN
+from vel.outcome import TurnReceipt, commit, commit_limit, mark
 from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools, error_text, tool_result
@@ -56,7 +61,9 @@ class _Cancelled(Exception):
 class _Turn(Protocol):
     window: list[Message]
 
-    async def commit(self, messages: Sequence[Message]) -> int: ...
+    async def commit(
+        self, messages: Sequence[Message], message_ids: Sequence[str] | None = None
+    ) -> int: ...
 
 
 @runtime_checkable
@@ -74,6 +81,7 @@ class _Outcome:
     text: str = ""
     error: BaseException | None = None
     cancelled: bool = False
+    receipt: TurnReceipt = field(default_factory=TurnReceipt)
     usage: ev.Usage | None = None  # summed over the turn's model calls
 
     def metadata(self) -> dict[str, Any] | None:
@@ -112,6 +120,14 @@ class Agent:
         generation_config: extra chat-completions parameters (``temperature``, ...).
         policies: ``max_steps`` (default 8), ``turn_lock`` (default True),
             ``lock_timeout`` seconds (default 30).
+
+    Cancelling a turn (``asyncio.timeout``, ``wait_for``, ``task.cancel()``, an anyio cancel
+    scope, a closed stream): a cancellation before the commit is sent stores nothing; once
+    the commit (one atomic append) is sent it completes, the lock is released, then the
+    cancellation propagates unchanged and the turn is stored. ``vel.turn_committed(exc)``
+    or a ``receipt`` says which (:mod:`vel.outcome`). vel checks for a cancellation before
+    each model call, before running tools and before the commit, so no tool runs and nothing
+    is committed after a deadline, even when a driver dropped the cancellation (Python 3.11).
 
     Raises:
         ConfigurationError: unknown provider or storage mode, or missing ``POSTGRES_DSN``.
@@ -160,6 +176,8 @@ class Agent:
             and type(self.ctxmgr).aprepare_run is ContextManager.aprepare_run
             else None
         )
+        # A safety net only: each store call has its own deadline, which ends a commit first.
+        self._commit_limit = commit_limit()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -187,20 +205,25 @@ class Agent:
         session_id: str | None = None,
         *,
         cancel_token: CancelToken | None = None,
+        receipt: TurnReceipt | None = None,
     ) -> str:
-        """Run one turn and return the final answer text.
+        """Run one turn and return the final answer text (the turn is stored by then).
 
         Args:
             input: ``{'message': str}`` (the session's history is used and extended) or
                 ``{'messages': [...]}`` (the caller owns the history: nothing is loaded or
                 stored).
             session_id: the conversation to continue; None for a one-off call.
-            cancel_token: setting it cancels the turn (raises TurnCancelledError).
+            cancel_token: setting it before the commit cancels the turn (raises
+                TurnCancelledError; nothing is stored).
+            receipt: filled in as the turn goes: whether it is stored, whatever ended it.
 
         Raises:
-            InvalidInputError, ProviderError, StoreError, TurnCancelledError.
+            InvalidInputError, ProviderError, StoreError, TurnCancelledError; a cancellation
+            of the calling task propagates unchanged (``vel.turn_committed(exc)`` tells
+            whether the turn was stored first).
         """
-        outcome = _Outcome()
+        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         async for _ in self._turn(input, session_id, cancel_token, outcome):
             pass
         if outcome.error is not None:
@@ -215,16 +238,19 @@ class Agent:
         session_id: str | None = None,
         *,
         cancel_token: CancelToken | None = None,
+        receipt: TurnReceipt | None = None,
     ) -> AsyncIterator[ev.Event]:
         """Run one turn, yielding Vercel AI SDK UI stream events (see :mod:`vel.events`).
 
         Failures are reported as a final ``error`` event rather than raised; a set
         ``cancel_token`` ends the stream with ``abort`` then ``finish``. Closing the
-        generator early cancels the turn the same way (no event can follow the close).
+        generator early cancels the turn the same way (no event can follow the close); the
+        turn is stored once ``finish`` is yielded, and ``receipt`` says so in every case.
         """
+        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         # aclosing: a consumer's aclose() must end the turn (release its session lock, close
         # the model stream) before it returns, not whenever the generator is collected.
-        async with aclosing(self._turn(input, session_id, cancel_token, _Outcome())) as turn:
+        async with aclosing(self._turn(input, session_id, cancel_token, outcome)) as turn:
             async for event in turn:
                 yield event
 
@@ -269,6 +295,7 @@ class Agent:
         # Not the current span while events are yielded (the consumer runs then): only
         # around the store calls, which nest their load/append spans in it.
         span = tracing.start("turn", session_id if isinstance(session_id, str) else None)
+        watch = CancelWatch()
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
@@ -285,8 +312,11 @@ class Agent:
                         *([turn.window] if turn is not None else []),
                     )
                 for _ in range(self.max_steps):
+                    await watch.checkpoint()
                     has_calls = False
-                    steps = self._step(run_id, session_id, cancel_token, open_blocks, outcome)
+                    steps = self._step(
+                        run_id, session_id, cancel_token, open_blocks, outcome, watch
+                    )
                     async with aclosing(steps):
                         async for event in steps:
                             if event["type"] == "tool-input-available":
@@ -296,12 +326,12 @@ class Agent:
                         break
                 if keep:
                     assert session_id is not None
-                    # Not cancellable: an interrupted append could be stored yet reported lost.
+                    # The last moment the turn can still be cancelled: nothing is sent yet.
+                    await watch.checkpoint()
+                    if cancel_token is not None and cancel_token.is_set():
+                        raise _Cancelled
                     with tracing.current(span):
-                        if turn is not None:
-                            await turn.commit(self.ctxmgr.turn_messages(run_id))
-                        else:
-                            await self.store.append(session_id, self.ctxmgr.turn_messages(run_id))
+                        await self._commit(session_id, turn, run_id, outcome.receipt)
             yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
@@ -310,6 +340,7 @@ class Agent:
             yield ev.abort()
             yield ev.finish(outcome.metadata())
         except Exception as exc:
+            mark(exc, outcome.receipt, session_id)
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
             # terminal event; run() re-raises the original exception.
             outcome.error = exc
@@ -319,10 +350,29 @@ class Agent:
             if (metadata := outcome.metadata()) is not None:
                 yield ev.message_metadata(metadata)  # tokens were spent all the same
             yield ev.error(text)
+        except BaseException as exc:  # a cancellation, or the stream closed: propagates as is
+            mark(exc, outcome.receipt, session_id)
+            raise
         finally:
             self.ctxmgr.end_run(run_id)
             TURN.observe(time.perf_counter() - started)
             tracing.end(span, outcome.error)
+
+    async def _commit(
+        self, session_id: str, turn: _Turn | None, run_id: str, receipt: TurnReceipt
+    ) -> None:
+        """Store the turn's messages: once sent, the append completes whatever cancels the
+        caller meanwhile; that cancellation is raised after it (the turn is stored)."""
+        messages = self.ctxmgr.turn_messages(run_id)
+        # Ids made once: a commit interrupted mid-flight is sent again, and stored once.
+        ids = [uuid.uuid4().hex for _ in messages]
+
+        async def work() -> int:
+            if turn is not None:
+                return await turn.commit(messages, ids)
+            return await self.store.append(session_id, messages, ids)
+
+        await commit(work, receipt, self._commit_limit, f"commit of session {session_id!r}")
 
     async def _step(
         self,
@@ -331,6 +381,7 @@ class Agent:
         cancel_token: CancelToken | None,
         open_blocks: list[ev.Event],
         outcome: _Outcome,
+        watch: CancelWatch,
     ) -> AsyncGenerator[ev.Event, None]:
         yield ev.start_step()
         open_blocks.append(ev.finish_step())
@@ -404,6 +455,7 @@ class Agent:
                     value = call.arguments
                 parsed.append(value)
                 yield ev.tool_input_available(call.call_id, call.name, value)
+            await watch.checkpoint()  # no tool runs after a deadline, even one a driver dropped
             results = await _until_cancelled(
                 asyncio.gather(
                     *(self._call_tool(c, a) for c, a in zip(ordered, parsed, strict=True))

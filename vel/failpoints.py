@@ -2,7 +2,9 @@
 
 Off unless ``VEL_FAILPOINTS`` is set, e.g. ``VEL_FAILPOINTS="flush_after_commit=kill"``
 (comma separated ``name=action``). Actions: ``kill`` (SIGKILL this process), ``sleep:S``,
-``error`` (raise StoreUnavailableError). Names: ``flush_after_claim``, ``flush_mid_transaction``,
+``freeze:S`` (block the event loop's thread for S seconds, as a long GC pause or CPU-bound
+code does: not even background lease renewals run), ``error`` (raise
+StoreUnavailableError). Names: ``flush_after_claim``, ``flush_mid_transaction``,
 ``flush_after_commit``, ``after_append_script``, ``during_warm``. A ``name=action@N`` form
 triggers only on the Nth hit.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 from vel.errors import StoreUnavailableError
 from vel.settings import failpoint_spec
@@ -47,5 +50,7 @@ async def hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action.startswith("sleep:"):
         await asyncio.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("freeze:"):
+        time.sleep(float(action.split(":", 1)[1]))  # noqa: ASYNC251 (blocking is the point)
     elif action == "error":
         raise StoreUnavailableError(f"failpoint {name} injected an error")

@@ -43,6 +43,13 @@ class Settings:
             of the data layout: every process sharing a key prefix must use the same value,
             and changing it needs a drained Redis or a new key prefix (docs/scaling.md).
         op_timeout: ``VEL_OP_TIMEOUT`` seconds allowed for one backend call.
+        lock_lease: ``VEL_LOCK_LEASE`` seconds a session's turn lock outlives its holder
+            (default 10): renewed every third of it while the turn runs, so it only matters
+            when a worker dies mid-turn or loses its backend.
+        flush_lease: ``VEL_FLUSH_LEASE`` seconds a flusher's claim on dirty sessions
+            outlives the flusher (default 3), renewed while it writes them.
+        warm_lease: ``VEL_WARM_LEASE`` seconds one process may hold a cold session while
+            loading it from Postgres (default 3), renewed while it loads.
         flush_interval: ``VEL_FLUSH_INTERVAL`` seconds between two sweeps of one bucket by
             all the flushers sharing a Redis together (0, the default: no limit). Set it when
             many workers run embedded flushers, so Postgres sees a bounded number of flush
@@ -71,6 +78,9 @@ class Settings:
     redis_pool_max: int = 50
     buckets: int = 16  # vel.stores.redis.keys.DEFAULT_BUCKETS (not imported: import cycle)
     op_timeout: float = 5.0
+    lock_lease: float = 10.0
+    flush_lease: float = 3.0
+    warm_lease: float = 3.0
     flush_interval: float = 0.0
     migrate_on_start: bool = False
     flusher: str = "embedded"
@@ -92,6 +102,9 @@ NUMERIC: tuple[tuple[str, str, Bound], ...] = (
     ("redis_pool_max", "VEL_REDIS_POOL_MAX", bounds.POOL),
     ("buckets", "VEL_BUCKETS", bounds.BUCKETS),
     ("op_timeout", "VEL_OP_TIMEOUT", bounds.TIMEOUT),
+    ("lock_lease", "VEL_LOCK_LEASE", bounds.LEASE),
+    ("flush_lease", "VEL_FLUSH_LEASE", bounds.LEASE),
+    ("warm_lease", "VEL_WARM_LEASE", bounds.LEASE),
     ("flush_interval", "VEL_FLUSH_INTERVAL", bounds.DELAY),
 )
 # Settings that may be unset (None).

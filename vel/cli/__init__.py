@@ -69,7 +69,8 @@ async def _flusher(args: argparse.Namespace) -> int:
     need_dsn(settings)
     hot = RedisStore.from_settings(settings, write_behind=True)
     cold = PostgresStore.from_settings(settings)
-    flusher = Flusher(hot, cold, lease=args.lease, sweep_interval=settings.flush_interval)
+    lease = settings.flush_lease if args.lease is None else args.lease
+    flusher = Flusher(hot, cold, lease=lease, sweep_interval=settings.flush_interval)
     stopping = asyncio.Event()
 
     def stop() -> None:
@@ -158,7 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     p = add_command(sub, "flusher", "run a standalone write-behind flusher until SIGTERM")
     add_connection_flags(p)
     p.add_argument(
-        "--lease", type=cli(LEASE, "--lease"), default=30.0, help="claim lease in seconds"
+        "--lease",
+        type=cli(LEASE, "--lease"),
+        default=None,
+        help="claim lease in seconds (default: VEL_FLUSH_LEASE, 3)",
     )
     p.add_argument(
         "--drain-timeout",

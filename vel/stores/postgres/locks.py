@@ -23,6 +23,7 @@ import asyncpg
 
 from vel import tracing
 from vel._lease import DeferredKeeper, LeaseKeeper
+from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, TierLeaseError
 from vel.instrument import observed
@@ -35,17 +36,29 @@ T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 
-# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder). Also
-# says, at no extra round trip, whether the Redis tier holds the session (its tier lease,
-# DESIGN.md 3.8), so that a 'database'-mode turn is refused before it calls the model.
+# Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder), unless
+# the row is this very token's, expired: the tombstone of an abandoned attempt (see below).
+# vel_turn_begin (migration 0003) takes it the same way. Also says, at no extra round trip,
+# whether the Redis tier holds the session (its tier lease, DESIGN.md 3.8), so that a
+# 'database'-mode turn is refused before it calls the model.
 _LOCK_ACQUIRE = f"""
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
 ON CONFLICT (session_id) DO UPDATE
    SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
- WHERE l.expires_at < now()
+ WHERE l.expires_at < now() AND l.token <> EXCLUDED.token
 RETURNING token,
           (SELECT s.hot_until FROM vel_sessions s WHERE s.id = $1 AND {LEASED}) AS held_until
+"""
+# Gives up an attempt whose outcome is unknown (cancelled, reply lost): unless another token
+# holds the lease, the row becomes this token's, expired now. Whether the attempt already ran
+# (the lock is free again) or is still on its way (it meets its own tombstone and fails; if
+# it is mid-insert, this waits for it and then expires it), the lock ends up free. Purged
+# with the other expired rows an hour later.
+_LOCK_ABANDON = """
+INSERT INTO vel_locks AS l (session_id, token, expires_at) VALUES ($1, $2, now())
+ON CONFLICT (session_id) DO UPDATE SET token = EXCLUDED.token, expires_at = now()
+ WHERE l.token = EXCLUDED.token OR l.expires_at < now()
 """
 _LOCK_RENEW = """
 UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
@@ -125,8 +138,13 @@ class TurnLocks:
     def __init__(self, db: Connector, sessions: Sessions, lease: float) -> None:
         self._db = db
         self._sessions = sessions
-        self._lease = lease
+        self.lease = lease
         self.waits = 0
+
+    @property
+    def _limit(self) -> float:
+        """Bound of a shielded release: one call's deadline, and a little more."""
+        return self._db.op_timeout + 1.0
 
     @asynccontextmanager
     async def hold(self, session_id: str, timeout: float | None = None) -> AsyncIterator[None]:
@@ -135,19 +153,29 @@ class TurnLocks:
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
         token = secrets.token_hex(16)
-        await self._until_locked(
-            session_id,
-            wait,
-            lambda: self._db.run(
-                "acquire turn lock", lambda c: _acquire(c, session_id, token, self._lease)
-            ),
-        )
+        # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
+        # cancels every await of a plain ``finally``. A cancelled or failed acquire gives the
+        # lock up too: the server may have granted it with the reply lost, or may still
+        # receive the attempt.
+        try:
+            await self._until_locked(
+                session_id,
+                wait,
+                lambda: self._db.run(
+                    "acquire turn lock",
+                    lambda c: _acquire(c, session_id, token, self.lease),
+                ),
+            )
+        except SessionLockedError:
+            raise
+        except BaseException:
+            await self._abandon(session_id, token)
+            raise
         keeper = self._keeper(session_id, token)
         try:
             yield
         finally:
-            await keeper.stop()
-            await self._release(session_id, token)
+            await finish(lambda: self._end(keeper, session_id, token), self._limit, "unlock")
 
     @asynccontextmanager
     async def turn(
@@ -169,7 +197,7 @@ class TurnLocks:
                     wait,
                     lambda: self._db.run(
                         "lock and load",
-                        lambda c: _begin(c, session_id, token, self._lease, limit),
+                        lambda c: _begin(c, session_id, token, self.lease, limit),
                     ),
                 )
                 window = [decode_message(text) for text in reversed(newest_first)]
@@ -177,33 +205,43 @@ class TurnLocks:
         except SessionLockedError:
             raise
         except BaseException:
-            # Postgres may have granted the lock with its reply lost: give it back by token.
-            await self._release(session_id, token)
+            # Postgres may have granted the lock with its reply lost, or may still receive
+            # the attempt: give it up by token.
+            await self._abandon(session_id, token)
             raise
         # Started after a sixth of the lease, the keeper first renews at half of it.
-        keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self._lease / 6)
+        keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self.lease / 6)
         turn = PostgresTurn(self._sessions, session_id, token, keeper)
         turn.window = window
         try:
             yield turn
         finally:
-            await keeper.stop()
-            if not turn.released:
-                await self._release(session_id, token)
+            # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+            await finish(lambda: self._end_turn(turn), self._limit, "unlock")
+
+    async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
+        await keeper.stop()
+        await self._release(session_id, token)
+
+    async def _end_turn(self, turn: PostgresTurn) -> None:
+        await turn.keeper.stop()
+        if not turn.released:
+            await self._release(turn.session_id, turn.token)
+
+    async def _abandon(self, session_id: str, token: str) -> None:
+        await finish(lambda: self._release(session_id, token, _LOCK_ABANDON), self._limit, "unlock")
 
     def _keeper(self, session_id: str, token: str) -> LeaseKeeper:
         return LeaseKeeper(
             lambda: self._renew(session_id, token),
-            self._lease / 3,
+            self.lease / 3,
             f"turn lock of session {session_id!r}",
             session_id,
         )
 
-    async def _release(self, session_id: str, token: str) -> None:
+    async def _release(self, session_id: str, token: str, sql: str = _LOCK_RELEASE) -> None:
         try:
-            await self._db.run(
-                "release turn lock", lambda c: c.execute(_LOCK_RELEASE, session_id, token)
-            )
+            await self._db.run("release turn lock", lambda c: c.execute(sql, session_id, token))
         except StoreError as exc:
             # Not worth failing a finished turn over: the lease runs out by itself.
             log.warning(
@@ -244,6 +282,6 @@ class TurnLocks:
     async def _renew(self, session_id: str, token: str) -> bool:
         held = await self._db.run(
             "renew turn lock",
-            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self._lease),
+            lambda c: c.fetchval(_LOCK_RENEW, session_id, token, self.lease),
         )
         return held is not None

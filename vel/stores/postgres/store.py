@@ -81,7 +81,7 @@ class PostgresStore(DurableTier):
             ``VEL_RETENTION_TTL`` (unset: forever).
         migrate: apply pending migrations when connecting; default ``VEL_MIGRATE``.
         lock_lease: seconds a turn lock survives without renewal (a crashed holder's lock is
-            free again after this).
+            free again after this); default ``VEL_LOCK_LEASE`` (10).
         settings: where the defaults above come from; default :func:`load_settings`.
 
     Raises:
@@ -101,7 +101,7 @@ class PostgresStore(DurableTier):
         connect_timeout: float = 5.0,
         retention_ttl: float | None = None,
         migrate: bool | None = None,
-        lock_lease: float = 60.0,
+        lock_lease: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         needs_env = (
@@ -111,6 +111,7 @@ class PostgresStore(DurableTier):
             or op_timeout is None
             or retention_ttl is None
             or migrate is None
+            or lock_lease is None
         )
         env = settings if settings is not None else (load_settings() if needs_env else Settings())
         if pool is None:
@@ -155,7 +156,7 @@ class PostgresStore(DurableTier):
         if migrate is not None and not isinstance(migrate, bool):
             raise ConfigurationError(f"migrate must be True, False or None, got {migrate!r}")
         migrate = env.migrate_on_start if migrate is None else migrate
-        lock_lease = LEASE.check("lock_lease", lock_lease)
+        lock_lease = env.lock_lease if lock_lease is None else LEASE.check("lock_lease", lock_lease)
         self.placement = placement
 
         self._db = Connector(
@@ -205,6 +206,11 @@ class PostgresStore(DurableTier):
     def op_timeout(self) -> float:
         """Seconds one call may take, connecting included."""
         return self._db.op_timeout
+
+    @property
+    def lock_lease(self) -> float:
+        """Seconds a turn lock outlives its holder (renewed while held)."""
+        return self._locks.lease
 
     # --- lifecycle -----------------------------------------------------------------------------
 

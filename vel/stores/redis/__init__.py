@@ -13,7 +13,7 @@ from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY
 from vel.stores.redis.sessions import Window
 from vel.stores.redis.store import RedisStore
 from vel.stores.redis.url import CLUSTER_SCHEMES, RedisURL, parse_redis_url
-from vel.stores.redis.writebehind import Conflict, Pending
+from vel.stores.redis.writebehind import Claim, Conflict, Pending
 
 __all__ = [
     "BACKPRESSURE",
@@ -23,6 +23,7 @@ __all__ = [
     "MISS",
     "REPLAY",
     "UNSTAGED",
+    "Claim",
     "Conflict",
     "Pending",
     "RedisStore",

@@ -10,6 +10,7 @@ every network call). Times go to Redis as integer milliseconds (:func:`ms`, :fun
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -110,6 +111,7 @@ class Client:
         self.gate = asyncio.Semaphore(gate) if gate > 0 else None
         self.scripts: list[Any] = []
         self.load = self._register(lua.LOAD)
+        self.take = self._register(lua.TAKE_LOCK)
         self.lock_load = self._register(lua.LOCK_LOAD)
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
@@ -117,6 +119,7 @@ class Client:
         self.replace = self._register(lua.REPLACE)
         self.pop = self._register(lua.POP)
         self.claim = self._register(lua.CLAIM)
+        self.renew_claims = self._register(lua.RENEW_CLAIMS)
         self.pending = self._register(lua.PENDING)
         self.ack = self._register(lua.ACK)
         self.conflict = self._register(lua.CONFLICT)
@@ -124,6 +127,7 @@ class Client:
         self.copy = self._register(lua.COPY)
         self.renew = self._register(lua.RENEW_LOCK)
         self.release = self._register(lua.RELEASE_LOCK)
+        self.abandon = self._register(lua.ABANDON_LOCK)
         self.drop_clean = self._register(lua.DROP_CLEAN)
 
     def _register(self, source: str) -> Any:
@@ -182,6 +186,7 @@ class Connector:
                 "give RedisStore a url= instead (vel then opens a client per event loop)",
             )
         self._clients: PerLoop[Client] = PerLoop(self._connect, self._disconnect)
+        self.retries = 0  # idempotent calls retried through a cluster failover
         self._injected_client: Client | None = None
         self._injected_lock: asyncio.Lock | None = None
 
@@ -219,14 +224,11 @@ class Connector:
             max_connections=self.pool_max,
             socket_timeout=self.op_timeout,
             socket_connect_timeout=self.op_timeout,
-            # MOVED/ASK are followed by the client; a dead master (ConnectionError,
-            # CLUSTERDOWN while its replica is promoted) is retried with backoff and a fresh
-            # slot map. The retries add up to about op_timeout: call()'s deadline cannot be
-            # relied on to cut them short (a cancellation landing in redis-py may be lost).
-            retry=Retry(
-                ExponentialWithJitterBackoff(base=0.05, cap=0.5),
-                retries=max(2, round(self.op_timeout / 0.25)),
-            ),
+            # MOVED/ASK are followed by the client. redis-py retries a connection error at
+            # once (the backoff below applies to other errors), with a fresh slot map: a
+            # couple of times, to pick up a topology that already changed. Waiting out a
+            # replica's promotion is call()'s job, with backoff, for idempotent calls.
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2),
             **parsed.cluster_kwargs(),
         )
         client = Client(cluster, gate=self.pool_max)
@@ -272,8 +274,17 @@ class Connector:
     async def aclose(self) -> None:
         await self._clients.aclose()
 
-    async def call(self, what: str, make: Callable[[Client], Awaitable[T]]) -> T:
+    async def call(
+        self, what: str, make: Callable[[Client], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
         """Run one Redis operation, mapping redis-py errors to vel's, once.
+
+        ``idempotent``: running it twice does what running it once does (a read, a
+        token-checked lock or release, an append carrying its message ids). On a Redis
+        Cluster such a call is retried with backoff while a master is unreachable (refused,
+        reset, CLUSTERDOWN while its replica is promoted), for about ``op_timeout`` in all:
+        redis-py's own retries of a connection error come without a pause and are spent in
+        about a second, long before a replica is promoted.
 
         Raises:
             StoreFullError: Redis is out of memory.
@@ -284,10 +295,29 @@ class Connector:
             StoreError: anything else Redis refused.
         """
         if self._owner is not None and not self._owner.is_home():
-            return await self._owner.run(lambda: self.call(what, make))
+            return await self._owner.run(lambda: self.call(what, make, idempotent=idempotent))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.op_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await self._call_once(what, make, deadline - loop.time() + 1.0)
+            except StoreUnavailableError as exc:
+                if not idempotent or not self.is_cluster or isinstance(exc, StoreTimeoutError):
+                    raise
+                pause = delay * (0.5 + random.random() / 2)
+                if loop.time() + pause >= deadline:
+                    raise
+                self.retries += 1
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, 0.5)
+
+    async def _call_once(
+        self, what: str, make: Callable[[Client], Awaitable[T]], seconds: float
+    ) -> T:
         try:
             client = await self.client()
-            async with asyncio.timeout(self.op_timeout + 1.0):
+            async with asyncio.timeout(seconds):
                 if client.gate is None:
                     return await make(client)
                 async with client.gate:
@@ -307,6 +337,10 @@ class Connector:
     def translate(self, what: str, exc: Exception) -> VelError:
         """The vel error for a redis-py (or socket) error raised during ``what``."""
         detail = redact(exc)
+        if isinstance(exc, (rexc.ClusterDownError, rexc.TryAgainError, rexc.SlotNotCoveredError)):
+            return StoreUnavailableError(
+                f"Redis Cluster cannot serve {what} now (failover?): {detail}"
+            )
         if isinstance(exc, rexc.NoPermissionError) or detail.startswith("NOPERM"):
             return AccessDeniedError(
                 f"Redis refused {what} for lack of permission ({detail}): the ACL user of "
@@ -345,6 +379,13 @@ class Connector:
             )
         if isinstance(exc, (rexc.RedisError, rexc.RedisClusterException)):
             return StoreError(f"Redis failed during {what}: {detail}")
+        if isinstance(exc, (AttributeError, TypeError)):
+            # redis-py writing to a connection the peer has just reset (or one its cluster
+            # client is tearing down) leaks the transport's internals as these instead of a
+            # ConnectionError (redis/redis-py#4287): the connection broke mid-call.
+            return StoreUnavailableError(
+                f"Redis connection broke during {what}: {type(exc).__name__}: {detail}"
+            )
         return StoreError(f"Redis failed during {what}: {type(exc).__name__}: {detail}")
 
     @staticmethod

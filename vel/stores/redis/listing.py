@@ -32,7 +32,7 @@ async def scan_sessions(
 
     now = time.time()
     infos = []
-    for sid, meta, ttl in await redis.call("scan", run):
+    for sid, meta, ttl in await redis.call("scan", run, idempotent=True):
         updated = int(meta[2] or meta[1] or 0) / 1000
         if inactive_for is not None and now - updated < inactive_for:
             continue

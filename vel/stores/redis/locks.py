@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from vel import tracing
 from vel._lease import LeaseKeeper
+from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
 from vel.instrument import observed
@@ -117,17 +118,32 @@ class Locks:
         self._lease = lease
 
     async def try_lock(self, key: str, token: str, lease: float) -> bool:
+        """Take the lease-based lock ``key`` for ``token`` (again, if it holds it already)."""
+        args: list[Any] = [token, ms(lease)]
         return bool(
-            await self._redis.call("lock", lambda c: c.redis.set(key, token, nx=True, px=ms(lease)))
+            await self._redis.call("lock", lambda c: c.take(keys=[key], args=args), idempotent=True)
         )
 
     async def renew_lock(self, key: str, token: str, lease: float) -> bool:
+        args: list[Any] = [token, ms(lease)]
         return bool(
-            await self._redis.call("renew", lambda c: c.renew(keys=[key], args=[token, ms(lease)]))
+            await self._redis.call(
+                "renew", lambda c: c.renew(keys=[key], args=args), idempotent=True
+            )
         )
 
     async def release_lock(self, key: str, token: str) -> None:
-        await self._redis.call("unlock", lambda c: c.release(keys=[key], args=[token]))
+        await self._redis.call(
+            "unlock", lambda c: c.release(keys=[key], args=[token]), idempotent=True
+        )
+
+    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+        """Give up an attempt at ``key`` whose outcome is unknown (cancelled, reply lost):
+        the lock is free afterwards even if the attempt reaches Redis later."""
+        args: list[Any] = [token, ms(lease)]
+        await self._redis.call(
+            "abandon lock", lambda c: c.abandon(keys=[key], args=args), idempotent=True
+        )
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None
@@ -176,6 +192,33 @@ class Locks:
                 extra={"session_id": self._keys.session_id_of(keys.meta)},
             )
 
+    async def _locked(self, keys: SessionKeys, token: str, until_locked: Awaitable[T]) -> T:
+        """Await ``until_locked`` (attempts at the turn lock with ``token``); if it fails or is
+        cancelled, abandon the attempt: Redis may have granted the lock with the reply lost,
+        or may still receive the attempt."""
+        try:
+            return await until_locked
+        except SessionLockedError:
+            raise
+        except BaseException:
+            await finish(lambda: self._abandon(keys, token), self._limit, "turn lock release")
+            raise
+
+    async def _abandon(self, keys: SessionKeys, token: str) -> None:
+        try:
+            await self.abandon_lock(keys.turn_lock, token, self._lease)
+        except StoreError:
+            log.warning(
+                "could not release turn lock %s; its lease will run out",
+                keys.turn_lock,
+                extra={"session_id": self._keys.session_id_of(keys.meta)},
+            )
+
+    @property
+    def _limit(self) -> float:
+        """Bound of a shielded release: one call's deadline, and a little more."""
+        return self._redis.op_timeout + 1.0
+
     @asynccontextmanager
     async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
         token = uuid.uuid4().hex
@@ -183,13 +226,17 @@ class Locks:
         async def attempt() -> bool | None:
             return await self.try_lock(keys.turn_lock, token, self._lease) or None
 
-        await self._until_locked(keys, timeout, attempt)
+        await self._locked(keys, token, self._until_locked(keys, timeout, attempt))
         keeper = self._keep_lock(keys, token)
         try:
             yield
         finally:
-            await keeper.stop()
-            await self._unlock(keys, token)
+            # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+            await finish(lambda: self._end_lock(keeper, keys, token), self._limit, "unlock")
+
+    async def _end_lock(self, keeper: LeaseKeeper, keys: SessionKeys, token: str) -> None:
+        await keeper.stop()
+        await self._unlock(keys, token)
 
     @asynccontextmanager
     async def turn(
@@ -215,6 +262,7 @@ class Locks:
             reply: list[Any] = await self._redis.call(
                 "lock+load",
                 lambda c: c.lock_load(keys=[*keys.layout, keys.turn_lock], args=args),
+                idempotent=True,
             )
             return None if int(reply[0]) == LOCKED else reply
 
@@ -223,7 +271,9 @@ class Locks:
             # The lock and the window come in one script; what the turn waited for the lock
             # goes to the lock-wait histogram, the rest (with any warm) is the load.
             with tracing.span("load", session_id):
-                reply, tried = await self._until_locked(keys, timeout, attempt)
+                reply, tried = await self._locked(
+                    keys, token, self._until_locked(keys, timeout, attempt)
+                )
                 turn = RedisTurn(self._sessions, session_id, token, on_miss)
                 window = self._sessions.window(session_id, reply)
                 for _ in range(5):
@@ -241,6 +291,11 @@ class Locks:
             yield turn
         finally:
             if turn is not None:
-                await turn.stop_lease()
-                if not turn.committed:
-                    await self._unlock(keys, token)
+                held = turn
+                # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+                await finish(lambda: self._end_turn(held, keys), self._limit, "unlock")
+
+    async def _end_turn(self, turn: RedisTurn, keys: SessionKeys) -> None:
+        await turn.stop_lease()
+        if not turn.committed:
+            await self._unlock(keys, turn.token)

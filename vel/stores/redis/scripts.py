@@ -164,18 +164,39 @@ end
 # Read the window (see _READ_WINDOW).
 LOAD = _script("allow-oom", _SESSION + _READ_WINDOW, "return read_window()\n")
 
+# Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
+# value '~token' is the tombstone of an abandoned attempt (ABANDON_LOCK): free for every
+# other token, never taken by that one, so an attempt delivered late cannot take it back.
+_TAKE_LOCK = """
+local function take_lock(n, t)
+  local held = redis.call('GET', KEYS[n])
+  if held == ARGV[t] then
+    redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
+    return true
+  end
+  if held and (string.sub(held, 1, 1) ~= '~' or held == '~' .. ARGV[t]) then return false end
+  redis.call('SET', KEYS[n], ARGV[t], 'PX', ARGV[t + 1])
+  return true
+end
+"""
+
 # Take the turn lock (KEYS[8]) and read the window in one step, so a locked turn costs no
 # round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms. Returns {-5} when
 # another turn holds the lock (nothing read), else what LOAD returns, the lock now held
 # (also on a miss or damage: the caller warms or reports, then releases).
 LOCK_LOAD = _script(
     "",
-    _SESSION + _READ_WINDOW,
+    _SESSION + _READ_WINDOW + _TAKE_LOCK,
     """
-if not redis.call('SET', KEYS[8], ARGV[8], 'NX', 'PX', ARGV[9]) then return {-5} end
+if not take_lock(8, 8) then return {-5} end
 return read_window()
 """,
 )
+
+# Take the lock KEYS[1] for token ARGV[1], lease ARGV[2] ms. Returns 1 taken, 0 held by
+# another token.
+TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. ARGV: 6 lease margin ms, 7 flush delay ms, 8 backlog bound per bucket, 9 first
 # message id, 10 turn lock token ('' none), 11.. items. With a token, KEYS[8] is the turn
@@ -388,6 +409,24 @@ return due
 """,
 )
 
+# Renew a flusher's claims (KEYS[1] = dirty): each session still claimed until ARGV[1] (ms)
+# is claimed until ARGV[2]. One acked, rescheduled or claimed anew since has another score
+# and is left alone. ARGV[3..] = session ids. Returns how many were renewed.
+RENEW_CLAIMS = _script(
+    "allow-oom",
+    "",
+    """
+local n = 0
+for i = 3, #ARGV do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i]) or '-1') == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+""",
+)
+
 # What a flusher must copy. ARGV 6: max rows. Returns {gen, fgen, flushed, seq, rev,
 # updated, pgrows, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq -1
 # without a truncation record) or {-1} if the session is gone (or past its retention: then
@@ -543,6 +582,21 @@ RELEASE_LOCK = _script(
     """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+""",
+)
+
+# Give up an attempt at a lock whose outcome is unknown (cancelled, reply lost): KEYS[1] =
+# lock, ARGV: 1 token, 2 ms. Unless another token holds the lock, leave the tombstone
+# '~token' for ARGV[2] ms: whether the attempt already ran (the lock is freed) or is still
+# on its way (it will find the tombstone and fail), the lock ends up free. Returns 1 or 0.
+ABANDON_LOCK = _script(
+    "allow-oom",
+    "",
+    """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
+redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+return 1
 """,
 )
 

@@ -164,7 +164,7 @@ class Sessions:
         limit = limit_arg(limit)
         args = [*self.common(session_id), -1 if limit is None else limit, 0]
         reply: list[Any] = await self._redis.call(
-            "load", lambda c: c.load(keys=keys.layout, args=args)
+            "load", lambda c: c.load(keys=keys.layout, args=args), idempotent=True
         )
         return self.window(session_id, reply)
 
@@ -216,11 +216,15 @@ class Sessions:
 
     async def exists(self, session_id: str) -> bool:
         keys = self._keys.session(session_id)
-        return bool(await self._redis.call("exists", lambda c: c.redis.exists(keys.meta)))
+        return bool(
+            await self._redis.call("exists", lambda c: c.redis.exists(keys.meta), idempotent=True)
+        )
 
     async def last_seq(self, session_id: str) -> int:
         keys = self._keys.session(validate_session_id(session_id))
-        raw = await self._redis.call("hget", lambda c: c.redis.hget(keys.meta, "seq"))
+        raw = await self._redis.call(
+            "hget", lambda c: c.redis.hget(keys.meta, "seq"), idempotent=True
+        )
         return int(raw or 0)
 
     # -- writes ----------------------------------------------------------------------------
@@ -242,7 +246,10 @@ class Sessions:
         names = keys.layout
         if unlock:
             names.append(keys.turn_lock)
-        reply = await self._redis.call("append", lambda c: c.append(keys=names, args=args))
+        # Idempotent: the first message id makes a replayed append return the original seq.
+        reply = await self._redis.call(
+            "append", lambda c: c.append(keys=names, args=args), idempotent=True
+        )
         head = int(reply[0])
         if head >= 0:
             self._counters["appends"] += 1
@@ -385,8 +392,11 @@ class Sessions:
             lease_until_ms,
         ]
         args += [f"{mid}\n{text}" for _, mid, text in rows]
+        # Idempotent: a replayed seed finds the session present (0).
         reply = await self._redis.call(
-            "seed", lambda c: c.seed(keys=[*keys.layout, keys.warm_lock], args=args)
+            "seed",
+            lambda c: c.seed(keys=[*keys.layout, keys.warm_lock], args=args),
+            idempotent=True,
         )
         return int(reply)
 
@@ -404,6 +414,6 @@ class Sessions:
         args: list[Any] = [gen, -1 if rev is None else rev, base]
         args += [f"{mid}\n{text}" for _, mid, text in rows]
         reply = await self._redis.call(
-            "extend", lambda c: c.extend(keys=list(keys.data), args=args)
+            "extend", lambda c: c.extend(keys=list(keys.data), args=args), idempotent=True
         )
         return int(reply)

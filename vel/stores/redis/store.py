@@ -48,7 +48,7 @@ from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks, RedisTurn
 from vel.stores.redis.sessions import Copy, Sessions, Window, encode
-from vel.stores.redis.writebehind import Conflict, Pending, WriteBehind
+from vel.stores.redis.writebehind import Claim, Conflict, Pending, WriteBehind
 
 T = TypeVar("T")
 
@@ -82,7 +82,8 @@ class RedisStore:
         op_timeout: socket timeout of every Redis call.
         pool_max: connections per process (per event loop), per node on a cluster
             (``VEL_REDIS_POOL_MAX``).
-        lock_lease: seconds a turn lock lives without renewal (renewed while held).
+        lock_lease: seconds a turn lock lives without renewal (renewed while held);
+            default ``VEL_LOCK_LEASE`` (10).
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class RedisStore:
         flush_delay: float = 0.05,
         op_timeout: float | None = None,
         pool_max: int | None = None,
-        lock_lease: float = 60.0,
+        lock_lease: float | None = None,
         settings: Settings | None = None,
     ) -> None:
         s = settings or load_settings()
@@ -139,7 +140,9 @@ class RedisStore:
         self.pool_max = (
             s.redis_pool_max if pool_max is None else POOL.check_int("pool_max", pool_max)
         )
-        self.lock_lease = LEASE.check("lock_lease", lock_lease)
+        self.lock_lease = (
+            s.lock_lease if lock_lease is None else LEASE.check("lock_lease", lock_lease)
+        )
         self._redis = Connector(
             self.url, injected=client, op_timeout=self.op_timeout, pool_max=self.pool_max
         )
@@ -186,15 +189,18 @@ class RedisStore:
     async def client(self) -> Client:
         return await self._redis.client()
 
-    async def call(self, what: str, make: Callable[[Client], Awaitable[T]]) -> T:
-        """Run one Redis operation, mapping redis-py errors to vel's, once."""
-        return await self._redis.call(what, make)
+    async def call(
+        self, what: str, make: Callable[[Client], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
+        """Run one Redis operation, mapping redis-py errors to vel's, once (see
+        :meth:`Connector.call <vel.stores.redis.client.Connector.call>`)."""
+        return await self._redis.call(what, make, idempotent=idempotent)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
 
     async def ping(self) -> bool:
-        return bool(await self.call("PING", lambda c: c.redis.ping()))
+        return bool(await self.call("PING", lambda c: c.redis.ping(), idempotent=True))
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -349,6 +355,11 @@ class RedisStore:
     async def release_lock(self, key: str, token: str) -> None:
         await self._locks.release_lock(key, token)
 
+    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+        """Give up an attempt at lock ``key`` whose outcome is unknown (cancelled, its reply
+        lost): the lock is free afterwards even if the attempt reaches Redis later."""
+        await self._locks.abandon_lock(key, token, lease)
+
     def turn_lock(
         self, session_id: str, timeout: float | None = None
     ) -> AbstractAsyncContextManager[None]:
@@ -382,8 +393,14 @@ class RedisStore:
 
     # -- flushing (write-behind) -----------------------------------------------------------
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
+        """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
         return await self._write_behind.claim(bucket, lease, limit)
+
+    async def renew_claim(self, claim: Claim, lease: float) -> bool:
+        """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;
+        False when it holds none any more."""
+        return await self._write_behind.renew_claim(claim, lease)
 
     async def try_sweep(self, bucket: int, interval: float) -> bool:
         """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""
@@ -448,6 +465,8 @@ class RedisStore:
 
     async def stats(self) -> dict[str, float]:
         result = dict(self.counters)
+        if self.is_cluster:
+            result["cluster_retries"] = float(self._redis.retries)
         if self.write_behind:
             unflushed, oldest, dirty = await self.backlog()
             result.update(

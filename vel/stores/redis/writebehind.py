@@ -60,6 +60,15 @@ class Conflict:
     fgen: int
 
 
+@dataclass(slots=True)
+class Claim:
+    """A flusher's claim on due sessions of one bucket, held until ``until_ms``."""
+
+    bucket: int
+    session_ids: list[str]
+    until_ms: int
+
+
 class WriteBehind:
     """Claims, pending reads, acknowledgements, conflicts and the backlog; ``sessions``
     supplies the scripts' common arguments (hot TTL, retention)."""
@@ -69,12 +78,27 @@ class WriteBehind:
         self._keys = keys
         self._sessions = sessions
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> list[str]:
+    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         dirty = self._keys.bucket_keys(bucket)[0]
+        now = now_ms()
+        # Retried through a failover: a replay after a lost reply finds the first attempt's
+        # sessions claimed (not due), which holds them back one lease at most.
         reply = await self._redis.call(
-            "claim", lambda c: c.claim(keys=[dirty], args=[now_ms(), ms(lease), limit])
+            "claim",
+            lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit]),
+            idempotent=True,
         )
-        return [sid.decode() for sid in reply]
+        return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
+
+    async def renew_claim(self, claim: Claim, lease: float) -> bool:
+        dirty = self._keys.bucket_keys(claim.bucket)[0]
+        until = now_ms() + ms(lease)
+        args: list[Any] = [claim.until_ms, until, *claim.session_ids]
+        renewed = await self._redis.call(
+            "renew claim", lambda c: c.renew_claims(keys=[dirty], args=args), idempotent=True
+        )
+        claim.until_ms = until
+        return int(renewed) > 0
 
     async def try_sweep(self, bucket: int, interval: float) -> bool:
         key = self._keys.sweep(bucket)
@@ -86,7 +110,9 @@ class WriteBehind:
         dirty = self._keys.bucket_keys(bucket)[0]
         due = now_ms() + ms(delay)
         mapping: dict[str, float] = {sid: due for sid in session_ids}
-        await self._redis.call("reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True))
+        await self._redis.call(
+            "reschedule", lambda c: c.redis.zadd(dirty, mapping, xx=True), idempotent=True
+        )
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
         now = now_ms()
@@ -97,7 +123,9 @@ class WriteBehind:
                 args = [*self._sessions.common(sid, now), max_rows]
                 await c.queue(pipe, c.pending, keys.layout, args)
 
-        replies = await self._redis.call("pending", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         result: list[Pending | None] = []
         for sid, reply in zip(session_ids, replies, strict=True):
             if int(reply[0]) in (MISS, IN_CONFLICT) and len(reply) == 1:
@@ -138,7 +166,9 @@ class WriteBehind:
                 args = [*self._sessions.common(sid, now), gen, upto, lease]
                 await c.queue(pipe, c.ack, keys.layout, args)
 
-        replies = await self._redis.call("ack", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return [int(r) for r in replies]
 
     async def conflict(self, session_id: str, gen: int, rev: int | None, reason: str) -> bool:
@@ -219,7 +249,7 @@ class WriteBehind:
                 pipe.zcard(dirty)
             return list(await pipe.execute())
 
-        replies = await self._redis.call("backlog", run)
+        replies = await self._redis.call("backlog", run, idempotent=True)
         total, oldest, sessions = 0, None, 0
         for i in range(0, len(replies), 3):
             total += int(replies[i] or 0)
@@ -241,5 +271,7 @@ class WriteBehind:
 
         if not session_ids:
             return []
-        replies = await self._redis.call("drop clean", lambda c: self._redis.pipelined(c, fill))
+        replies = await self._redis.call(
+            "drop clean", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
         return [int(r) for r in replies]

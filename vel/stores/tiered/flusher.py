@@ -28,6 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from vel import failpoints, metrics
+from vel._lease import renewed
 from vel._outage import PERMANENT_RETRY, Outage, permanent
 from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
 from vel.errors import FlushConflictError, InvalidInputError, VelError
@@ -42,7 +43,7 @@ from vel.totals import Totals
 
 if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
-    from vel.stores.redis import Pending, RedisStore
+    from vel.stores.redis import Claim, Pending, RedisStore
 
 # The logger keeps its name from before the flusher moved here: log filters select on it.
 log = get_logger("vel.flusher")
@@ -56,7 +57,8 @@ class Flusher:
         cold: the Postgres tier.
         batch_sessions: sessions claimed per bucket per sweep, and written per transaction.
         max_rows: messages copied per session per transaction.
-        lease: seconds a claim stays exclusive before another flusher may redo it.
+        lease: seconds a claim stays exclusive before another flusher may redo it, unless
+            renewed (the default is ``VEL_FLUSH_LEASE``).
         idle_interval: sleep between sweeps that found nothing to do.
         max_backoff: cap of the retry delay while Postgres or Redis fails.
         sweep_interval: seconds between two claims in one bucket by all flushers together
@@ -71,7 +73,7 @@ class Flusher:
         *,
         batch_sessions: int = 200,
         max_rows: int = 1000,
-        lease: float = 30.0,
+        lease: float | None = None,
         idle_interval: float = 0.05,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
@@ -80,7 +82,7 @@ class Flusher:
         self.cold = cold
         self.batch_sessions = BATCH.check_int("batch_sessions", batch_sessions)
         self.max_rows = BATCH.check_int("max_rows", max_rows)
-        self.lease = LEASE.check("lease", lease)
+        self.lease = load_settings().flush_lease if lease is None else LEASE.check("lease", lease)
         self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
         self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
@@ -118,7 +120,7 @@ class Flusher:
         """
         buckets = self.hot.keys.buckets
         self._offset = (self._offset + 1) % buckets
-        claimed: list[tuple[int, list[str]]] = []
+        claims: list[Claim] = []
         try:
             for i in range(buckets):
                 bucket = (self._offset + i) % buckets
@@ -127,21 +129,32 @@ class Flusher:
                 ):
                     self.counters["flush_sweeps_skipped"] += 1  # another flusher swept it
                     continue
-                session_ids = await self.hot.claim(bucket, self.lease, self.batch_sessions)
-                if session_ids:
-                    claimed.append((bucket, session_ids))
-            if not claimed:
+                claim = await self.hot.claim(bucket, self.lease, self.batch_sessions)
+                if claim.session_ids:
+                    claims.append(claim)
+            if not claims:
                 return 0
-            return await self._flush_claimed(claimed)
+            # Renewed while this flusher works on them, so the lease can be short: a
+            # flusher that dies holds its sessions back for one lease at most.
+            async with renewed(lambda: self._renew(claims), self.lease, "flush claims"):
+                return await self._flush_claimed([(c.bucket, c.session_ids) for c in claims])
         except Exception:
-            if claimed:
+            if claims:
                 self.counters["flush_batches_failed"] += 1
             # Hand the claims back early so a short outage does not wait out the whole lease
             # (those already written and acknowledged are clean: rescheduling skips them).
             with contextlib.suppress(VelError):
-                for bucket, session_ids in claimed:
-                    await self.hot.reschedule(bucket, session_ids, delay=self._retry_delay())
+                for claim in claims:
+                    await self.hot.reschedule(
+                        claim.bucket, claim.session_ids, delay=self._retry_delay()
+                    )
             raise
+
+    async def _renew(self, claims: list[Claim]) -> bool:
+        # Sessions already acknowledged are no longer held: not a lost lease, so keep on.
+        for claim in claims:
+            await self.hot.renew_claim(claim, self.lease)
+        return True
 
     async def _flush_claimed(self, claimed: list[tuple[int, list[str]]]) -> int:
         await failpoints.hit("flush_after_claim")

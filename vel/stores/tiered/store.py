@@ -72,8 +72,10 @@ class TieredStore:
         cold: a PostgresStore.
         flusher: run an embedded flusher task in this process (default: ``VEL_FLUSHER``,
             which defaults to ``embedded``); False when a standalone ``vel flusher`` runs.
-        warm_lease: seconds one process may spend loading a session from Postgres before
-            another may take over.
+        warm_lease: seconds a process that died while loading a session from Postgres
+            keeps others from loading it (renewed while it loads); default ``VEL_WARM_LEASE``.
+        flush_lease: seconds a dead flusher's claim keeps others from flushing its sessions
+            (renewed while it flushes); default ``VEL_FLUSH_LEASE``.
         drain_timeout: seconds :meth:`aclose` spends flushing what is still dirty.
     """
 
@@ -83,7 +85,8 @@ class TieredStore:
         cold: PostgresStore,
         *,
         flusher: bool | None = None,
-        warm_lease: float = 15.0,
+        warm_lease: float | None = None,
+        flush_lease: float | None = None,
         drain_timeout: float = 10.0,
         settings: Settings | None = None,
     ) -> None:
@@ -103,8 +106,15 @@ class TieredStore:
         self.hot = hot
         self.cold = cold
         self.embedded_flusher = (s.flusher == "embedded") if flusher is None else flusher
-        self.flusher = Flusher(hot, cold, sweep_interval=s.flush_interval)
-        self.warm_lease = LEASE.check("warm_lease", warm_lease)
+        self.flusher = Flusher(
+            hot,
+            cold,
+            lease=s.flush_lease if flush_lease is None else LEASE.check("flush_lease", flush_lease),
+            sweep_interval=s.flush_interval,
+        )
+        self.warm_lease = (
+            s.warm_lease if warm_lease is None else LEASE.check("warm_lease", warm_lease)
+        )
         self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
         self._flusher_task: asyncio.Task[None] | None = None
         # Whether this process wrote anything that a drain on close should push to Postgres.
@@ -124,7 +134,7 @@ class TieredStore:
             "evictions_seen": 0,
         }
         metrics.track(self, self.counters, None)
-        self._warmer = Warmer(hot, cold, lease=warm_lease, counters=self.counters)
+        self._warmer = Warmer(hot, cold, lease=self.warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
 

@@ -4,7 +4,9 @@ only as much of it as the caller needs.
 Single-flight within a process (concurrent misses of one session share one load) and across
 processes (the warmer holds a lease in Redis; the others wait for the session to appear). The
 seed script installs the snapshot only if the session is still absent *and* the lease is still
-ours, so a slow warm can never overwrite newer data (DESIGN.md 3.4).
+ours, so a slow warm can never overwrite newer data (DESIGN.md 3.4). The lease is short and
+renewed while the warm runs: a warmer that dies (or freezes) holds the session back for one
+lease at most.
 
 The Postgres read takes the session's tier lease (``hot_until``), which tells 'database'-mode
 writers that Redis may hold the session; the copy's TTL never outlives it (3.8). It reads only
@@ -17,16 +19,23 @@ what its window costs, not what the history costs (3.10). Older messages are rea
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import random
 import time
 import uuid
 
 from vel import failpoints
-from vel.errors import StoreTimeoutError
+from vel._lease import renewed
+from vel._shield import finish
+from vel.errors import StoreError, StoreTimeoutError
 from vel.instrument import observed
 from vel.metrics.histograms import WARM
 from vel.stores.postgres import PostgresStore, Snapshot
 from vel.stores.redis import RedisStore
+from vel.stores.redis.keys import SessionKeys
+
+log = logging.getLogger("vel.tiered")
 
 # The fewest messages a warm loads: the replay record is rebuilt from their ids, so a late
 # retry of a flushed append is still recognised (the record covers the last 64 appends).
@@ -58,7 +67,8 @@ class Warmer:
     Args:
         hot: the Redis tier.
         cold: the Postgres tier.
-        lease: seconds one process may spend loading a session before another may take over.
+        lease: seconds a warmer that died keeps others from loading the session (renewed
+            while it loads).
         counters: the TieredStore's counters dict (shared, updated in place).
     """
 
@@ -94,22 +104,57 @@ class Warmer:
 
     async def _warm(self, session_id: str, size: int) -> None:
         keys = self.hot.keys.session(session_id)
-        deadline = time.monotonic() + self.lease + self.cold.op_timeout
+        # A live warmer holds the lease for a load and a seed (each within op_timeout); a
+        # dead one for one lease.
+        deadline = time.monotonic() + self.lease + 2 * self.cold.op_timeout
         delay = 0.002
         while True:
             token = uuid.uuid4().hex
-            if await self.hot.try_lock(keys.warm_lock, token, self.lease):
+            if await self._take_lease(keys, token):
                 try:
-                    if await self._load_and_seed(session_id, token, size):
-                        return
+                    async with renewed(
+                        functools.partial(self.hot.renew_lock, keys.warm_lock, token, self.lease),
+                        self.lease,
+                        f"warm lease of session {session_id!r}",
+                        session_id,
+                    ):
+                        if await self._load_and_seed(session_id, token, size):
+                            return
                 finally:
-                    await self.hot.release_lock(keys.warm_lock, token)
+                    await self._end_lease(keys, token)
             elif await self.hot.exists(session_id):
                 return  # another process finished warming it
             if time.monotonic() >= deadline:
                 raise StoreTimeoutError(f"warming session {session_id!r} did not finish")
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 0.05)
+
+    async def _take_lease(self, keys: SessionKeys, token: str) -> bool:
+        try:
+            return await self.hot.try_lock(keys.warm_lock, token, self.lease)
+        except BaseException:
+            # Redis may have granted the lease with the reply lost, or may still receive the
+            # attempt: abandon it.
+            await self._end_lease(keys, token, abandon=True)
+            raise
+
+    async def _end_lease(self, keys: SessionKeys, token: str, *, abandon: bool = False) -> None:
+        """Release the warm lease, shielded and bounded (an anyio scope cancels every await
+        of a plain ``finally``); a failure leaves it to run out."""
+        await finish(
+            lambda: self._release(keys, token, abandon),
+            self.hot.op_timeout + 1.0,
+            "warm release",
+        )
+
+    async def _release(self, keys: SessionKeys, token: str, abandon: bool) -> None:
+        try:
+            if abandon:
+                await self.hot.abandon_lock(keys.warm_lock, token, self.lease)
+            else:
+                await self.hot.release_lock(keys.warm_lock, token)
+        except StoreError as exc:
+            log.warning("could not release warm lease %s: %s", keys.warm_lock, exc)
 
     async def _load_and_seed(self, session_id: str, token: str, size: int) -> bool:
         if await self.hot.exists(session_id):
