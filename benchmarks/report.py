@@ -159,8 +159,9 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
         lines += [
             f"Redis mode wrote {red['turns'] * 2} messages with {red['flush_transactions']} "
             f"flush transactions ({red['flush_tx_per_1000_messages']} per 1000 messages) and "
-            f"{red['warm_transactions']} warm reads (one per brand-new session: Postgres is "
-            "asked whether it knows the session). Postgres transactions are counted by "
+            f"{red['warm_transactions']} warms (one per brand-new session: Postgres is asked "
+            "whether it knows the session and records the tier lease). Postgres transactions "
+            "are counted by "
             "`pg_stat_database` on the bench's own database, so nothing else pollutes them. "
             f"Flush lag at saturation: p50 {red['flush_lag']['p50_ms']} ms, "
             f"p99 {red['flush_lag']['p99_ms']} ms.",

@@ -95,23 +95,31 @@ class _Recorder:
         store = driver.store
         cold = store.cold
         apply_flushes = cold.apply_flushes
-        load_snapshot = cold.load_snapshot
+        take_lease = cold.take_lease
 
-        async def counted_flush(batch: Any, truncations: Any = None) -> Any:
-            result = await apply_flushes(batch, truncations)
+        async def counted_flush(batch: Any, truncations: Any = None, lease: Any = None) -> Any:
+            result = await apply_flushes(batch, truncations, lease)
             now = time.time()
             self.flush_tx += 1
-            for sid, _gen, rows in batch:
+            for item in batch:
+                sid, rows = (
+                    (item[0], item[2])
+                    if isinstance(item, tuple)
+                    else (
+                        item.session_id,
+                        item.rows,
+                    )
+                )
                 if rows:
                     self.commits.append((sid, int(rows[-1][0]), now))
             return result
 
-        async def counted_snapshot(session_id: str) -> Any:
+        async def counted_warm(*args: Any) -> Any:
             self.warm_tx += 1
-            return await load_snapshot(session_id)
+            return await take_lease(*args)
 
         cold.apply_flushes = counted_flush
-        cold.load_snapshot = counted_snapshot
+        cold.take_lease = counted_warm
 
 
 async def _run(spec: dict[str, Any]) -> dict[str, Any]:

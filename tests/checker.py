@@ -122,10 +122,12 @@ async def redis_rows(redis_url: str, prefix: str, session_id: str) -> list[Row]:
     client = redis_client(redis_url)
     try:
         items = await client.lrange(keys.messages, 0, -1)
+        base = int(await client.hget(keys.meta, "base") or 0)
     finally:
         await client.aclose()
     rows = []
-    for seq, item in enumerate(items, start=1):
+    # A copy warmed for a window holds seqs base+1 .. seq only.
+    for seq, item in enumerate(items, start=base + 1):
         mid, _, text = item.partition(b"\n")
         rows.append(Row(seq, mid.decode(), json.loads(text)))
     return rows
@@ -141,10 +143,19 @@ async def redis_meta(redis_url: str, prefix: str, session_id: str) -> dict[str, 
         due = await client.zscore(keys.dirty, session_id)
         since = await client.zscore(keys.dirty_since, session_id)
         backlog = await client.get(keys.backlog)
+        conflicted = await client.zscore(keys.conflicts, session_id)
     finally:
         await client.aclose()
-    meta: dict[str, Any] = {k.decode(): int(v) for k, v in raw.items()}
-    meta.update(pttl=pttl, due=due, dirty_since=since, bucket_backlog=int(backlog or 0))
+    meta: dict[str, Any] = {
+        k.decode(): int(v) if v.lstrip(b"-").isdigit() else v.decode() for k, v in raw.items()
+    }
+    meta.update(
+        pttl=pttl,
+        due=due,
+        dirty_since=since,
+        bucket_backlog=int(backlog or 0),
+        conflicted=conflicted,
+    )
     return meta
 
 

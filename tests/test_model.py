@@ -3,6 +3,11 @@ retried appends, pops, flush steps, flusher crashes and stalls, expiry, eviction
 replace and Postgres outages against a real Redis and a real Postgres (through a fault
 proxy), and checks after every step that the store agrees with a plain dict of lists.
 
+Mixed modes and retention (DESIGN.md 3.8, 3.9) add: a 'database'-mode writer on the same
+schema (refused while the tier lease is live), the tier lease running out while no flush
+happens, a flush conflict and its resolution by an operator, and a session's retention
+running out in both tiers.
+
 The default run keeps the example count small (seconds); ``scripts/faults`` raises it
 (``VEL_FAULTS_FULL=1``).
 """
@@ -16,7 +21,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-from checker import postgres_rows, redis_meta
+from checker import postgres_rows, redis_meta, redis_rows
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -30,10 +35,11 @@ from hypothesis.stateful import (
 from servers import sized
 from workers import with_port
 
-from vel.errors import StoreUnavailableError
-from vel.stores.postgres import PostgresStore
+from vel.errors import InvalidInputError, StoreUnavailableError, TierLeaseError
+from vel.stores.postgres import FlushBatch, PostgresStore
 from vel.stores.postgres.migrate import migrate
 from vel.stores.redis import RedisStore
+from vel.stores.redis.client import now_ms
 from vel.stores.tiered import TieredStore
 from vel.testing.proxy import FaultProxy
 
@@ -63,12 +69,19 @@ class TwoTierMachine(RuleBasedStateMachine):
         # What a stalled flusher read, to be written (and acknowledged) later.
         self.stalled: dict[str, Any] = {}
         self.pg_up = True
+        # Sessions a 'database'-mode write changed behind the tier while Redis held unflushed
+        # writes of them, until resolved: what Postgres holds.
+        self.diverged: dict[str, list[str]] = {}
         self.proxy.set_mode("pass")
         hot = RedisStore(self.redis_url, key_prefix=self.prefix, write_behind=True, flush_delay=0)
         cold = PostgresStore(
             with_port(self.pg_dsn, self.proxy.port), schema=self.schema, op_timeout=2.0
         )
         self.store = TieredStore(hot, cold, flusher=False, warm_lease=2.0)
+        # A 'database'-mode writer on the same schema (through the same proxy).
+        self.db = PostgresStore(
+            with_port(self.pg_dsn, self.proxy.port), schema=self.schema, op_timeout=2.0
+        )
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -77,6 +90,8 @@ class TwoTierMachine(RuleBasedStateMachine):
         try:
             self.proxy.set_mode("pass")
             self.pg_up = True
+            for sid in list(self.diverged):
+                self.resolve(self.sids.index(sid), "both")
             assert self.run(self.store.flush(20)), "the backlog did not drain"
             for sid in self.sids:
                 rows = self.run(postgres_rows(self.pg_dsn, self.schema, sid))
@@ -84,6 +99,7 @@ class TwoTierMachine(RuleBasedStateMachine):
                 assert [r.seq for r in rows] == list(range(1, len(rows) + 1)), sid
         finally:
             self.run(self.store.aclose())
+            self.run(self.db.aclose())
 
     @initialize()
     def start(self) -> None:
@@ -134,13 +150,20 @@ class TwoTierMachine(RuleBasedStateMachine):
         (pending,) = self.run(hot.pending([sid], 1000))
         if pending is None or not pending.rows:
             return
-        self.run(self.store.cold.apply_flushes(*self._batch(pending)))
+        self.run(self._apply(pending))
 
-    @staticmethod
-    def _batch(pending: Any) -> tuple[Any, Any]:
-        """apply_flushes' arguments for one pending read, as the flusher passes them."""
-        cut = {pending.session_id: pending.truncate} if pending.truncate else None
-        return [(pending.session_id, pending.gen, pending.rows)], cut
+    def _apply(self, pending: Any) -> Any:
+        """apply_flushes of one pending read, as the flusher calls it."""
+        batch = FlushBatch(
+            pending.session_id,
+            pending.gen,
+            pending.rows,
+            revision=pending.rev,
+            written_ms=pending.updated_ms,
+            had_postgres_rows=pending.had_postgres_rows,
+            truncate=pending.truncate,
+        )
+        return self.store.cold.apply_flushes([batch], lease=self.store.hot.tier_lease)
 
     @rule(i=st.integers(0, 2))
     def flusher_stalls(self, i: int) -> None:
@@ -157,7 +180,9 @@ class TwoTierMachine(RuleBasedStateMachine):
         pending = self.stalled.pop(self.sids[i], None)
         if pending is None:
             return
-        self.run(self.store.cold.apply_flushes(*self._batch(pending)))
+        (result,) = self.run(self._apply(pending))
+        if result.stale:
+            return  # as the flusher: a batch Postgres refused is never acknowledged
         upto = pending.rows[-1][0] if pending.rows else pending.flushed
         self.run(self.store.hot.ack([(pending.session_id, pending.gen, upto)]))
 
@@ -245,6 +270,130 @@ class TwoTierMachine(RuleBasedStateMachine):
         self.proxy.set_mode("pass")
         self.pg_up = True
 
+    # -- mixed modes and retention ----------------------------------------------------------
+
+    def _postgres(self, sql: str, *args: Any) -> Any:
+        async def run() -> Any:
+            conn = await asyncpg.connect(self.pg_dsn, server_settings={"search_path": self.schema})
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+
+        return self.run(run())
+
+    def _leased(self, sid: str) -> bool:
+        rows = self._postgres(
+            "SELECT hot_until > now() AND coalesce(expires_at > now(), true) AS leased"
+            " FROM vel_sessions WHERE id = $1",
+            sid,
+        )
+        return bool(rows and rows[0]["leased"])
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2))
+    def tier_lease_runs_out(self, i: int) -> None:
+        """No flush or warm of the session for a whole tier lease: Postgres stops recording
+        that Redis holds it, and a clean copy (its TTL capped by the lease) is gone."""
+        sid = self.sids[i]
+        self._postgres(
+            "UPDATE vel_sessions SET hot_until = now() - interval '1 second' WHERE id = $1", sid
+        )
+        keys = self.store.hot.keys.session(sid)
+        past = now_ms() - 1000
+        if self._clean(sid):
+            self.run(self.store.hot.call("del", lambda c: c.redis.delete(*keys.data)))
+            self.last[sid] = None
+        else:
+
+            async def lapse(c: Any) -> None:
+                if await c.redis.exists(keys.meta):
+                    await c.redis.hset(keys.meta, "lease", past)
+
+            self.run(self.store.hot.call("lease", lapse))
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2), op=st.sampled_from(["append", "replace", "clear"]), contents=batches)
+    def database_mode_write(self, i: int, op: str, contents: list[str]) -> None:
+        """A 'database'-mode writer beside the tier: refused while the tier lease is live."""
+        sid = self.sids[i]
+        leased = self._leased(sid)
+        before = [m["content"] for m in self.run(self.db.load(sid))]
+        meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
+        try:
+            if op == "append":
+                self.run(self.db.append(sid, self._messages(contents)))
+                after = before + contents
+            elif op == "replace":
+                self.run(self.db.replace(sid, self._messages(contents)))
+                after = list(contents)
+            else:
+                self.run(self.db.clear(sid))
+                after = []
+        except TierLeaseError:
+            assert leased, sid
+            return
+        assert not leased, f"{sid}: a 'database' write went through a live tier lease"
+        alive = "seq" in meta and meta.get("expires", now_ms() + 1) > now_ms()
+        held = alive and (meta["flushed"] != meta["seq"] or meta["gen"] != meta["fgen"])
+        if sid in self.diverged or held:
+            # Redis holds writes Postgres lacks: they must survive as a conflict.
+            self.diverged[sid] = after
+        else:
+            self.model[sid] = after
+            self.last[sid] = None
+
+    @precondition(lambda self: self.pg_up and bool(self.diverged))
+    @rule(i=st.integers(0, 2), keep=st.sampled_from(["postgres", "both", "redis"]))
+    def resolve(self, i: int, keep: str) -> None:
+        """An operator resolves a conflict (flushing first, so the conflict is recorded)."""
+        sid = self.sids[i]
+        if sid not in self.diverged:
+            return
+        self.run(self.store.flush(10))
+        meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
+        assert meta.get("conflicted") is not None, (sid, meta)
+        # What each tier holds, read raw: Postgres as the 'database' writes left it, and
+        # the Redis copy's writes Postgres lacks (after `flushed`, or all after a replace).
+        cold = self.run(postgres_rows(self.pg_dsn, self.schema, sid))
+        assert [r.content for r in cold] == self.diverged[sid], sid
+        hot = self.run(redis_rows(self.redis_url, self.prefix, sid))
+        only = hot if meta["gen"] != meta["fgen"] else [r for r in hot if r.seq > meta["flushed"]]
+        known = {r.message_id for r in cold}
+        try:
+            self.run(self.store.resolve(sid, keep))
+        except InvalidInputError:
+            assert keep == "redis" and meta.get("base", 0) > 0, (sid, meta)
+            return
+        if keep == "postgres":
+            self.model[sid] = [r.content for r in cold]
+        elif keep == "both":
+            extra = [r.content for r in only if r.message_id not in known]
+            self.model[sid] = [r.content for r in cold] + extra
+        del self.diverged[sid]
+        self.last[sid] = None
+
+    @precondition(lambda self: self.pg_up)
+    @rule(i=st.integers(0, 2))
+    def retention_ends(self, i: int) -> None:
+        """The session's retention runs out: it reads empty in both tiers at once, whatever
+        either held (dirty, clean or in conflict), and starts afresh at its next write."""
+        sid = self.sids[i]
+        self._postgres(
+            "UPDATE vel_sessions SET expires_at = now() - interval '1 second' WHERE id = $1", sid
+        )
+        keys = self.store.hot.keys.session(sid)
+        past = now_ms() - 1000
+
+        async def expire(c: Any) -> None:
+            if await c.redis.exists(keys.meta):
+                await c.redis.hset(keys.meta, "expires", past)
+
+        self.run(self.store.hot.call("expire", expire))
+        self.model[sid] = []
+        self.diverged.pop(sid, None)
+        self.last[sid] = None
+
     @invariant()
     def histories_match_the_model(self) -> None:
         for sid in self.sids:
@@ -257,11 +406,20 @@ class TwoTierMachine(RuleBasedStateMachine):
     def dirty_sessions_carry_no_ttl(self) -> None:
         for sid in self.sids:
             meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
-            if "seq" not in meta:
-                continue
+            if "seq" not in meta or "conflict" in meta:
+                continue  # a conflict has its own invariant below
             if meta["flushed"] != meta["seq"] or meta["gen"] != meta["fgen"]:
                 assert meta["pttl"] == -1, (sid, meta)
                 assert meta["due"] is not None, (sid, meta)
+
+    @invariant()
+    def conflicts_are_visible_and_keep_no_ttl(self) -> None:
+        for sid in self.sids:
+            meta = self.run(redis_meta(self.redis_url, self.prefix, sid))
+            if "conflict" in meta:
+                assert sid in self.diverged, (sid, meta)
+                assert meta["pttl"] == -1, (sid, meta)
+                assert meta["conflicted"] is not None and meta["due"] is None, (sid, meta)
 
 
 def test_two_tier_store_against_a_model(pg_dsn: str, redis_url: str, key_prefix: str) -> None:

@@ -87,7 +87,7 @@ async def silent_server() -> AsyncIterator[int]:
 
 
 async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: str) -> None:
-    assert await migrate(pg_dsn, pg_schema) == latest_version() == 3
+    assert await migrate(pg_dsn, pg_schema) == latest_version()
     columns = await sql(
         pg_dsn,
         pg_schema,
@@ -109,6 +109,8 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("last_seq", "bigint", "NO"),
         ("generation", "bigint", "NO"),
         ("metadata", "jsonb", "NO"),
+        ("hot_until", tz, "YES"),
+        ("revision", "bigint", "NO"),
     ]
     assert shape["vel_messages"] == [
         ("session_id", "text", "NO"),
@@ -167,6 +169,56 @@ async def test_three_concurrent_migrators_apply_each_file_once(pg_dsn: str, pg_s
     assert versions == [latest] * 3
     rows = await sql(pg_dsn, pg_schema, "SELECT version FROM vel_schema_version ORDER BY 1")
     assert [r["version"] for r in rows] == list(range(1, latest + 1))
+
+
+async def test_upgrade_to_the_tier_lease_keeps_the_sessions_it_holds(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The tier lease and revision (0004) applied over the schema before it, sessions in it."""
+    from vel.stores.postgres.migrate import load_migrations
+
+    lease = next(m for m in load_migrations() if m.name == "tier_lease")
+    before = [m for m in load_migrations() if m.version < lease.version]
+    async with connect(pg_dsn, pg_schema) as conn:
+        await conn.execute(
+            "CREATE TABLE vel_schema_version (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in before:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO vel_schema_version (version) VALUES ($1)", migration.version
+            )
+        await conn.execute(
+            "INSERT INTO vel_sessions (id, last_seq, generation, expires_at)"
+            " VALUES ('old', 2, 3, now() + interval '1 hour'), ('gone', 0, 1, NULL)"
+        )
+        await conn.execute(
+            "INSERT INTO vel_messages (session_id, seq, message_id, message) VALUES"
+            " ('old', 1, 'a', $1::jsonb), ('old', 2, 'b', $2::jsonb)",
+            text(1),
+            text(2),
+        )
+    with pytest.raises(
+        ConfigurationError, match=f"version {lease.version - 1}, need {latest_version()}"
+    ):
+        await PostgresStore(pg_dsn, schema=pg_schema).open()
+    assert await migrate(pg_dsn, pg_schema) == latest_version()
+    rows = await sql(
+        pg_dsn, pg_schema, "SELECT id, hot_until, revision FROM vel_sessions ORDER BY id"
+    )
+    assert [(r["id"], r["hot_until"], r["revision"]) for r in rows] == [
+        ("gone", None, 0),
+        ("old", None, 0),
+    ]
+    store = PostgresStore(pg_dsn, schema=pg_schema)
+    try:
+        assert await store.load("old") == [msg(1), msg(2)]
+        assert await store.last_seq("old") == (3, 2)
+        assert await store.append("old", [msg(3)]) == 3
+        assert await store.load("old") == [msg(1), msg(2), msg(3)]
+    finally:
+        await store.aclose()
 
 
 async def test_unmigrated_schema_is_refused_with_a_hint(pg_dsn: str, pg_schema: str) -> None:

@@ -14,6 +14,7 @@ are wrapped once at the boundary with ``raise ... from exc`` so the cause stays 
     │   ├── BackpressureError         too many unflushed messages; try again later
     │   ├── StoreFullError            Redis is out of memory (OOM); nothing was stored
     │   ├── FlushConflictError        the two tiers hold different messages at one seq
+    │   ├── TierLeaseError            a 'database'-mode write to a session the Redis tier holds
     │   └── SessionLockedError        another turn of this session holds its lock
     ├── ProviderError             the model provider failed (HTTP error, bad response)
     ├── TurnCancelledError        ``run()`` was cancelled through its ``cancel_token``
@@ -23,6 +24,7 @@ are wrapped once at the boundary with ``raise ... from exc`` so the cause stays 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 __all__ = [
     "AccessDeniedError",
@@ -36,6 +38,7 @@ __all__ = [
     "StoreFullError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "TierLeaseError",
     "ToolError",
     "TurnCancelledError",
     "VelError",
@@ -95,6 +98,26 @@ class FlushConflictError(StoreError):
         super().__init__(
             f"session {session_id!r}: Postgres holds other messages at seq {shown}; "
             "refusing to overwrite a divergent history"
+        )
+
+
+class TierLeaseError(StoreError):
+    """A write outside the Redis tier to a session the tier holds (DESIGN.md 3.8).
+
+    A session used by ``session_storage='redis'`` workers carries a tier lease in Postgres
+    while Redis may hold a copy of it; a 'database'-mode write then could be overwritten or
+    lost, so it is refused. Attributes: ``session_id`` and ``until`` (when the lease ends,
+    a timezone-aware datetime, unless a 'redis' worker uses the session again).
+    """
+
+    def __init__(self, session_id: str, until: datetime) -> None:
+        self.session_id = session_id
+        self.until = until
+        super().__init__(
+            f"session {session_id!r} is held by the Redis tier until "
+            f"{until.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC (a session_storage='redis' worker "
+            "used it): write it with session_storage='redis' (`--storage redis` for the vel "
+            "command), or run `vel sessions release` on it first"
         )
 
 

@@ -26,6 +26,9 @@ ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function
 MAX_SESSION_ID_BYTES = 512
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES_PER_APPEND = 1000
+# A replace (set_session_context, an import) writes a whole history: chunked inside every
+# store and still atomic to readers, so its bound is a session's, not an append's.
+MAX_MESSAGES_PER_REPLACE = 1_000_000
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # JSON's escape of a real U+0000: ``\u0000`` after an even number of backslashes (an odd
 # number makes it the text backslash-u-0-0-0-0, which is stored like any other).
@@ -160,12 +163,22 @@ class TextCleaner:
         return clean_text(held)
 
 
-def encode_messages(messages: Iterable[object]) -> list[str]:
-    """Encode a batch for one append (see :func:`encode_message`)."""
+def encode_messages(messages: Iterable[object], *, whole_history: bool = False) -> list[str]:
+    """Validate and encode a batch for one append (``whole_history``: for one replace).
+
+    Raises:
+        InvalidInputError: a bad message, or more than :data:`MAX_MESSAGES_PER_APPEND`
+            (:data:`MAX_MESSAGES_PER_REPLACE` for a whole history).
+    """
     if isinstance(messages, (str, bytes, Mapping)):
         raise InvalidInputError("messages must be a list of message dicts")
     encoded = [encode_message(m) for m in messages]
-    if len(encoded) > MAX_MESSAGES_PER_APPEND:
+    if whole_history:
+        if len(encoded) > MAX_MESSAGES_PER_REPLACE:
+            raise InvalidInputError(
+                f"{len(encoded)} messages in one history; the limit is {MAX_MESSAGES_PER_REPLACE}"
+            )
+    elif len(encoded) > MAX_MESSAGES_PER_APPEND:
         raise InvalidInputError(
             f"{len(encoded)} messages in one append; the limit is {MAX_MESSAGES_PER_APPEND}"
         )

@@ -89,6 +89,7 @@ async def _flusher(args: argparse.Namespace) -> int:
             "unflushed_messages": unflushed,
             "oldest_dirty_age": round(oldest, 3),
             "dirty_sessions": dirty,
+            "conflict_sessions": await hot.conflict_count(),
             **flusher.counters,
         }
 

@@ -61,7 +61,6 @@ SELECT s.id, s.created_at, s.updated_at, s.expires_at, s.metadata::text AS metad
 
 RECENT = f"SELECT id FROM vel_sessions WHERE {LIVE} ORDER BY updated_at DESC LIMIT $1"
 ALL_PAGE = f"SELECT id FROM vel_sessions WHERE {LIVE} AND id > $1 ORDER BY id LIMIT $2"
-EXPIRED = "SELECT id FROM vel_sessions WHERE expires_at <= now()"
 FIX_IMPORTED = """
 UPDATE vel_sessions SET metadata = $2::jsonb, created_at = LEAST(created_at, $3)
  WHERE id = $1

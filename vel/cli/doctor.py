@@ -216,6 +216,19 @@ async def _check_clock_and_backlog(
     else:
         report.ok("redis clock", f"{skew:+.3f} s from this machine")
 
+    conflicts = await hot.conflicts(limit=5)
+    if conflicts:
+        names = ", ".join(repr(c.session_id) for c in conflicts[:3])
+        report.fail(
+            "flush conflicts",
+            f"{len(conflicts)}{'+' if len(conflicts) == 5 else ''} session(s) ({names}) "
+            "hold writes Postgres could not take because it changed outside the Redis "
+            "tier; they stay in Redis without TTL -- fix: `vel sessions conflicts`, then "
+            "`vel sessions resolve ID --keep postgres|both|redis` for each",
+        )
+    else:
+        report.ok("flush conflicts", "none")
+
     unflushed, oldest, dirty = await hot.backlog()
     if oldest > max_age:
         report.fail(

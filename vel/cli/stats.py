@@ -22,6 +22,7 @@ from vel.totals import RATE_WINDOW, read_totals
 async def collect(hot: Any) -> dict[str, float]:
     """Backlog gauges, the flush rate and the shared counters."""
     unflushed, oldest, dirty = await hot.backlog()
+    conflicts = await hot.conflict_count()
     totals, rate = await read_totals(hot)
     hits = totals.get("redis_hits", 0.0)
     misses = totals.get("redis_misses", 0.0)
@@ -29,6 +30,7 @@ async def collect(hot: Any) -> dict[str, float]:
         "unflushed_messages": unflushed,
         "oldest_dirty_age": round(oldest, 3),
         "dirty_sessions": dirty,
+        "conflict_sessions": conflicts,
         "flush_rate": round(rate, 3),
         "flushed_messages": totals.get("flushed_messages", 0.0),
         "flush_batches_ok": totals.get("flush_batches_ok", 0.0),
@@ -45,6 +47,7 @@ _LABELS = {
     "unflushed_messages": "unflushed messages",
     "oldest_dirty_age": "oldest dirty age (s)",
     "dirty_sessions": "dirty sessions",
+    "conflict_sessions": "flush conflicts (unresolved)",
     "flush_rate": f"flush rate (msg/s, {RATE_WINDOW} s)",
     "flushed_messages": "flushed messages",
     "flush_batches_ok": "flush batches ok",

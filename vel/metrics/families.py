@@ -60,6 +60,11 @@ DUPLICATES = _counter(
     "Retried appends recognised by their message ids and not stored twice.",
     tiered=True,
 )
+OLDER_READS = _counter(
+    "older_reads",
+    "Reads below what a partial Redis copy holds, served from Postgres by outcome: ok, or "
+    "stale (the history the copy was loaded from had changed; read again).",
+)
 SESSIONS = _gauge("sessions", "Live sessions in the store.", tiered=True)
 MESSAGES = _gauge("messages", "Messages of live sessions in the store.", tiered=True)
 
@@ -74,6 +79,13 @@ STATS: dict[str, tuple[Family, tuple[tuple[str, str], ...]]] = {
         (),
     ),
     "dirty_sessions": (_gauge("dirty_sessions", "Sessions with unflushed messages."), ()),
+    "conflict_sessions": (
+        _gauge(
+            "conflict_sessions",
+            "Sessions whose flush Postgres could not apply, kept in Redis until resolved.",
+        ),
+        (),
+    ),
     "flush_batches_ok": (FLUSH_BATCHES, (("outcome", "ok"),)),
     "flush_batches_failed": (FLUSH_BATCHES, (("outcome", "failed"),)),
     "flush_retries": (_counter("flush_retries", "Flusher sweeps retried after an error."), ()),
@@ -96,6 +108,8 @@ STATS: dict[str, tuple[Family, tuple[tuple[str, str], ...]]] = {
         _counter("flush_conflicts", "Sessions set aside because Redis and Postgres diverged."),
         (),
     ),
+    "older_reads": (OLDER_READS, (("outcome", "ok"),)),
+    "older_reads_stale": (OLDER_READS, (("outcome", "stale"),)),
     "flush_sweeps_skipped": (
         _counter("flush_sweeps_skipped", "Bucket sweeps left to another flusher."),
         (),
@@ -151,6 +165,13 @@ STATS: dict[str, tuple[Family, tuple[tuple[str, str], ...]]] = {
         _counter(
             "postgres_flush_stale_sessions",
             "Flushed sessions refused for an older generation.",
+        ),
+        (),
+    ),
+    "flush_conflicted": (
+        _counter(
+            "postgres_flush_conflicted_sessions",
+            "Flushed sessions refused: their history changed outside the Redis tier.",
         ),
         (),
     ),

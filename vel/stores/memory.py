@@ -1,4 +1,10 @@
-"""MemoryStore: sessions in a dict of this process (``session_storage='memory'``)."""
+"""MemoryStore: sessions in a dict of this process (``session_storage='memory'``).
+
+Retention counts from a session's last write (DESIGN.md 3.9): the dict is kept in last-write
+order, so the expired sessions are always at its front, and every call removes up to
+:data:`SWEEP_PER_CALL` of them. Sessions nobody asks about again thus leave memory at the
+pace the store is used, with bounded work per call.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ from vel.metrics.histograms import APPEND, LOAD
 from vel.stores._locks import KeyedLocks
 from vel.stores.base import SessionInfo
 
+# Expired sessions removed per call, at most: more than one per write, so a store that is
+# being used always catches up with its expired sessions.
+SWEEP_PER_CALL = 16
+
 
 @dataclass
 class _Session:
@@ -48,6 +58,7 @@ class MemoryStore:
 
     def __init__(self, retention_ttl: float | None = None) -> None:
         self.retention_ttl = TTL.check_optional("retention_ttl", retention_ttl)
+        # In last-write order (a write moves its session to the end): see the module docstring.
         self._sessions: dict[str, _Session] = {}
         # Plain calls run on vel's helper thread while the agent's loop runs elsewhere.
         self._mutex = threading.Lock()
@@ -58,14 +69,35 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore(sessions={len(self._sessions)})"
 
+    def _expired(self, session: _Session, now: float) -> bool:
+        return self.retention_ttl is not None and now - session.updated >= self.retention_ttl
+
     def _live(self, session_id: str, now: float) -> _Session | None:
+        """The session unless it expired (then it is removed); sweeps a few expired ones."""
+        self._sweep(now, SWEEP_PER_CALL)
         session = self._sessions.get(session_id)
         if session is None:
             return None
-        if self.retention_ttl is not None and now - session.updated >= self.retention_ttl:
+        if self._expired(session, now):
             del self._sessions[session_id]
             return None
         return session
+
+    def _sweep(self, now: float, budget: int) -> int:
+        """Remove up to ``budget`` expired sessions from the front (the oldest writes)."""
+        removed = 0
+        while removed < budget and self._sessions:
+            sid = next(iter(self._sessions))
+            if not self._expired(self._sessions[sid], now):
+                break
+            del self._sessions[sid]
+            removed += 1
+        return removed
+
+    def _touch(self, session_id: str, session: _Session) -> None:
+        """Record a write: the session moves to the end of the last-write order."""
+        self._sessions.pop(session_id, None)
+        self._sessions[session_id] = session
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         with observed(LOAD, "load", session_id):
@@ -111,6 +143,7 @@ class MemoryStore:
                     session.ids[mid] = session.last_seq + offset
                 session.last_seq += len(texts)
                 session.updated = now
+                self._touch(session_id, session)
                 self._counters["appends"] += 1
             elif not session.entries:
                 del self._sessions[session_id]
@@ -128,12 +161,21 @@ class MemoryStore:
             session.updated = time.time()
             if not session.entries:
                 del self._sessions[session_id]
+            else:
+                self._touch(session_id, session)
         return decode_message(text)
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
+        """Replace the whole history (any length up to ``MAX_MESSAGES_PER_REPLACE``);
+        ``message_ids`` as for :meth:`append` (generated when None)."""
         validate_session_id(session_id)
-        texts = encode_messages(messages)
-        ids = check_message_ids(None, len(texts))
+        texts = encode_messages(messages, whole_history=True)
+        ids = check_message_ids(message_ids, len(texts))
         now = time.time()
         with self._mutex:
             old = self._live(session_id, now)
@@ -144,11 +186,12 @@ class MemoryStore:
             session.entries = list(zip(ids, texts, strict=True))
             session.ids = {mid: seq for seq, mid in enumerate(ids, start=1)}
             session.last_seq = len(texts)
-            self._sessions[session_id] = session
+            self._touch(session_id, session)
 
     async def clear(self, session_id: str) -> None:
         validate_session_id(session_id)
         with self._mutex:
+            self._sweep(time.time(), SWEEP_PER_CALL)
             self._sessions.pop(session_id, None)
 
     async def list_sessions(
@@ -185,10 +228,7 @@ class MemoryStore:
     async def purge_expired(self) -> int:
         now = time.time()
         with self._mutex:
-            before = len(self._sessions)
-            for sid in list(self._sessions):
-                self._live(sid, now)
-            return before - len(self._sessions)
+            return self._sweep(now, len(self._sessions))
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None

@@ -279,16 +279,21 @@ class Connector:
         finally:
             await pool.release(conn)
 
-    async def run(self, action: str, op: Callable[[Conn], Awaitable[T]]) -> T:
+    async def run(
+        self, action: str, op: Callable[[Conn], Awaitable[T]], *, statements: int = 1
+    ) -> T:
         """Run ``op`` within ``op_timeout``, connecting if need be; errors become vel's.
+
+        ``statements``: for an ``op`` that sends that many bounded statements (a long
+        history written in chunks), the deadline is ``op_timeout`` per statement.
 
         Raises:
             StoreTimeoutError, StoreUnavailableError, ConfigurationError, InvalidInputError,
             StoreError: as :meth:`translate` maps the backend's error (``action`` names it).
         """
         if self._owner is not None and not self._owner.is_home():
-            return await self._owner.run(lambda: self.run(action, op))
-        async with self.deadline(action, self.op_timeout):
+            return await self._owner.run(lambda: self.run(action, op, statements=statements))
+        async with self.deadline(action, self.op_timeout * max(1, statements)):
             return await self.use(await self._get_pool(), op)
 
     @asynccontextmanager

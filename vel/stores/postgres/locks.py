@@ -16,18 +16,21 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import TypeVar
+
+import asyncpg
 
 from vel import tracing
 from vel._lease import DeferredKeeper, LeaseKeeper
 from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
-from vel.errors import SessionLockedError, StoreError
+from vel.errors import SessionLockedError, StoreError, TierLeaseError
 from vel.instrument import observed
 from vel.messages import Message, decode_message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
-from vel.stores.postgres.connector import Connector, log
-from vel.stores.postgres.sessions import Sessions
+from vel.stores.postgres.connector import Conn, Connector, log
+from vel.stores.postgres.sessions import LEASED, Sessions
 
 T = TypeVar("T")
 
@@ -35,14 +38,17 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 
 # Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder), unless
 # the row is this very token's, expired: the tombstone of an abandoned attempt (see below).
-# vel_turn_begin (migration 0003) takes it the same way.
-_LOCK_ACQUIRE = """
+# vel_turn_begin (migration 0003) takes it the same way. Also says, at no extra round trip,
+# whether the Redis tier holds the session (its tier lease, DESIGN.md 3.8), so that a
+# 'database'-mode turn is refused before it calls the model.
+_LOCK_ACQUIRE = f"""
 INSERT INTO vel_locks AS l (session_id, token, expires_at)
 VALUES ($1, $2, now() + $3::float8 * interval '1 second')
 ON CONFLICT (session_id) DO UPDATE
    SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
  WHERE l.expires_at < now() AND l.token <> EXCLUDED.token
-RETURNING token
+RETURNING token,
+          (SELECT s.hot_until FROM vel_sessions s WHERE s.id = $1 AND {LEASED}) AS held_until
 """
 # Gives up an attempt whose outcome is unknown (cancelled, reply lost): unless another token
 # holds the lease, the row becomes this token's, expired now. Whether the attempt already ran
@@ -62,6 +68,32 @@ RETURNING token
 _LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
 # Lock and window in one round trip: NULL when held by another turn, else newest first.
 _TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
+# What vel_turn_begin raises (migration 0004) for a session the Redis tier holds; its DETAIL
+# is the tier lease's end in Unix seconds.
+TIER_LEASED = "VL001"
+
+
+async def _begin(
+    conn: Conn, session_id: str, token: str, lease: float, limit: int | None
+) -> list[str] | None:
+    try:
+        result: list[str] | None = await conn.fetchval(_TURN_BEGIN, session_id, token, lease, limit)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate != TIER_LEASED:
+            raise
+        until = datetime.fromtimestamp(float(getattr(exc, "detail", 0) or 0), UTC)
+        raise TierLeaseError(session_id, until) from None
+    return result
+
+
+async def _acquire(conn: Conn, session_id: str, token: str, lease: float) -> str | None:
+    got = await conn.fetchrow(_LOCK_ACQUIRE, session_id, token, lease)
+    if got is None:
+        return None
+    if got["held_until"] is not None:
+        await conn.execute(_LOCK_RELEASE, session_id, token)
+        raise TierLeaseError(session_id, got["held_until"])
+    return str(got["token"])
 
 
 class PostgresTurn:
@@ -131,7 +163,7 @@ class TurnLocks:
                 wait,
                 lambda: self._db.run(
                     "acquire turn lock",
-                    lambda c: c.fetchval(_LOCK_ACQUIRE, session_id, token, self.lease),
+                    lambda c: _acquire(c, session_id, token, self.lease),
                 ),
             )
         except SessionLockedError:
@@ -165,7 +197,7 @@ class TurnLocks:
                     wait,
                     lambda: self._db.run(
                         "lock and load",
-                        lambda c: c.fetchval(_TURN_BEGIN, session_id, token, self.lease, limit),
+                        lambda c: _begin(c, session_id, token, self.lease, limit),
                     ),
                 )
                 window = [decode_message(text) for text in reversed(newest_first)]

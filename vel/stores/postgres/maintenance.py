@@ -2,7 +2,8 @@
 
 Retention is enforced here for rows nobody touches again: :meth:`Maintenance.purge_expired`
 deletes expired sessions and, after :data:`TOMBSTONE_TTL`, the empty rows that clears leave
-behind to carry their generation (DESIGN.md 3.5 and 3.9).
+behind to carry their generation (DESIGN.md 3.5 and 3.9), except under a live tier lease
+(3.8: the Redis tier may hold newer writes of them).
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ SELECT id, last_seq, created_at, updated_at, expires_at
 """
 # FOR UPDATE re-checks the condition on the newest row version, so a session renewed by a
 # concurrent append is spared; SKIP LOCKED keeps purging from queueing behind live writers.
+# A row under a live tier lease is spared too: Redis may hold writes Postgres has not seen yet
+# (the two-tier store releases the lease of an expired session once its Redis copy is gone).
 _PURGE = f"""
 WITH doomed AS (
     SELECT id FROM vel_sessions
-     WHERE expires_at <= now()
-        OR (last_seq = 0 AND updated_at < now() - interval '{TOMBSTONE_TTL}')
+     WHERE (expires_at <= now()
+            OR (last_seq = 0 AND updated_at < now() - interval '{TOMBSTONE_TTL}'))
+       AND (hot_until IS NULL OR hot_until <= now())
      LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), gone AS (

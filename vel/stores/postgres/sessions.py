@@ -1,20 +1,27 @@
 """Write-through session reads and writes (``session_storage='database'``): append, load,
-pop, replace, clear, and the ``(generation, last_seq)`` read.
+pop, replace, clear, whole-file imports, and the ``(generation, last_seq)`` read.
 
 Every writer first takes the session row's lock (an upsert), which is what serialises
 concurrent appends, replaces and clears of one session across processes (DESIGN.md 3.1,
 atomic appends; 3.5, a clear or replace bumps the generation). Retention is counted from the
-last write: an expired session is deleted before an append starts it afresh.
+last write: an expired session is started afresh, in place, before an append.
+
+These writes do not go through the Redis tier, so each one honours the tier lease and bumps
+the revision (DESIGN.md 3.8): a session whose ``hot_until`` lies ahead may have a copy in
+Redis, and is refused with :class:`~vel.errors.TierLeaseError`; the revision tells a Redis copy
+loaded before this write that Postgres changed behind it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
 from vel.bounds import limit_arg
-from vel.errors import InvalidInputError, StoreError
+from vel.errors import InvalidInputError, StoreError, TierLeaseError
 from vel.messages import (
     Message,
     check_message_ids,
@@ -23,15 +30,20 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
+from vel.stores.postgres.sql import chunks, insert_rows
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
 
+# A row the tier may hold ('redis' mode): not expired, and its tier lease still running (SQL
+# over alias ``s`` of vel_sessions; the turn locks ask it too).
+LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(), true))"
+
 # One round trip: the upsert takes the session row lock (serialising concurrent appends), bumps
 # last_seq by k and hands the new value to the insert, which numbers the batch last_seq-k+1 ..
-# last_seq. An expired session matches the upsert's WHERE nowhere and returns no row: the caller
-# then deletes it and retries, so it starts a fresh history. A session with last_seq = 0 (new or
-# cleared) restarts created_at.
-_APPEND_CTES = """
+# last_seq. An expired or leased session matches the upsert's WHERE nowhere and returns no
+# row: the caller then finds out which (_STATE) and starts it afresh or refuses. A session with
+# last_seq = 0 (new or cleared) restarts created_at.
+_APPEND_CTES = f"""
 sess AS (
     INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
     VALUES ($1, cardinality($2::text[]), now() + $4::float8 * interval '1 second')
@@ -39,8 +51,9 @@ sess AS (
        SET last_seq = s.last_seq + EXCLUDED.last_seq,
            updated_at = now(),
            expires_at = EXCLUDED.expires_at,
+           revision = s.revision + 1,
            created_at = CASE WHEN s.last_seq = 0 THEN now() ELSE s.created_at END
-     WHERE s.expires_at IS NULL OR s.expires_at > now()
+     WHERE (s.expires_at IS NULL OR s.expires_at > now()) AND NOT {LEASED}
     RETURNING s.last_seq
 ), ins AS (
     INSERT INTO vel_messages (session_id, seq, message_id, message)
@@ -57,7 +70,23 @@ _APPEND_UNLOCK = f"""WITH {_APPEND_CTES}, unlock AS (
      WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
 )
 SELECT last_seq FROM sess"""
-_DELETE_EXPIRED = "DELETE FROM vel_sessions WHERE id = $1 AND expires_at <= now()"
+# Why a writer found no row to update: the row, locked, with its lease and expiry.
+_STATE = f"""
+SELECT s.hot_until, coalesce(s.expires_at <= now(), false) AS expired, {LEASED} AS leased,
+       s.last_seq
+  FROM vel_sessions s
+ WHERE s.id = $1
+   FOR UPDATE
+"""
+# An expired session starts afresh in place: its row keeps counting generations and
+# revisions, so a flush or warm of the old history can never be mistaken for the new one.
+_RESTART_EXPIRED = """
+UPDATE vel_sessions
+   SET last_seq = 0, generation = generation + 1, revision = revision + 1,
+       created_at = now(), updated_at = now(), expires_at = NULL, hot_until = NULL
+ WHERE id = $1 AND expires_at <= now()
+RETURNING id
+"""
 _REPLAYED = """
 SELECT count(*) AS found, coalesce(max(seq), 0) AS last_seq
   FROM vel_messages
@@ -80,44 +109,76 @@ SELECT m.message::text
  ORDER BY m.seq DESC
  LIMIT $2::bigint
 """
-_REPLACE_SESSION = """
+_REPLACE_SESSION = f"""
 INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
 VALUES ($1, $2::bigint, now() + $3::float8 * interval '1 second')
 ON CONFLICT (id) DO UPDATE
    SET generation = s.generation + 1,
+       revision = s.revision + 1,
        last_seq = EXCLUDED.last_seq,
        updated_at = now(),
        expires_at = EXCLUDED.expires_at,
        created_at = CASE WHEN s.last_seq = 0 OR s.expires_at <= now()
                          THEN now() ELSE s.created_at END
+ WHERE NOT {LEASED}
+RETURNING id
 """
 # Deletes run as statements of their own, after the row lock is held: a DELETE sharing a
 # statement with the lock would use a snapshot from before the wait and miss rows committed
 # meanwhile by the writer it waited for.
 _DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
-_INSERT_FROM_ONE = """
-INSERT INTO vel_messages (session_id, seq, message_id, message)
-SELECT $1, m.ord, m.message_id, m.message::jsonb
-  FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS m (message_id, message, ord)
-"""
 # The row stays behind as a tombstone carrying the generation (purged an hour later).
-_CLEAR_SESSION = """
-UPDATE vel_sessions
-   SET generation = generation + 1, last_seq = 0, updated_at = now()
- WHERE id = $1
+_CLEAR_SESSION = f"""
+UPDATE vel_sessions s
+   SET generation = generation + 1, revision = revision + 1, last_seq = 0, updated_at = now()
+ WHERE s.id = $1 AND NOT {LEASED}
 RETURNING id
 """
+# What an import keeps from the file besides the messages.
+_IMPORTED_DETAILS = """
+UPDATE vel_sessions
+   SET metadata = coalesce($2::jsonb, metadata), created_at = LEAST(created_at, $3)
+ WHERE id = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportEntry:
+    """One session of an import: its history (JSON texts and ids) and details."""
+
+    session_id: str
+    texts: list[str]
+    message_ids: list[str]
+    metadata_json: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportCounts:
+    imported: int
+    replaced: int
+    skipped: int
+    messages: int
+
+
+async def refuse_if_leased(conn: Conn, session_id: str) -> None:
+    """Raise TierLeaseError if the tier holds ``session_id`` (locks its row)."""
+    state = await conn.fetchrow(_STATE, session_id)
+    if state is not None and state["leased"]:
+        raise TierLeaseError(session_id, state["hot_until"])
+
 
 # Pop, step one: take the row lock and claim the newest seq. The generation moves on, as with a
 # clear or replace, so a Redis copy of this session made before the pop can no longer be
 # flushed back over it (DESIGN.md 3.5 and 3.8).
-_POP_SESSION = """
-UPDATE vel_sessions
+_POP_SESSION = f"""
+UPDATE vel_sessions AS s
    SET last_seq = last_seq - 1,
        generation = generation + 1,
+       revision = revision + 1,
        updated_at = now(),
        expires_at = now() + $2::float8 * interval '1 second'
- WHERE id = $1 AND last_seq > 0 AND (expires_at IS NULL OR expires_at > now())
+ WHERE id = $1 AND last_seq > 0 AND (expires_at IS NULL OR expires_at > now()) AND NOT {LEASED}
 RETURNING last_seq + 1 AS seq
 """
 # Step two, a statement of its own after the lock is held (see _DELETE_MESSAGES).
@@ -186,7 +247,12 @@ class Sessions:
                     last = await conn.fetchval(statement, *args)
                     if last is None:
                         async with transaction(conn):
-                            await conn.execute(_DELETE_EXPIRED, session_id)
+                            state = await conn.fetchrow(_STATE, session_id)
+                            if state is not None and state["leased"]:
+                                raise TierLeaseError(session_id, state["hot_until"])
+                            if state is not None and state["expired"]:
+                                await conn.execute(_DELETE_MESSAGES, session_id)
+                                await conn.execute(_RESTART_EXPIRED, session_id)
                             last = await conn.fetchval(statement, *args)
                     if last is None:
                         raise StoreError(f"session {session_id!r}: append found no session row")
@@ -218,19 +284,31 @@ class Sessions:
         rows = await self._db.run("load", lambda c: c.fetch(_LOAD, session_id, limit))
         return [decode_message(row[0]) for row in reversed(rows)]
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
         session_id = validate_session_id(session_id)
-        encoded = encode_messages(messages)
-        ids = check_message_ids(None, len(encoded))
+        encoded = encode_messages(messages, whole_history=True)
+        ids = check_message_ids(message_ids, len(encoded))
 
         async def op(conn: Conn) -> None:
             async with transaction(conn):
-                await conn.execute(_REPLACE_SESSION, session_id, len(encoded), self._retention)
-                await conn.execute(_DELETE_MESSAGES, session_id)
-                if encoded:
-                    await conn.execute(_INSERT_FROM_ONE, session_id, ids, encoded)
+                await self._replace_locked(conn, session_id, ids, encoded)
 
-        await self._db.run("replace", op)
+        await self._db.run("replace", op, statements=chunks(len(encoded)))
+
+    async def _replace_locked(
+        self, conn: Conn, session_id: str, ids: list[str], texts: list[str]
+    ) -> None:
+        done = await conn.fetchval(_REPLACE_SESSION, session_id, len(texts), self._retention)
+        if done is None:
+            await refuse_if_leased(conn, session_id)
+            raise StoreError(f"session {session_id!r}: replace found no session row")
+        await conn.execute(_DELETE_MESSAGES, session_id)
+        await insert_rows(conn, session_id, ids, texts)
 
     async def clear(self, session_id: str) -> None:
         session_id = validate_session_id(session_id)
@@ -239,8 +317,48 @@ class Sessions:
             async with transaction(conn):
                 if await conn.fetchval(_CLEAR_SESSION, session_id) is not None:
                     await conn.execute(_DELETE_MESSAGES, session_id)
+                else:
+                    await refuse_if_leased(conn, session_id)
 
         await self._db.run("clear", op)
+
+    async def import_sessions(
+        self, entries: Sequence[ImportEntry], *, replace: bool
+    ) -> ImportCounts:
+        """Write every entry or none, in one transaction (see PostgresStore.import_sessions)."""
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.session_id in seen:
+                raise InvalidInputError(f"session {entry.session_id!r} is listed twice")
+            seen.add(entry.session_id)
+
+        async def op(conn: Conn) -> ImportCounts:
+            imported = replaced = skipped = written = 0
+            async with transaction(conn):
+                # In id order, so two imports of overlapping files cannot deadlock.
+                for entry in sorted(entries, key=lambda e: e.session_id):
+                    sid = entry.session_id
+                    state = await conn.fetchrow(_STATE, sid)
+                    if state is not None and state["leased"]:
+                        raise TierLeaseError(sid, state["hot_until"])
+                    exists = state is not None and state["last_seq"] > 0 and not state["expired"]
+                    if exists and not replace:
+                        skipped += 1
+                        continue
+                    if not exists and not entry.texts:
+                        continue
+                    await self._replace_locked(conn, sid, entry.message_ids, entry.texts)
+                    if entry.metadata_json is not None or entry.created_at is not None:
+                        await conn.execute(
+                            _IMPORTED_DETAILS, sid, entry.metadata_json, entry.created_at
+                        )
+                    replaced += exists
+                    imported += not exists
+                    written += len(entry.texts)
+            return ImportCounts(imported, replaced, skipped, written)
+
+        total = sum(chunks(len(e.texts)) + 2 for e in entries)
+        return await self._db.run("import", op, statements=total)
 
     async def pop(self, session_id: str) -> Message | None:
         session_id = validate_session_id(session_id)
@@ -249,6 +367,7 @@ class Sessions:
             async with transaction(conn):
                 seq = await conn.fetchval(_POP_SESSION, session_id, self._retention)
                 if seq is None:
+                    await refuse_if_leased(conn, session_id)
                     return None
                 text: str | None = await conn.fetchval(_POP_MESSAGE, session_id, seq)
                 if text is None:

@@ -1,17 +1,19 @@
-"""The durable tier of the two-tier store: what the flusher writes and the warm reads.
+"""The flusher's side of the durable tier: what it writes to Postgres.
 
 :meth:`Sink.apply_flushes` applies batches copied from Redis idempotently (keyed by
-``(session_id, seq)``, verified by message id; DESIGN.md 3.3), :meth:`Sink.apply_clear`
-records a clear, and :meth:`Sink.load_snapshot` reads a whole session in one consistent
-statement for the warm (3.4). The generation sync (:meth:`Sink._sync_generations`) is where a
-flush that began before a clear or replace is recognised as stale and never writes the old
-messages back (3.5).
+``(session_id, seq)``, verified by message id; DESIGN.md 3.3) and only onto the Postgres history
+the Redis copy was built from: the generation sync (:meth:`Sink._lock_for_flush`) is where a
+flush that began before a clear or replace is recognised as stale (3.5), and where a history
+changed behind the tier (another revision, a deleted row) turns the flush into a conflict that
+is never counted as flushed (3.8). Each applied flush extends the session's tier lease and
+carries the time of the writes it copies, so retention counts from the write, not the flush
+(3.9). The warm's reads are in :mod:`vel.stores.postgres.lease`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -20,34 +22,37 @@ from vel.bounds import COUNTER
 from vel.errors import FlushConflictError, InvalidInputError
 from vel.messages import check_message_ids, validate_session_id
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
+from vel.stores.postgres.sql import AT as _AT
+from vel.stores.postgres.sql import MS as _MS
+from vel.stores.postgres.sql import Row
 
-# One statement, hence one snapshot: the header and the rows always agree.
-_SNAPSHOT = """
-SELECT s.generation, s.last_seq,
-       floor(extract(epoch FROM s.created_at) * 1000)::bigint AS created_ms,
-       floor(extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
-       floor(extract(epoch FROM s.expires_at) * 1000)::bigint AS expires_ms,
-       m.seq, m.message_id, m.message::text AS message
+# Conflict reasons (FlushResult.conflict): why a batch was not applied.
+CHANGED = "changed"  # Postgres' revision differs: a write outside the tier since the load
+DELETED = "deleted"  # the row the Redis copy was loaded from is gone
+
+# Lock the rows of a flush, in id order so that concurrent flushers cannot deadlock; each
+# row's expiry is judged at the time of the writes being flushed ($2, ms).
+_LOCK_SESSIONS = f"""
+SELECT s.id, s.generation, s.revision,
+       coalesce(s.expires_at <= {_AT.format("u.written_ms")}, false) AS expired
   FROM vel_sessions s
-  LEFT JOIN vel_messages m ON m.session_id = s.id
- WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > now())
- ORDER BY m.seq
+  JOIN unnest($1::text[], $2::float8[]) AS u (id, written_ms) ON u.id = s.id
+ ORDER BY s.id
+   FOR UPDATE OF s
 """
-# Creates the rows (with the caller's generations) or locks the existing ones, in id order so
-# that concurrent flushers of overlapping batches cannot deadlock. The no-op SET is what makes
-# ON CONFLICT lock and return the newest version of each row.
-_LOCK_SESSIONS = """
-INSERT INTO vel_sessions AS s (id, generation, expires_at)
-SELECT u.id, u.generation, now() + $3::float8 * interval '1 second'
-  FROM unnest($1::text[], $2::bigint[]) AS u (id, generation)
+# Rows a flush may create: sessions whose Redis copy never had Postgres data.
+_CREATE_SESSIONS = """
+INSERT INTO vel_sessions (id, generation)
+SELECT u.id, u.generation FROM unnest($1::text[], $2::bigint[]) AS u (id, generation)
  ORDER BY u.id
-ON CONFLICT (id) DO UPDATE SET last_seq = s.last_seq
-RETURNING s.id, s.generation, coalesce(s.expires_at <= now(), false) AS expired
+ON CONFLICT (id) DO NOTHING
 """
 # Runs with the row locks held, so its snapshot already holds every message of the sessions.
+# $3: which rows restart (expired: created_at restarts too).
 _RESET_SESSIONS = """
 WITH target AS (
-    SELECT u.id, u.generation FROM unnest($1::text[], $2::bigint[]) AS u (id, generation)
+    SELECT u.id, u.generation, u.restart
+      FROM unnest($1::text[], $2::bigint[], $3::bool[]) AS u (id, generation, restart)
 ), gone AS (
     DELETE FROM vel_messages WHERE session_id = ANY($1::text[])
 )
@@ -55,8 +60,7 @@ UPDATE vel_sessions s
    SET generation = t.generation,
        last_seq = 0,
        updated_at = now(),
-       created_at = CASE WHEN s.expires_at <= now() THEN now() ELSE s.created_at END,
-       expires_at = now() + $3::float8 * interval '1 second'
+       created_at = CASE WHEN t.restart THEN now() ELSE s.created_at END
   FROM target t
  WHERE s.id = t.id
 """
@@ -80,8 +84,9 @@ UPDATE vel_sessions s
 # With the row locks held, "clash" sees exactly the rows that existed before this batch: a seq
 # already stored under another message id means the two tiers' histories diverged. A message
 # id already stored under another seq fails the insert itself (unique violation). $5 lists
-# every session of the batch, rows or not, so each gets updated_at and one result row.
-_FLUSH = """
+# every session of the batch, rows or not, so each gets one result row; $6 retention seconds,
+# $7 lease seconds (NULL: no lease), $8 when each session was last written (ms, NULL: now).
+_FLUSH = f"""
 WITH batch AS (
     SELECT b.session_id, b.seq, b.message_id, b.message
       FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[])
@@ -99,21 +104,26 @@ WITH batch AS (
 ), upd AS (
     UPDATE vel_sessions s
        SET last_seq = greatest(s.last_seq, t.max_seq),
-           updated_at = now(),
-           expires_at = now() + $6::float8 * interval '1 second'
-      FROM (SELECT k.id, max(b.seq) AS max_seq
-              FROM unnest($5::text[]) AS k (id)
+           updated_at = greatest(s.updated_at, t.written),
+           expires_at = t.written + $6::float8 * interval '1 second',
+           hot_until = CASE WHEN $7::float8 IS NULL THEN s.hot_until
+                            ELSE greatest(coalesce(s.hot_until, now()),
+                                          now() + $7::float8 * interval '1 second') END
+      FROM (SELECT k.id, {_AT.format("k.written_ms")} AS written, max(b.seq) AS max_seq
+              FROM unnest($5::text[], $8::float8[]) AS k (id, written_ms)
               LEFT JOIN batch b ON b.session_id = k.id
-             GROUP BY k.id) t
+             GROUP BY k.id, k.written_ms) t
      WHERE s.id = t.id
+    RETURNING s.id, {_MS.format("s.hot_until - now()")} AS lease_ms
 )
-SELECT k.id AS session_id, coalesce(i.n, 0) AS inserted, c.seqs AS clashes
+SELECT k.id AS session_id, coalesce(i.n, 0) AS inserted, c.seqs AS clashes, u.lease_ms
   FROM unnest($5::text[]) AS k (id)
   LEFT JOIN (SELECT session_id, count(*) AS n FROM ins GROUP BY session_id) i
          ON i.session_id = k.id
   LEFT JOIN (SELECT session_id, array_agg(seq ORDER BY seq) AS seqs FROM clash
               GROUP BY session_id) c
          ON c.session_id = k.id
+  LEFT JOIN upd u ON u.id = k.id
 """
 # After a unique violation on the message id: which of our ids sit at another seq.
 _MISPLACED_IDS = """
@@ -123,26 +133,32 @@ SELECT m.session_id, m.seq
  WHERE m.seq <> b.seq
  ORDER BY m.session_id, m.seq
 """
+_DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
 
 
 @dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A session as Postgres holds it (what the two-tier store warms Redis from).
+class FlushBatch:
+    """One session's batch of a flush, with what the flush checks it against.
 
     Attributes:
-        generation: bumped by every clear/replace.
-        last_seq: seq of the newest message (0 for a cleared session).
-        rows: ``(seq, message_id, message JSON text)``, oldest first, text as stored.
-        created_ms, updated_ms, expires_ms: Unix times in milliseconds (``expires_ms`` None
-            when the session never expires).
+        session_id, generation, rows: what to write (rows possibly empty, to record a
+            newer generation only).
+        revision: the revision the Redis copy was loaded at (None: not checked).
+        written_ms: when the session was last written (Unix ms; None: now). Retention
+            counts from it.
+        had_postgres_rows: the Redis copy was loaded from, or already flushed to, Postgres
+            rows; a missing row then means it was deleted behind the tier.
+        truncate: ``(from_generation, keep)`` after pops: a row at ``from_generation`` or
+            later (below ``generation``) reaches it by dropping the seqs above ``keep``.
     """
 
+    session_id: str
     generation: int
-    last_seq: int
-    rows: list[tuple[int, str, str]]
-    created_ms: int
-    updated_ms: int
-    expires_ms: int | None
+    rows: Sequence[Row]
+    revision: int | None = None
+    written_ms: int | None = None
+    had_postgres_rows: bool = False
+    truncate: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +168,24 @@ class FlushResult:
     Attributes:
         inserted: rows newly written.
         duplicates: rows already present with the same message id (a replayed batch).
-        stale: the batch belonged to an older generation and was ignored.
+        stale: the batch was not applied: Postgres holds a newer generation, or (with
+            ``conflict`` set) the history changed behind the tier.
+        conflict: None, or why the batch cannot be applied (``"changed"``, ``"deleted"``).
+        lease_ms: milliseconds left on the session's tier lease after the flush.
     """
 
     inserted: int
     duplicates: int
     stale: bool = False
+    conflict: str | None = None
+    lease_ms: int | None = field(default=None, compare=False)
+
+
+def _as_batch(batch: FlushBatch | tuple[str, int, Sequence[Row]]) -> FlushBatch:
+    if isinstance(batch, FlushBatch):
+        return batch
+    session_id, generation, rows = batch
+    return FlushBatch(session_id, generation, rows)
 
 
 class Sink:
@@ -170,70 +198,61 @@ class Sink:
         self._flushes = 0
         self._flush_duplicates = 0
         self._flush_stale = 0
+        self._flush_conflicts = 0
 
     def counters(self) -> dict[str, float]:
         return {
             "flushes": float(self._flushes),
             "flush_duplicates": float(self._flush_duplicates),
             "flush_stale": float(self._flush_stale),
+            "flush_conflicted": float(self._flush_conflicts),
         }
 
-    async def load_snapshot(self, session_id: str) -> Snapshot | None:
-        session_id = validate_session_id(session_id)
-        records = await self._db.run("load_snapshot", lambda c: c.fetch(_SNAPSHOT, session_id))
-        if not records:
-            return None
-        head = records[0]
-        return Snapshot(
-            generation=int(head["generation"]),
-            last_seq=int(head["last_seq"]),
-            rows=[
-                (int(r["seq"]), r["message_id"], r["message"])
-                for r in records
-                if r["seq"] is not None
-            ],
-            created_ms=int(head["created_ms"]),
-            updated_ms=int(head["updated_ms"]),
-            expires_ms=None if head["expires_ms"] is None else int(head["expires_ms"]),
-        )
+    # -- reads for the warm --------------------------------------------------------------------
+
+    # -- flushes -------------------------------------------------------------------------------
 
     async def apply_flushes(
         self,
-        batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]],
+        batches: Sequence[FlushBatch | tuple[str, int, Sequence[Row]]],
         truncations: Mapping[str, tuple[int, int]] | None = None,
+        lease: float | None = None,
     ) -> list[FlushResult]:
-        generations: dict[str, int] = {}
+        work = [_as_batch(b) for b in batches]
+        by_sid: dict[str, FlushBatch] = {}
         flat_sids: list[str] = []
         flat_seqs: list[int] = []
         flat_ids: list[str] = []
         flat_texts: list[str] = []
-        for session_id, generation, rows in batches:
-            session_id = validate_session_id(session_id)
-            if session_id in generations:
+        for batch in work:
+            session_id = validate_session_id(batch.session_id)
+            if session_id in by_sid:
                 raise InvalidInputError(f"session {session_id!r} appears twice in one flush")
-            generations[session_id] = COUNTER.check_int("generation", generation, InvalidInputError)
-            seqs = [row[0] for row in rows]
+            COUNTER.check_int("generation", batch.generation, InvalidInputError)
+            by_sid[session_id] = batch
+            seqs = [row[0] for row in batch.rows]
             for seq in seqs:
                 if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
                     raise InvalidInputError(f"flush row seq must be a positive int, got {seq!r}")
             if len(set(seqs)) != len(seqs):
                 raise InvalidInputError(f"session {session_id!r}: flush rows repeat a seq")
-            texts = [row[2] for row in rows]
+            texts = [row[2] for row in batch.rows]
             if not all(isinstance(text, str) for text in texts):
                 raise InvalidInputError("flush row messages must be JSON text")
-            flat_ids += check_message_ids([row[1] for row in rows], len(rows))
-            flat_sids += [session_id] * len(rows)
+            flat_ids += check_message_ids([row[1] for row in batch.rows], len(batch.rows))
+            flat_sids += [session_id] * len(batch.rows)
             flat_seqs += seqs
             flat_texts += texts
-        if not generations:
+        if not by_sid:
             return []
         cuts: dict[str, tuple[int, int]] = {}
-        for session_id, (from_generation, keep) in (truncations or {}).items():
-            if session_id not in generations:
+        wanted = {sid: b.truncate for sid, b in by_sid.items() if b.truncate is not None}
+        for session_id, (from_generation, keep) in {**wanted, **(truncations or {})}.items():
+            if session_id not in by_sid:
                 raise InvalidInputError(f"truncation of {session_id!r}, which has no batch")
             COUNTER.check_int("keep", keep, InvalidInputError)
             from_generation = COUNTER.check_int("generation", from_generation, InvalidInputError)
-            if not from_generation < generations[session_id]:
+            if not from_generation < by_sid[session_id].generation:
                 raise InvalidInputError(
                     f"session {session_id!r}: a truncation must start below its generation"
                 )
@@ -243,10 +262,9 @@ class Sink:
             results: dict[str, FlushResult] = {}
             try:
                 async with transaction(conn):
-                    stale = await self._sync_generations(conn, generations, cuts)
-                    results = {sid: FlushResult(0, 0, stale=True) for sid in stale}
-                    keep = [i for i, sid in enumerate(flat_sids) if sid not in stale]
-                    live = [sid for sid in generations if sid not in stale]
+                    results = await self._lock_for_flush(conn, by_sid, cuts)
+                    keep = [i for i, sid in enumerate(flat_sids) if sid not in results]
+                    live = [sid for sid in by_sid if sid not in results]
                     if not live:
                         return results
                     outcome = await conn.fetch(
@@ -257,6 +275,8 @@ class Sink:
                         [flat_texts[i] for i in keep],
                         live,
                         self._retention,
+                        lease,
+                        [by_sid[sid].written_ms for sid in live],
                     )
                     for row in outcome:
                         if row["clashes"]:
@@ -276,70 +296,97 @@ class Sink:
                     sizes[sid] += 1
             for row in outcome:
                 sid, inserted = row["session_id"], int(row["inserted"])
-                results[sid] = FlushResult(inserted=inserted, duplicates=sizes[sid] - inserted)
+                lease_ms = None if lease is None else row["lease_ms"]
+                results[sid] = FlushResult(
+                    inserted=inserted,
+                    duplicates=sizes[sid] - inserted,
+                    lease_ms=None if lease_ms is None else int(lease_ms),
+                )
             return results
 
         by_session = await self._db.run("apply_flush", op)
-        results = [by_session[sid] for sid in generations]
+        results = [by_session[sid] for sid in by_sid]
         self._flushes += 1
         self._flush_duplicates += sum(r.duplicates for r in results)
-        self._flush_stale += sum(r.stale for r in results)
+        self._flush_stale += sum(r.stale and r.conflict is None for r in results)
+        self._flush_conflicts += sum(r.conflict is not None for r in results)
         return results
 
     async def apply_clear(self, session_id: str, generation: int) -> None:
-        wanted = {
-            validate_session_id(session_id): COUNTER.check_int(
-                "generation", generation, InvalidInputError
-            )
-        }
+        batch = FlushBatch(
+            validate_session_id(session_id),
+            COUNTER.check_int("generation", generation, InvalidInputError),
+            [],
+        )
 
         async def op(conn: Conn) -> None:
             async with transaction(conn):
-                await self._sync_generations(conn, wanted)
+                await self._lock_for_flush(conn, {batch.session_id: batch}, {})
 
         await self._db.run("apply_clear", op)
 
-    async def _sync_generations(
+    async def _lock_for_flush(
         self,
         conn: Conn,
-        wanted: dict[str, int],
-        cuts: Mapping[str, tuple[int, int]] | None = None,
-    ) -> set[str]:
-        """Lock (creating if need be) the sessions' rows and bring them to ``wanted``.
+        batches: dict[str, FlushBatch],
+        cuts: Mapping[str, tuple[int, int]],
+    ) -> dict[str, FlushResult]:
+        """Lock (creating if allowed) the sessions' rows and bring them to the batches'
+        generations.
 
-        Rows of an older generation, or expired ones (which count as absent), lose their
-        messages and take the wanted generation, except where ``cuts`` gives
-        ``(from_generation, keep)`` and the row's generation is at least ``from_generation``:
-        those lose only the messages above seq ``keep``. Returns the sessions for which
-        Postgres already holds a newer generation.
+        Rows of an older generation, or expired as of the flushed writes (which count as
+        absent), lose their messages and take the batch's generation, except where ``cuts``
+        gives ``(from_generation, keep)`` and the row's generation is at least
+        ``from_generation``: those lose only the messages above seq ``keep``. Returns the
+        sessions that must not be written: Postgres holds a newer generation (stale), or the
+        history the Redis copy was built from is not there any more (conflict).
         """
-        ids = sorted(wanted)
-        rows = await conn.fetch(_LOCK_SESSIONS, ids, [wanted[sid] for sid in ids], self._retention)
-        stale: set[str] = set()
+        ids = sorted(batches)
+        written = [batches[sid].written_ms for sid in ids]
+        rows = {r["id"]: r for r in await conn.fetch(_LOCK_SESSIONS, ids, written)}
+        missing = [sid for sid in ids if sid not in rows]
+        refused: dict[str, FlushResult] = {}
+        creatable = [sid for sid in missing if not batches[sid].had_postgres_rows]
+        for sid in missing:
+            if batches[sid].had_postgres_rows:
+                refused[sid] = FlushResult(0, 0, stale=True, conflict=DELETED)
+        if creatable:
+            await conn.execute(
+                _CREATE_SESSIONS, creatable, [batches[sid].generation for sid in creatable]
+            )
+            for r in await conn.fetch(
+                _LOCK_SESSIONS, creatable, [batches[sid].written_ms for sid in creatable]
+            ):
+                rows[r["id"]] = r
         reset: list[str] = []
+        restart: list[bool] = []
         truncate: list[str] = []
-        for row in rows:
-            sid, stored = row["id"], row["generation"]
-            cut = (cuts or {}).get(sid)
+        for sid, row in rows.items():
+            batch = batches[sid]
+            stored = int(row["generation"])
+            cut = cuts.get(sid)
             if row["expired"]:
                 reset.append(sid)
-            elif stored < wanted[sid] and cut is not None and stored >= cut[0]:
+                restart.append(True)
+            elif batch.revision is not None and int(row["revision"]) != batch.revision:
+                refused[sid] = FlushResult(0, 0, stale=True, conflict=CHANGED)
+            elif stored < batch.generation and cut is not None and stored >= cut[0]:
                 truncate.append(sid)
-            elif stored < wanted[sid]:
+            elif stored < batch.generation:
                 reset.append(sid)
-            elif stored > wanted[sid]:
-                stale.add(sid)
+                restart.append(False)
+            elif stored > batch.generation:
+                refused[sid] = FlushResult(0, 0, stale=True)
         if reset:
             await conn.execute(
-                _RESET_SESSIONS, reset, [wanted[sid] for sid in reset], self._retention
+                _RESET_SESSIONS, reset, [batches[sid].generation for sid in reset], restart
             )
         if truncate:
-            assert cuts is not None
             await conn.execute(
                 _TRUNCATE_SESSIONS,
                 truncate,
-                [wanted[sid] for sid in truncate],
+                [batches[sid].generation for sid in truncate],
                 [cuts[sid][1] for sid in truncate],
                 self._retention,
             )
-        return stale
+        return refused

@@ -1,8 +1,12 @@
 """PostgresStore: sessions kept in Postgres, a thin facade over the parts that do the work.
 
 Used directly for ``session_storage='database'`` (write-through) and as the durable tier of the
-two-tier store, whose flusher calls :meth:`PostgresStore.apply_flushes`,
-:meth:`PostgresStore.apply_clear` and :meth:`PostgresStore.load_snapshot`.
+two-tier store, whose flusher calls :meth:`PostgresStore.apply_flushes` and whose warm calls
+:meth:`PostgresStore.take_lease` and :meth:`PostgresStore.load_range`.
+
+The two modes may share one database (DESIGN.md 3.8): the tier lease recorded by the two-tier
+store (``hot_until``) makes this store's own writes refuse a session Redis may hold, with
+:class:`~vel.errors.TierLeaseError`.
 
 Layout (see ``migrations/0001_initial.sql``): one ``vel_sessions`` row per session carrying
 ``last_seq`` and a ``generation`` counter, and an append-only ``vel_messages`` table keyed by
@@ -13,7 +17,10 @@ The parts, each holding one responsibility and its SQL:
 
 - :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline, error translation;
 - :mod:`~vel.stores.postgres.sessions`: write-through append, load, replace, clear;
-- :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes, clears and snapshots;
+- :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes and clears;
+- :mod:`~vel.stores.postgres.lease`: the tier lease and the warm's reads;
+- :mod:`~vel.stores.postgres.resolve`: resolutions of flush conflicts;
+- :mod:`~vel.stores.postgres.tier`: the durable-tier calls above, as this store's methods;
 - :mod:`~vel.stores.postgres.locks`: turn-lock lease rows;
 - :mod:`~vel.stores.postgres.maintenance`: listing, purge, database gauges.
 
@@ -23,7 +30,7 @@ This module validates the constructor's arguments and documents the public calls
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -39,13 +46,16 @@ from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
+from vel.stores.postgres.lease import TierLease
 from vel.stores.postgres.locks import PostgresTurn, TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
-from vel.stores.postgres.sessions import Sessions
-from vel.stores.postgres.sink import FlushResult, Sink, Snapshot
+from vel.stores.postgres.resolve import Resolver
+from vel.stores.postgres.sessions import ImportCounts, ImportEntry, Sessions
+from vel.stores.postgres.sink import Sink
+from vel.stores.postgres.tier import DurableTier
 
 
-class PostgresStore:
+class PostgresStore(DurableTier):
     """Session histories in Postgres, safe to share between tasks, event loops and processes.
 
     Args:
@@ -160,8 +170,11 @@ class PostgresStore:
             connect_timeout=connect_timeout,
             migrate=migrate,
         )
+        self.retention_ttl = retention
         self._sessions = Sessions(self._db, retention)
         self._sink = Sink(self._db, retention)
+        self._lease = TierLease(self._db)
+        self._resolver = Resolver(self._db, retention)
         self._locks = TurnLocks(self._db, self._sessions, lock_lease)
         self._maintenance = Maintenance(self._db)
         metrics.track(
@@ -253,6 +266,7 @@ class PostgresStore:
 
         Raises:
             InvalidInputError: bad id or message, or ids already used by other messages.
+            TierLeaseError: the session is held by the Redis tier (use 'redis' mode).
             StoreError: Postgres failed; retry with the same ``message_ids``.
         """
         with observed(APPEND, "append", session_id):
@@ -285,14 +299,28 @@ class PostgresStore:
         """
         return await self._sessions.pop(session_id)
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
         """Atomically replace the whole history with ``messages`` (seqs restart at 1).
+
+        Any length up to ``MAX_MESSAGES_PER_REPLACE``, written in chunks inside one
+        transaction (readers see the old history or the new one).
+
+        Args:
+            session_id: the session.
+            messages: the new history.
+            message_ids: one unique id per message (generated when None).
 
         Raises:
             InvalidInputError: bad id or message; nothing changed.
+            TierLeaseError: the session is held by the Redis tier; nothing changed.
             StoreError: Postgres failed; nothing changed.
         """
-        await self._sessions.replace(session_id, messages)
+        await self._sessions.replace(session_id, messages, message_ids)
 
     async def clear(self, session_id: str) -> None:
         """Delete the session's history; a no-op for an unknown session.
@@ -302,9 +330,26 @@ class PostgresStore:
 
         Raises:
             InvalidInputError: bad session id.
+            TierLeaseError: the session is held by the Redis tier; nothing changed.
             StoreError: Postgres failed; nothing changed.
         """
         await self._sessions.clear(session_id)
+
+    async def import_sessions(
+        self, entries: Sequence[ImportEntry], *, replace: bool = False
+    ) -> ImportCounts:
+        """Write a whole import in one transaction: every session of it, or none.
+
+        A session that already has messages is skipped, or with ``replace`` its history is
+        replaced; new sessions get the entries' histories with their message ids.
+
+        Raises:
+            InvalidInputError: a session listed twice; nothing was written.
+            TierLeaseError: one of the sessions is held by the Redis tier; nothing was
+                written (import with 'redis' storage instead).
+            StoreError: Postgres failed; nothing was written.
+        """
+        return await self._sessions.import_sessions(entries, replace=replace)
 
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
@@ -407,73 +452,6 @@ class PostgresStore:
             StoreError: Postgres failed.
         """
         return await self._sessions.last_seq(session_id)
-
-    async def load_snapshot(self, session_id: str) -> Snapshot | None:
-        """Return the whole session as stored, in one consistent read.
-
-        Returns:
-            None for an unknown or expired session; a cleared session gives a snapshot with
-            its generation and no rows.
-
-        Raises:
-            InvalidInputError: bad session id.
-            StoreError: Postgres failed.
-        """
-        return await self._sink.load_snapshot(session_id)
-
-    async def apply_flush(
-        self, session_id: str, generation: int, rows: Sequence[tuple[int, str, str]]
-    ) -> FlushResult:
-        """Write one session's batch copied from the hot tier; see :meth:`apply_flushes`."""
-        (result,) = await self.apply_flushes([(session_id, generation, rows)])
-        return result
-
-    async def apply_flushes(
-        self,
-        batches: Sequence[tuple[str, int, Sequence[tuple[int, str, str]]]],
-        truncations: Mapping[str, tuple[int, int]] | None = None,
-    ) -> list[FlushResult]:
-        """Write batches copied from the hot tier, idempotently, in one transaction.
-
-        Per session: a batch of an older generation than Postgres holds is ignored (a clear,
-        replace or pop happened after it was read); a newer generation first wipes the stored
-        messages (an expired session counts as absent, whatever its generation), or, with a
-        truncation whose generation Postgres has reached, drops only the messages above its
-        kept seq (the newer generation came from pops). Rows already stored with the same
-        message id count as duplicates. The cost is a fixed four to six round trips,
-        whatever the number of sessions and rows.
-
-        Args:
-            batches: ``(session_id, generation, rows)`` with each session at most once;
-                ``rows`` are ``(seq, message_id, message JSON text)``, possibly empty (to
-                record a newer generation only).
-            truncations: session id -> ``(from_generation, keep)``: Postgres at
-                ``from_generation`` or later (below the batch's generation) holds the
-                session's history up to seq ``keep``.
-
-        Returns:
-            One :class:`FlushResult` per batch, in order.
-
-        Raises:
-            InvalidInputError: malformed input; nothing was written.
-            FlushConflictError: Postgres holds other messages at a session's seqs or ids;
-                nothing of any batch was written (``exc.session_id`` names the session, so
-                the others can be retried without it).
-            StoreError: Postgres failed; nothing was written, the batches may be retried.
-        """
-        return await self._sink.apply_flushes(batches, truncations)
-
-    async def apply_clear(self, session_id: str, generation: int) -> None:
-        """Record a clear made at ``generation``: wipe the messages unless Postgres is newer.
-
-        A missing session gets an empty row carrying ``generation``, so that an older flush
-        arriving later is recognised as stale.
-
-        Raises:
-            InvalidInputError: bad session id or generation.
-            StoreError: Postgres failed; nothing changed.
-        """
-        await self._sink.apply_clear(session_id, generation)
 
 
 def _counters(sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector) -> dict[str, float]:

@@ -23,8 +23,9 @@ DEFAULT_BUCKETS = 16
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
-    meta: str  # hash: seq, flushed, gen, fgen, created, updated (+ tgen, tseq after a pop)
-    messages: str  # list: "<message id>\n<json>" per message, seq 1 at index 0
+    meta: str  # hash: seq, flushed, gen, fgen, created, updated, base, lease, expires, rev,
+    # pgrows, conflict (+ tgen, tseq after a pop; see vel.stores.redis.scripts)
+    messages: str  # list: "<message id>\n<json>" per message, seq base+1 at index 0
     replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
     # warmed session) -> the seq of that message
     warm_lock: str  # string: token of the process warming this session from Postgres
@@ -32,11 +33,24 @@ class SessionKeys:
     dirty: str  # zset (per bucket): session id -> due time in ms
     dirty_since: str  # zset (per bucket): session id -> when it first became dirty, ms
     backlog: str  # integer (per bucket): messages not yet written to Postgres
+    conflicts: str  # zset (per bucket): session id -> when a flush of it could not be applied
+    tag: str  # the hash tag every key above shares
+    session_id: str
 
     @property
     def data(self) -> tuple[str, str, str]:
         """The keys that hold the session itself (they share one TTL)."""
         return (self.meta, self.messages, self.replays)
+
+    @property
+    def layout(self) -> list[str]:
+        """KEYS 1..7 of the session scripts (see :mod:`vel.stores.redis.scripts`)."""
+        return [*self.data, self.dirty, self.dirty_since, self.backlog, self.conflicts]
+
+    def staging(self, token: str) -> str:
+        """list: a long history pushed in chunks before one script swaps it in. ``token``
+        is fixed-length hex, placed before the id, so no id can produce another's key."""
+        return f"{self.tag}:s:{token}:{self.session_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,10 @@ class KeyLayout:
         tag = self.tag(bucket)
         return (f"{tag}:dirty", f"{tag}:since", f"{tag}:backlog")
 
+    def conflicts(self, bucket: int) -> str:
+        """zset: the bucket's sessions whose flush could not be applied (DESIGN.md 3.8)."""
+        return f"{self.tag(bucket)}:conflicts"
+
     def session(self, session_id: str) -> SessionKeys:
         bucket = self.bucket_of(session_id)
         tag = self.tag(bucket)
@@ -72,6 +90,9 @@ class KeyLayout:
             dirty=dirty,
             dirty_since=since,
             backlog=backlog,
+            conflicts=self.conflicts(bucket),
+            tag=tag,
+            session_id=session_id,
         )
 
     def sweep(self, bucket: int) -> str:

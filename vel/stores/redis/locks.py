@@ -28,7 +28,7 @@ from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.redis.client import Connector, ms
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
-from vel.stores.redis.sessions import Sessions, encode
+from vel.stores.redis.sessions import Sessions, Window, encode
 
 log = get_logger("vel.redis")
 T = TypeVar("T")
@@ -49,6 +49,9 @@ class RedisTurn:
         self.token = token
         self.on_miss = on_miss
         self.window: list[Message] = []
+        # What the lock's read found in Redis: the window's messages, and where they sit in
+        # the history (a partial copy may need older messages from Postgres).
+        self.view: Window | None = None
         self.keeper: LeaseKeeper | None = None
         self._keep_later: asyncio.TimerHandle | None = None
         self.committed = False
@@ -248,9 +251,9 @@ class Locks:
         timeout = wait_arg(timeout)
         token = uuid.uuid4().hex
         args: list[Any] = [
+            *self._sessions.common(session_id),
             -1 if limit is None else limit,
-            ms(self._sessions.hot_ttl),
-            "1" if self._sessions.write_behind else "0",
+            ms(self._sessions.lease_margin),
             token,
             ms(self._lease),
         ]
@@ -258,7 +261,7 @@ class Locks:
         async def attempt() -> list[Any] | None:
             reply: list[Any] = await self._redis.call(
                 "lock+load",
-                lambda c: c.lock_load(keys=[*keys.data, keys.turn_lock], args=args),
+                lambda c: c.lock_load(keys=[*keys.layout, keys.turn_lock], args=args),
                 idempotent=True,
             )
             return None if int(reply[0]) == LOCKED else reply
@@ -281,7 +284,8 @@ class Locks:
                 if window is None and on_miss is not None:
                     raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
                 LOAD.observe(time.perf_counter() - tried)
-            turn.window = window or []
+            turn.view = window
+            turn.window = [] if window is None else window.messages
             # Started after a sixth of the lease, the keeper first renews at half of it.
             turn.keep_lease(lambda: self._keep_lock(keys, token), self._lease / 6)
             yield turn

@@ -2,8 +2,20 @@
 
 Conventions: times are integer milliseconds passed in by the caller (scripts never read the
 clock, so replicas and AOF replay see the same values); a session exists while its meta hash
-exists; its message list always holds seqs 1..seq, so ``LLEN == seq`` is checked on reads to
-catch a list evicted without its meta; "clean" means ``flushed == seq and fgen == gen``.
+exists; its message list holds seqs ``base+1 .. seq`` (a warm loads only a window: DESIGN.md
+3.10), so ``LLEN == seq - base`` is checked on reads to catch a list evicted without its meta;
+"clean" means ``flushed == seq and fgen == gen``.
+
+Meta fields: ``seq flushed gen fgen created updated`` as ever; ``base`` (0 when absent);
+``lease``: when the tier lease recorded in Postgres ends (write-behind mode: a clean copy never
+outlives it, DESIGN.md 3.8); ``expires``: the retention deadline, counted from the last write
+(3.9; absent: never); ``rev``: the Postgres revision the copy was loaded at; ``pgrows``: 1 once
+Postgres held messages of this copy; ``conflict``: why a flush could not be applied (the copy
+then keeps no TTL and leaves the dirty set for the bucket's conflict set until resolved).
+
+Session scripts share one layout: KEYS 1..7 = meta, messages, replays, dirty, dirty_since,
+backlog, conflicts (a script's extra key comes 8th); ARGV 1..5 = session id, now, hot TTL ms
+(0: none), '1' in write-behind mode, retention ms (0: none); their own arguments follow.
 
 Generations: ``gen`` moves on with every replace, clear and pop, and ``fgen`` is the generation
 Postgres was last brought to (by a warm or an acknowledged flush), so a flush that read the
@@ -15,13 +27,14 @@ pop costs Postgres one ``DELETE``, not a rewrite. The record goes when Postgres 
 
 Return codes shared by the scripts: -1 miss (warm from Postgres first), -2 replay of an
 append already applied, -3 backpressure, -4 damaged dirty session, -5 turn lock held by another
-turn.
+turn, -6 staged items lost (stage again), -8 the copy holds none of the messages asked for
+(prepend older ones from Postgres first).
 """
 
 from __future__ import annotations
 
 # The return codes above, by name.
-MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED = -1, -2, -3, -4, -5
+MISS, REPLAY, BACKPRESSURE, DAMAGED, LOCKED, UNSTAGED, OLDER = -1, -2, -3, -4, -5, -6, -8
 
 
 def _script(flags: str, prologue: str, body: str) -> str:
@@ -30,8 +43,13 @@ def _script(flags: str, prologue: str, body: str) -> str:
     return f"{shebang}\n{prologue}{body}"
 
 
-# Shared prologue: KEYS[1..3] = meta, messages, replays.
-_SET_TTL = """
+# Shared prologue of the session scripts (layout in the module docstring).
+_SESSION = """
+local sid = ARGV[1]
+local now = tonumber(ARGV[2])
+local hot = tonumber(ARGV[3])
+local wb = ARGV[4] == '1'
+local retention = tonumber(ARGV[5])
 local function set_ttl(ttl)
   if ttl > 0 then
     redis.call('PEXPIRE', KEYS[1], ttl)
@@ -48,24 +66,84 @@ local function push(from)
     redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
 end
+-- m: 1 seq, 2 flushed, 3 gen, 4 fgen, 5 base, 6 lease, 7 expires, 8 rev, 9 conflict
+local function meta()
+  return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
+    'expires', 'rev', 'conflict')
+end
+local function num(v, default) if v then return tonumber(v) end return default end
+local function is_dirty(m) return wb and not (m[2] == m[1] and m[3] == m[4]) end
+-- Remove the copy; a dirty one also leaves the write-behind sets and the backlog count.
+local function drop(m, dirty)
+  if dirty then
+    local gone = num(m[1], 0) - num(m[2], 0)
+    if gone > 0 and redis.call('DECRBY', KEYS[6], gone) < 0 then redis.call('SET', KEYS[6], 0) end
+    redis.call('ZREM', KEYS[4], sid)
+    redis.call('ZREM', KEYS[5], sid)
+    redis.call('ZREM', KEYS[7], sid)
+  end
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+-- The TTL of a clean copy: the hot TTL, never past its tier lease (write-behind) nor its
+-- retention deadline. 0: no TTL; -1: the copy must go now.
+local function clean_ttl(m)
+  local ttl = hot
+  local function cap(deadline)
+    local left = deadline - now
+    if left < 1 then left = -1 end
+    if ttl == 0 or left < ttl then ttl = left end
+  end
+  if wb then cap(num(m[6], 0)) end
+  local expires = num(m[7], 0)
+  if expires > 0 then cap(expires) end
+  return ttl
+end
+-- The copy if it may serve (nil: dropped or absent, a miss; 'damaged'). Past retention it
+-- is gone in both tiers (dirty or not); a clean copy whose tier lease ends within ``margin``
+-- ms is dropped so the warm takes the lease again before the copy is used.
+local function usable(m, margin)
+  if not m[1] then return nil end
+  local dirty = is_dirty(m)
+  local expires = num(m[7], 0)
+  if expires > 0 and expires <= now then
+    drop(m, dirty)
+    return nil
+  end
+  if wb and not dirty and num(m[6], 0) <= now + margin then
+    drop(m, false)
+    return nil
+  end
+  if redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - num(m[5], 0) then
+    -- volatile-* eviction took part of a clean copy: drop the remains and warm again.
+    if not dirty then
+      drop(m, false)
+      return nil
+    end
+    return 'damaged'
+  end
+  return m
+end
+-- The replay record from the ids of the list's last 64 items (item i has seq first + i).
+local function index_replays(first)
+  local items = redis.call('LRANGE', KEYS[2], -64, -1)
+  local len = redis.call('LLEN', KEYS[2])
+  local offset = len - #items
+  for i, item in ipairs(items) do
+    local nl = string.find(item, '\\n', 1, true)
+    redis.call('ZADD', KEYS[3], first + offset + i - 1, string.sub(item, 1, nl - 1))
+  end
+end
 """
 
-# The window read shared by LOAD and LOCK_LOAD: the last ARGV[1] messages (-1: all).
-# ARGV[2] = ttl ms to slide when clean (0: none), ARGV[3] = '1' write-behind mode.
+# The window read shared by LOAD and LOCK_LOAD: ARGV[6] the last n messages (-1: all),
+# ARGV[7] lease margin ms. Returns {seq, base, gen, rev, items...} (items: the last
+# min(n, seq - base) messages; -1 rev: unknown), {-1} or {-4}.
 _READ_WINDOW = """
 local function read_window()
-  local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
-  if not m[1] then return {-1} end
-  local seq = tonumber(m[1])
-  local clean = ARGV[3] ~= '1' or (m[2] == m[1] and m[3] == m[4])
-  if redis.call('LLEN', KEYS[2]) ~= seq then
-    if clean then
-      redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-      return {-1}
-    end
-    return {-4}
-  end
-  local limit = tonumber(ARGV[1])
+  local m = usable(meta(), tonumber(ARGV[7]))
+  if m == nil then return {-1} end
+  if m == 'damaged' then return {-4} end
+  local limit = tonumber(ARGV[6])
   local items
   if limit < 0 then
     items = redis.call('LRANGE', KEYS[2], 0, -1)
@@ -74,14 +152,17 @@ local function read_window()
   else
     items = redis.call('LRANGE', KEYS[2], -limit, -1)
   end
-  if clean then set_ttl(tonumber(ARGV[2])) end
-  table.insert(items, 1, seq)
+  if not is_dirty(m) then set_ttl(clean_ttl(m)) end
+  table.insert(items, 1, num(m[8], -1))
+  table.insert(items, 1, num(m[3], 0))
+  table.insert(items, 1, num(m[5], 0))
+  table.insert(items, 1, tonumber(m[1]))
   return items
 end
 """
 
-# Read the window (see _READ_WINDOW). Returns {seq, items...}, {-1} or {-4}.
-LOAD = _script("allow-oom", _SET_TTL + _READ_WINDOW, "return read_window()\n")
+# Read the window (see _READ_WINDOW).
+LOAD = _script("allow-oom", _SESSION + _READ_WINDOW, "return read_window()\n")
 
 # Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
 # lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
@@ -100,15 +181,15 @@ local function take_lock(n, t)
 end
 """
 
-# Take the turn lock (KEYS[4]) and read the window in one step, so a locked turn costs no
-# round trip of its own. ARGV 1-3 as LOAD, 4 lock token, 5 lease ms. Returns {-5} when
+# Take the turn lock (KEYS[8]) and read the window in one step, so a locked turn costs no
+# round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms. Returns {-5} when
 # another turn holds the lock (nothing read), else what LOAD returns, the lock now held
 # (also on a miss or damage: the caller warms or reports, then releases).
 LOCK_LOAD = _script(
     "",
-    _SET_TTL + _READ_WINDOW + _TAKE_LOCK,
+    _SESSION + _READ_WINDOW + _TAKE_LOCK,
     """
-if not take_lock(4, 4) then return {-5} end
+if not take_lock(8, 8) then return {-5} end
 return read_window()
 """,
 )
@@ -117,54 +198,52 @@ return read_window()
 # another token.
 TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
-# Append. KEYS[4..6] = dirty, dirty_since, backlog. ARGV: 1 now, 2 mode ('wb' | 'ro'),
-# 3 ttl ms (redis-only mode), 4 flush delay ms, 5 backlog bound per bucket, 6 session id,
-# 7 first message id, 8 turn lock token ('' none), 9.. items. With a token, KEYS[7] is the
-# turn lock, released (if still ours) once the messages are stored: the turn's commit and
-# unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
+# Append. ARGV: 6 lease margin ms, 7 flush delay ms, 8 backlog bound per bucket, 9 first
+# message id, 10 turn lock token ('' none), 11.. items. With a token, KEYS[8] is the turn
+# lock, released (if still ours) once the messages are stored: the turn's commit and unlock
+# are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
 APPEND = _script(
     "",
-    _SET_TTL,
+    _SESSION,
     """
-local now = tonumber(ARGV[1])
-local wb = ARGV[2] == 'wb'
-local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen')
-if m[1] and redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) then
-  -- volatile-* eviction took the list of a clean session but left its meta: appending would
-  -- put the messages at the wrong seqs. Drop the remains and warm again (a dirty one: -4).
-  if wb and not (m[1] == m[2] and m[3] == m[4]) then return {-4} end
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local m = usable(meta(), tonumber(ARGV[6]))
+if m == 'damaged' then return {-4} end
+if m == nil then
   if wb then return {-1} end
+  -- Redis-only mode: a new (or expired) session starts here, at seq 1.
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'seq', 0, 'flushed', 0, 'gen', 0, 'fgen', 0, 'created', now)
+  m = meta()
 end
 local function unlock()
-  if ARGV[8] ~= '' and redis.call('GET', KEYS[7]) == ARGV[8] then redis.call('DEL', KEYS[7]) end
+  if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) == ARGV[10] then redis.call('DEL', KEYS[8]) end
 end
-local k = #ARGV - 8
-local prev = redis.call('ZSCORE', KEYS[3], ARGV[7])
+local k = #ARGV - 10
+local prev = redis.call('ZSCORE', KEYS[3], ARGV[9])
 if prev then
   unlock()
   return {-2, tonumber(prev) + k - 1}
 end
 if wb then
   local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if backlog + k > tonumber(ARGV[5]) then return {-3, backlog} end
+  if backlog + k > tonumber(ARGV[8]) then return {-3, backlog} end
 end
-push(9)
+push(11)
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
 redis.call('HSET', KEYS[1], 'updated', now)
-redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[7])
+if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
+redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[9])
 if redis.call('ZCARD', KEYS[3]) > 64 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65) end
 if wb then
   redis.call('INCRBY', KEYS[6], k)
-  redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[4]), ARGV[6])
-  redis.call('ZADD', KEYS[5], 'NX', now, ARGV[6])
+  -- A copy in conflict is not flushed again until an operator resolves it.
+  if not m[9] then
+    redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[7]), sid)
+    redis.call('ZADD', KEYS[5], 'NX', now, sid)
+  end
   set_ttl(0)
 else
-  set_ttl(tonumber(ARGV[3]))
+  set_ttl(clean_ttl(meta()))
 end
 unlock()
 return {seq}
@@ -172,92 +251,131 @@ return {seq}
 )
 
 # Seed a session warmed from Postgres, only if it is still absent and this process still
-# holds the warm lease (KEYS[4]): a slow warm must never overwrite newer data.
-# ARGV: 1 token, 2 ttl ms, 3 gen, 4 last seq, 5 created, 6 updated, 7.. items.
-# Returns 1 seeded, 0 already present, -1 lease lost.
+# holds the warm lease (KEYS[8]): a slow warm must never overwrite newer data. The items are
+# the window the caller needs (seqs last - n + 1 .. last), at least the last 64 so that the
+# replay record can be rebuilt. ARGV: 6 token, 7 gen, 8 rev, 9 last seq, 10 created,
+# 11 updated, 12 expires (0: never), 13 lease end, 14.. items.
+# Returns 1 seeded, 0 already present, -1 lease lost (or the lease already over).
 SEED = _script(
     "",
-    _SET_TTL,
+    _SESSION,
     """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if redis.call('GET', KEYS[4]) ~= ARGV[1] then return -1 end
+if redis.call('GET', KEYS[8]) ~= ARGV[6] then return -1 end
+local last = tonumber(ARGV[9])
+local base = last - (#ARGV - 13)
 redis.call('DEL', KEYS[2], KEYS[3])
-push(7)
--- Rebuild the replay record from the ids of the last 64 messages (item i has seq i - 6), so
--- a caller's retry of an append that was flushed, left Redis and came back is still a replay.
-for i = math.max(7, #ARGV - 63), #ARGV do
-  local nl = string.find(ARGV[i], '\\n', 1, true)
-  redis.call('ZADD', KEYS[3], i - 6, string.sub(ARGV[i], 1, nl - 1))
+push(14)
+-- A caller's retry of an append that was flushed, left Redis and came back is a replay.
+index_replays(base + 1)
+redis.call('HSET', KEYS[1], 'seq', last, 'flushed', last, 'gen', ARGV[7], 'fgen', ARGV[7],
+  'base', base, 'rev', ARGV[8], 'created', ARGV[10], 'updated', ARGV[11], 'lease', ARGV[13],
+  'pgrows', last > 0 and 1 or 0)
+if tonumber(ARGV[12]) > 0 then redis.call('HSET', KEYS[1], 'expires', ARGV[12]) end
+local ttl = clean_ttl(meta())
+if ttl < 0 then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+  return -1
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[4], 'flushed', ARGV[4], 'gen', ARGV[3],
-  'fgen', ARGV[3], 'created', ARGV[5], 'updated', ARGV[6])
-set_ttl(tonumber(ARGV[2]))
+set_ttl(ttl)
 return 1
 """,
 )
 
-# Replace the history (no items: clear). KEYS[4..6] as APPEND. ARGV: 1 now, 2 mode,
-# 3 ttl ms (redis-only), 4 session id, 5.. items. Returns {gen} or {-1}.
+# Prepend older messages to a partial copy (seqs below its base), only if it is still the
+# copy they were read for. KEYS 1-3. ARGV: 1 gen, 2 rev, 3 expected base, 4.. items (seqs
+# base - n + 1 .. base, oldest first). Returns the new base, or -1 (the copy changed).
+EXTEND = _script(
+    "",
+    "",
+    """
+local m = redis.call('HMGET', KEYS[1], 'seq', 'gen', 'rev', 'base')
+if not m[1] or m[2] ~= ARGV[1] or (m[3] or '-1') ~= ARGV[2] or (m[4] or '0') ~= ARGV[3] then
+  return -1
+end
+local base = tonumber(ARGV[3])
+if redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - base then return -1 end
+for i = #ARGV, 4, -1 do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+base = base - (#ARGV - 3)
+redis.call('HSET', KEYS[1], 'base', base)
+return base
+""",
+)
+
+# Replace the history (no items: clear). ARGV: 6 lease margin ms, 7 item count, 8 '1' when
+# the items were staged in KEYS[8] (a long history, pushed in chunks beforehand), 9.. items.
+# Returns {gen} or {-1} (write-behind: warm first) or {-6} (staged items gone).
 REPLACE = _script(
     "",
-    _SET_TTL,
+    _SESSION,
     """
-local now = tonumber(ARGV[1])
-local k = #ARGV - 4
-if ARGV[2] ~= 'wb' then
+local k = tonumber(ARGV[7])
+local staged = ARGV[8] == '1'
+if staged and redis.call('LLEN', KEYS[8]) ~= k then return {-6} end
+local function install()
+  redis.call('DEL', KEYS[2], KEYS[3])
+  if staged then
+    if k > 0 then redis.call('RENAME', KEYS[8], KEYS[2]) end
+  else
+    push(9)
+  end
+  index_replays(1)
+end
+if not wb then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
   if k == 0 then return {0} end
-  redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', 0, 'fgen', 0,
+  install()
+  redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', 0, 'fgen', 0, 'base', 0,
     'created', now, 'updated', now)
-  push(5)
-  set_ttl(tonumber(ARGV[3]))
+  if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
+  set_ttl(clean_ttl(meta()))
   return {0}
 end
-local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen')
-if not m[1] then return {-1} end
+local m = usable(meta(), tonumber(ARGV[6]))
+if m == nil then return {-1} end
+if m == 'damaged' then m = meta() end
 local unflushed = tonumber(m[1]) - tonumber(m[2])
 local gen = tonumber(m[3]) + 1
-redis.call('DEL', KEYS[2], KEYS[3])
-push(5)
-redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', gen, 'updated', now)
+install()
+redis.call('HSET', KEYS[1], 'seq', k, 'flushed', 0, 'gen', gen, 'base', 0, 'updated', now)
+if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
+if redis.call('INCRBY', KEYS[6], k - unflushed) < 0 then redis.call('SET', KEYS[6], 0) end
 redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres starts this generation afresh
-redis.call('INCRBY', KEYS[6], k - unflushed)
-redis.call('ZADD', KEYS[4], now, ARGV[4])
-redis.call('ZADD', KEYS[5], 'NX', now, ARGV[4])
+if not m[9] then
+  redis.call('ZADD', KEYS[4], now, sid)
+  redis.call('ZADD', KEYS[5], 'NX', now, sid)
+end
 set_ttl(0)
 return {gen}
 """,
 )
 
-# Remove and return the newest message. KEYS[4..6] as APPEND. ARGV: 1 now, 2 mode ('wb' |
-# 'ro'), 3 ttl ms (redis-only mode), 4 flush delay ms, 5 session id. Returns {1, item},
-# {0} (nothing to pop), {-1} or {-4}. In write-behind mode the pop is a new generation with a
-# truncation record (see the module docstring), and the session is dirty until Postgres has it.
+# Remove and return the newest message. ARGV 6: flush delay ms, 7 lease margin ms. Returns
+# {1, item}, {0} (nothing to pop), {-1}, {-4} or {-8} (the copy holds none of the session's
+# messages: its older ones are in Postgres only, read them into it first). In write-behind
+# mode the pop is a new generation with a truncation record (see the module docstring), and
+# the session is dirty until Postgres has it.
 POP = _script(
     "",
-    _SET_TTL,
+    _SESSION,
     """
-local now = tonumber(ARGV[1])
-local wb = ARGV[2] == 'wb'
-local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'tgen', 'tseq')
-if not m[1] then return {wb and -1 or 0} end
+local m = usable(meta(), tonumber(ARGV[7]))
+if m == 'damaged' then return {-4} end
+if m == nil then return {wb and -1 or 0} end
 local seq = tonumber(m[1])
-if redis.call('LLEN', KEYS[2]) ~= seq then
-  -- As in APPEND: the remains of a clean session are dropped and warmed again.
-  if wb and not (m[1] == m[2] and m[3] == m[4]) then return {-4} end
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-  return {wb and -1 or 0}
-end
 if seq == 0 then return {0} end
+if seq == num(m[5], 0) then return {-8} end
 local item = redis.call('RPOP', KEYS[2])
 seq = seq - 1
 redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now)
+if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
 -- A replay record must not point at a seq that is gone (the next append takes it).
 redis.call('ZREMRANGEBYSCORE', KEYS[3], seq + 1, '+inf')
 if not wb then
-  set_ttl(tonumber(ARGV[3]))
+  set_ttl(clean_ttl(meta()))
   return {1, item}
 end
+local t = redis.call('HMGET', KEYS[1], 'tgen', 'tseq')
 local flushed = tonumber(m[2])
 if flushed > seq then
   redis.call('HSET', KEYS[1], 'flushed', seq)
@@ -266,12 +384,14 @@ elseif redis.call('DECRBY', KEYS[6], 1) < 0 then
 end
 if m[3] == m[4] then
   redis.call('HSET', KEYS[1], 'tgen', m[3], 'tseq', seq)
-elseif m[5] then
-  redis.call('HSET', KEYS[1], 'tseq', math.min(tonumber(m[6]), seq))
+elseif t[1] then
+  redis.call('HSET', KEYS[1], 'tseq', math.min(tonumber(t[2]), seq))
 end
 redis.call('HSET', KEYS[1], 'gen', tonumber(m[3]) + 1)
-redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[4]), ARGV[5])
-redis.call('ZADD', KEYS[5], 'NX', now, ARGV[5])
+if not m[9] then
+  redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[6]), sid)
+  redis.call('ZADD', KEYS[5], 'NX', now, sid)
+end
 set_ttl(0)
 return {1, item}
 """,
@@ -307,60 +427,140 @@ return n
 """,
 )
 
-# What a flusher must copy: ARGV[1] = max rows. Returns
-# {gen, fgen, flushed, seq, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq
-# -1 without a truncation record) or {-1} if the session is gone.
+# What a flusher must copy. ARGV 6: max rows. Returns {gen, fgen, flushed, seq, rev,
+# updated, pgrows, tgen, tseq, items...} (items are seqs flushed+1 ..; tgen and tseq -1
+# without a truncation record) or {-1} if the session is gone (or past its retention: then
+# dropped, in both tiers) or {-7} while it is in conflict.
 PENDING = _script(
-    "no-writes,allow-oom",
-    "",
+    "allow-oom",
+    _SESSION,
     """
-local m = redis.call('HMGET', KEYS[1], 'gen', 'fgen', 'flushed', 'seq', 'tgen', 'tseq')
+local m = meta()
 if not m[1] then return {-1} end
-local flushed = tonumber(m[3])
-local items = redis.call('LRANGE', KEYS[2], flushed, flushed + tonumber(ARGV[1]) - 1)
-table.insert(items, 1, tonumber(m[6] or '-1'))
-table.insert(items, 1, tonumber(m[5] or '-1'))
-table.insert(items, 1, tonumber(m[4]))
-table.insert(items, 1, flushed)
-table.insert(items, 1, tonumber(m[2]))
-table.insert(items, 1, tonumber(m[1]))
+local expires = num(m[7], 0)
+if expires > 0 and expires <= now then
+  drop(m, is_dirty(m))
+  return {-1}
+end
+if m[9] then
+  -- In conflict: never flushed until resolved (only a race can have put it back here).
+  redis.call('ZREM', KEYS[4], sid)
+  redis.call('ZREM', KEYS[5], sid)
+  return {-7}
+end
+local flushed = tonumber(m[2])
+local from = flushed - num(m[5], 0)
+local items = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[6]) - 1)
+local more = redis.call('HMGET', KEYS[1], 'updated', 'pgrows', 'tgen', 'tseq')
+local head = {tonumber(m[3]), tonumber(m[4]), flushed, tonumber(m[1]), num(m[8], -1),
+  num(more[1], 0), num(more[2], 0), num(more[3], -1), num(more[4], -1)}
+for i = #head, 1, -1 do table.insert(items, 1, head[i]) end
 return items
 """,
 )
 
-# Record that Postgres holds generation ARGV[2] up to seq ARGV[3]. A late ack (lease expired,
-# another flusher went further) only ever raises ``flushed``; an ack for an older generation
-# changes nothing. KEYS[4..6] as APPEND. ARGV: 1 session id, 2 gen, 3 upto, 4 now, 5 ttl.
-# Returns 1 clean, 2 still dirty (due now), -1 stale generation, 0 session gone.
+# Record that Postgres holds generation ARGV[6] up to seq ARGV[7], and the tier lease it
+# recorded (ARGV[8], 0: unchanged). A late ack (lease expired, another flusher went further)
+# only ever raises ``flushed``; an ack for an older generation changes nothing; a copy in
+# conflict stays one. Returns 1 clean, 2 still dirty (due now), 3 in conflict, -1 stale
+# generation, 0 session gone.
 ACK = _script(
     "allow-oom",
-    _SET_TTL,
+    _SESSION,
     """
-local m = redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen')
+local m = meta()
 if not m[1] then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
+  redis.call('ZREM', KEYS[4], sid)
+  redis.call('ZREM', KEYS[5], sid)
   return 0
 end
-if tonumber(m[3]) ~= tonumber(ARGV[2]) then return -1 end
+if tonumber(m[3]) ~= tonumber(ARGV[6]) then return -1 end
 local old = tonumber(m[2])
-local flushed = math.max(old, tonumber(ARGV[3]))
+local flushed = math.max(old, tonumber(ARGV[7]))
 if flushed > old then
-  redis.call('HSET', KEYS[1], 'flushed', flushed)
+  redis.call('HSET', KEYS[1], 'flushed', flushed, 'pgrows', 1)
   -- The counter only bounds the backlog: keys lost while dirty (a misconfigured eviction,
   -- a manual DEL) would otherwise drive it below zero and weaken backpressure.
   if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
-redis.call('HSET', KEYS[1], 'fgen', ARGV[2])
+redis.call('HSET', KEYS[1], 'fgen', ARGV[6])
 redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres is at this generation now
+local lease = tonumber(ARGV[8])
+if lease > num(m[6], 0) then redis.call('HSET', KEYS[1], 'lease', lease) end
+if m[9] then return 3 end
 if flushed >= tonumber(m[1]) then
-  redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  set_ttl(tonumber(ARGV[5]))
+  redis.call('ZREM', KEYS[4], sid)
+  redis.call('ZREM', KEYS[5], sid)
+  local ttl = clean_ttl(meta())
+  if ttl < 0 then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) else set_ttl(ttl) end
   return 1
 end
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[4], now, sid)
 return 2
+""",
+)
+
+# A flush of generation ARGV[6] (revision ARGV[7], -1 unknown) could not be applied because
+# Postgres changed behind the tier: unless the copy moved on since it was read (then the
+# newer one is flushed in its turn), it becomes a conflict, kept without TTL and out of the
+# dirty set until resolved (DESIGN.md 3.8). ARGV[8] the reason. Returns 1 marked, 0 not.
+CONFLICT = _script(
+    "allow-oom",
+    _SESSION,
+    """
+local m = meta()
+if not m[1] then return 0 end
+local dirty = is_dirty(m)
+local expires = num(m[7], 0)
+if expires > 0 and expires <= now then
+  drop(m, dirty)
+  return 0
+end
+if tonumber(m[3]) ~= tonumber(ARGV[6]) or num(m[8], -1) ~= tonumber(ARGV[7]) then return 0 end
+if not dirty then
+  -- Nothing of it is missing from Postgres: the copy is merely out of date.
+  drop(m, false)
+  return 0
+end
+redis.call('HSET', KEYS[1], 'conflict', ARGV[8], 'conflict_at', now)
+redis.call('ZREM', KEYS[4], sid)
+redis.call('ZREM', KEYS[5], sid)
+redis.call('ZADD', KEYS[7], now, sid)
+set_ttl(0)
+return 1
+""",
+)
+
+# Drop a copy once its conflict is resolved in Postgres, only if it is still the copy that was
+# read (ARGV 6 seq, 7 gen): otherwise it took writes meanwhile and is resolved again.
+# Returns 1 dropped, 0 changed.
+RESOLVED = _script(
+    "allow-oom",
+    _SESSION,
+    """
+local m = meta()
+if not m[1] then
+  redis.call('ZREM', KEYS[7], sid)
+  return 1
+end
+if m[1] ~= ARGV[6] or m[3] ~= ARGV[7] then return 0 end
+drop(m, true)
+return 1
+""",
+)
+
+# The whole copy in one step (for conflict resolution): KEYS 1-2 = meta, messages. Returns
+# {n, the meta's n fields and values, the items (seqs base+1 .. seq)...}, or {} if absent.
+COPY = _script(
+    "no-writes,allow-oom",
+    "",
+    """
+local meta = redis.call('HGETALL', KEYS[1])
+if #meta == 0 then return {} end
+local out = {#meta}
+for _, v in ipairs(meta) do table.insert(out, v) end
+for _, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, v) end
+return out
 """,
 )
 
@@ -400,14 +600,16 @@ return 1
 """,
 )
 
-# Delete a session's Redis copy unless it is dirty (then it holds writes Postgres lacks, and
-# the flusher must see them). KEYS: meta, messages, replays, bucket dirty set. ARGV: 1 session
-# id. Returns 1 dropped, 0 dirty or absent.
+# Delete a session's Redis copy unless it holds writes Postgres lacks (dirty, or in
+# conflict: the flusher or an operator must see them). KEYS: meta, messages, replays, bucket
+# dirty set, bucket conflict set. ARGV: 1 session id. Returns 1 dropped, 0 absent, -1 kept.
 DROP_CLEAN = _script(
     "allow-oom",
     "",
     """
-if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return 0 end
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) or redis.call('ZSCORE', KEYS[5], ARGV[1]) then
+  return -1
+end
 return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) > 0 and 1 or 0
 """,
 )

@@ -1,10 +1,14 @@
-"""Session data in Redis: window reads, appends, pops, replaces and the warm's seed.
+"""Session data in Redis: window reads, appends, pops, replaces, and the warm's seed and
+extension.
 
 Each write is one Lua script (:mod:`vel.stores.redis.scripts`) touching one hash slot, so an
 append assigns its seqs, stores its messages and, in write-behind mode, marks the session dirty
 and removes its TTL in one atomic step (DESIGN.md 3.1 atomic appends, 3.2 dirty data never
-expires). The seed installs a Postgres snapshot only if the session is still absent and the
-warm lease is still held (3.4). Messages are stored as ``"<message id>\\n<json>"`` items.
+expires). The seed installs a Postgres window only if the session is still absent and the
+warm lease is still held (3.4); a copy may hold only its newest messages (3.10), and
+:meth:`Sessions.extend` prepends older ones only onto the copy they were read for. A long
+history is pushed in chunks under a staging key, then swapped in by one script, so readers
+see the old history or the new one whole. Messages are stored as ``"<message id>\\n<json>"``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vel import failpoints
@@ -30,16 +36,85 @@ from vel.messages import (
     encode_messages,
     validate_session_id,
 )
-from vel.stores.redis.client import Connector, ms, now_ms
-from vel.stores.redis.keys import KeyLayout
+from vel.stores.redis.client import Client, Connector, ms, now_ms
+from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, MISS, REPLAY
 
+# Histories longer than this are pushed to a staging key in chunks before the swap.
+STAGE_ITEMS = 1000
+# One staging round trip carries at most this many bytes of items.
+STAGE_BYTES = 4 * 1024 * 1024
+# A staging key left by a writer that died expires on its own.
+STAGE_TTL = 600.0
 
-def encode(messages: Sequence[Message], message_ids: Sequence[str] | None) -> list[str]:
-    """Messages as stored items, ``"<message id>\\n<json>"`` (ids generated if None)."""
-    texts = encode_messages(messages)
+
+def encode(
+    messages: Sequence[Message], message_ids: Sequence[str] | None, *, whole: bool = False
+) -> list[str]:
+    """Messages as stored items, ``"<message id>\\n<json>"`` (ids generated if None);
+    ``whole``: a whole history (the replace limit, not the append limit)."""
+    texts = encode_messages(messages, whole_history=whole)
     ids = check_message_ids(message_ids, len(texts))
     return [f"{mid}\n{text}" for mid, text in zip(ids, texts, strict=True)]
+
+
+def split(item: bytes | str) -> tuple[str, str]:
+    """A stored item as (message id, JSON text)."""
+    if isinstance(item, bytes):
+        item = item.decode()
+    mid, _, text = item.partition("\n")
+    return mid, text
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A window read from a session's Redis copy.
+
+    Attributes:
+        seq: the session's last seq.
+        base: the copy holds seqs ``base + 1 .. seq`` (0: the whole history).
+        gen, rev: the generation, and the Postgres revision the copy was loaded at (None:
+            unknown), which an older part read from Postgres must match.
+        messages: the last ``min(limit, seq - base)`` messages, oldest first.
+    """
+
+    seq: int
+    base: int
+    gen: int
+    rev: int | None
+    messages: list[Message]
+
+
+def _chunks(items: Sequence[str]) -> list[list[str]]:
+    groups: list[list[str]] = []
+    size = 0
+    for item in items:
+        if not groups or len(groups[-1]) >= STAGE_ITEMS or size + len(item) > STAGE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += len(item)
+    return groups
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A session's whole Redis copy, read in one step (for conflict resolution)."""
+
+    seq: int
+    flushed: int
+    base: int
+    gen: int
+    fgen: int
+    conflict: str | None
+    items: list[tuple[str, str]]  # (message id, JSON text) of seqs base+1 .. seq
+
+    def unflushed(self) -> list[tuple[str, str]]:
+        """What Postgres lacks of it: the messages after ``flushed``, or the whole copy
+        after a replace not yet flushed."""
+        if self.gen != self.fgen:
+            return list(self.items)
+        return self.items[self.flushed - self.base :]
 
 
 class Sessions:
@@ -54,6 +129,8 @@ class Sessions:
         *,
         write_behind: bool,
         hot_ttl: float,
+        retention_ttl: float | None,
+        lease_margin: float,
         max_unflushed: int,
         backpressure_wait: float,
         flush_delay: float,
@@ -63,27 +140,36 @@ class Sessions:
         self._counters = counters
         self.write_behind = write_behind
         self.hot_ttl = hot_ttl
+        self.retention_ttl = retention_ttl
+        self.lease_margin = lease_margin
         self._max_unflushed = max_unflushed
         self._backpressure_wait = backpressure_wait
         self._flush_delay = flush_delay
 
-    # -- reads -----------------------------------------------------------------------------
-
-    async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
-        keys = self._keys.session(validate_session_id(session_id))
-        limit = limit_arg(limit)
-        args = [
-            -1 if limit is None else limit,
+    def common(self, session_id: str, now: int | None = None) -> list[Any]:
+        """ARGV 1..5 of the session scripts."""
+        return [
+            session_id,
+            now_ms() if now is None else now,
             ms(self.hot_ttl),
             "1" if self.write_behind else "0",
+            ms(self.retention_ttl),
         ]
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def read(self, session_id: str, limit: int | None = None) -> Window | None:
+        """The window, or None when the copy is absent or unusable (a miss)."""
+        keys = self._keys.session(validate_session_id(session_id))
+        limit = limit_arg(limit)
+        args = [*self.common(session_id), -1 if limit is None else limit, 0]
         reply: list[Any] = await self._redis.call(
-            "load", lambda c: c.load(keys=list(keys.data), args=args), idempotent=True
+            "load", lambda c: c.load(keys=keys.layout, args=args), idempotent=True
         )
         return self.window(session_id, reply)
 
-    def window(self, session_id: str, reply: list[Any]) -> list[Message] | None:
-        """Decode a LOAD / LOCK_LOAD reply: the messages, or None on a miss.
+    def window(self, session_id: str, reply: list[Any]) -> Window | None:
+        """Decode a LOAD / LOCK_LOAD reply: the window, or None on a miss.
 
         Raises:
             StoreError: the session's Redis copy is damaged (part evicted while unflushed).
@@ -97,8 +183,36 @@ class Sessions:
                 f"session {session_id!r} lost part of its data in Redis while unflushed; "
                 "check maxmemory-policy (never allkeys-*) with `vel doctor`"
             )
+        rev = int(reply[3])
         # json.loads takes the bytes after the id as they are: no split, no decode to str.
-        return [decode_message(item[item.index(b"\n") + 1 :]) for item in reply[1:]]
+        return Window(
+            seq=head,
+            base=int(reply[1]),
+            gen=int(reply[2]),
+            rev=None if rev < 0 else rev,
+            messages=[decode_message(item[item.index(b"\n") + 1 :]) for item in reply[4:]],
+        )
+
+    async def read_copy(self, session_id: str) -> Copy | None:
+        """The whole copy (meta and every message it holds), read in one script."""
+        keys = self._keys.session(validate_session_id(session_id))
+        reply: list[Any] = await self._redis.call(
+            "read copy", lambda c: c.copy(keys=[keys.meta, keys.messages], args=[])
+        )
+        if not reply:
+            return None
+        n = int(reply[0])
+        pairs, items = reply[1 : 1 + n], reply[1 + n :]
+        fields = {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, n, 2)}
+        return Copy(
+            seq=int(fields.get("seq", 0)),
+            flushed=int(fields.get("flushed", 0)),
+            base=int(fields.get("base", 0)),
+            gen=int(fields.get("gen", 0)),
+            fgen=int(fields.get("fgen", 0)),
+            conflict=fields.get("conflict"),
+            items=[split(item) for item in items],
+        )
 
     async def exists(self, session_id: str) -> bool:
         keys = self._keys.session(session_id)
@@ -121,17 +235,15 @@ class Sessions:
         keys = self._keys.session(session_id)
         per_bucket = max(1, -(-self._max_unflushed // self._keys.buckets))
         args: list[Any] = [
-            now_ms(),
-            "wb" if self.write_behind else "ro",
-            ms(self.hot_ttl),
+            *self.common(session_id),
+            ms(self.lease_margin),
             ms(self._flush_delay),
             per_bucket,
-            session_id,
             first_id,
             unlock,
             *items,
         ]
-        names = [*keys.data, keys.dirty, keys.dirty_since, keys.backlog]
+        names = keys.layout
         if unlock:
             names.append(keys.turn_lock)
         # Idempotent: the first message id makes a replayed append return the original seq.
@@ -194,35 +306,53 @@ class Sessions:
             raise StoreError(f"unexpected append reply {code}")
         raise StoreError("append did not settle after 1000 attempts")
 
+    async def _stage(self, key: str, items: Sequence[str]) -> None:
+        """Push ``items`` to ``key`` in chunks (each round trip bounded in bytes)."""
+        await self._redis.call("stage", lambda c: c.redis.delete(key))
+        for group in _chunks(items):
+
+            async def push(c: Client, group: list[str] = group) -> Any:
+                pipe = c.redis.pipeline(transaction=False)
+                pipe.rpush(key, *group)
+                pipe.pexpire(key, ms(STAGE_TTL))
+                return await pipe.execute()
+
+            await self._redis.call("stage", push)
+
     async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
+        """Replace the history (no items: clear). Returns the new generation, MISS or
+        UNSTAGED."""
         keys = self._keys.session(session_id)
+        names = keys.layout
+        staged = len(items) > STAGE_ITEMS
+        if staged:
+            staging = keys.staging(uuid.uuid4().hex)
+            names.append(staging)
+            await self._stage(staging, items)
         args: list[Any] = [
-            now_ms(),
-            "wb" if self.write_behind else "ro",
-            ms(self.hot_ttl),
-            session_id,
-            *items,
+            *self.common(session_id),
+            ms(self.lease_margin),
+            len(items),
+            "1" if staged else "0",
+            *([] if staged else items),
         ]
-        reply = await self._redis.call(
-            "replace",
-            lambda c: c.replace(
-                keys=[*keys.data, keys.dirty, keys.dirty_since, keys.backlog], args=args
-            ),
-        )
+        try:
+            reply = await self._redis.call("replace", lambda c: c.replace(keys=names, args=args))
+        finally:
+            if staged:
+                # Gone already when the swap consumed it; otherwise no longer needed.
+                await self._redis.call("unstage", lambda c: c.redis.delete(names[-1]))
         return int(reply[0])
 
     async def try_pop(self, session_id: str) -> tuple[int, Message | None]:
-        """Run the pop script once: (0, message or None) or (MISS | DAMAGED, None)."""
+        """Run the pop script once: (0, message or None) or (MISS | OLDER, None)."""
         keys = self._keys.session(session_id)
         args: list[Any] = [
-            now_ms(),
-            "wb" if self.write_behind else "ro",
-            ms(self.hot_ttl),
+            *self.common(session_id),
             ms(self._flush_delay),
-            session_id,
+            ms(self.lease_margin),
         ]
-        names = [*keys.data, keys.dirty, keys.dirty_since, keys.backlog]
-        reply = await self._redis.call("pop", lambda c: c.pop(keys=names, args=args))
+        reply = await self._redis.call("pop", lambda c: c.pop(keys=keys.layout, args=args))
         head = int(reply[0])
         if head == 1:
             item: bytes = reply[1]
@@ -239,19 +369,51 @@ class Sessions:
         self,
         session_id: str,
         token: str,
+        *,
         gen: int,
+        rev: int,
         last_seq: int,
         rows: Sequence[tuple[int, str, str]],
         created_ms: int,
         updated_ms: int,
+        expires_ms: int | None,
+        lease_until_ms: int,
     ) -> int:
         keys = self._keys.session(session_id)
-        args: list[Any] = [token, ms(self.hot_ttl), gen, last_seq, created_ms, updated_ms]
+        args: list[Any] = [
+            *self.common(session_id),
+            token,
+            gen,
+            rev,
+            last_seq,
+            created_ms,
+            updated_ms,
+            expires_ms or 0,
+            lease_until_ms,
+        ]
         args += [f"{mid}\n{text}" for _, mid, text in rows]
         # Idempotent: a replayed seed finds the session present (0).
         reply = await self._redis.call(
             "seed",
-            lambda c: c.seed(keys=[*keys.data, keys.warm_lock], args=args),
+            lambda c: c.seed(keys=[*keys.layout, keys.warm_lock], args=args),
             idempotent=True,
+        )
+        return int(reply)
+
+    async def extend(
+        self,
+        session_id: str,
+        gen: int,
+        rev: int | None,
+        base: int,
+        rows: Sequence[tuple[int, str, str]],
+    ) -> int:
+        """Prepend ``rows`` (seqs ``base - len(rows) + 1 .. base``) to the copy read at
+        ``(gen, rev, base)``; returns its new base, or -1 if the copy changed meanwhile."""
+        keys: SessionKeys = self._keys.session(session_id)
+        args: list[Any] = [gen, -1 if rev is None else rev, base]
+        args += [f"{mid}\n{text}" for _, mid, text in rows]
+        reply = await self._redis.call(
+            "extend", lambda c: c.extend(keys=list(keys.data), args=args), idempotent=True
         )
         return int(reply)

@@ -3,8 +3,10 @@
 In write-behind mode (inside :class:`~vel.stores.tiered.TieredStore`) an append marks the
 session dirty and removes its TTL; the flusher copies it to Postgres and only then gives it
 back its idle TTL, so unflushed data never expires and, under ``volatile-*`` eviction, is never
-evicted. In Redis-only mode (``session_storage='redis'`` without ``POSTGRES_DSN``) every write
-and read slides the session's TTL, and the TTL ends the session.
+evicted. A clean copy's TTL never outlives the tier lease recorded in Postgres (DESIGN.md 3.8).
+In Redis-only mode (``session_storage='redis'`` without ``POSTGRES_DSN``) every write and read
+slides the session's TTL, and the TTL ends the session. In both, reads slide the TTL only up
+to the retention deadline, which counts from the last write (3.9).
 
 The store is a facade over parts that each hold one responsibility:
 :mod:`~vel.stores.redis.client` (connections, the one error mapping),
@@ -45,8 +47,8 @@ from vel.stores.redis.client import Client, Connector
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks, RedisTurn
-from vel.stores.redis.sessions import Sessions, encode
-from vel.stores.redis.writebehind import Claim, Pending, WriteBehind
+from vel.stores.redis.sessions import Copy, Sessions, Window, encode
+from vel.stores.redis.writebehind import Claim, Conflict, Pending, WriteBehind
 
 T = TypeVar("T")
 
@@ -70,7 +72,8 @@ class RedisStore:
         buckets: hash-slot buckets (part of the key layout: same value in every process;
             ``VEL_BUCKETS``, default 16).
         hot_ttl: seconds a clean session stays after its last use (``VEL_HOT_TTL``).
-        retention_ttl: in Redis-only mode, caps the TTL (``VEL_RETENTION_TTL``).
+        retention_ttl: seconds a session lives after its last write; reads never extend
+            it (``VEL_RETENTION_TTL``; None: forever).
         max_unflushed: bound on messages waiting for Postgres (``VEL_MAX_UNFLUSHED``).
         backpressure_wait: seconds an append waits for the backlog to drain, then raises
             BackpressureError (0: raise at once).
@@ -108,14 +111,18 @@ class RedisStore:
             s.buckets if buckets is None else BUCKETS.check_int("buckets", buckets),
         )
         self.write_behind = write_behind
-        hot = s.hot_ttl if hot_ttl is None else TTL.check("hot_ttl", hot_ttl)
-        retention = (
+        self.hot_ttl = s.hot_ttl if hot_ttl is None else TTL.check("hot_ttl", hot_ttl)
+        # Reads slide the hot TTL only up to the retention deadline (kept per session), so
+        # the hot TTL itself is not capped by the retention.
+        self.retention_ttl = (
             s.retention_ttl if retention_ttl is None else TTL.check("retention_ttl", retention_ttl)
         )
-        if retention is not None:
-            hot = min(hot, retention)
-        self.hot_ttl = hot
-        self.retention_ttl = retention
+        # The tier lease (write-behind): how long Postgres records that this tier may hold a
+        # session after a warm or a flush; a clean copy's TTL never outlives it, so a copy
+        # only read is warmed again once per lease. A clean copy whose lease ends within the
+        # margin is not written (nor used for a turn) before it is warmed again.
+        self.tier_lease = self.hot_ttl
+        self.lease_margin = min(60.0, self.tier_lease / 4)
         self.max_unflushed = (
             s.max_unflushed
             if max_unflushed is None
@@ -153,6 +160,8 @@ class RedisStore:
             self.counters,
             write_behind=write_behind,
             hot_ttl=self.hot_ttl,
+            retention_ttl=self.retention_ttl,
+            lease_margin=self.lease_margin,
             max_unflushed=self.max_unflushed,
             backpressure_wait=self.backpressure_wait,
             flush_delay=self.flush_delay,
@@ -160,7 +169,7 @@ class RedisStore:
         self._locks = Locks(
             self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
         )
-        self._write_behind = WriteBehind(self._redis, self.keys, hot_ttl=self.hot_ttl)
+        self._write_behind = WriteBehind(self._redis, self.keys, sessions=self._sessions)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, write_behind: bool) -> RedisStore:
@@ -195,17 +204,21 @@ class RedisStore:
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read(self, session_id: str, limit: int | None = None) -> list[Message] | None:
-        """The window, or None when the session is not in Redis (a miss)."""
+    async def read(self, session_id: str, limit: int | None = None) -> Window | None:
+        """The window, or None when the session is not usable in Redis (a miss)."""
         return await self._sessions.read(session_id, limit)
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         with observed(LOAD, "load", session_id):
-            messages = await self.read(session_id, limit)
-        return [] if messages is None else messages
+            window = await self.read(session_id, limit)
+        return [] if window is None else window.messages
 
     async def exists(self, session_id: str) -> bool:
         return await self._sessions.exists(session_id)
+
+    async def read_copy(self, session_id: str) -> Copy | None:
+        """The session's whole Redis copy in one step (None: absent)."""
+        return await self._sessions.read_copy(session_id)
 
     # -- writes ----------------------------------------------------------------------------
 
@@ -233,8 +246,11 @@ class RedisStore:
         return await self._sessions.append_items(session_id, items, first_id, on_miss, unlock)
 
     @staticmethod
-    def encode(messages: Sequence[Message], message_ids: Sequence[str] | None) -> list[str]:
-        return encode(messages, message_ids)
+    def encode(
+        messages: Sequence[Message], message_ids: Sequence[str] | None, *, whole: bool = False
+    ) -> list[str]:
+        """Stored items of ``messages``; ``whole``: a whole history (the replace limit)."""
+        return encode(messages, message_ids, whole=whole)
 
     async def append(
         self,
@@ -266,15 +282,24 @@ class RedisStore:
         return (await self.try_pop(session_id))[1]
 
     async def try_replace(self, session_id: str, items: Sequence[str]) -> int:
-        """Replace (no items: clear). Returns the new generation, or MISS."""
+        """Replace (no items: clear), any length: a long history is staged in chunks, then
+        swapped in by one script. Returns the new generation, MISS or UNSTAGED."""
         return await self._sessions.try_replace(session_id, items)
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
         validate_session_id(session_id)
-        items = self.encode(messages, None)
+        items = self.encode(messages, message_ids, whole=True)
         if self.write_behind:
             raise StoreError("a write-behind RedisStore is driven by its TieredStore")
-        await self.try_replace(session_id, items)
+        for _ in range(3):
+            if await self.try_replace(session_id, items) >= 0:
+                return
+        raise StoreError(f"session {session_id!r}: the staged history kept vanishing")
 
     async def clear(self, session_id: str) -> None:
         await self.replace(session_id, [])
@@ -283,16 +308,41 @@ class RedisStore:
         self,
         session_id: str,
         token: str,
+        *,
         gen: int,
+        rev: int,
         last_seq: int,
         rows: Sequence[tuple[int, str, str]],
         created_ms: int,
         updated_ms: int,
+        expires_ms: int | None,
+        lease_until_ms: int,
     ) -> int:
-        """Install a snapshot read from Postgres (see SEED). Returns 1, 0 or -1."""
+        """Install a window read from Postgres (rows: seqs ``last_seq - len(rows) + 1 ..
+        last_seq``), see SEED. Returns 1, 0 or -1."""
         return await self._sessions.seed(
-            session_id, token, gen, last_seq, rows, created_ms, updated_ms
+            session_id,
+            token,
+            gen=gen,
+            rev=rev,
+            last_seq=last_seq,
+            rows=rows,
+            created_ms=created_ms,
+            updated_ms=updated_ms,
+            expires_ms=expires_ms,
+            lease_until_ms=lease_until_ms,
         )
+
+    async def extend(
+        self,
+        session_id: str,
+        gen: int,
+        rev: int | None,
+        base: int,
+        rows: Sequence[tuple[int, str, str]],
+    ) -> int:
+        """Prepend older rows to a partial copy; returns its new base or -1 (it changed)."""
+        return await self._sessions.extend(session_id, gen, rev, base, rows)
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -364,9 +414,27 @@ class RedisStore:
         """Read what each claimed session still has to copy (one pipelined round trip)."""
         return await self._write_behind.pending(session_ids, max_rows)
 
-    async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:
-        """Acknowledge (session id, generation, flushed up to seq) triples."""
+    async def ack(
+        self, acks: Sequence[tuple[str, int, int] | tuple[str, int, int, int]]
+    ) -> list[int]:
+        """Acknowledge ``(session id, generation, flushed up to seq[, tier lease end ms])``."""
         return await self._write_behind.ack(acks)
+
+    async def conflict(self, session_id: str, gen: int, rev: int | None, reason: str) -> bool:
+        """Set a session aside as a flush conflict (see WriteBehind.conflict)."""
+        return await self._write_behind.conflict(session_id, gen, rev, reason)
+
+    async def resolved(self, session_id: str, seq: int, gen: int) -> bool:
+        """Drop a resolved conflict's copy if unchanged (see WriteBehind.resolved)."""
+        return await self._write_behind.resolved(session_id, seq, gen)
+
+    async def conflicts(self, limit: int = 1000) -> list[Conflict]:
+        """Sessions whose flush could not be applied, oldest first."""
+        return await self._write_behind.conflicts(limit)
+
+    async def conflict_count(self) -> int:
+        """How many sessions are in conflict (one ZCARD per bucket)."""
+        return await self._write_behind.conflict_count()
 
     async def backlog(self) -> tuple[int, float, int]:
         """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""
@@ -375,6 +443,11 @@ class RedisStore:
     async def drop_clean(self, session_ids: Sequence[str]) -> int:
         """Delete the Redis copies of these sessions, except dirty ones (their unflushed
         messages must reach Postgres first); returns how many were dropped."""
+        return sum(code > 0 for code in await self.drop_clean_each(session_ids))
+
+    async def drop_clean_each(self, session_ids: Sequence[str]) -> list[int]:
+        """As :meth:`drop_clean`, per session: 1 dropped, 0 had no copy, -1 kept (dirty or
+        in conflict)."""
         return await self._write_behind.drop_clean(session_ids)
 
     # -- listing ----------------------------------------------------------------------------
@@ -397,6 +470,9 @@ class RedisStore:
         if self.write_behind:
             unflushed, oldest, dirty = await self.backlog()
             result.update(
-                unflushed_messages=unflushed, oldest_dirty_age=oldest, dirty_sessions=dirty
+                unflushed_messages=unflushed,
+                oldest_dirty_age=oldest,
+                dirty_sessions=dirty,
+                conflict_sessions=await self.conflict_count(),
             )
         return result

@@ -3,7 +3,10 @@
 Dirty sessions sit in their bucket's due-time ZSET. A flusher claims due ones with a lease (a
 visibility timeout: the claim pushes their due time past the lease), reads what each still has
 to copy (:class:`Pending`), writes it to Postgres, then acknowledges: ``flushed`` only ever
-rises, and a session gets its TTL back only once clean (DESIGN.md 3.2 and 3.3).
+rises, and a session gets its TTL back only once clean (DESIGN.md 3.2 and 3.3). A flush that
+Postgres cannot apply (its history changed behind the tier) is never acknowledged: the session
+moves to its bucket's conflict set, keeps no TTL, and waits for :meth:`WriteBehind.resolved`
+(DESIGN.md 3.8).
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from typing import Any
 from vel.stores.redis.client import Client, Connector, ms, now_ms
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.scripts import MISS
+from vel.stores.redis.sessions import Sessions, split
+
+IN_CONFLICT = -7  # PENDING's reply for a session in conflict
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
     """What a flusher has to copy for one session.
 
+    ``rev`` is the Postgres revision the copy was loaded at (None: unknown), ``updated_ms``
+    when it was last written, ``had_postgres_rows`` whether Postgres held messages of it.
     ``truncate`` is ``(tgen, tseq)`` after pops: Postgres at generation ``tgen`` or later
     (but older than ``gen``) reaches ``gen`` by dropping the seqs above ``tseq``; None: a
     Postgres older than ``gen`` starts it afresh.
@@ -32,7 +40,24 @@ class Pending:
     flushed: int
     seq: int
     rows: list[tuple[int, str, str]]  # (seq, message id, message JSON)
+    rev: int | None = None
+    updated_ms: int | None = None
+    had_postgres_rows: bool = False
     truncate: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """A session whose flush could not be applied (see ``vel sessions conflicts``)."""
+
+    session_id: str
+    reason: str
+    since_ms: int
+    seq: int
+    flushed: int
+    base: int
+    gen: int
+    fgen: int
 
 
 @dataclass(slots=True)
@@ -44,19 +69,14 @@ class Claim:
     until_ms: int
 
 
-def _split(item: bytes) -> tuple[str, str]:
-    mid, _, text = item.partition(b"\n")
-    return mid.decode(), text.decode()
-
-
 class WriteBehind:
-    """Claims, pending reads, acknowledgements and the backlog; ``hot_ttl`` is the TTL a
-    session gets back once clean."""
+    """Claims, pending reads, acknowledgements, conflicts and the backlog; ``sessions``
+    supplies the scripts' common arguments (hot TTL, retention)."""
 
-    def __init__(self, redis: Connector, keys: KeyLayout, *, hot_ttl: float) -> None:
+    def __init__(self, redis: Connector, keys: KeyLayout, *, sessions: Sessions) -> None:
         self._redis = redis
         self._keys = keys
-        self._hot_ttl = hot_ttl
+        self._sessions = sessions
 
     async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         dirty = self._keys.bucket_keys(bucket)[0]
@@ -95,45 +115,129 @@ class WriteBehind:
         )
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
+        now = now_ms()
+
         async def fill(c: Client, pipe: Any) -> None:
             for sid in session_ids:
                 keys = self._keys.session(sid)
-                await c.queue(pipe, c.pending, [keys.meta, keys.messages], [max_rows])
+                args = [*self._sessions.common(sid, now), max_rows]
+                await c.queue(pipe, c.pending, keys.layout, args)
 
         replies = await self._redis.call(
             "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
         result: list[Pending | None] = []
         for sid, reply in zip(session_ids, replies, strict=True):
-            if int(reply[0]) == MISS and len(reply) == 1:
+            if int(reply[0]) in (MISS, IN_CONFLICT) and len(reply) == 1:
                 result.append(None)
                 continue
-            gen, fgen, flushed, seq, tgen, tseq = (int(x) for x in reply[:6])
+            gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = (int(x) for x in reply[:9])
             rows = []
-            for offset, item in enumerate(reply[6:], start=1):
-                mid, text = _split(item)
+            for offset, item in enumerate(reply[9:], start=1):
+                mid, text = split(item)
                 rows.append((flushed + offset, mid, text))
-            truncate = (tgen, tseq) if tgen >= 0 else None
-            result.append(Pending(sid, gen, fgen, flushed, seq, rows, truncate))
+            result.append(
+                Pending(
+                    sid,
+                    gen,
+                    fgen,
+                    flushed,
+                    seq,
+                    rows,
+                    rev=None if rev < 0 else rev,
+                    updated_ms=updated or None,
+                    had_postgres_rows=bool(pgrows),
+                    truncate=(tgen, tseq) if tgen >= 0 else None,
+                )
+            )
         return result
 
-    async def ack(self, acks: Sequence[tuple[str, int, int]]) -> list[int]:
+    async def ack(
+        self, acks: Sequence[tuple[str, int, int] | tuple[str, int, int, int]]
+    ) -> list[int]:
+        """Acknowledge ``(session id, generation, flushed up to seq[, tier lease end ms])``."""
         now = now_ms()
 
         async def fill(c: Client, pipe: Any) -> None:
-            for sid, gen, upto in acks:
+            for ack in acks:
+                sid, gen, upto = ack[0], ack[1], ack[2]
+                lease = ack[3] if len(ack) > 3 else 0
                 keys = self._keys.session(sid)
-                await c.queue(
-                    pipe,
-                    c.ack,
-                    [*keys.data, keys.dirty, keys.dirty_since, keys.backlog],
-                    [sid, gen, upto, now, ms(self._hot_ttl)],
-                )
+                args = [*self._sessions.common(sid, now), gen, upto, lease]
+                await c.queue(pipe, c.ack, keys.layout, args)
 
         replies = await self._redis.call(
             "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
         return [int(r) for r in replies]
+
+    async def conflict(self, session_id: str, gen: int, rev: int | None, reason: str) -> bool:
+        """Set aside a session whose flush of ``(gen, rev)`` Postgres could not apply,
+        unless the copy moved on since; True when it is now in conflict."""
+        keys = self._keys.session(session_id)
+        args = [*self._sessions.common(session_id), gen, -1 if rev is None else rev, reason]
+        reply = await self._redis.call(
+            "conflict", lambda c: c.conflict(keys=keys.layout, args=args)
+        )
+        return bool(int(reply))
+
+    async def resolved(self, session_id: str, seq: int, gen: int) -> bool:
+        """Drop a resolved session's copy if it is still at ``(seq, gen)``; True if dropped
+        (False: it took writes meanwhile and must be resolved again)."""
+        keys = self._keys.session(session_id)
+        args = [*self._sessions.common(session_id), seq, gen]
+        reply = await self._redis.call(
+            "resolved", lambda c: c.resolved(keys=keys.layout, args=args)
+        )
+        return bool(int(reply))
+
+    async def conflicts(self, limit: int = 1000) -> list[Conflict]:
+        """Sessions in conflict, oldest first (at most ``limit``)."""
+
+        async def run(c: Client) -> list[tuple[str, float, list[Any]]]:
+            found: list[tuple[str, float, list[Any]]] = []
+            for b in range(self._keys.buckets):
+                members: list[Any] = await c.redis.zrange(
+                    self._keys.conflicts(b), 0, limit - 1, withscores=True
+                )
+                for raw, score in members:
+                    sid = raw.decode()
+                    fields: list[Any] = await c.redis.hmget(
+                        self._keys.session(sid).meta,
+                        "conflict",
+                        "seq",
+                        "flushed",
+                        "base",
+                        "gen",
+                        "fgen",
+                    )
+                    found.append((sid, score, fields))
+            return found
+
+        result = [
+            Conflict(
+                session_id=sid,
+                reason=(fields[0] or b"?").decode(),
+                since_ms=int(score),
+                seq=int(fields[1] or 0),
+                flushed=int(fields[2] or 0),
+                base=int(fields[3] or 0),
+                gen=int(fields[4] or 0),
+                fgen=int(fields[5] or 0),
+            )
+            for sid, score, fields in await self._redis.call("conflicts", run)
+        ]
+        result.sort(key=lambda c: c.since_ms)
+        return result[:limit]
+
+    async def conflict_count(self) -> int:
+        async def run(c: Client) -> list[Any]:
+            pipe = c.redis.pipeline(transaction=False)
+            for b in range(self._keys.buckets):
+                pipe.zcard(self._keys.conflicts(b))
+            return list(await pipe.execute())
+
+        return sum(int(n) for n in await self._redis.call("conflicts", run))
 
     async def backlog(self) -> tuple[int, float, int]:
         async def run(c: Client) -> list[Any]:
@@ -156,15 +260,18 @@ class WriteBehind:
         age = 0.0 if oldest is None else max(0.0, (now_ms() - oldest) / 1000)
         return total, age, sessions
 
-    async def drop_clean(self, session_ids: Sequence[str]) -> int:
+    async def drop_clean(self, session_ids: Sequence[str]) -> list[int]:
+        """Per session: 1 its copy was dropped, 0 it had none, -1 it was kept (dirty or in
+        conflict)."""
+
         async def fill(c: Client, pipe: Any) -> None:
             for sid in session_ids:
                 keys = self._keys.session(sid)
-                await c.queue(pipe, c.drop_clean, [*keys.data, keys.dirty], [sid])
+                await c.queue(pipe, c.drop_clean, [*keys.data, keys.dirty, keys.conflicts], [sid])
 
         if not session_ids:
-            return 0
+            return []
         replies = await self._redis.call(
             "drop clean", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
-        return sum(int(r) for r in replies)
+        return [int(r) for r in replies]

@@ -7,6 +7,12 @@ transaction (idempotent on ``(session_id, seq)``, verified by message id), then 
 An acknowledgement only ever raises ``flushed``, and the session gets its TTL back only when
 clean, so a late or repeated flush is harmless. Any number of flushers may run at once.
 
+Every applied flush extends the session's tier lease in Postgres, and the acknowledgement
+carries it back to Redis, whose copy never outlives it. A flush Postgres cannot apply (its
+history changed behind the tier, or holds other messages at the same seqs) is never
+acknowledged: the session becomes a flush conflict, kept without TTL and visible in
+``vel stats`` and ``vel doctor`` until ``vel sessions resolve`` (DESIGN.md 3.8).
+
 Runs embedded in every worker (a background task of the TieredStore) or standalone
 (``vel flusher``); tests drive :meth:`Flusher.flush_once`. Lives with the two-tier store it
 serves: it reads through :mod:`vel.stores.redis.writebehind` and writes through
@@ -30,6 +36,9 @@ from vel.instrument import observed
 from vel.logs import get_logger
 from vel.metrics.histograms import FLUSH
 from vel.settings import load_settings
+from vel.stores.postgres import FlushBatch
+from vel.stores.redis.client import now_ms
+from vel.stores.tiered.warm import lease_end
 from vel.totals import Totals
 
 if TYPE_CHECKING:
@@ -179,49 +188,77 @@ class Flusher:
 
     async def _write_batch(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
         while work:
+            asked = now_ms()
             try:
                 results = await self.cold.apply_flushes(
-                    [(p.session_id, p.gen, p.rows) for p in work],
-                    {p.session_id: p.truncate for p in work if p.truncate is not None},
+                    [
+                        FlushBatch(
+                            p.session_id,
+                            p.gen,
+                            p.rows,
+                            revision=p.rev,
+                            written_ms=p.updated_ms,
+                            had_postgres_rows=p.had_postgres_rows,
+                            truncate=p.truncate,
+                        )
+                        for p in work
+                    ],
+                    lease=self.hot.tier_lease,
                 )
                 break
             except FlushConflictError as exc:
                 # One divergent session must not block the others: set it aside (it stays
-                # dirty, so it is never expired) and write the rest.
-                self.counters["flush_conflicts"] += 1
-                log.error(
-                    "session %r not flushed: %s",
-                    exc.session_id,
-                    exc,
-                    extra={"session_id": exc.session_id},
-                )
+                # in Redis without TTL, visible as a conflict) and write the rest.
+                item = next(p for p in work if p.session_id == exc.session_id)
+                await self._set_aside(item, "diverged", str(exc))
                 work = [p for p in work if p.session_id != exc.session_id]
-                await self.hot.reschedule(bucket_of[exc.session_id], [exc.session_id], 60.0)
-        acks: list[tuple[str, int, int]] = []
+        acks: list[tuple[str, int, int, int]] = []
         written = 0
         if work:
             await failpoints.hit("flush_after_commit")
             for item, result in zip(work, results, strict=True):
                 if result.stale:
-                    # Postgres holds a newer generation than this Redis copy (Redis lost a
-                    # clear/replace): never write it back; mark it clean so it expires.
-                    self.counters["flush_stale_generations"] += 1
-                    log.error(
-                        "session %r: Redis copy is older than Postgres; not flushed",
-                        item.session_id,
-                        extra={"session_id": item.session_id},
+                    # Postgres holds a newer generation, or a history changed behind the
+                    # tier: never written back, never acknowledged.
+                    why = (
+                        "Postgres holds a newer generation"
+                        if result.conflict is None
+                        else f"its Postgres history was {result.conflict} outside the Redis tier"
                     )
+                    await self._set_aside(item, result.conflict or "stale", why)
+                    continue
                 upto = item.rows[-1][0] if item.rows else item.flushed
-                acks.append((item.session_id, item.gen, upto))
+                lease = 0 if result.lease_ms is None else lease_end(asked, result.lease_ms)
+                acks.append((item.session_id, item.gen, upto, lease))
                 written += result.inserted
                 self.counters["flush_duplicates_suppressed"] += result.duplicates
         await self._ack(acks, bucket_of)
         self.counters["flush_batches_ok"] += 1
         return written
 
-    async def _ack(self, acks: list[tuple[str, int, int]], bucket_of: dict[str, int]) -> None:
+    async def _set_aside(self, item: Pending, reason: str, why: str) -> None:
+        """A batch Postgres did not take: the copy becomes a conflict, unless it moved on
+        since it was read (a clear or replace), in which case the newer copy is flushed in
+        its turn."""
+        if await self.hot.conflict(item.session_id, item.gen, item.rev, reason):
+            self.counters["flush_conflicts"] += 1
+            log.error(
+                "session %r not flushed: %s; its Redis copy is kept without TTL until "
+                "`vel sessions resolve` (see `vel sessions conflicts`)",
+                item.session_id,
+                why,
+                extra={"session_id": item.session_id},
+            )
+        else:
+            self.counters["flush_stale_generations"] += 1
+
+    async def _ack(
+        self,
+        acks: list[tuple[str, int, int, int]] | list[tuple[str, int, int]],
+        bucket_of: dict[str, int],
+    ) -> None:
         # Bucket by bucket: each pipeline stays within one hash slot.
-        by_bucket: dict[int, list[tuple[str, int, int]]] = {}
+        by_bucket: dict[int, list[tuple[str, int, int] | tuple[str, int, int, int]]] = {}
         for ack in acks:
             by_bucket.setdefault(bucket_of[ack[0]], []).append(ack)
         for bucket_acks in by_bucket.values():

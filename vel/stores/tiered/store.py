@@ -1,35 +1,45 @@
 """TieredStore: Redis serves every read and write; Postgres is the durable record.
 
 A session missing from Redis (never loaded, expired, evicted, or lost by Redis) is warmed
-from Postgres once across all processes (see :mod:`vel.stores.tiered.warm`). Appends are one
-Lua script; the flusher copies them to Postgres behind the caller's back (see
-:mod:`vel.stores.tiered.flusher`). Clear and replace bump the session's generation, which
-Postgres also records, so a flush that began before a clear can never write the old messages
-back (DESIGN.md 3.5).
+from Postgres once across all processes, window first (see :mod:`vel.stores.tiered.warm`);
+a read reaching below what Redis holds takes the older messages from Postgres, from the
+history the copy was loaded from (DESIGN.md 3.10). Appends are one Lua script; the flusher
+copies them to Postgres behind the caller's back (see :mod:`vel.stores.tiered.flusher`).
+Clear and replace bump the session's generation, which Postgres also records, so a flush that
+began before a clear can never write the old messages back (3.5). Every warm and flush renews
+the session's tier lease in Postgres, which keeps 'database'-mode writers off it while Redis
+may hold it; a flush that finds Postgres changed anyway becomes a conflict, resolved by an
+operator (:mod:`vel.stores.tiered.conflicts`, 3.8). Retention counts from the last write in
+both tiers (3.9).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from vel import metrics
 from vel._sync import in_helper_thread
-from vel.bounds import LEASE, WAIT, wait_arg
-from vel.errors import ConfigurationError, StoreTimeoutError
+from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
+from vel.errors import ConfigurationError, StoreError, StoreTimeoutError
 from vel.instrument import observed
 from vel.logs import get_logger
-from vel.messages import Message, validate_session_id
+from vel.messages import Message, decode_message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
 from vel.stores.postgres import PostgresStore
-from vel.stores.redis import MISS, RedisStore, RedisTurn
+from vel.stores.redis import MISS, UNSTAGED, RedisStore, RedisTurn, Window
+from vel.stores.redis.client import now_ms
+from vel.stores.redis.scripts import OLDER
+from vel.stores.tiered.conflicts import Resolution, resolve
 from vel.stores.tiered.flusher import Flusher
-from vel.stores.tiered.warm import Warmer
+from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
 from vel.totals import Totals
 
 log = get_logger("vel.tiered")
@@ -87,6 +97,11 @@ class TieredStore:
         check_same_namespace(hot, cold)
         if flusher is not None and not isinstance(flusher, bool):
             raise ConfigurationError(f"flusher must be True, False or None, got {flusher!r}")
+        if hot.retention_ttl != cold.retention_ttl:
+            raise ConfigurationError(
+                f"the Redis tier's retention ({hot.retention_ttl} s) differs from the "
+                f"Postgres tier's ({cold.retention_ttl} s): give both the same retention_ttl"
+            )
         s = settings or load_settings()
         self.hot = hot
         self.cold = cold
@@ -110,6 +125,9 @@ class TieredStore:
             "warm_loads_stale": 0,
             "warm_waits": 0,
             "postgres_loads": 0,
+            # Reads below what a partial Redis copy holds, served from Postgres.
+            "older_reads": 0,
+            "older_reads_stale": 0,
             "redis_misses": 0,
             "redis_hits": 0,
             # Sessions Postgres had but Redis no longer did: expired, evicted or lost.
@@ -131,9 +149,10 @@ class TieredStore:
 
     # -- warm ------------------------------------------------------------------------------
 
-    async def warm(self, session_id: str) -> None:
-        """Make sure ``session_id`` is in Redis (single-flight per process and across them)."""
-        await self._warmer.warm(session_id)
+    async def warm(self, session_id: str, window: int | None = None) -> None:
+        """Make sure ``session_id`` is in Redis (single-flight per process and across them),
+        with at least its last ``window`` messages (None: up to FULL_WARM_MAX)."""
+        await self._warmer.warm(session_id, window)
 
     # -- SessionStore ----------------------------------------------------------------------
 
@@ -143,13 +162,60 @@ class TieredStore:
 
     async def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
+        limit = limit_arg(limit)
+        window = await self._read(session_id, limit)
+        self._count_hit()
+        return await self._complete(session_id, window, limit)
+
+    async def _read(self, session_id: str, limit: int | None) -> Window:
+        """The window from Redis, warming the session first when it is missing."""
         for _ in range(5):
-            messages = await self.hot.read(session_id, limit)
-            if messages is not None:
-                self._count_hit()
-                return messages
-            await self._miss(session_id)
+            window = await self.hot.read(session_id, limit)
+            if window is not None:
+                return window
+            await self._miss(session_id, limit)
         raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis while read")
+
+    async def _complete(self, session_id: str, window: Window, limit: int | None) -> list[Message]:
+        """The window with the older messages a partial copy lacks (see :meth:`_older`)."""
+        for _ in range(5):
+            messages = await self._older(session_id, window, limit)
+            if messages is not None:
+                return messages
+            window = await self._read(session_id, limit)
+        raise StoreError(
+            f"session {session_id!r}: the older part of its history kept changing in Postgres "
+            "behind the Redis tier (see `vel sessions conflicts`)"
+        )
+
+    async def _older(
+        self, session_id: str, window: Window, limit: int | None
+    ) -> list[Message] | None:
+        """The window completed with the older messages a partial copy lacks, read from the
+        history the copy was loaded from (None: that history is gone, read Redis again).
+
+        A window of at most FULL_WARM_MAX messages is then prepended to the copy, so the
+        next read of it is served from Redis alone.
+        """
+        want = window.seq if limit is None else min(limit, window.seq)
+        have = len(window.messages)
+        if have >= want:
+            return window.messages
+        first, last = window.seq - want + 1, window.seq - have
+        rows = await self.cold.load_range(session_id, first, last, window.gen, window.rev, now_ms())
+        if rows is None:
+            self.counters["older_reads_stale"] += 1
+            return None
+        self.counters["older_reads"] += 1
+        if want <= FULL_WARM_MAX:
+            base = last
+            for end in range(len(rows), 0, -SEED_CHUNK):
+                base = await self.hot.extend(
+                    session_id, window.gen, window.rev, base, rows[max(0, end - SEED_CHUNK) : end]
+                )
+                if base < 0:
+                    break
+        return [decode_message(text) for _, _, text in rows] + window.messages
 
     async def append(
         self,
@@ -164,7 +230,7 @@ class TieredStore:
             return await self.hot.last_seq(session_id)
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
-        on_miss = functools.partial(self._miss, session_id)
+        on_miss = functools.partial(self._miss, session_id, 0)
         self._wrote = True
         with observed(APPEND, "append", session_id):
             return await self.hot.append_items(session_id, items, first_id, on_miss)
@@ -174,25 +240,39 @@ class TieredStore:
         if not in_helper_thread():
             self.totals.maybe_publish()
 
-    async def _miss(self, session_id: str) -> None:
+    async def _miss(self, session_id: str, window: int | None) -> None:
         """Redis did not have the session: count it and warm it from Postgres."""
         self.counters["redis_misses"] += 1
-        await self.warm(session_id)
+        await self.warm(session_id, window)
 
-    async def _replace(self, session_id: str, messages: Sequence[Message]) -> int:
+    async def _replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> int:
         validate_session_id(session_id)
-        items = self.hot.encode(messages, None)
+        items = self.hot.encode(messages, message_ids, whole=True)
         self._ensure_flusher()
         self._wrote = True
         for _ in range(5):
             gen = await self.hot.try_replace(session_id, items)
-            if gen != MISS:
+            if gen == MISS:
+                await self.warm(session_id, 0)
+            elif gen != UNSTAGED:
                 return gen
-            await self.warm(session_id)
         raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
 
-    async def replace(self, session_id: str, messages: Sequence[Message]) -> None:
-        await self._replace(session_id, messages)
+    async def replace(
+        self,
+        session_id: str,
+        messages: Sequence[Message],
+        message_ids: Sequence[str] | None = None,
+    ) -> None:
+        """Replace the whole history (any length up to ``MAX_MESSAGES_PER_REPLACE``: a long
+        one is staged in Redis in chunks and swapped in by one script, so readers see the old
+        history or the new one whole); ``message_ids`` kept when given (an import)."""
+        await self._replace(session_id, messages, message_ids)
 
     async def pop(self, session_id: str) -> Message | None:
         """Remove and return the newest message in one Redis script (warming the session
@@ -202,9 +282,15 @@ class TieredStore:
         self._ensure_flusher()
         for _ in range(5):
             code, message = await self.hot.try_pop(session_id)
-            if code != MISS:
+            if code == MISS:
+                await self._miss(session_id, 1)
+            elif code == OLDER:
+                # The copy holds none of its messages (all popped down to its base): read the
+                # newest older ones into it first.
+                window = await self._read(session_id, 0)
+                await self._older(session_id, window, WARM_MIN)
+            else:
                 return message
-            await self._miss(session_id)
         raise StoreTimeoutError(f"session {session_id!r} kept vanishing from Redis")
 
     async def clear(self, session_id: str) -> None:
@@ -217,7 +303,54 @@ class TieredStore:
         return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
 
     async def purge_expired(self) -> int:
-        return await self.cold.purge_expired()
+        return (await self.purge_expired_tiers())[0]
+
+    async def purge_expired_tiers(self) -> tuple[int, int]:
+        """Delete expired sessions from both tiers: their Redis copies (unless they hold
+        unflushed writes, which the flusher must bring to Postgres first), then, their tier
+        leases released, their Postgres rows. Returns (sessions purged from Postgres, Redis
+        copies dropped)."""
+        dropped = 0
+        after = ""
+        while True:
+            ids = await self.cold.expired_leased(500, after)
+            if not ids:
+                break
+            codes = await self.hot.drop_clean_each(ids)
+            dropped += sum(code > 0 for code in codes)
+            gone = [sid for sid, code in zip(ids, codes, strict=True) if code >= 0]
+            await self.cold.release_expired(gone)
+            after = ids[-1]
+        return await self.cold.purge_expired(), dropped
+
+    async def release(self, session_id: str) -> bool:
+        """Hand ``session_id`` back to Postgres: drop its Redis copy and end its tier lease,
+        so 'database'-mode writers may write it (until a 'redis' worker uses it again).
+
+        Returns False, changing nothing, when the copy holds writes not yet in Postgres
+        (flush first) or is in conflict (resolve first).
+        """
+        validate_session_id(session_id)
+        keys = self.hot.keys.session(session_id)
+        token = uuid.uuid4().hex
+        # Holding the warm lease, no warm can seed a copy between the drop and the release.
+        deadline = time.monotonic() + self.warm_lease
+        while not await self.hot.try_lock(keys.warm_lock, token, self.warm_lease):
+            if time.monotonic() > deadline:
+                raise StoreTimeoutError(f"session {session_id!r} is being warmed; try again")
+            await asyncio.sleep(0.05)
+        try:
+            (code,) = await self.hot.drop_clean_each([session_id])
+            if code < 0:
+                return False
+            await self.cold.release_lease([session_id])
+            return True
+        finally:
+            await self.hot.release_lock(keys.warm_lock, token)
+
+    async def resolve(self, session_id: str, keep: str) -> Resolution:
+        """Resolve a flush conflict (see :func:`vel.stores.tiered.conflicts.resolve`)."""
+        return await resolve(self.hot, self.cold, session_id, keep)
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None
@@ -232,10 +365,12 @@ class TieredStore:
         :meth:`RedisStore.turn`); a session missing from Redis is warmed first."""
         validate_session_id(session_id)
         self._ensure_flusher()
-        on_miss = functools.partial(self._miss, session_id)
+        on_miss = functools.partial(self._miss, session_id, limit)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
             self._count_hit()  # the window came from Redis (after any warm)
             self._wrote = True  # the turn may commit
+            if turn.view is not None:
+                turn.window = await self._complete(session_id, turn.view, limit)
             yield turn
 
     async def stats(self) -> dict[str, float]:
