@@ -111,6 +111,7 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("metadata", "jsonb", "NO"),
         ("hot_until", tz, "YES"),
         ("revision", "bigint", "NO"),
+        ("owner", "text", "YES"),
     ]
     assert shape["vel_messages"] == [
         ("session_id", "text", "NO"),
@@ -142,7 +143,8 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
     assert "(session_id, seq)" in indexes["vel_messages_pkey"]
     assert "UNIQUE" in indexes["vel_messages_message_id_key"]
     assert "(session_id, message_id)" in indexes["vel_messages_message_id_key"]
-    assert any("vel_sessions" in d and "(updated_at)" in d for d in indexes.values())
+    assert any("vel_sessions" in d and "(updated_at, id)" in d for d in indexes.values())
+    assert any("vel_sessions" in d and "(owner, updated_at, id)" in d for d in indexes.values())
     assert any("vel_sessions" in d and "(expires_at)" in d for d in indexes.values())
     fk = await sql(
         pg_dsn,

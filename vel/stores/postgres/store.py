@@ -45,6 +45,8 @@ from vel.namespace import Placement, place
 from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
+from vel.stores.postgres.catalog import Catalog
 from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.lease import TierLease
 from vel.stores.postgres.locks import PostgresTurn, TurnLocks
@@ -177,6 +179,7 @@ class PostgresStore(DurableTier):
         self._resolver = Resolver(self._db, retention)
         self._locks = TurnLocks(self._db, self._sessions, lock_lease)
         self._maintenance = Maintenance(self._db)
+        self.catalog = Catalog(self._db)
         metrics.track(
             self,
             functools.partial(_counters, self._sessions, self._locks, self._sink, self._db),
@@ -368,6 +371,71 @@ class PostgresStore(DurableTier):
             StoreError: Postgres failed.
         """
         return await self._maintenance.list_sessions(inactive_for, limit)
+
+    # --- organising sessions (vel.stores.listing.SessionCatalog) ---------------------------------
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        """The session's owner, metadata, size and times; None without messages.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.session_details(session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        """Set the owner and/or metadata (UNSET: kept). Not a write of the history: allowed
+        while the Redis tier holds the session, and its ``updated_at`` does not move.
+
+        Raises:
+            InvalidInputError: bad id, owner or metadata.
+            StoreError: Postgres failed; nothing changed.
+        """
+        await self.catalog.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """One page of a listing by index (see :mod:`vel.stores.listing`).
+
+        Raises:
+            InvalidInputError: a cursor that is not vel's.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        """Messages with ``after < seq < before`` (the newest ``limit``, or the oldest when
+        only ``after`` is given), read by the primary key's range scan.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.history_page(session_id, before, after, limit)
+
+    async def delete_owner(self, owner: str) -> int:
+        """Delete every session of ``owner``: its history (as :meth:`clear` does, leaving a
+        tombstone that carries the generation) and its owner and metadata.
+
+        Returns:
+            How many sessions the owner had.
+
+        Raises:
+            TierLeaseError: a session is held by the Redis tier (use 'redis' storage); the
+                sessions before it are deleted.
+            StoreError: Postgres failed; run it again to finish.
+        """
+        deleted, after = 0, ""
+        while ids := await self.catalog.owned(owner, after, 500):
+            for session_id in ids:
+                await self._sessions.clear(session_id)
+            await self.catalog.forget_details(owner, ids)
+            deleted += len(ids)
+            after = ids[-1]
+        return deleted
 
     async def purge_expired(self) -> int:
         """Delete expired sessions (messages included) and cleared sessions idle for an hour.
