@@ -42,36 +42,44 @@ _COLUMNS = (
 )
 _SNAPSHOT_RE = re.compile(r"^\d{1,20}:\d{1,20}:(\d{1,20}(,\d{1,20})*)?$")
 
-_DETAILS = f"SELECT {_COLUMNS} FROM vel_sessions s WHERE s.id = $1 AND {LIVE}"
+_DETAILS = f"SELECT {_COLUMNS} FROM vel_session_rows s WHERE s.id = $1 AND {LIVE}"
 # The row whatever its size (a session the Redis tier holds may not be flushed yet).
 _ROW = f"""
-SELECT {_COLUMNS} FROM vel_sessions s
+SELECT {_COLUMNS} FROM vel_session_rows s
  WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > now())
 """
 # Details never touch updated_at or the history: setting them is no write of the session's
 # (no revision, no tier lease: the Redis tier holds no details). A new row is a session
 # announced before its first turn; the first append keeps what it finds.
 _SET_DETAILS = """
-INSERT INTO vel_sessions AS s (id, owner, metadata)
+INSERT INTO vel_session_rows AS s (id, owner, metadata)
 VALUES ($1, CASE WHEN $2::bool THEN $3::text END, coalesce($5::jsonb, '{}'))
 ON CONFLICT (id) DO UPDATE
    SET owner = CASE WHEN $2::bool THEN $3::text ELSE s.owner END,
        metadata = CASE WHEN $4::bool THEN $5::jsonb ELSE s.metadata END
 """
 # Rows of an owner, for its deletion, in id order (keyset: deleted rows lose their owner).
-_OWNED = "SELECT id FROM vel_sessions WHERE owner = $1 AND id > $2 ORDER BY id LIMIT $3"
+_OWNED = "SELECT id FROM vel_session_rows WHERE owner = $1 AND id > $2 ORDER BY id LIMIT $3"
 # What a deletion leaves: the tombstone a clear leaves, without the owner's details.
 _FORGET_DETAILS = """
-UPDATE vel_sessions SET owner = NULL, metadata = '{}'
+UPDATE vel_session_rows SET owner = NULL, metadata = '{}'
  WHERE id = ANY($1::text[]) AND owner = $2
 """
-_LAST = "SELECT s.last_seq FROM vel_sessions s WHERE s.id = $1 AND " + LIVE
+# Sessions without messages that the Redis tier may still hold a copy of: cleared through the
+# tier, or deleted behind it (the spec's DELETE through the vel_sessions view, 0006).
+_EMPTY_LEASED = """
+SELECT id FROM vel_session_rows
+ WHERE last_seq = 0 AND hot_until > now() AND id > $2
+ ORDER BY id
+ LIMIT $1
+"""
+_LAST = "SELECT s.last_seq FROM vel_session_rows s WHERE s.id = $1 AND " + LIVE
 # A range of the history (the primary key's range scan), only while the session is live.
 _RANGE = f"""
 SELECT m.seq, m.message::text
   FROM vel_messages m
  WHERE m.session_id = $1 AND m.seq > $2 AND m.seq < $3
-   AND EXISTS (SELECT 1 FROM vel_sessions s WHERE s.id = $1 AND {LIVE})
+   AND EXISTS (SELECT 1 FROM vel_session_rows s WHERE s.id = $1 AND {LIVE})
  ORDER BY m.seq {{order}}
  LIMIT $4
 """
@@ -93,7 +101,7 @@ def listing_sql(by_owner: bool, newest: bool, first_page: bool) -> str:
         where.append("vel_unchanged_since(s.xmin, $6::text::pg_snapshot)")
     return (
         f"SELECT {_COLUMNS}, pg_current_snapshot()::text AS snapshot\n"
-        f"  FROM vel_sessions s\n WHERE {' AND '.join(where)}\n"
+        f"  FROM vel_session_rows s\n WHERE {' AND '.join(where)}\n"
         f" ORDER BY s.updated_at {direction}, s.id {direction}\n LIMIT $3"
     )
 
@@ -183,6 +191,10 @@ class Catalog:
     async def owned(self, owner: str, after: str, limit: int) -> list[str]:
         owner = check_owner(owner)
         rows = await self._db.run("owned", lambda c: c.fetch(_OWNED, owner, after, limit))
+        return [r["id"] for r in rows]
+
+    async def empty_leased(self, limit: int, after: str) -> list[str]:
+        rows = await self._db.run("empty_leased", lambda c: c.fetch(_EMPTY_LEASED, limit, after))
         return [r["id"] for r in rows]
 
     async def forget_details(self, owner: str, session_ids: list[str]) -> None:

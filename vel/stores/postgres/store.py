@@ -8,10 +8,12 @@ The two modes may share one database (DESIGN.md 3.8): the tier lease recorded by
 store (``hot_until``) makes this store's own writes refuse a session Redis may hold, with
 :class:`~vel.errors.TierLeaseError`.
 
-Layout (see ``migrations/0001_initial.sql``): one ``vel_sessions`` row per session carrying
+Layout (see ``migrations/0001_initial.sql``): one ``vel_session_rows`` row per session carrying
 ``last_seq`` and a ``generation`` counter, and an append-only ``vel_messages`` table keyed by
 ``(session_id, seq)``. Every writer first takes the session row's lock (an upsert), which is what
 serialises concurrent appends, flushes, clears and replaces of one session across processes.
+The spec's ``vel_sessions(id, context, ...)`` is a view over both tables (``0006``) for SQL
+written from the spec; vel itself never reads or writes through it.
 
 The parts, each holding one responsibility and its SQL:
 

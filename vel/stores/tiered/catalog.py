@@ -126,3 +126,17 @@ async def delete_owner(
         deleted += len(ids)
         after = ids[-1]
     return deleted
+
+
+async def drop_deleted_copies(hot: RedisStore, cold: PostgresStore) -> int:
+    """Drop the clean Redis copies of sessions Postgres holds without messages (deleted
+    behind the tier by SQL, or cleared): a copy of a deleted session must not keep serving
+    its history, nor take new turns on top of it. A copy with unflushed writes is kept (its
+    flush finds the newer generation and is set aside, never written). Returns how many
+    copies were dropped."""
+    dropped, after = 0, ""
+    while ids := await cold.catalog.empty_leased(500, after):
+        codes = await hot.drop_clean_each(ids)
+        dropped += sum(code > 0 for code in codes)
+        after = ids[-1]
+    return dropped

@@ -333,8 +333,9 @@ class TieredStore:
     async def purge_expired_tiers(self) -> tuple[int, int]:
         """Delete expired sessions from both tiers: their Redis copies (unless they hold
         unflushed writes, which the flusher must bring to Postgres first), then, their tier
-        leases released, their Postgres rows. Returns (sessions purged from Postgres, Redis
-        copies dropped)."""
+        leases released, their Postgres rows. Clean Redis copies of sessions deleted behind
+        the tier (SQL through the spec's ``vel_sessions`` view) are dropped too. Returns
+        (sessions purged from Postgres, Redis copies dropped)."""
         dropped = 0
         after = ""
         while True:
@@ -346,6 +347,7 @@ class TieredStore:
             gone = [sid for sid, code in zip(ids, codes, strict=True) if code >= 0]
             await self.cold.release_expired(gone)
             after = ids[-1]
+        dropped += await catalog.drop_deleted_copies(self.hot, self.cold)
         return await self.cold.purge_expired(), dropped
 
     async def release(self, session_id: str) -> bool:
