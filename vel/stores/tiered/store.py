@@ -379,7 +379,9 @@ class TieredStore:
             await self.cold.release_lease([session_id])
             return True
         finally:
-            await self.hot.release_lock(keys.warm_lock, token)
+            # Shielded and bounded; a failure leaves the lease to run out rather than replace
+            # the exception in flight.
+            await self._warmer.end_lease(keys, token)
 
     async def resolve(self, session_id: str, keep: str) -> Resolution:
         """Resolve a flush conflict (see :func:`vel.stores.tiered.conflicts.resolve`)."""
