@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vel import metrics
+from vel import _fork, metrics
 from vel.bounds import COUNT, TTL, age_arg, limit_arg, wait_arg
 from vel.errors import InvalidInputError
 from vel.instrument import observed
@@ -85,6 +85,11 @@ class MemoryStore:
         self._details: dict[str, tuple[str | None, dict[str, Any]]] = {}
         self._writes = 0
         metrics.track(self, functools.partial(_counters, self._counters, self._locks), "memory")
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # A plain call on the parent's helper thread may have held it at the fork.
+        self._mutex = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MemoryStore(sessions={len(self._sessions)})"

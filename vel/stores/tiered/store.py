@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from vel import metrics
+from vel import _fork, metrics
 from vel._sync import in_helper_thread
 from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
 from vel.errors import ConfigurationError, StoreError, StoreTimeoutError
@@ -140,6 +140,12 @@ class TieredStore:
         self._warmer = Warmer(hot, cold, lease=self.warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # The parent's flusher task belongs to a loop no thread of the child runs: the child
+        # starts its own flusher on first use.
+        self._flusher_task = None
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
