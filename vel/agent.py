@@ -167,7 +167,7 @@ class Agent:
         self.provider: Provider = make_provider(self.model)
         self.store, self._store_key = acquire_store(session_storage)
         self.ctxmgr = context_manager if context_manager is not None else ContextManager()
-        self.ctxmgr.bind(self.store)
+        self.ctxmgr.bind(self.store, self.provider)
         # The one-step turn serves the stock window policy; a subclass that loads its own
         # way keeps the separate lock, read and append.
         self._turns = (
@@ -194,6 +194,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        await self.ctxmgr.aclose()  # its summariser uses the provider
         await self.provider.aclose()
         await release_store(self.store, self._store_key)
 
@@ -332,6 +333,7 @@ class Agent:
                         raise _Cancelled
                     with tracing.current(span):
                         await self._commit(session_id, turn, run_id, outcome.receipt)
+                    self.ctxmgr.committed(run_id, outcome.receipt.seq)
             yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
