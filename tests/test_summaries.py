@@ -20,6 +20,7 @@ SID = "summary-session"
 
 @pytest.fixture
 async def make_agent(srv: FakeOpenAIServer) -> AsyncIterator[Any]:
+    """Agents on 'memory' (the default) or a store given; all are closed afterwards."""
     agents: list[Agent] = []
 
     def build(storage: Any = "memory", **ctx: Any) -> Agent:
@@ -52,9 +53,9 @@ def summary_requests(srv: FakeOpenAIServer) -> list[dict[str, Any]]:
 
 
 async def test_recall_beyond_the_window_through_a_summary(
-    srv: FakeOpenAIServer, make_agent: Any
+    srv: FakeOpenAIServer, make_agent: Any, storage_mode: str
 ) -> None:
-    agent = make_agent(max_history=4, summarize=True)
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
     await converse(agent, 20)
     assert await agent.run({"message": "What is my name?"}, session_id=SID) == (
         "Your name is Alice."
@@ -64,16 +65,18 @@ async def test_recall_beyond_the_window_through_a_summary(
     assert len(last) == 1 + 4 + 1  # the summary, the window, the question
 
 
-async def test_without_summarize_the_window_forgets(srv: FakeOpenAIServer, make_agent: Any) -> None:
-    agent = make_agent(max_history=4)
+async def test_without_summarize_the_window_forgets(
+    srv: FakeOpenAIServer, make_agent: Any, storage_mode: str
+) -> None:
+    agent = make_agent(storage_mode, max_history=4)
     await converse(agent, 20)
     answer = await agent.run({"message": "What is my name?"}, session_id=SID)
     assert answer == "I don't know your name."
     assert summary_requests(srv) == []
 
 
-async def test_originals_are_kept_whole(make_agent: Any) -> None:
-    agent = make_agent(max_history=4, summarize=True)
+async def test_originals_are_kept_whole(make_agent: Any, storage_mode: str) -> None:
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
     await converse(agent, 20)
     stored = await agent.ctxmgr.aget_session_context(SID)
     assert len(stored) == 42
@@ -126,8 +129,8 @@ async def test_tool_pairs_are_never_split(srv: FakeOpenAIServer, make_agent: Any
         await agent.aclose()
 
 
-async def test_clear_and_set_drop_the_summary(make_agent: Any) -> None:
-    agent = make_agent(max_history=4, summarize=True)
+async def test_clear_and_set_drop_the_summary(make_agent: Any, storage_mode: str) -> None:
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
     await converse(agent, 10)
     assert await agent.ctxmgr.aget_summary(SID) is not None
     await agent.ctxmgr.aclear_session(SID)
@@ -140,8 +143,10 @@ async def test_clear_and_set_drop_the_summary(make_agent: Any) -> None:
     assert answer == "I don't know your name."
 
 
-async def test_a_clear_by_the_store_itself_retires_the_summary(make_agent: Any) -> None:
-    agent = make_agent(max_history=4, summarize=True)
+async def test_a_clear_by_the_store_itself_retires_the_summary(
+    make_agent: Any, storage_mode: str
+) -> None:
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
     await converse(agent, 10)
     await agent.store.clear(SID)  # not through the context manager
     assert await agent.ctxmgr.aget_summary(SID) is None

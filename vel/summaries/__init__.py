@@ -43,6 +43,24 @@ def backend_for(store: Any) -> SummaryBackend:
         from vel.summaries.memory import MemorySummaries
 
         return MemorySummaries(store)
+    from vel.stores.redis import RedisStore
+    from vel.stores.tiered import TieredStore
+
+    if isinstance(store, TieredStore):
+        from vel.summaries.postgres import PostgresSummaries
+        from vel.summaries.redis import RedisSummaries
+
+        return RedisSummaries(store.hot, PostgresSummaries(store.cold, check_history=False))
+    if isinstance(store, RedisStore):
+        from vel.summaries.redis import RedisSummaries
+
+        return RedisSummaries(store, None)
+    from vel.stores.postgres import PostgresStore
+
+    if isinstance(store, PostgresStore):
+        from vel.summaries.postgres import PostgresSummaries
+
+        return PostgresSummaries(store)
     raise ConfigurationError(
         f"summarize=True works with vel's stores ('memory', 'database', 'redis'), "
         f"not {type(store).__name__}"
