@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from vel.stores.base import SessionInfo, SessionStore
 from vel.stores.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from vel.summaries import Summaries, Summarizer, Summary
+    from vel.summaries import Summaries, Summarizer, Summary, SummaryPolicy
 
 
 @dataclass
@@ -62,6 +63,8 @@ class ContextManager:
         summarizer: ``(previous summary or None, new messages) -> summary`` (plain or
             async); default: the Agent's own model with the prompt of
             :mod:`vel.summaries.prompt`.
+        summary_policy: lease, retries and backoff of the background summariser
+            (:class:`vel.summaries.SummaryPolicy`).
 
     Session operations come in plain form (``get_session_context``, ``clear_session``,
     ``set_session_context``, ``get_inactive_sessions``), usable from any code, and async twins
@@ -77,6 +80,7 @@ class ContextManager:
         *,
         summarize_every: int | None = None,
         summarizer: Summarizer | None = None,
+        summary_policy: SummaryPolicy | None = None,
     ) -> None:
         checked = COUNT.check_optional("max_history", max_history)
         max_history = None if checked is None else int(checked)
@@ -90,9 +94,12 @@ class ContextManager:
             raise ConfigurationError("summarizer must be a callable (previous, messages)")
         from vel.summaries import SummaryPolicy
 
-        self.summary_policy = SummaryPolicy(
-            **({} if summarize_every is None else {"every": summarize_every})
-        )
+        policy = summary_policy if summary_policy is not None else SummaryPolicy()
+        if not isinstance(policy, SummaryPolicy):
+            raise ConfigurationError("summary_policy must be a vel.summaries.SummaryPolicy")
+        if summarize_every is not None:
+            policy = dataclasses.replace(policy, every=summarize_every)
+        self.summary_policy = policy
         self.max_history = max_history
         self.summarize = summarize
         self.summarizer = summarizer

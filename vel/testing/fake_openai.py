@@ -612,6 +612,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         plan = _plan(body)
         if fake_summary.is_summary_request(_messages(body), _text_of):
+            if fake.summary_latency > 0:
+                time.sleep(fake.summary_latency)
             status = fake._take_summary_failure()
             if status is not None:
                 self._send_error(status, f"Error {status} injected by fail_summaries")
@@ -642,6 +644,7 @@ class FakeOpenAIServer:
         requests: every received JSON request body (POST, any path), in arrival order.
         request_headers: the headers of each entry in ``requests`` (lower-cased names).
         latency: seconds slept before answering each request ("model time").
+        summary_latency: further seconds slept before answering a summarisation request.
         retry_after_ms: sent as ``retry-after-ms`` on retryable errors (408, 409, 429, 5xx)
             so the SDK's retries are fast; ``None`` to omit the header.
         aborted_streams: streams the client closed before the end.
@@ -652,6 +655,7 @@ class FakeOpenAIServer:
         self.host = host
         self.port = port
         self.latency: float = 0.0
+        self.summary_latency: float = 0.0
         self.retry_after_ms: int | None = 10
         self.verbose = False
         self.requests: list[dict[str, Any]] = []
