@@ -4,7 +4,11 @@ the originals, brought up to date in the background (see vel.summaries)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -233,3 +237,31 @@ async def test_turn_does_not_wait_for_the_summariser(
     assert await agent.run({"message": "What is my name?"}, session_id=SID) == (
         "Your name is Alice."
     )
+
+
+@pytest.mark.parametrize("storage_mode", ["database", "redis"], indirect=True)
+async def test_summariser_failures_show_in_vel_stats(
+    srv: FakeOpenAIServer, make_agent: Any, storage_mode: str
+) -> None:
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
+    summaries = agent.ctxmgr.summaries
+    object.__setattr__(summaries, "policy", _fast(summaries.policy))
+    await converse(agent, 5)
+    srv.fail_summaries(500, count=1000)
+    assert await agent.run({"message": "one more"}, session_id=SID) == "You said: one more"
+    assert await summaries.idle(30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "vel", "stats", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    attempts = summaries.policy.attempts
+    assert figures["summary_failures"] == attempts and figures["summary_calls"] == attempts
+    assert figures["summary_sessions_behind"] == 1
+    assert figures["summary_max_lag"] == 14 - 4  # 7 turns stored, none summarised
