@@ -1,0 +1,146 @@
+"""Turn latency with ``ContextManager(summarize=True)`` against without, in each storage mode.
+
+The model is vel's fake OpenAI server answering every request after ``--latency`` seconds
+(default 50 ms), summarisation requests included, so the background summariser competes with
+the turns for the same model, connections and event loop, as in production. Each round runs,
+per mode, one session of ``--turns`` turns with summarize off and one with it on (in
+alternating order), ``max_history=--window``, ``summarize_every=--every``. Reported per mode:
+median, p95 and mean turn time off and on, the on/off ratio of the medians and of the means,
+and the summariser calls made (at most one per K new messages).
+
+    nice -n 10 .venv/bin/python scripts/bench_summaries.py [--turns 60] [--rounds 3]
+        [--latency 0.05] [--modes memory,database,redis] [--json out.json]
+
+Needs the local test servers (``--dsn``, ``--redis-url``); works in a schema and key prefix of
+its own, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from vel import Agent, ContextManager
+from vel.stores.postgres.migrate import migrate
+from vel.summaries.prompt import INSTRUCTIONS
+from vel.testing import FakeOpenAIServer
+
+
+def p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+async def session(
+    mode: str, summarize: bool, args: argparse.Namespace, server: FakeOpenAIServer
+) -> list[float]:
+    model = {"provider": "openai", "model": "gpt-4o", "api_key": "x", "base_url": server.base_url}
+    ctx = ContextManager(max_history=args.window, summarize=summarize, summarize_every=args.every)
+    sid = f"bench-{uuid.uuid4().hex[:10]}"
+    times: list[float] = []
+    async with Agent(id="bench", model=model, session_storage=mode, context_manager=ctx) as agent:
+        await agent.run({"message": "warm up"}, session_id=f"{sid}-warm")
+        await agent.run({"message": "My name is Alice"}, session_id=sid)
+        for i in range(args.turns):
+            started = time.perf_counter()
+            await agent.run({"message": f"unrelated topic number {i}"}, session_id=sid)
+            times.append(time.perf_counter() - started)
+        answer = await agent.run({"message": "What is my name?"}, session_id=sid)
+        if summarize and answer != "Your name is Alice.":
+            print(f"  note: {mode} answered {answer!r} (summary still behind)")
+    return times
+
+
+async def main() -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--modes", default="memory,database,redis")
+    parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--json", help="write the figures to this file")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    await migrate(args.dsn, schema=schema)
+    os.environ.update(
+        POSTGRES_DSN=f"{args.dsn}?search_path={schema}",
+        REDIS_URL=args.redis_url,
+        VEL_KEY_PREFIX=prefix,
+    )
+    results: dict[str, Any] = {}
+    try:
+        with FakeOpenAIServer() as server:
+            server.latency = args.latency
+            times: dict[tuple[str, bool], list[float]] = {}
+            calls: dict[str, int] = {}
+            for r in range(args.rounds):
+                for mode in modes:
+                    order = (False, True) if r % 2 == 0 else (True, False)
+                    for summarize in order:
+                        before = len(server.requests)
+                        got = await session(mode, summarize, args, server)
+                        times.setdefault((mode, summarize), []).extend(got)
+                        if summarize:
+                            made = [
+                                q
+                                for q in server.requests[before:]
+                                if q["messages"][0].get("content") == INSTRUCTIONS
+                            ]
+                            calls[mode] = calls.get(mode, 0) + len(made)
+            for mode in modes:
+                off, on = times[mode, False], times[mode, True]
+                row = {
+                    "off_median_ms": statistics.median(off) * 1000,
+                    "on_median_ms": statistics.median(on) * 1000,
+                    "off_p95_ms": p95(off) * 1000,
+                    "on_p95_ms": p95(on) * 1000,
+                    "off_mean_ms": statistics.fmean(off) * 1000,
+                    "on_mean_ms": statistics.fmean(on) * 1000,
+                    "summary_calls": calls.get(mode, 0),
+                    "turns_per_setting": len(off),
+                }
+                row["median_ratio"] = row["on_median_ms"] / row["off_median_ms"]
+                row["mean_ratio"] = row["on_mean_ms"] / row["off_mean_ms"]
+                results[mode] = row
+                print(
+                    f"{mode:9} off {row['off_median_ms']:.1f} ms (p95 {row['off_p95_ms']:.1f})"
+                    f"  on {row['on_median_ms']:.1f} ms (p95 {row['on_p95_ms']:.1f})"
+                    f"  ratio median {row['median_ratio']:.3f} mean {row['mean_ratio']:.3f}"
+                    f"  summariser calls {row['summary_calls']}"
+                    f" ({args.rounds} x {args.turns + 2} turns)"
+                )
+    finally:
+        conn = await asyncpg.connect(args.dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await conn.close()
+        client = aioredis.Redis.from_url(args.redis_url)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
+    return {"args": vars(args), "results": results}
+
+
+if __name__ == "__main__":
+    figures = asyncio.run(main())
+    if figures["args"]["json"]:
+        Path(figures["args"]["json"]).write_text(json.dumps(figures, indent=2))
