@@ -265,3 +265,43 @@ async def test_summariser_failures_show_in_vel_stats(
     assert figures["summary_failures"] == attempts and figures["summary_calls"] == attempts
     assert figures["summary_sessions_behind"] == 1
     assert figures["summary_max_lag"] == 14 - 4  # 7 turns stored, none summarised
+
+
+@pytest.mark.parametrize("storage_mode", ["database"], indirect=True)
+async def test_a_session_deleted_in_sql_takes_its_summary_along(
+    make_agent: Any, storage_mode: str, pg_dsn: str, migrated_schema: str
+) -> None:
+    import asyncpg
+
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
+    await converse(agent, 10)
+    assert await agent.ctxmgr.aget_summary(SID) is not None
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": migrated_schema})
+    try:
+        # The spec's cleanup statement, by id here.
+        await conn.execute("DELETE FROM vel_sessions WHERE id = $1", SID)
+        assert await agent.ctxmgr.aget_summary(SID) is None
+        rows = await conn.fetchval("SELECT count(*) FROM vel_summaries WHERE session_id = $1", SID)
+        assert rows == 0
+    finally:
+        await conn.close()
+    answer = await agent.run({"message": "What is my name?"}, session_id=SID)
+    assert answer == "I don't know your name."
+
+
+async def test_redis_only_mode_summarises_too(
+    srv: FakeOpenAIServer, make_agent: Any, redis_url: str, key_prefix: str
+) -> None:
+    from vel.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, key_prefix=key_prefix, write_behind=False)
+    try:
+        agent = make_agent(store, max_history=4, summarize=True)
+        await converse(agent, 20)
+        assert await agent.run({"message": "What is my name?"}, session_id=SID) == (
+            "Your name is Alice."
+        )
+        await agent.ctxmgr.aset_session_context(SID, [{"role": "user", "content": "hi"}])
+        assert await agent.ctxmgr.aget_summary(SID) is None
+    finally:
+        await store.aclose()

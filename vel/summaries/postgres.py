@@ -22,12 +22,10 @@ SELECT s.summary, s.covered_seq, s.covered_id, extract(epoch FROM s.updated_at):
   FROM vel_summaries s
  WHERE s.session_id = $1 AND s.summary IS NOT NULL
 """
-# A summary whose covered message is gone (cleared, replaced, purged) is dropped, unless a
-# newer one was written meanwhile.
+# A summary whose covered message is gone (cleared, replaced, the session deleted) is
+# deleted with its row, unless a newer one was written meanwhile.
 _RETIRE = """
-UPDATE vel_summaries
-   SET summary = NULL, covered_seq = 0, covered_id = NULL, lag = 0, updated_at = now()
- WHERE session_id = $1 AND covered_seq = $2 AND covered_id = $3
+DELETE FROM vel_summaries WHERE session_id = $1 AND covered_seq = $2 AND covered_id = $3
 """
 _LAST_SEQ = """
 SELECT coalesce((SELECT last_seq FROM vel_sessions WHERE id = $1), 0)
