@@ -5,9 +5,9 @@ reports what grew at most once a second, see :mod:`vel.totals`), so this works f
 machine. ``--watch`` redraws in place until Ctrl-C.
 
 Summaries (``ContextManager(summarize=True)``): summariser calls and failures, sessions whose
-summary lags (messages older than the window not covered yet, as a summariser last saw
-them) and the largest lag, from Redis ('redis' mode) plus, when a DSN is configured, from
-Postgres' ``vel_summaries`` ('database' mode).
+summary is due (K or more messages older than the window not covered yet, as a summariser
+last saw them) and the largest such lag, from Redis ('redis' mode) plus, when a DSN is
+configured, from Postgres' ``vel_summaries`` ('database' mode).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ _LABELS = {
     "backpressure_rejections": "backpressure rejections",
     "summary_calls": "summariser calls",
     "summary_failures": "summariser failures",
-    "summary_sessions_behind": "sessions with summary lag",
+    "summary_sessions_behind": "sessions with a summary due",
     "summary_max_lag": "largest summary lag (messages)",
 }
 

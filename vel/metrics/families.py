@@ -211,11 +211,14 @@ STATS: dict[str, tuple[Family, tuple[tuple[str, str], ...]]] = {
         (),
     ),
     "summary_sessions_behind": (
-        _gauge("summary_sessions_behind", "Sessions whose summary lags behind their window."),
+        _gauge(
+            "summary_sessions_behind",
+            "Sessions whose summary is due (K uncovered messages) and not written yet.",
+        ),
         (),
     ),
     "summary_max_lag": (
-        _gauge("summary_max_lag_messages", "The largest summary lag of any session."),
+        _gauge("summary_max_lag_messages", "The largest lag of a session whose summary is due."),
         (),
     ),
 }

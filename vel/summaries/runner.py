@@ -28,6 +28,7 @@ from vel._shield import settle
 from vel._sync import in_helper_thread
 from vel.errors import VelError
 from vel.logs import get_logger
+from vel.messages import Message
 from vel.summaries import policy as pol
 from vel.summaries.base import Summary, SummaryBackend
 from vel.summaries.prompt import Summarizer, call
@@ -67,7 +68,7 @@ class Summaries:
         self._lags: OrderedDict[str, int] = OrderedDict()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pause: dict[str, tuple[int, float]] = {}  # session -> (failed runs, not before)
-        metrics.track(self, _Figures(self.counters, self._lags), None)
+        metrics.track(self, _Figures(self.counters, self._lags, policy.every), None)
 
     # -- the turn's side ------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class Summaries:
             upto = pol.cut(basis.entries, basis.last_seq, self.window, covered, p.batch)
             if behind < p.every or upto <= covered:
                 self._remember(session_id, behind)
-                await self.backend.note(session_id, behind)
+                await self.backend.note(session_id, self._due(behind))
                 return written
             entries = [e for e in basis.entries if covered < e.seq <= upto]
             if not entries or entries[-1].seq != upto:
@@ -185,20 +186,24 @@ class Summaries:
             self._pause.pop(session_id, None)
             left = pol.lag(basis.last_seq, self.window, upto)
             self._remember(session_id, left)
-            await self.backend.note(session_id, left, calls=0)
+            await self.backend.note(session_id, self._due(left))
+
+    def _due(self, behind: int) -> int:
+        """The lag shared with other processes: only a due summary's (K or more)."""
+        return behind if behind >= self.policy.every else 0
 
     async def _summarize(
-        self, session_id: str, previous: Summary | None, messages: list[object]
+        self, session_id: str, previous: Summary | None, messages: list[Message]
     ) -> str | None:
+        """The summariser's answer, retried with backoff; None when every attempt failed
+        (the session then rests before a later turn tries again)."""
         p = self.policy
         delay = p.backoff
         for attempt in range(1, p.attempts + 1):
             self.counters["summary_calls"] += 1
             try:
                 text = await call(
-                    self.summarizer,
-                    previous.text if previous is not None else None,
-                    messages,  # type: ignore[arg-type]
+                    self.summarizer, previous.text if previous is not None else None, messages
                 )
             except Exception as exc:  # the summariser is user code or a model: any failure
                 self.counters["summary_failures"] += 1
@@ -211,13 +216,13 @@ class Summaries:
                     extra=_extra(session_id),
                 )
                 await self.backend.note(
-                    session_id, self._lags.get(session_id, 0), calls=1, failures=1
+                    session_id, self._due(self._lags.get(session_id, 0)), calls=1, failures=1
                 )
                 if attempt < p.attempts:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, p.max_backoff)
                 continue
-            await self.backend.note(session_id, self._lags.get(session_id, 0), calls=1)
+            await self.backend.note(session_id, self._due(self._lags.get(session_id, 0)), calls=1)
             return text
         failed = self._pause.get(session_id, (0, 0.0))[0] + 1
         pause = min(p.backoff * 2 ** (p.attempts + failed - 1), p.max_backoff)
@@ -251,21 +256,22 @@ class Summaries:
 
     def figures(self) -> dict[str, float]:
         """This process's counters and the lag of the sessions it served last."""
-        return _Figures(self.counters, self._lags)()
+        return _Figures(self.counters, self._lags, self.policy.every)()
 
 
 class _Figures:
     # The parts, not the Summaries object, so tracking does not keep it alive.
-    def __init__(self, counters: dict[str, float], lags: OrderedDict[str, int]) -> None:
+    def __init__(self, counters: dict[str, float], lags: OrderedDict[str, int], every: int) -> None:
         self.counters = counters
         self.lags = lags
+        self.every = every
 
     def __call__(self) -> dict[str, float]:
         lags = list(self.lags.values())
         return {
             **self.counters,
             "summary_lag_messages": float(sum(lags)),
-            "summary_sessions_behind": float(sum(1 for n in lags if n > 0)),
+            "summary_sessions_behind": float(sum(1 for n in lags if n >= self.every)),
         }
 
 
