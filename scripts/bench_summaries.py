@@ -3,13 +3,15 @@
 The model is vel's fake OpenAI server answering every request after ``--latency`` seconds
 (default 50 ms), summarisation requests included, so the background summariser competes with
 the turns for the same model, connections and event loop, as in production. Each round runs,
-per mode, one session of ``--turns`` turns with summarize off and one with it on (in
-alternating order), ``max_history=--window``, ``summarize_every=--every``. Reported per mode:
+per mode, one session of ``--turns`` turns with summarize off and one with it on, in
+alternating blocks of ``--block`` turns (the summariser's background work of a block is
+awaited before the other setting's block starts, outside the timed turns),
+``max_history=--window``, ``summarize_every=--every``. Reported per mode:
 median, p95 and mean turn time off and on, the on/off ratio of the medians and of the means,
 and the summariser calls made (at most one per K new messages).
 
     nice -n 10 .venv/bin/python scripts/bench_summaries.py [--turns 60] [--rounds 3]
-        [--latency 0.05] [--modes memory,database,redis] [--json out.json]
+        [--block 10] [--latency 0.05] [--modes memory,database,redis] [--json out.json]
 
 Needs the local test servers (``--dsn``, ``--redis-url``); works in a schema and key prefix of
 its own, removed afterwards.
@@ -41,30 +43,51 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
-async def session(
-    mode: str, summarize: bool, args: argparse.Namespace, server: FakeOpenAIServer
-) -> list[float]:
+async def measure(mode: str, args: argparse.Namespace, server: FakeOpenAIServer) -> Any:
+    """Both settings of one mode, in alternating blocks of turns: each setting's session
+    grows by ``--block`` turns at a time, so both see the same load on a shared machine."""
     model = {"provider": "openai", "model": "gpt-4o", "api_key": "x", "base_url": server.base_url}
-    ctx = ContextManager(max_history=args.window, summarize=summarize, summarize_every=args.every)
-    sid = f"bench-{uuid.uuid4().hex[:10]}"
-    times: list[float] = []
-    async with Agent(id="bench", model=model, session_storage=mode, context_manager=ctx) as agent:
-        await agent.run({"message": "warm up"}, session_id=f"{sid}-warm")
-        await agent.run({"message": "My name is Alice"}, session_id=sid)
-        for i in range(args.turns):
-            started = time.perf_counter()
-            await agent.run({"message": f"unrelated topic number {i}"}, session_id=sid)
-            times.append(time.perf_counter() - started)
-        answer = await agent.run({"message": "What is my name?"}, session_id=sid)
-        if summarize and answer != "Your name is Alice.":
-            print(f"  note: {mode} answered {answer!r} (summary still behind)")
-    return times
+    times: dict[bool, list[float]] = {False: [], True: []}
+    agents: dict[bool, Agent] = {}
+    sids: dict[bool, str] = {}
+    before = len(server.requests)
+    try:
+        for summarize in (False, True):
+            ctx = ContextManager(
+                max_history=args.window, summarize=summarize, summarize_every=args.every
+            )
+            agent = Agent(id="bench", model=model, session_storage=mode, context_manager=ctx)
+            agents[summarize] = agent
+            sids[summarize] = sid = f"bench-{uuid.uuid4().hex[:10]}"
+            await agent.run({"message": "warm up"}, session_id=f"{sid}-warm")
+            await agent.run({"message": "My name is Alice"}, session_id=sid)
+        for block in range(args.turns // args.block):
+            for summarize in (False, True) if block % 2 == 0 else (True, False):
+                agent = agents[summarize]
+                for i in range(args.block):
+                    started = time.perf_counter()
+                    message = f"unrelated topic number {block}-{i}"
+                    await agent.run({"message": message}, session_id=sids[summarize])
+                    times[summarize].append(time.perf_counter() - started)
+                summaries = agent.ctxmgr.summaries
+                if summaries is not None:
+                    # Its background work must not land in the other setting's block.
+                    await summaries.idle(60)
+        answer = await agents[True].run({"message": "What is my name?"}, session_id=sids[True])
+        if answer != "Your name is Alice.":
+            print(f"  note: {mode} answered {answer!r}")
+    finally:
+        for agent in agents.values():
+            await agent.aclose()
+    calls = [q for q in server.requests[before:] if q["messages"][0]["content"] == INSTRUCTIONS]
+    return times, len(calls)
 
 
 async def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--every", type=int, default=10)
@@ -88,20 +111,12 @@ async def main() -> dict[str, Any]:
             server.latency = args.latency
             times: dict[tuple[str, bool], list[float]] = {}
             calls: dict[str, int] = {}
-            for r in range(args.rounds):
+            for _ in range(args.rounds):
                 for mode in modes:
-                    order = (False, True) if r % 2 == 0 else (True, False)
-                    for summarize in order:
-                        before = len(server.requests)
-                        got = await session(mode, summarize, args, server)
-                        times.setdefault((mode, summarize), []).extend(got)
-                        if summarize:
-                            made = [
-                                q
-                                for q in server.requests[before:]
-                                if q["messages"][0].get("content") == INSTRUCTIONS
-                            ]
-                            calls[mode] = calls.get(mode, 0) + len(made)
+                    got, made = await measure(mode, args, server)
+                    for summarize, values in got.items():
+                        times.setdefault((mode, summarize), []).extend(values)
+                    calls[mode] = calls.get(mode, 0) + made
             for mode in modes:
                 off, on = times[mode, False], times[mode, True]
                 row = {
@@ -122,7 +137,7 @@ async def main() -> dict[str, Any]:
                     f"  on {row['on_median_ms']:.1f} ms (p95 {row['on_p95_ms']:.1f})"
                     f"  ratio median {row['median_ratio']:.3f} mean {row['mean_ratio']:.3f}"
                     f"  summariser calls {row['summary_calls']}"
-                    f" ({args.rounds} x {args.turns + 2} turns)"
+                    f" ({len(off)} turns each)"
                 )
     finally:
         conn = await asyncpg.connect(args.dsn)

@@ -304,6 +304,8 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
+            if keep:
+                self.ctxmgr.prefetch(run_id, session_id)
             async with tracing.within(self._lock(session_id if keep else None), span) as turn:
                 with tracing.current(span):
                     await self.ctxmgr.aprepare_run(

@@ -106,6 +106,7 @@ class ContextManager:
         self._store: SessionStore | None = None
         self._summaries: Summaries | None = None
         self._runs: dict[str, _Run] = {}
+        self._prefetched: dict[str, asyncio.Task[Summary | None]] = {}
 
     # -- binding -----------------------------------------------------------------------
 
@@ -151,6 +152,14 @@ class ContextManager:
 
     # -- runs (called by the Agent) ------------------------------------------------------
 
+    def prefetch(self, run_id: str, session_id: str | None) -> None:
+        """Start reading the session's summary while the Agent takes the turn lock, so the
+        summary costs the turn no round trip of its own (the newest one stored by then)."""
+        if self._summaries is not None and session_id is not None and self.stores_history:
+            self._prefetched[run_id] = asyncio.get_running_loop().create_task(
+                self._summaries.get(session_id), name="vel-summary-read"
+            )
+
     async def aprepare_run(
         self,
         run_id: str,
@@ -165,9 +174,14 @@ class ContextManager:
         """
         history: list[Message] = []
         summary: Summary | None = None
+        prefetched = self._prefetched.pop(run_id, None)
         if session_id is not None and self.stores_history and self.max_history != 0:
             summaries = self._summaries
-            if window is None and summaries is not None:
+            if prefetched is not None:
+                if window is None:
+                    window = await self.store.load(session_id, limit=self.max_history)
+                summary = await prefetched
+            elif window is None and summaries is not None:
                 window, summary = await asyncio.gather(
                     self.store.load(session_id, limit=self.max_history),
                     summaries.get(session_id),
@@ -199,6 +213,9 @@ class ContextManager:
 
     def end_run(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
+        prefetched = self._prefetched.pop(run_id, None)
+        if prefetched is not None:  # the turn ended before it was prepared
+            prefetched.cancel()
 
     def messages_for_llm(self, run_id: str, session_id: str | None = None) -> list[Message]:
         """The conversation to send for ``run_id``: the history window, then this turn.

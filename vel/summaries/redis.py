@@ -44,13 +44,18 @@ local function matches(covered, cid, gen)
   end
   return true
 end
-local function follow_ttl()
+-- The session's TTL; a dirty session has none, and then the hot TTL (hot ms, 0: none) keeps
+-- a summary that nobody reads from staying forever (Postgres holds it, or the session
+-- itself ends).
+local function follow_ttl(hot)
   local ttl = redis.call('PTTL', KEYS[1])
+  if ttl <= 0 then ttl = hot end
   if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) else redis.call('PERSIST', KEYS[3]) end
 end
 """
 
-# Returns {2, text, covered, cid, updated}, {1} (no copy in Redis: ask Postgres) or {0}.
+# ARGV 1: hot TTL ms. Returns {2, text, covered, cid, updated}, {1} (not in Redis: ask
+# Postgres) or {0}.
 _GET = (
     _CHECK
     + """
@@ -62,7 +67,7 @@ if not ok then
   redis.call('DEL', KEYS[3])
   return {0}
 end
-follow_ttl()
+follow_ttl(tonumber(ARGV[1]))
 return {2, s[1], s[2], s[3], s[5]}
 """
 )
@@ -82,7 +87,8 @@ return items
 """
 
 # ARGV 1 text, 2 covered, 3 cid, 4 gen the history was read at, 5 updated, 6 previous
-# covered (0: none), 7 '1' to seed (a summary read from Postgres: only if none is there).
+# covered (0: none), 7 '1' to seed (a summary read from Postgres: only if none is there),
+# 8 hot TTL ms.
 # Returns 1 when stored.
 _PUT = (
     _CHECK
@@ -95,7 +101,7 @@ if s[1] and matches(tonumber(s[1]), s[2], s[3]) then
 end
 redis.call('HSET', KEYS[3], 'text', ARGV[1], 'covered', covered, 'cid', ARGV[3],
   'gen', ARGV[4], 'updated', ARGV[5])
-follow_ttl()
+follow_ttl(tonumber(ARGV[8]))
 return 1
 """
 )
@@ -127,6 +133,7 @@ class RedisSummaries:
         self.hot = hot
         self.cold = cold
         self._scripts: weakref.WeakKeyDictionary[Client, _Scripts] = weakref.WeakKeyDictionary()
+        self._hot_ms = ms(hot.hot_ttl) if hot.hot_ttl else 0
 
     def _of(self, c: Client) -> _Scripts:
         scripts = self._scripts.get(c)
@@ -142,7 +149,9 @@ class RedisSummaries:
     async def get(self, session_id: str) -> Summary | None:
         keys = self._keys(session_id)
         reply: list[Any] = await self.hot.call(
-            "summary read", lambda c: self._of(c).get(keys=keys, args=[]), idempotent=True
+            "summary read",
+            lambda c: self._of(c).get(keys=keys, args=[self._hot_ms]),
+            idempotent=True,
         )
         if int(reply[0]) == 2:
             if int(reply[2]) == 0:
@@ -200,6 +209,7 @@ class RedisSummaries:
             summary.updated_at,
             previous.covered_seq if previous is not None else 0,
             "1" if seed else "0",
+            self._hot_ms,
         ]
         done = await self.hot.call(
             "summary write", lambda c: self._of(c).put(keys=keys, args=args), idempotent=True
@@ -225,7 +235,15 @@ class RedisSummaries:
 
     async def delete(self, session_id: str) -> None:
         summary, _ = self.hot.keys.summary(session_id)
-        await self.hot.call("summary delete", lambda c: c.redis.delete(summary), idempotent=True)
+        lags = self.hot.keys.summary_lags
+
+        async def op(c: Client) -> None:
+            pipe = c.redis.pipeline(transaction=False)
+            pipe.delete(summary)
+            pipe.zrem(lags, session_id)
+            await pipe.execute()
+
+        await self.hot.call("summary delete", op, idempotent=True)
         if self.cold is not None:
             await self.cold.delete(session_id)
 
