@@ -229,7 +229,7 @@ async def test_two_tenants_never_cross(
         # Purge: B's expired session is B's to purge.
         await _admin_sql(
             pg_dsn,
-            f"UPDATE \"{b.schema}\".vel_sessions SET expires_at = now() - interval '1 s' "
+            f"UPDATE \"{b.schema}\".vel_session_rows SET expires_at = now() - interval '1 s' "
             "WHERE id = 'only-b'",
         )
         assert await store_a.purge_expired() == 0

@@ -25,6 +25,7 @@ from vel.errors import (
 )
 from vel.outcome import TurnReceipt, turn_committed
 from vel.stores.base import SessionInfo, SessionStore
+from vel.stores.listing import HistoryPage, SessionCatalog, SessionDetails, SessionPage
 from vel.stores.memory import MemoryStore
 from vel.tools import Tool
 
@@ -34,11 +35,15 @@ __all__ = [
     "BackpressureError",
     "ConfigurationError",
     "ContextManager",
+    "HistoryPage",
     "InvalidInputError",
     "MemoryStore",
     "ProviderError",
+    "SessionCatalog",
+    "SessionDetails",
     "SessionInfo",
     "SessionLockedError",
+    "SessionPage",
     "SessionStore",
     "StatelessContextManager",
     "StoreError",

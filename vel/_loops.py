@@ -3,7 +3,7 @@
 asyncpg pools and redis.asyncio connections only work on the loop that made them. Agents are
 often built once and driven from several loops (``asyncio.run`` called twice, or the plain
 ``agent.ctxmgr.*`` calls, which run on vel's helper thread), so each loop gets its own
-resource, created on first use.
+resource, created on first use. A forked child forgets the parent's (see vel._fork).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from vel import _fork
 from vel._sync import blocked_in_run_sync
 from vel.errors import ConfigurationError
 
@@ -35,6 +36,14 @@ class PerLoop(Generic[T]):
         self._creating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # Even the loop that forked (still usable in the child) must not reuse them: their
+        # connections are the parent's.
+        _fork.keep(*self._items.items())
+        self._items = weakref.WeakKeyDictionary()
+        self._creating = weakref.WeakKeyDictionary()
 
     def current(self) -> T | None:
         return self._items.get(asyncio.get_running_loop())
@@ -85,6 +94,8 @@ class CallerOwned:
         self._fix = fix
         self._loop = loop
         self._thread: int | None = None
+        self._forked = False
+        _fork.forget_in_child(self)
         if loop is None:
             with contextlib.suppress(RuntimeError):
                 self._loop = asyncio.get_running_loop()
@@ -99,8 +110,32 @@ class CallerOwned:
     def loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
 
+    def _forget_after_fork(self) -> None:
+        self._forked = True
+
+    def check_process(self) -> None:
+        """Refuse the resource in a process forked after it was made: its connections are
+        the parent's (redis-py and asyncpg cannot hand them over), and vel cannot make the
+        caller's resource anew.
+
+        Raises:
+            ConfigurationError: this is a forked child.
+        """
+        if self._forked:
+            raise ConfigurationError(
+                f"{self._what} was made in the parent of this forked process: its "
+                "connections are the parent's, and a child must not use them. Make the "
+                "client or pool in the child (for example in gunicorn's post_fork hook, or "
+                f"with multiprocessing's 'spawn' start method), or {self._fix}"
+            )
+
     def is_home(self) -> bool:
-        """Whether the running loop owns the resource (binding it on first use)."""
+        """Whether the running loop owns the resource (binding it on first use).
+
+        Raises:
+            ConfigurationError: a forked child (see :meth:`check_process`).
+        """
+        self.check_process()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop

@@ -3,6 +3,7 @@
 The spec calls ``agent.ctxmgr.get_session_context(...)`` without ``await``, possibly from
 inside a running event loop. Blocking that loop on its own work would deadlock, so plain calls
 run on one helper thread with its own loop (an anyio blocking portal), started on first use.
+A forked child starts its own (the parent's thread did not survive the fork, see vel._fork).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from vel import _fork
 
 T = TypeVar("T")
 
@@ -48,6 +51,19 @@ def _stop_portal() -> None:
         if _portal_cm is not None:
             _portal_cm.__exit__(None, None, None)
         _portal = _portal_cm = None
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the helper thread is gone, its loop will never run again."""
+    global _lock, _portal, _portal_cm, _portal_thread
+    _fork.keep(_portal, _portal_cm)
+    _lock = threading.Lock()
+    _portal = _portal_cm = None
+    _portal_thread = None
+    _blocked.clear()
+
+
+_fork.at_fork_in_child(_forget_after_fork)
 
 
 def in_helper_thread() -> bool:

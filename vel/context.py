@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vel._sync import run_sync
 from vel.bounds import AGE_HOURS, COUNT, age_arg
+from vel.catalog_ops import SessionCatalogOps
 from vel.errors import ConfigurationError, InvalidInputError
 from vel.messages import Message, validate_message, validate_session_id
 from vel.stores.base import SessionInfo, SessionStore
@@ -46,7 +47,7 @@ def trim_window(messages: list[Message]) -> list[Message]:
     return messages[start:]
 
 
-class ContextManager:
+class ContextManager(SessionCatalogOps):
     """Full (default) or windowed session memory.
 
     Args:
@@ -68,7 +69,8 @@ class ContextManager:
 
     Session operations come in plain form (``get_session_context``, ``clear_session``,
     ``set_session_context``, ``get_inactive_sessions``), usable from any code, and async twins
-    prefixed with ``a`` for code that runs on an event loop.
+    prefixed with ``a`` for code that runs on an event loop; so do the calls that organise
+    sessions (owner, metadata, listings, history pages: see :mod:`vel.catalog_ops`).
     """
 
     stores_history = True

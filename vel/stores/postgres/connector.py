@@ -259,6 +259,8 @@ class Connector:
     async def _get_pool(self) -> Pool:
         if self._injected is None:
             return await self._pools.get()
+        assert self._owner is not None
+        self._owner.check_process()
         if not self._injected_ready:
             await self._check_schema(self._injected)
             self._injected_ready = True

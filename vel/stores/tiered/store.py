@@ -21,8 +21,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
-from vel import metrics
+from vel import _fork, metrics
 from vel._sync import in_helper_thread
 from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
 from vel.errors import ConfigurationError, StoreError, StoreTimeoutError
@@ -33,10 +34,12 @@ from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, UNSTAGED, RedisStore, RedisTurn, Window
 from vel.stores.redis.client import now_ms
 from vel.stores.redis.scripts import OLDER
+from vel.stores.tiered import catalog
 from vel.stores.tiered.conflicts import Resolution, resolve
 from vel.stores.tiered.flusher import Flusher
 from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
@@ -137,6 +140,12 @@ class TieredStore:
         self._warmer = Warmer(hot, cold, lease=self.warm_lease, counters=self.counters)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # The parent's flusher task belongs to a loop no thread of the child runs: the child
+        # starts its own flusher on first use.
+        self._flusher_task = None
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
@@ -302,14 +311,37 @@ class TieredStore:
         """Sessions recorded in Postgres (a brand-new session appears once flushed)."""
         return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
 
+    # -- organising sessions (vel.stores.listing.SessionCatalog; see .catalog) -------------
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        return await catalog.session_details(self.hot, self.cold, session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        await self.cold.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """A page of a listing, read from Postgres (flushed sessions only)."""
+        return await self.cold.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        return await catalog.history_page(self.hot, self.cold, session_id, before, after, limit)
+
+    async def delete_owner(self, owner: str) -> int:
+        return await catalog.delete_owner(self.cold, owner, lambda sid: self._replace(sid, []))
+
     async def purge_expired(self) -> int:
         return (await self.purge_expired_tiers())[0]
 
     async def purge_expired_tiers(self) -> tuple[int, int]:
         """Delete expired sessions from both tiers: their Redis copies (unless they hold
         unflushed writes, which the flusher must bring to Postgres first), then, their tier
-        leases released, their Postgres rows. Returns (sessions purged from Postgres, Redis
-        copies dropped)."""
+        leases released, their Postgres rows. Clean Redis copies of sessions deleted behind
+        the tier (SQL through the spec's ``vel_sessions`` view) are dropped too. Returns
+        (sessions purged from Postgres, Redis copies dropped)."""
         dropped = 0
         after = ""
         while True:
@@ -321,6 +353,7 @@ class TieredStore:
             gone = [sid for sid, code in zip(ids, codes, strict=True) if code >= 0]
             await self.cold.release_expired(gone)
             after = ids[-1]
+        dropped += await catalog.drop_deleted_copies(self.hot, self.cold)
         return await self.cold.purge_expired(), dropped
 
     async def release(self, session_id: str) -> bool:
