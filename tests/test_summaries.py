@@ -289,6 +289,25 @@ async def test_a_session_deleted_in_sql_takes_its_summary_along(
     assert answer == "I don't know your name."
 
 
+@pytest.mark.parametrize("storage_mode", ["database"], indirect=True)
+async def test_a_purged_session_row_takes_its_summary_along_unread(
+    make_agent: Any, storage_mode: str, pg_dsn: str, migrated_schema: str
+) -> None:
+    import asyncpg
+
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
+    await converse(agent, 10)
+    assert await agent.ctxmgr.aget_summary(SID) is not None
+    conn = await asyncpg.connect(pg_dsn, server_settings={"search_path": migrated_schema})
+    try:
+        # What the purge of an expired or deleted session does to its row.
+        await conn.execute("DELETE FROM vel_session_rows WHERE id = $1", SID)
+        rows = await conn.fetchval("SELECT count(*) FROM vel_summaries WHERE session_id = $1", SID)
+        assert rows == 0
+    finally:
+        await conn.close()
+
+
 async def test_redis_only_mode_summarises_too(
     srv: FakeOpenAIServer, make_agent: Any, redis_url: str, key_prefix: str
 ) -> None:

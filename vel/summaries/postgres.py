@@ -1,5 +1,5 @@
 """Summaries in Postgres (``session_storage='database'``, and the durable copy of the Redis
-tier's): table ``vel_summaries`` (migration 0005).
+tier's): table ``vel_summaries`` (migration 0007).
 
 Every call is one statement (two for :meth:`PostgresSummaries.history`, in one snapshot)
 through the store's connector, so the same deadlines and error translation apply.
@@ -28,7 +28,7 @@ _RETIRE = """
 DELETE FROM vel_summaries WHERE session_id = $1 AND covered_seq = $2 AND covered_id = $3
 """
 _LAST_SEQ = """
-SELECT coalesce((SELECT last_seq FROM vel_sessions WHERE id = $1), 0)
+SELECT coalesce((SELECT last_seq FROM vel_session_rows WHERE id = $1), 0)
 """
 _AFTER = """
 SELECT seq, message_id, message::text FROM vel_messages

@@ -1,4 +1,4 @@
--- 0005: summaries of what falls out of a session's window (ContextManager(summarize=True)),
+-- 0007: summaries of what falls out of a session's window (ContextManager(summarize=True)),
 -- kept beside the messages, never instead of them.
 --
 -- A summary covers seqs 1..covered_seq and names the message id at covered_seq: it is served
@@ -8,10 +8,12 @@
 -- runs out) and what `vel stats` shows: the lag (messages older than the window not yet
 -- covered, as last seen by a summariser), calls and failures.
 --
--- No foreign key to the sessions table yet: a clear leaves the row harmless (its covered
--- message is gone) and vel drops it; see vel/summaries/postgres.py.
+-- A clear, a replace or the spec's DELETE through the vel_sessions view removes the messages
+-- and leaves the session row (a tombstone): the summary then names a message that is gone,
+-- is never served, and is deleted by the next read of it (vel/summaries/postgres.py). When
+-- the row itself goes (purged), the summary goes with it.
 CREATE TABLE vel_summaries (
-    session_id  text        PRIMARY KEY,
+    session_id  text        PRIMARY KEY REFERENCES vel_session_rows (id) ON DELETE CASCADE,
     summary     text,
     covered_seq bigint      NOT NULL DEFAULT 0 CHECK (covered_seq >= 0),
     covered_id  text,
