@@ -324,3 +324,40 @@ async def test_redis_only_mode_summarises_too(
         assert await agent.ctxmgr.aget_summary(SID) is None
     finally:
         await store.aclose()
+
+
+def entries_of(roles: str) -> list[Any]:
+    """u: user, a: assistant text, c: assistant tool calls, t: tool result (seq from 1)."""
+    from vel.summaries.base import Entry
+
+    kinds = {
+        "u": {"role": "user", "content": "q"},
+        "a": {"role": "assistant", "content": "a"},
+        "c": {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+        "t": {"role": "tool", "tool_call_id": "x", "content": "r"},
+    }
+    return [Entry(i, f"id{i}", dict(kinds[r])) for i, r in enumerate(roles, start=1)]
+
+
+@pytest.mark.parametrize(
+    ("roles", "window", "batch", "expected"),
+    [
+        ("uauauaua", 4, 200, 4),  # everything older than the window
+        ("uauctttauaua", 5, 200, 7),  # the window would start on results: they go along
+        ("uauctttaua", 4, 200, 7),  # a cut right after the calls takes their results
+        ("uctttauaua", 5, 2, 5),  # the batch ends on the calls: their results go too
+        ("uaua", 4, 200, 0),  # nothing older than the window
+    ],
+)
+def test_a_cut_never_splits_tool_calls_from_their_results(
+    roles: str, window: int, batch: int, expected: int
+) -> None:
+    from vel.summaries.policy import cut
+
+    entries = entries_of(roles)
+    upto = cut(entries, len(entries), window, 0, batch)
+    assert upto == expected
+    if upto:
+        assert entries[upto - 1].message.get("tool_calls") is None
+    if upto < len(entries):
+        assert entries[upto].message["role"] != "tool"
