@@ -361,3 +361,25 @@ def test_a_cut_never_splits_tool_calls_from_their_results(
         assert entries[upto - 1].message.get("tool_calls") is None
     if upto < len(entries):
         assert entries[upto].message["role"] != "tool"
+
+
+@pytest.mark.parametrize("storage_mode", ["redis"], indirect=True)
+async def test_a_windowed_warm_summarises_from_both_tiers(
+    srv: FakeOpenAIServer, make_agent: Any, storage_mode: str
+) -> None:
+    agent = make_agent(storage_mode, max_history=4, summarize=True)
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"}
+        for i in range(100)  # more than a warm loads (64)
+    ]
+    history[0]["content"] = "My name is Alice"
+    await agent.ctxmgr.aset_session_context(SID, history)
+    assert await agent.store.flush()
+    assert await agent.store.hot.drop_clean([SID]) == 1  # cold: the next turn warms a window
+    await agent.run({"message": "hello again"}, session_id=SID)
+    window = await agent.store.hot.read(SID, 4)
+    assert window is not None and window.base > 0  # the copy holds the window, not it all
+    assert await agent.ctxmgr.summaries.idle(30)
+    summary = await agent.ctxmgr.aget_summary(SID)
+    assert summary is not None and summary.covered_seq == 102 - 4
+    assert "The user's name is Alice." in summary.text

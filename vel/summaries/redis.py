@@ -179,17 +179,19 @@ class RedisSummaries:
         if int(reply[0]) < 0:
             return History(0, [])  # not in Redis: the next turn warms it and tries again
         seq, base, gen = int(reply[0]), int(reply[1]), int(reply[2])
+        entries: list[Entry] = []
         if after < base:
-            # Older than the copy: Postgres holds those (the copy was loaded from it).
+            # A windowed copy: Postgres holds what is older (the copy was loaded from it).
             if self.cold is None:
                 return History(0, [])
             older = await self.cold.history(session_id, after, min(limit, base - after))
-            return History(seq, older.entries, gen)
-        entries = []
+            entries.extend(older.entries)
+            if not entries or entries[-1].seq != base:
+                return History(seq, entries, gen)  # Postgres moved on: not contiguous
         for i, item in enumerate(reply[3:], start=max(after, base) + 1):
             mid, _, text = bytes(item).partition(b"\n")
             entries.append(Entry(i, mid.decode(), decode_message(text)))
-        return History(seq, entries, gen)
+        return History(seq, entries[:limit], gen)
 
     async def _write(
         self, session_id: str, summary: Summary, previous: Summary | None, *, gen: Any, seed: bool
