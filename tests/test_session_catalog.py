@@ -18,7 +18,7 @@ from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
 
-MODES = ["memory", "database", "redis"]
+MODES = ["memory", "database", "redis", "redis-only"]
 
 
 def msg(i: int, role: str = "user") -> dict[str, Any]:
@@ -42,6 +42,8 @@ async def cm(
         store = MemoryStore()
     elif request.param == "database":
         store = PostgresStore(pg_dsn, schema=migrated_schema)
+    elif request.param == "redis-only":
+        store = RedisStore(redis_url, key_prefix=key_prefix, write_behind=False)
     else:
         store = TieredStore(
             RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, flush_delay=0),
@@ -294,3 +296,23 @@ def test_plain_calls_work_outside_an_event_loop() -> None:
     assert [i.session_id for i in manager.find_sessions("u1").sessions] == ["p1"]
     assert manager.get_session_messages("p1").messages == [msg(1)]
     assert manager.delete_owner_sessions("u1") == 1
+
+
+async def test_redis_only_details_expire_with_their_session(
+    redis_url: str, key_prefix: str
+) -> None:
+    store = RedisStore(redis_url, key_prefix=key_prefix, write_behind=False, hot_ttl=30)
+    cm = ContextManager()
+    cm.bind(store)
+    try:
+        s = uid()
+        await cm.aset_session_details(s, owner="u", metadata={"t": 1})
+        keys = store.keys.session(s)
+        redis = (await store.client()).redis
+        assert 0 < await redis.pttl(keys.details) <= 30_000  # never without a TTL
+        await turn(cm, s, msg(1))
+        await redis.pexpire(keys.meta, 500_000)  # the session lives on (reads slide its TTL)
+        assert await cm.aget_session_info(s) is not None
+        assert await redis.pttl(keys.details) > 30_000  # the details follow it
+    finally:
+        await store.aclose()

@@ -15,18 +15,17 @@ that generation at once, then forgets the owner's details.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
-from vel.errors import StoreError
 from vel.messages import validate_session_id
-from vel.stores.listing import HistoryPage, SessionDetails, page_of
+from vel.stores.listing import HistoryPage, SessionDetails
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
-from vel.stores.redis.client import Client, now_ms
+from vel.stores.redis import catalog as redis_catalog
+from vel.stores.redis.catalog import Rows
+from vel.stores.redis.client import now_ms
 
 _ATTEMPTS = 5
 
@@ -62,55 +61,14 @@ async def history_page(
     after: int | None,
     limit: int,
 ) -> HistoryPage:
-    session_id = validate_session_id(session_id)
-    low = 0 if after is None else after
-    high = 2**62 if before is None else before
-    keys = hot.keys.session(session_id)
-    for _ in range(_ATTEMPTS):
-        head = await hot.read(session_id, 0)
-        if head is None:
-            # No Redis copy, so no unflushed write: Postgres holds the whole history.
-            return await cold.history_page(session_id, before, after, limit)
-        top = min(head.seq, high - 1)
-        if after is not None and before is None:
-            first, last = low + 1, min(top, low + limit)
-        else:
-            first, last = max(low + 1, top - limit + 1, 1), top
-        if first > last:
-            return page_of([], head.seq, low, high)
-        pairs: list[tuple[int, str]] = []
-        if first <= head.base:
-            rows = await cold.load_range(
-                session_id, first, min(last, head.base), head.gen, head.rev, now_ms()
-            )
-            if rows is None:
-                continue  # the history the copy was loaded from changed: read again
-            pairs += [(seq, text) for seq, _, text in rows]
-        if last > head.base:
-            start = max(first, head.base + 1) - head.base - 1
-            stop = last - head.base - 1
-            items: list[Any] = await hot.call(
-                "lrange", functools.partial(_lrange, keys.messages, start, stop), idempotent=True
-            )
-            # The list's indices hold these seqs only while seq, base and gen are unchanged.
-            again = await hot.read(session_id, 0)
-            if again is None or (again.seq, again.base, again.gen) != (
-                head.seq,
-                head.base,
-                head.gen,
-            ):
-                continue
-            offset = max(first, head.base + 1)
-            pairs += [
-                (offset + i, item.partition(b"\n")[2].decode("utf-8"))
-                for i, item in enumerate(items)
-            ]
-        return page_of(pairs, head.seq, low, high)
-    raise StoreError(f"session {session_id!r} kept changing while a page of it was read")
+    async def older(sid: str, first: int, last: int, gen: int, rev: int | None) -> Rows | None:
+        return await cold.load_range(sid, first, last, gen, rev, now_ms())
 
+    async def missing() -> HistoryPage:
+        # No Redis copy, so no unflushed write: Postgres holds the whole history.
+        return await cold.history_page(session_id, before, after, limit)
 
-async def _lrange(key: str, start: int, stop: int, c: Client) -> list[Any]:
-    return list(await c.redis.lrange(key, start, stop))
+    return await redis_catalog.history_page(hot, session_id, before, after, limit, older, missing)
 
 
 async def delete_owner(
