@@ -1,14 +1,17 @@
 """Turn latency with ``ContextManager(summarize=True)`` against without, in each storage mode.
 
-The model is vel's fake OpenAI server answering every request after ``--latency`` seconds
-(default 50 ms), summarisation requests included, so the background summariser competes with
-the turns for the same model, connections and event loop, as in production. Each round runs,
+The model is vel's fake OpenAI server, in a process of its own (a remote model, as in
+production), answering every request after ``--latency`` seconds (default 50 ms),
+summarisation requests included, so the background summariser competes with the turns for
+the same model, connections and event loop. Each round runs,
 per mode, one session of ``--turns`` turns with summarize off and one with it on, in
 alternating blocks of ``--block`` turns (the summariser's background work of a block is
 awaited before the other setting's block starts, outside the timed turns),
 ``max_history=--window``, ``summarize_every=--every``. Reported per mode:
 median, p95 and mean turn time off and on, the on/off ratio of the medians and of the means,
-and the summariser calls made (at most one per K new messages).
+the client CPU per turn off and on (this process, background summarisation included: the
+figure a loaded machine disturbs least), and the summariser calls made (at most one per K
+new messages).
 
     nice -n 10 .venv/bin/python scripts/bench_summaries.py [--turns 60] [--rounds 3]
         [--block 10] [--latency 0.05] [--modes memory,database,redis] [--json out.json]
@@ -24,6 +27,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,8 +38,6 @@ import redis.asyncio as aioredis
 
 from vel import Agent, ContextManager
 from vel.stores.postgres.migrate import migrate
-from vel.summaries.prompt import INSTRUCTIONS
-from vel.testing import FakeOpenAIServer
 
 
 def p95(values: list[float]) -> float:
@@ -43,14 +45,14 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
-async def measure(mode: str, args: argparse.Namespace, server: FakeOpenAIServer) -> Any:
+async def measure(mode: str, args: argparse.Namespace, url: str) -> Any:
     """Both settings of one mode, in alternating blocks of turns: each setting's session
     grows by ``--block`` turns at a time, so both see the same load on a shared machine."""
-    model = {"provider": "openai", "model": "gpt-4o", "api_key": "x", "base_url": server.base_url}
+    model = {"provider": "openai", "model": "gpt-4o", "api_key": "x", "base_url": url}
     times: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, float] = {False: 0.0, True: 0.0}
     agents: dict[bool, Agent] = {}
     sids: dict[bool, str] = {}
-    before = len(server.requests)
     try:
         for summarize in (False, True):
             ctx = ContextManager(
@@ -64,6 +66,7 @@ async def measure(mode: str, args: argparse.Namespace, server: FakeOpenAIServer)
         for block in range(args.turns // args.block):
             for summarize in (False, True) if block % 2 == 0 else (True, False):
                 agent = agents[summarize]
+                cpu_start = time.process_time()
                 for i in range(args.block):
                     started = time.perf_counter()
                     message = f"unrelated topic number {block}-{i}"
@@ -73,14 +76,16 @@ async def measure(mode: str, args: argparse.Namespace, server: FakeOpenAIServer)
                 if summaries is not None:
                     # Its background work must not land in the other setting's block.
                     await summaries.idle(60)
+                cpu[summarize] += time.process_time() - cpu_start
         answer = await agents[True].run({"message": "What is my name?"}, session_id=sids[True])
         if answer != "Your name is Alice.":
             print(f"  note: {mode} answered {answer!r}")
+        summaries = agents[True].ctxmgr.summaries
+        calls = int(summaries.counters["summary_calls"]) if summaries is not None else 0
     finally:
         for agent in agents.values():
             await agent.aclose()
-    calls = [q for q in server.requests[before:] if q["messages"][0]["content"] == INSTRUCTIONS]
-    return times, len(calls)
+    return times, cpu, calls
 
 
 async def main() -> dict[str, Any]:
@@ -107,15 +112,27 @@ async def main() -> dict[str, Any]:
     )
     results: dict[str, Any] = {}
     try:
-        with FakeOpenAIServer() as server:
-            server.latency = args.latency
+        server = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "vel.testing.fake_openai",
+            "--latency",
+            str(args.latency),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert server.stdout is not None
+            line = (await server.stdout.readline()).decode()
+            url = line.strip().partition("=")[2]
             times: dict[tuple[str, bool], list[float]] = {}
+            cpu: dict[tuple[str, bool], float] = {}
             calls: dict[str, int] = {}
             for _ in range(args.rounds):
                 for mode in modes:
-                    got, made = await measure(mode, args, server)
+                    got, used, made = await measure(mode, args, url)
                     for summarize, values in got.items():
                         times.setdefault((mode, summarize), []).extend(values)
+                        cpu[mode, summarize] = cpu.get((mode, summarize), 0.0) + used[summarize]
                     calls[mode] = calls.get(mode, 0) + made
             for mode in modes:
                 off, on = times[mode, False], times[mode, True]
@@ -126,6 +143,8 @@ async def main() -> dict[str, Any]:
                     "on_p95_ms": p95(on) * 1000,
                     "off_mean_ms": statistics.fmean(off) * 1000,
                     "on_mean_ms": statistics.fmean(on) * 1000,
+                    "off_cpu_ms_per_turn": cpu[mode, False] / len(off) * 1000,
+                    "on_cpu_ms_per_turn": cpu[mode, True] / len(on) * 1000,
                     "summary_calls": calls.get(mode, 0),
                     "turns_per_setting": len(off),
                 }
@@ -136,9 +155,14 @@ async def main() -> dict[str, Any]:
                     f"{mode:9} off {row['off_median_ms']:.1f} ms (p95 {row['off_p95_ms']:.1f})"
                     f"  on {row['on_median_ms']:.1f} ms (p95 {row['on_p95_ms']:.1f})"
                     f"  ratio median {row['median_ratio']:.3f} mean {row['mean_ratio']:.3f}"
+                    f"  cpu/turn {row['off_cpu_ms_per_turn']:.2f}"
+                    f" -> {row['on_cpu_ms_per_turn']:.2f} ms"
                     f"  summariser calls {row['summary_calls']}"
                     f" ({len(off)} turns each)"
                 )
+        finally:
+            server.terminate()  # it serves until SIGTERM
+            await server.wait()
     finally:
         conn = await asyncpg.connect(args.dsn)
         try:

@@ -74,21 +74,29 @@ def summary_message(text: str) -> Message:
 
 
 class ModelSummarizer:
-    """Summarises with a provider (the Agent's model), streaming and joining the text."""
+    """Summarises with a provider (the Agent's model): one non-streamed completion where the
+    provider offers it (``complete``), else its stream joined."""
 
     def __init__(self, provider: Provider) -> None:
         self.provider = provider
 
     async def __call__(self, previous: str | None, messages: list[Message]) -> str:
-        parts: list[str] = []
-        chunks = self.provider.stream(request(previous, messages), [], {})
-        try:
-            async for chunk in chunks:
-                if isinstance(chunk, TextChunk):
-                    parts.append(chunk.text)
-        finally:
-            await chunks.aclose()
-        text = "".join(parts).strip()
+        body = request(previous, messages)
+        complete = getattr(self.provider, "complete", None)
+        if complete is not None:
+            # Not streamed: nobody reads it as it comes, and one response costs the worker
+            # far less CPU than a chunk per token.
+            text = str(await complete(body)).strip()
+        else:
+            parts: list[str] = []
+            chunks = self.provider.stream(body, [], {})
+            try:
+                async for chunk in chunks:
+                    if isinstance(chunk, TextChunk):
+                        parts.append(chunk.text)
+            finally:
+                await chunks.aclose()
+            text = "".join(parts).strip()
         if not text:
             raise ProviderError("the summariser answered with no text")
         return text
