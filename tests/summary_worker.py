@@ -17,8 +17,7 @@ import sys
 import time
 from typing import Any
 
-from vel import Agent, ContextManager
-from vel.summaries import SummaryPolicy
+from vel import Agent, ContextManager, SummaryPolicy
 
 
 def emit(**fields: Any) -> None:

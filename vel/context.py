@@ -65,7 +65,7 @@ class ContextManager(SessionCatalogOps):
             async); default: the Agent's own model with the prompt of
             :mod:`vel.summaries.prompt`.
         summary_policy: lease, retries and backoff of the background summariser
-            (:class:`vel.summaries.SummaryPolicy`).
+            (:class:`vel.SummaryPolicy`).
 
     Session operations come in plain form (``get_session_context``, ``clear_session``,
     ``set_session_context``, ``get_inactive_sessions``), usable from any code, and async twins
