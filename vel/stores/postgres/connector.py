@@ -239,6 +239,12 @@ class Connector:
                 raise connect_error(exc, self.dsn) from exc
             await pool.release(conn)
             await self._check_schema(pool)
+        except Exception:
+            pool.terminate()
+            # asyncpg closes the sockets (of a refused connection too) at the loop's next
+            # turn: let it, so a caller who gives up now and closes leaves none open.
+            await asyncio.sleep(0)
+            raise
         except BaseException:
             pool.terminate()
             raise
@@ -284,6 +290,8 @@ class Connector:
     async def _get_pool(self) -> Pool:
         if self._injected is None:
             return await self._pools.get()
+        assert self._owner is not None
+        self._owner.check_process()
         if not self._injected_ready:
             await self._check_schema(self._injected)
             self._injected_ready = True

@@ -258,6 +258,8 @@ class Connector:
 
     async def _caller_client(self) -> Client:
         """The caller's client, its scripts registered (and on a cluster loaded) once."""
+        assert self._owner is not None
+        self._owner.check_process()
         if self._injected_client is None:
             if self._injected_lock is None:
                 self._injected_lock = asyncio.Lock()
