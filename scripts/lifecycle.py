@@ -113,6 +113,10 @@ def exit_figures(procs: int, parallel: int, env: dict[str, str], work: Path) -> 
             "failed": len(failed),
             "over_2s": sum(d >= EXIT_BOUND for d in delays),
             "exit_delay_s": spread(delays),
+            # Of which the loop's shutdown (vel's part); the rest is interpreter teardown.
+            "loop_shutdown_s": spread(
+                [e.loop_shutdown for e in exits if e.loop_shutdown is not None]
+            ),
             "warned_unflushed": sum("stays in Redis" in e.stderr for e in exits),
             "minutes": round((time.monotonic() - started) / 60, 1),
         }

@@ -24,6 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MARK = "VEL_MAIN_RETURNED"
 _MARK_RE = re.compile(rf"^{MARK} (\d+\.\d+)$", re.M)
+# Printed when asyncio.run() returns: its loop has shut down (tasks cancelled, loop-end work
+# done, loop closed); the rest of the exit delay is the interpreter's own teardown.
+RUN_MARK = "VEL_RUN_RETURNED"
+_RUN_MARK_RE = re.compile(rf"^{RUN_MARK} (\d+\.\d+)$", re.M)
 
 # The spec's basic usage (spec/session-management.md), as a script: one turn in whichever
 # storage mode VEL_TEST_MODE names, no aclose(). {after} follows the turn inside main().
@@ -120,6 +124,14 @@ class Exit:
         return None if self.main_returned is None else self.exited - self.main_returned
 
     @property
+    def loop_shutdown(self) -> float | None:
+        """Seconds from main() returning to asyncio.run() returning (the loop's shutdown)."""
+        runs = _RUN_MARK_RE.findall(self.stderr)
+        if self.main_returned is None or not runs:
+            return None
+        return float(runs[-1]) - self.main_returned
+
+    @property
     def hung(self) -> bool:
         """Killed by the launcher's watchdog (or by the caller's timeout)."""
         return self.returncode != 0 and "most recent call first" in self.stderr
@@ -178,7 +190,10 @@ def _launch(script: str, hang_after: float) -> None:
                 print(f"{MARK} {time.time():.6f}", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback_later(hang_after, exit=True)
 
-        return real_run(timed(), **kwargs)
+        try:
+            return real_run(timed(), **kwargs)
+        finally:
+            print(f"{RUN_MARK} {time.time():.6f}", file=sys.stderr, flush=True)
 
     asyncio.run = timed_run  # type: ignore[assignment]
     sys.argv = [script]
