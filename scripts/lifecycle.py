@@ -237,17 +237,6 @@ async def cancel_figures(cancels: int, schema: str) -> dict[str, Any]:
 # -- many-loops ------------------------------------------------------------------------------
 
 
-async def _stored(schema: str, prefix: str) -> int:
-    conn = await asyncpg.connect(schema_dsn(schema))
-    try:
-        n = await conn.fetchval(
-            "SELECT count(*) FROM vel_messages WHERE session_id LIKE $1", f"{prefix}-%"
-        )
-        return int(n)
-    finally:
-        await conn.close()
-
-
 def loops_figures(loops: int, env: dict[str, str], schema: str, work: Path) -> dict[str, Any]:
     script = work / "many_loops.py"
     script.write_text(MANY_LOOPS)
@@ -264,12 +253,7 @@ def loops_figures(loops: int, env: dict[str, str], schema: str, work: Path) -> d
             figures[mode] = {"failed": done.describe()[-2000:]}
             continue
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        while True:
-            stored = asyncio.run(_stored(schema, prefix))
-            waited = time.time() - report["closed"]
-            if stored >= 4 * loops or waited > 10:
-                break
-            time.sleep(0.05)
+        stored, waited = report["stored"], report["stored_after"]
         figures[mode] = {
             "runs": loops,
             "sockets_after_run_max": max(report["after_run"]),

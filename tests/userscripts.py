@@ -57,7 +57,8 @@ asyncio.run(main())
 
 # One Agent driven by successive asyncio.run() calls (a worker running each job in a fresh
 # loop), two turns per run on a session of its own; prints one JSON line: the sockets the
-# process holds after each run (gc'd), after aclose(), and when aclose() returned.
+# process holds after each run (gc'd) and after aclose(), when aclose() returned, and how
+# many of the 4 * runs messages Postgres held how many seconds after that (waiting <= 10 s).
 MANY_LOOPS = """\
 import asyncio
 import gc
@@ -98,7 +99,30 @@ for i in range(runs):
 asyncio.run(agent.aclose())
 closed = time.time()
 gc.collect()
-print(json.dumps({'after_run': after_run, 'after_aclose': sockets(), 'closed': closed}))
+after_aclose = sockets()
+
+
+async def in_postgres():
+    import asyncpg
+
+    conn = await asyncpg.connect(os.environ['POSTGRES_DSN'])
+    try:
+        while True:
+            stored = await conn.fetchval(
+                'SELECT count(*) FROM vel_messages WHERE session_id LIKE $1', prefix + '-%'
+            )
+            if stored >= 4 * runs or time.time() > closed + 10:
+                return stored, time.time() - closed
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+stored, waited = asyncio.run(in_postgres())
+print(json.dumps({
+    'after_run': after_run, 'after_aclose': after_aclose, 'closed': closed,
+    'stored': stored, 'stored_after': waited,
+}))
 """
 
 
