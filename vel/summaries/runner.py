@@ -24,7 +24,7 @@ from collections import OrderedDict
 
 from vel import metrics
 from vel._lease import LeaseKeeper
-from vel._shield import settle
+from vel._shield import CancelWatch, settle
 from vel._sync import in_helper_thread
 from vel.errors import VelError
 from vel.logs import get_logger
@@ -156,7 +156,10 @@ class Summaries:
     async def _catch_up(self, session_id: str) -> int:
         written = 0
         p = self.policy
+        # Stops when cancelled (its loop ending), even if a driver dropped the cancellation.
+        watch = CancelWatch()
         while True:
+            watch.check()
             previous = await self.backend.get(session_id)
             covered = previous.covered_seq if previous is not None else 0
             # The batch, the window and the tool results that may follow the cut.
@@ -199,13 +202,17 @@ class Summaries:
         (the session then rests before a later turn tries again)."""
         p = self.policy
         delay = p.backoff
+        watch = CancelWatch()
         for attempt in range(1, p.attempts + 1):
+            watch.check()
             self.counters["summary_calls"] += 1
             try:
                 text = await call(
                     self.summarizer, previous.text if previous is not None else None, messages
                 )
             except Exception as exc:  # the summariser is user code or a model: any failure
+                # ... but never a cancellation it reworded: that ends the run.
+                watch.check()
                 self.counters["summary_failures"] += 1
                 log.warning(
                     "summariser failed for %r (attempt %d of %d): %s",
