@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from vel import _fork
-from vel._sync import blocked_in_run_sync
+from vel._sync import blocked_in_run_sync, helper_loop
 from vel.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -62,14 +62,41 @@ class PerLoop(Generic[T]):
             return item
 
     async def aclose(self) -> None:
-        """Close this loop's resource; forget those of loops that are gone or closed."""
+        """Close this loop's resource and the helper loop's (the plain calls' one); forget
+        those of loops that are gone or closed."""
         loop = asyncio.get_running_loop()
         item = self._items.pop(loop, None)
         for other in list(self._items):
             if other.is_closed():
                 self._items.pop(other, None)
-        if item is not None:
-            await self._closer(item)
+        try:
+            if item is not None:
+                await self._closer(item)
+        finally:
+            await self._close_on_helper(loop)
+
+    async def _close_on_helper(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the helper loop's resource there: the plain calls opened it, and closing
+        the Agent closes it too (it would stay open until the process exits otherwise)."""
+        helper = helper_loop()
+        if helper is None or helper is loop:
+            return
+        item = self._items.pop(helper, None)
+        if item is None:
+            return
+        closing = asyncio.run_coroutine_threadsafe(_closed(self._closer, item), helper)
+        # Bounded: the closers bound their own work, but a helper loop stuck in a plain
+        # call must not hang this close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(closing), _HELPER_CLOSE_WAIT)
+
+
+# Seconds a close waits for the helper loop to close its resources.
+_HELPER_CLOSE_WAIT = 10.0
+
+
+async def _closed(closer: Callable[[T], Awaitable[None]], item: T) -> None:
+    await closer(item)
 
 
 class CallerOwned:

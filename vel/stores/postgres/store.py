@@ -197,6 +197,11 @@ class PostgresStore(DurableTier):
         """
         return cls(settings=settings, **kwargs)
 
+    @property
+    def where(self) -> str:
+        """The server, for messages (never with credentials)."""
+        return self._db.where
+
     def __repr__(self) -> str:
         where = redact(self._db.dsn) if self._db.dsn else "<caller's pool>"
         schema = f", schema={self._db.schema!r}" if self._db.schema else ""
@@ -206,6 +211,11 @@ class PostgresStore(DurableTier):
     def schema(self) -> str | None:
         """The schema holding this store's tables (None: the connection's search_path)."""
         return self._db.schema
+
+    @property
+    def connector(self) -> Connector:
+        """The pools and deadlines every part of this store runs its SQL through."""
+        return self._db
 
     @property
     def op_timeout(self) -> float:

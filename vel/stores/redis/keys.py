@@ -97,6 +97,18 @@ class KeyLayout:
             session_id=session_id,
         )
 
+    def summary(self, session_id: str) -> tuple[str, str]:
+        """(hash: the session's summary, string: its summariser's lease), under the
+        session's hash tag so a script can check the summary against the session's copy."""
+        tag = self.tag(self.bucket_of(session_id))
+        return f"{tag}:y:{session_id}", f"{tag}:yl:{session_id}"
+
+    @property
+    def summary_lags(self) -> str:
+        """zset: session id -> messages older than its window its summary does not cover
+        (as a summariser last saw it; ``vel stats``)."""
+        return f"{self.prefix}:{{summaries}}:lag"
+
     def sweep(self, bucket: int) -> str:
         """string: a bucket's sweep turn, held by one flusher for the sweep interval."""
         return f"{self.tag(bucket)}:sweep"
