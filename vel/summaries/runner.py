@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 
-from vel import metrics
+from vel import _fork, metrics
 from vel._lease import LeaseKeeper
 from vel._shield import settle
 from vel._sync import in_helper_thread
@@ -69,6 +69,12 @@ class Summaries:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pause: dict[str, tuple[int, float]] = {}  # session -> (failed runs, not before)
         metrics.track(self, _Figures(self.counters, self._lags, policy.every), None)
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # The parent's tasks belong to a loop the child does not run: kept, they would make
+        # their sessions look busy forever.
+        self._tasks = {}
 
     # -- the turn's side ------------------------------------------------------------------
 
