@@ -181,6 +181,7 @@ class Summaries:
                 return written
             summary = Summary(text, upto, entries[-1].message_id, time.time())
             if not await self.backend.put(session_id, summary, previous, basis):
+                await self.backend.note(session_id, self._due(behind), calls=1)
                 log.info(
                     "summary of %r not stored: the history changed meanwhile",
                     session_id,
@@ -192,7 +193,9 @@ class Summaries:
             self._pause.pop(session_id, None)
             left = pol.lag(basis.last_seq, self.window, upto)
             self._remember(session_id, left)
-            await self.backend.note(session_id, self._due(left))
+            await self.backend.note(session_id, self._due(left), calls=1)
+            if left < p.every:
+                return written  # caught up with what was read (later turns trigger again)
 
     def _due(self, behind: int) -> int:
         """The lag shared with other processes: only a due summary's (K or more)."""
@@ -228,8 +231,7 @@ class Summaries:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, p.max_backoff)
                 continue
-            await self.backend.note(session_id, self._due(self._lags.get(session_id, 0)), calls=1)
-            return text
+            return text  # its call is noted with the summary it produced
         failed = self._pause.get(session_id, (0, 0.0))[0] + 1
         pause = min(p.backoff * 2 ** (p.attempts + failed - 1), p.max_backoff)
         self._pause[session_id] = (failed, time.monotonic() + pause)
