@@ -30,6 +30,8 @@ from vel.stores.redis import RedisStore
 from vel.testing import FakeOpenAIServer
 
 FORK = multiprocessing.get_context("fork")
+# Python 3.12+ warns about forking a multi-threaded process: that is the case under test.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded")
 FORKED = r"%s\.\.\.\) was made in the parent of this forked process"
 
 
