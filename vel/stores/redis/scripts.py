@@ -61,15 +61,25 @@ local function set_ttl(ttl)
     redis.call('PERSIST', KEYS[3])
   end
 end
+-- RPUSH ARGV[from..] in chunks; returns the list's new length.
 local function push(from)
+  local len = 0
   for i = from, #ARGV, 1000 do
-    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    len = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
+  return len
 end
--- m: 1 seq, 2 flushed, 3 gen, 4 fgen, 5 base, 6 lease, 7 expires, 8 rev, 9 conflict
+-- m: 1 seq, 2 flushed, 3 gen, 4 fgen, 5 base, 6 lease, 7 expires, 8 rev, 9 conflict,
+-- 10 updated
 local function meta()
   return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
-    'expires', 'rev', 'conflict')
+    'expires', 'rev', 'conflict', 'updated')
+end
+-- meta() and, at no extra command, what the flusher's scripts need: 11 pgrows, 12 tgen,
+-- 13 tseq.
+local function wide_meta()
+  return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
+    'expires', 'rev', 'conflict', 'updated', 'pgrows', 'tgen', 'tseq')
 end
 local function num(v, default) if v then return tonumber(v) end return default end
 local function is_dirty(m) return wb and not (m[2] == m[1] and m[3] == m[4]) end
@@ -98,10 +108,22 @@ local function clean_ttl(m)
   if expires > 0 then cap(expires) end
   return ttl
 end
+-- What a copy whose message list does not hold seqs base+1 .. seq becomes: volatile-*
+-- eviction took the list of a clean copy, so drop the remains and warm again (nil, a miss);
+-- a dirty one is 'damaged'.
+local function mismatch(m)
+  if not is_dirty(m) then
+    drop(m, false)
+    return nil
+  end
+  return 'damaged'
+end
 -- The copy if it may serve (nil: dropped or absent, a miss; 'damaged'). Past retention it
 -- is gone in both tiers (dirty or not); a clean copy whose tier lease ends within ``margin``
--- ms is dropped so the warm takes the lease again before the copy is used.
-local function usable(m, margin)
+-- ms is dropped so the warm takes the lease again before the copy is used. ``listed``: the
+-- caller checks the list's length itself (from what its LRANGE or RPUSH returns, which
+-- costs no command of its own; eviction takes a whole key), else LLEN does.
+local function usable(m, margin, listed)
   if not m[1] then return nil end
   local dirty = is_dirty(m)
   local expires = num(m[7], 0)
@@ -113,15 +135,18 @@ local function usable(m, margin)
     drop(m, false)
     return nil
   end
-  if redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - num(m[5], 0) then
-    -- volatile-* eviction took part of a clean copy: drop the remains and warm again.
-    if not dirty then
-      drop(m, false)
-      return nil
-    end
-    return 'damaged'
+  if not listed and redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - num(m[5], 0) then
+    return mismatch(m)
   end
   return m
+end
+-- A read slides a clean copy's hot TTL, but only once half of it may have run out: the TTL
+-- was last set at or after the last write (by that write's flush, a seed or a read), so
+-- until ``updated + hot / 2`` at least half of it is left and the three PEXPIREs are saved.
+local function touch(m)
+  if is_dirty(m) then return end
+  if hot > 0 and now - num(m[10], 0) < hot / 2 then return end
+  set_ttl(clean_ttl(m))
 end
 -- The replay record from the ids of the list's last 64 items (item i has seq first + i).
 local function index_replays(first)
@@ -140,11 +165,12 @@ end
 # min(n, seq - base) messages; -1 rev: unknown), {-1} or {-4}.
 _READ_WINDOW = """
 local function read_window()
-  local m = usable(meta(), tonumber(ARGV[7]))
+  local limit = tonumber(ARGV[6])
+  local m = usable(meta(), tonumber(ARGV[7]), limit ~= 0)
   if m == nil then return {-1} end
   if m == 'damaged' then return {-4} end
-  local limit = tonumber(ARGV[6])
   local items
+  local held = tonumber(m[1]) - num(m[5], 0)
   if limit < 0 then
     items = redis.call('LRANGE', KEYS[2], 0, -1)
   elseif limit == 0 then
@@ -152,7 +178,12 @@ local function read_window()
   else
     items = redis.call('LRANGE', KEYS[2], -limit, -1)
   end
-  if not is_dirty(m) then set_ttl(clean_ttl(m)) end
+  if limit ~= 0 and #items ~= (limit < 0 and held or math.min(limit, held)) then
+    m = mismatch(m)
+    if m == nil then return {-1} end
+    return {-4}
+  end
+  touch(m)
   table.insert(items, 1, num(m[8], -1))
   table.insert(items, 1, num(m[3], 0))
   table.insert(items, 1, num(m[5], 0))
@@ -170,6 +201,8 @@ LOAD = _script("allow-oom", _SESSION + _READ_WINDOW, "return read_window()\n")
 # other token, never taken by that one, so an attempt delivered late cannot take it back.
 _TAKE_LOCK = """
 local function take_lock(n, t)
+  -- A free lock (the common case) costs one command.
+  if redis.call('SET', KEYS[n], ARGV[t], 'NX', 'PX', ARGV[t + 1]) then return true end
   local held = redis.call('GET', KEYS[n])
   if held == ARGV[t] then
     redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
@@ -199,53 +232,122 @@ return read_window()
 TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. ARGV: 6 lease margin ms, 7 flush delay ms, 8 backlog bound per bucket, 9 first
-# message id, 10 turn lock token ('' none), 11.. items. With a token, KEYS[8] is the turn
-# lock, released (if still ours) once the messages are stored: the turn's commit and unlock
-# are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
+# message id, 10 turn lock token ('' none), 11 lock lease ms, 12.. items. With a token,
+# KEYS[8] is the turn lock, released (if still ours) once the messages are stored: the
+# turn's commit and unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} |
+# {-4}.
+#
+# The common case (a hot session, its lock still ours, already dirty) costs HMGET, GETDEL,
+# INCRBY, RPUSH, HSET and ZADD: a lock still held by this token proves the commit was not
+# applied before (an applied one released it), so only a commit that lost its lock looks
+# for a replay; the list's length comes from RPUSH; a copy already dirty is already in the
+# dirty sets and has no TTL (3.2). Uncommon paths undo what they did before returning.
 APPEND = _script(
     "",
     _SESSION,
     """
-local m = usable(meta(), tonumber(ARGV[6]))
+local k = #ARGV - 11
+local token = ARGV[10]
+local m = usable(meta(), tonumber(ARGV[6]), true)
 if m == 'damaged' then return {-4} end
-if m == nil then
-  if wb then return {-1} end
+local function create()
   -- Redis-only mode: a new (or expired) session starts here, at seq 1.
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'seq', 0, 'flushed', 0, 'gen', 0, 'fgen', 0, 'created', now)
-  m = meta()
+  return meta()
 end
-local function unlock()
-  if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) == ARGV[10] then redis.call('DEL', KEYS[8]) end
+if m == nil then
+  if wb then return {-1} end
+  m = create()
 end
-local k = #ARGV - 10
-local prev = redis.call('ZSCORE', KEYS[3], ARGV[9])
-if prev then
-  unlock()
-  return {-2, tonumber(prev) + k - 1}
+local was_dirty = is_dirty(m)
+-- The lock: ours (taken by GETDEL, put back if this call ends without storing), or another
+-- token's or a tombstone (put back at once), or nobody's.
+local mine = false
+local function relock()
+  if mine then redis.call('SET', KEYS[8], token, 'PX', ARGV[11]) end
 end
-if wb then
-  local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if backlog + k > tonumber(ARGV[8]) then return {-3, backlog} end
-end
-push(11)
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
-redis.call('HSET', KEYS[1], 'updated', now)
-if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
-redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[9])
-if redis.call('ZCARD', KEYS[3]) > 64 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65) end
-if wb then
-  redis.call('INCRBY', KEYS[6], k)
-  -- A copy in conflict is not flushed again until an operator resolves it.
-  if not m[9] then
-    redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[7]), sid)
-    redis.call('ZADD', KEYS[5], 'NX', now, sid)
+if token ~= '' then
+  local held = redis.call('GETDEL', KEYS[8])
+  if held == token then
+    mine = true
+  elseif held then
+    redis.call('SET', KEYS[8], held, 'PX', ARGV[11])
   end
-  set_ttl(0)
-else
-  set_ttl(clean_ttl(meta()))
 end
-unlock()
+if not mine then
+  local prev = redis.call('ZSCORE', KEYS[3], ARGV[9])
+  if prev then return {-2, tonumber(prev) + k - 1} end
+  if token ~= '' then
+    -- A turn's commit leaves no replay record (see below): look for its first message in
+    -- the list's tail (a warm or replace records the ids of the last 64 messages).
+    local tail = redis.call('LRANGE', KEYS[2], -64, -1)
+    local lead = ARGV[9] .. '\\n'
+    for i, item in ipairs(tail) do
+      if string.sub(item, 1, #lead) == lead then
+        return {-2, tonumber(m[1]) - #tail + i + k - 1}
+      end
+    end
+  end
+end
+if wb then
+  local backlog = redis.call('INCRBY', KEYS[6], k)
+  if backlog > tonumber(ARGV[8]) then
+    redis.call('DECRBY', KEYS[6], k)
+    relock()
+    return {-3, backlog - k}
+  end
+end
+local function unbacklog()
+  if wb and redis.call('DECRBY', KEYS[6], k) < 0 then redis.call('SET', KEYS[6], 0) end
+end
+local held = tonumber(m[1]) - num(m[5], 0)
+local len = push(12)
+if len ~= held + k then
+  -- The list was evicted without its meta: take the push back, then as usable() would.
+  if len == k then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('LTRIM', KEYS[2], 0, len - k - 1)
+  end
+  m = mismatch(m)
+  if m == 'damaged' or wb then
+    unbacklog()
+    relock()
+    return {m == nil and -1 or -4}
+  end
+  m = create()
+  was_dirty = false
+  push(12)
+end
+local seq = tonumber(m[1]) + k
+if retention > 0 then
+  m[7] = now + retention
+  redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now, 'expires', m[7])
+else
+  redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now)
+end
+if token == '' then
+  -- The replay record of a plain append: it keeps the last 64 appends or so (trimmed once
+  -- every 32 seqs). A turn's commit needs none: while it holds its lock nothing else
+  -- commits a turn, so a retry finds its messages in the list's tail.
+  redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[9])
+  if math.floor(seq / 32) ~= math.floor((seq - k) / 32) then
+    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65)
+  end
+end
+if wb then
+  if not was_dirty then
+    -- A copy in conflict is not flushed again until an operator resolves it.
+    if not m[9] then
+      redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[7]), sid)
+      redis.call('ZADD', KEYS[5], 'NX', now, sid)
+    end
+    set_ttl(0)
+  end
+else
+  set_ttl(clean_ttl(m))
+end
 return {seq}
 """,
 )
@@ -403,8 +505,14 @@ CLAIM = _script(
     "",
     """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+if #due == 0 then return due end
 local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', until_ms, sid) end
+local args = {}
+for _, sid in ipairs(due) do
+  table.insert(args, until_ms)
+  table.insert(args, sid)
+end
+redis.call('ZADD', KEYS[1], 'XX', unpack(args))
 return due
 """,
 )
@@ -435,7 +543,7 @@ PENDING = _script(
     "allow-oom",
     _SESSION,
     """
-local m = meta()
+local m = wide_meta()
 if not m[1] then return {-1} end
 local expires = num(m[7], 0)
 if expires > 0 and expires <= now then
@@ -451,9 +559,8 @@ end
 local flushed = tonumber(m[2])
 local from = flushed - num(m[5], 0)
 local items = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[6]) - 1)
-local more = redis.call('HMGET', KEYS[1], 'updated', 'pgrows', 'tgen', 'tseq')
 local head = {tonumber(m[3]), tonumber(m[4]), flushed, tonumber(m[1]), num(m[8], -1),
-  num(more[1], 0), num(more[2], 0), num(more[3], -1), num(more[4], -1)}
+  num(m[10], 0), num(m[11], 0), num(m[12], -1), num(m[13], -1)}
 for i = #head, 1, -1 do table.insert(items, 1, head[i]) end
 return items
 """,
@@ -468,7 +575,7 @@ ACK = _script(
     "allow-oom",
     _SESSION,
     """
-local m = meta()
+local m = wide_meta()
 if not m[1] then
   redis.call('ZREM', KEYS[4], sid)
   redis.call('ZREM', KEYS[5], sid)
@@ -477,21 +584,33 @@ end
 if tonumber(m[3]) ~= tonumber(ARGV[6]) then return -1 end
 local old = tonumber(m[2])
 local flushed = math.max(old, tonumber(ARGV[7]))
+-- One HSET for every field that changes.
+local fields = {'fgen', ARGV[6]}
 if flushed > old then
-  redis.call('HSET', KEYS[1], 'flushed', flushed, 'pgrows', 1)
+  table.insert(fields, 'flushed')
+  table.insert(fields, flushed)
+  if m[11] ~= '1' then
+    table.insert(fields, 'pgrows')
+    table.insert(fields, 1)
+  end
   -- The counter only bounds the backlog: keys lost while dirty (a misconfigured eviction,
   -- a manual DEL) would otherwise drive it below zero and weaken backpressure.
   if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
-redis.call('HSET', KEYS[1], 'fgen', ARGV[6])
-redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres is at this generation now
 local lease = tonumber(ARGV[8])
-if lease > num(m[6], 0) then redis.call('HSET', KEYS[1], 'lease', lease) end
+if lease > num(m[6], 0) then
+  table.insert(fields, 'lease')
+  table.insert(fields, lease)
+  m[6] = lease
+end
+if #fields > 2 or m[4] ~= ARGV[6] then redis.call('HSET', KEYS[1], unpack(fields)) end
+-- Postgres is at this generation now
+if m[12] or m[13] then redis.call('HDEL', KEYS[1], 'tgen', 'tseq') end
 if m[9] then return 3 end
 if flushed >= tonumber(m[1]) then
   redis.call('ZREM', KEYS[4], sid)
   redis.call('ZREM', KEYS[5], sid)
-  local ttl = clean_ttl(meta())
+  local ttl = clean_ttl(m)
   if ttl < 0 then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) else set_ttl(ttl) end
   return 1
 end

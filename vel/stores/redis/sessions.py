@@ -134,6 +134,7 @@ class Sessions:
         max_unflushed: int,
         backpressure_wait: float,
         flush_delay: float,
+        lock_lease: float,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -145,6 +146,7 @@ class Sessions:
         self._max_unflushed = max_unflushed
         self._backpressure_wait = backpressure_wait
         self._flush_delay = flush_delay
+        self.lock_lease = lock_lease
 
     def common(self, session_id: str, now: int | None = None) -> list[Any]:
         """ARGV 1..5 of the session scripts."""
@@ -241,6 +243,7 @@ class Sessions:
             per_bucket,
             first_id,
             unlock,
+            ms(self.lock_lease),
             *items,
         ]
         names = keys.layout

@@ -165,6 +165,7 @@ class RedisStore:
             max_unflushed=self.max_unflushed,
             backpressure_wait=self.backpressure_wait,
             flush_delay=self.flush_delay,
+            lock_lease=self.lock_lease,
         )
         self._locks = Locks(
             self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
