@@ -12,6 +12,7 @@ value (it is fixed per key prefix).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -78,6 +79,11 @@ class KeyLayout:
         return f"{self.tag(bucket)}:conflicts"
 
     def session(self, session_id: str) -> SessionKeys:
+        # Built once per session and kept (a turn needs them several times; the strings
+        # cost more than the rest of a turn's bookkeeping).
+        return _session_keys(self, session_id)
+
+    def _build(self, session_id: str) -> SessionKeys:
         bucket = self.bucket_of(session_id)
         tag = self.tag(bucket)
         dirty, since, backlog = self.bucket_keys(bucket)
@@ -118,3 +124,8 @@ class KeyLayout:
         """Invert :meth:`session` for a meta key (used by listing tools)."""
         head, sep, sid = meta_key.partition("}:h:")
         return sid if sep and head.startswith(f"{self.prefix}:{{") else None
+
+
+@functools.lru_cache(maxsize=16384)
+def _session_keys(layout: KeyLayout, session_id: str) -> SessionKeys:
+    return layout._build(session_id)

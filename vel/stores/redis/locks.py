@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from vel import tracing
+from vel._ids import new_id
 from vel._lease import LeaseKeeper
 from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
@@ -221,7 +221,7 @@ class Locks:
 
     @asynccontextmanager
     async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
-        token = uuid.uuid4().hex
+        token = new_id()
 
         async def attempt() -> bool | None:
             return await self.try_lock(keys.turn_lock, token, self._lease) or None
@@ -249,7 +249,7 @@ class Locks:
         keys = self._keys.session(validate_session_id(session_id))
         limit = limit_arg(limit)
         timeout = wait_arg(timeout)
-        token = uuid.uuid4().hex
+        token = new_id()
         args: list[Any] = [
             *self._sessions.common(session_id),
             -1 if limit is None else limit,
@@ -290,10 +290,12 @@ class Locks:
             turn.keep_lease(lambda: self._keep_lock(keys, token), self._lease / 6)
             yield turn
         finally:
-            if turn is not None:
+            if turn is not None and not turn.committed:
                 held = turn
                 # Shielded and bounded: an anyio scope cancels every await of a plain finally.
                 await finish(lambda: self._end_turn(held, keys), self._limit, "unlock")
+            # A committed turn has nothing left to do: its commit stopped the lease keeping
+            # and released the lock.
 
     async def _end_turn(self, turn: RedisTurn, keys: SessionKeys) -> None:
         await turn.stop_lease()

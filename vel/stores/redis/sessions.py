@@ -32,6 +32,7 @@ from vel.errors import (
 from vel.messages import (
     Message,
     check_message_ids,
+    decode_items,
     decode_message,
     encode_messages,
     validate_session_id,
@@ -186,13 +187,13 @@ class Sessions:
                 "check maxmemory-policy (never allkeys-*) with `vel doctor`"
             )
         rev = int(reply[3])
-        # json.loads takes the bytes after the id as they are: no split, no decode to str.
+        # The bytes after each id are decoded as they are: no split, no decode to str.
         return Window(
             seq=head,
             base=int(reply[1]),
             gen=int(reply[2]),
             rev=None if rev < 0 else rev,
-            messages=[decode_message(item[item.index(b"\n") + 1 :]) for item in reply[4:]],
+            messages=decode_items(reply[4:]),
         )
 
     async def read_copy(self, session_id: str) -> Copy | None:

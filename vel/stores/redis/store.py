@@ -398,6 +398,11 @@ class RedisStore:
         """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
         return await self._write_behind.claim(bucket, lease, limit)
 
+    async def claim_all(self, buckets: Sequence[int], lease: float, limit: int) -> list[Claim]:
+        """:meth:`claim` in each of ``buckets`` (in one round trip on one server); the
+        claims that hold sessions."""
+        return await self._write_behind.claim_all(buckets, lease, limit)
+
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;
         False when it holds none any more."""
