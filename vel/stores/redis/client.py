@@ -110,6 +110,9 @@ class Client:
         # gate).
         self.cluster = isinstance(redis, RedisCluster)
         self.gate = asyncio.Semaphore(gate) if gate > 0 else None
+        # Turns blocked on a lock's wake list (BLPOP) hold a connection each: at most half
+        # the budget, so the holders' commits always find one; other waiters poll.
+        self.waiters = asyncio.Semaphore(max(1, gate // 2) if gate > 0 else 8)
         self.scripts: list[Any] = []
         self.load = self._register(lua.LOAD)
         self.take = self._register(lua.TAKE_LOCK)

@@ -30,7 +30,9 @@ class SessionKeys:
     replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
     # warmed session) -> the seq of that message
     warm_lock: str  # string: token of the process warming this session from Postgres
-    turn_lock: str  # string: token of the turn holding this session
+    turn_lock: str  # string: token of the turn holding this session ('token!' while turns
+    # wait for it, '~token' an abandoned attempt: see vel.stores.redis.scripts)
+    wake: str  # list: the wake-up a released turn lock leaves for a waiting turn
     dirty: str  # zset (per bucket): session id -> due time in ms
     dirty_since: str  # zset (per bucket): session id -> when it first became dirty, ms
     backlog: str  # integer (per bucket): messages not yet written to Postgres
@@ -93,6 +95,7 @@ class KeyLayout:
             replays=f"{tag}:r:{session_id}",
             warm_lock=f"{tag}:w:{session_id}",
             turn_lock=f"{tag}:l:{session_id}",
+            wake=f"{tag}:k:{session_id}",
             dirty=dirty,
             dirty_since=since,
             backlog=backlog,

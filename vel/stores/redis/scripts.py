@@ -195,34 +195,78 @@ end
 # Read the window (see _READ_WINDOW).
 LOAD = _script("allow-oom", _SESSION + _READ_WINDOW, "return read_window()\n")
 
+# Lock values: the holder's token; '~token', the tombstone of an abandoned attempt
+# (ABANDON_LOCK): free for every other token, never taken by that one, so an attempt
+# delivered late cannot take it back; 'token!', held by token while turns wait for it. Its
+# release hands the lock on: the lock becomes '?', reserved for a turn that has waited (a
+# newcomer waits behind them; the reservation lasts RESERVE ms at most), and a wake-up goes
+# onto the session's wake list, which waiters block on (BLPOP) instead of polling. The list
+# holds one wake-up at most and expires after a lease; a waiter whose wake-up never comes (a
+# holder that died) tries again after a short timeout.
+_HANDOFF = """
+local function holder(v)
+  if v and string.sub(v, -1) == '!' then return string.sub(v, 1, -2) end
+  return v
+end
+local function wake(v, lock, key, ms)
+  if v and string.sub(v, -1) == '!' then
+    if lock then redis.call('SET', lock, '?', 'PX', math.min(tonumber(ms), RESERVE)) end
+    redis.call('LPUSH', key, 1)
+    redis.call('LTRIM', key, 0, 0)
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+""".replace("RESERVE", "1000")  # ms, as locks.WAKE_POLL
+
 # Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
-# lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
-# value '~token' is the tombstone of an abandoned attempt (ABANDON_LOCK): free for every
-# other token, never taken by that one, so an attempt delivered late cannot take it back.
-_TAKE_LOCK = """
-local function take_lock(n, t)
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again.
+# ``waiter``: nil (no handoff), or a turn's: '1' once it has waited (its own lock is then
+# marked, as others may still wait), '0' before; a turn that finds the lock held marks it.
+# A turn's lock is followed by its wake list (KEYS[n + 1]).
+_TAKE_LOCK = (
+    _HANDOFF
+    + """
+local function take_lock(n, t, waiter)
+  local mine = ARGV[t]
+  if waiter == '1' then mine = mine .. '!' end
   -- A free lock (the common case) costs one command.
-  if redis.call('SET', KEYS[n], ARGV[t], 'NX', 'PX', ARGV[t + 1]) then return true end
+  if redis.call('SET', KEYS[n], mine, 'NX', 'PX', ARGV[t + 1]) then return true end
   local held = redis.call('GET', KEYS[n])
-  if held == ARGV[t] then
+  if holder(held) == ARGV[t] then
     redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
     return true
   end
-  if held and (string.sub(held, 1, 1) ~= '~' or held == '~' .. ARGV[t]) then return false end
-  redis.call('SET', KEYS[n], ARGV[t], 'PX', ARGV[t + 1])
+  if waiter and holder(held) == '?' and (waiter == '1' or redis.call('LLEN', KEYS[n + 1]) > 0) then
+    -- Reserved for a turn that waited: this one, or a newcomer if no waiter took the
+    -- wake-up (they all gave up).
+    if waiter ~= '1' then redis.call('DEL', KEYS[n + 1]) end
+    redis.call('SET', KEYS[n], mine, 'PX', ARGV[t + 1])
+    return true
+  end
+  if held and string.sub(held, 1, 1) ~= '~' then
+    if waiter and string.sub(held, -1) ~= '!' then
+      redis.call('SET', KEYS[n], held .. '!', 'KEEPTTL')
+    end
+    return false
+  end
+  if held == '~' .. ARGV[t] then return false end
+  redis.call('SET', KEYS[n], mine, 'PX', ARGV[t + 1])
   return true
 end
 """
+)
 
-# Take the turn lock (KEYS[8]) and read the window in one step, so a locked turn costs no
-# round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms. Returns {-5} when
-# another turn holds the lock (nothing read), else what LOAD returns, the lock now held
-# (also on a miss or damage: the caller warms or reports, then releases).
+# Take the turn lock (KEYS[8], its wake list KEYS[9]) and read the window in one step, so a
+# locked turn costs no round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms,
+# 10 '1' once this turn has waited for the lock (else '0'). Returns {-5} when another turn
+# holds the lock (nothing read; the lock is marked so its release wakes a waiter), else what
+# LOAD returns, the lock now held (also on a miss or damage: the caller warms or reports,
+# then releases).
 LOCK_LOAD = _script(
     "",
     _SESSION + _READ_WINDOW + _TAKE_LOCK,
     """
-if not take_lock(8, 8) then return {-5} end
+if not take_lock(8, 8, ARGV[10]) then return {-5} end
 return read_window()
 """,
 )
@@ -233,9 +277,9 @@ TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. ARGV: 6 lease margin ms, 7 flush delay ms, 8 backlog bound per bucket, 9 first
 # message id, 10 turn lock token ('' none), 11 lock lease ms, 12.. items. With a token,
-# KEYS[8] is the turn lock, released (if still ours) once the messages are stored: the
-# turn's commit and unlock are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} |
-# {-4}.
+# KEYS[8] is the turn lock, released (if still ours) once the messages are stored, and
+# KEYS[9] its wake list (see _HANDOFF): the turn's commit and unlock are one step.
+# Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
 #
 # The common case (a hot session, its lock still ours, already dirty) costs HMGET, GETDEL,
 # INCRBY, RPUSH, HSET and ZADD: a lock still held by this token proves the commit was not
@@ -244,7 +288,7 @@ TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 # dirty sets and has no TTL (3.2). Uncommon paths undo what they did before returning.
 APPEND = _script(
     "",
-    _SESSION,
+    _SESSION + _HANDOFF,
     """
 local k = #ARGV - 11
 local token = ARGV[10]
@@ -260,19 +304,22 @@ if m == nil then
   if wb then return {-1} end
   m = create()
 end
-local was_dirty = is_dirty(m)
+-- Already dirty (so in the dirty sets and without TTL): messages beyond ``flushed``, or a
+-- generation Postgres lacks. Not a copy with ``flushed > seq`` (see ACK): it gets its marks.
+local was_dirty = wb and (tonumber(m[1]) > num(m[2], 0) or m[3] ~= m[4])
 -- The lock: ours (taken by GETDEL, put back if this call ends without storing), or another
 -- token's or a tombstone (put back at once), or nobody's.
 local mine = false
+local lock
 local function relock()
-  if mine then redis.call('SET', KEYS[8], token, 'PX', ARGV[11]) end
+  if mine then redis.call('SET', KEYS[8], lock, 'PX', ARGV[11]) end
 end
 if token ~= '' then
-  local held = redis.call('GETDEL', KEYS[8])
-  if held == token then
+  lock = redis.call('GETDEL', KEYS[8])
+  if holder(lock) == token then
     mine = true
-  elseif held then
-    redis.call('SET', KEYS[8], held, 'PX', ARGV[11])
+  elseif lock then
+    redis.call('SET', KEYS[8], lock, 'PX', ARGV[11])
   end
 end
 if not mine then
@@ -348,6 +395,8 @@ if wb then
 else
   set_ttl(clean_ttl(m))
 end
+-- Turns wait for the lock: hand it on.
+if mine then wake(lock, KEYS[8], KEYS[9], ARGV[11]) end
 return {seq}
 """,
 )
@@ -570,7 +619,7 @@ return items
 # recorded (ARGV[8], 0: unchanged). A late ack (lease expired, another flusher went further)
 # only ever raises ``flushed``; an ack for an older generation changes nothing; a copy in
 # conflict stays one. Returns 1 clean, 2 still dirty (due now), 3 in conflict, -1 stale
-# generation, 0 session gone.
+# generation, 0 session gone (or dropped: the copy is behind Postgres).
 ACK = _script(
     "allow-oom",
     _SESSION,
@@ -582,6 +631,13 @@ if not m[1] then
   return 0
 end
 if tonumber(m[3]) ~= tonumber(ARGV[6]) then return -1 end
+if tonumber(ARGV[7]) > tonumber(m[1]) then
+  -- Postgres holds more of this generation than the copy: the copy lost writes (a failover
+  -- to a replica that had not received them). Drop it, so the next use warms it again,
+  -- rather than let new appends reuse seqs Postgres already holds.
+  drop(m, is_dirty(m))
+  return 0
+end
 local old = tonumber(m[2])
 local flushed = math.max(old, tonumber(ARGV[7]))
 -- One HSET for every field that changes.
@@ -686,35 +742,43 @@ return out
 # Lease-based lock: KEYS[1] = lock key. ARGV: 1 token, 2 lease ms.
 RENEW_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if holder(redis.call('GET', KEYS[1])) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """,
 )
 
+# KEYS[1] = lock, KEYS[2] (a turn lock's) = its wake list. ARGV: 1 token, 2 lease ms.
 RELEASE_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local held = redis.call('GET', KEYS[1])
+if holder(held) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if KEYS[2] then wake(held, KEYS[1], KEYS[2], ARGV[2]) end
+  return 1
+end
 return 0
 """,
 )
 
 # Give up an attempt at a lock whose outcome is unknown (cancelled, reply lost): KEYS[1] =
-# lock, ARGV: 1 token, 2 ms. Unless another token holds the lock, leave the tombstone
-# '~token' for ARGV[2] ms: whether the attempt already ran (the lock is freed) or is still
-# on its way (it will find the tombstone and fail), the lock ends up free. Returns 1 or 0.
+# lock (KEYS[2] as RELEASE_LOCK), ARGV: 1 token, 2 ms. Unless another token holds the lock,
+# leave the tombstone '~token' for ARGV[2] ms: whether the attempt already ran (the lock is
+# freed) or is still on its way (it will find the tombstone and fail), the lock ends up
+# free. Returns 1 or 0.
 ABANDON_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
 local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
+if held and holder(held) ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
 redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+if KEYS[2] then wake(held, nil, KEYS[2], ARGV[2]) end
 return 1
 """,
 )

@@ -249,7 +249,7 @@ class Sessions:
         ]
         names = keys.layout
         if unlock:
-            names.append(keys.turn_lock)
+            names += (keys.turn_lock, keys.wake)
         # Idempotent: the first message id makes a replayed append return the original seq.
         reply = await self._redis.call(
             "append", lambda c: c.append(keys=names, args=args), idempotent=True

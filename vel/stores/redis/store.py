@@ -353,13 +353,17 @@ class RedisStore:
     async def renew_lock(self, key: str, token: str, lease: float) -> bool:
         return await self._locks.renew_lock(key, token, lease)
 
-    async def release_lock(self, key: str, token: str) -> None:
-        await self._locks.release_lock(key, token)
+    async def release_lock(self, key: str, token: str, wake: str | None = None) -> None:
+        """Release lock ``key`` if ``token`` holds it (``wake``: a turn lock's wake list,
+        ``SessionKeys.wake``, which then wakes a turn waiting for it)."""
+        await self._locks.release_lock(key, token, wake)
 
-    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+    async def abandon_lock(
+        self, key: str, token: str, lease: float, wake: str | None = None
+    ) -> None:
         """Give up an attempt at lock ``key`` whose outcome is unknown (cancelled, its reply
         lost): the lock is free afterwards even if the attempt reaches Redis later."""
-        await self._locks.abandon_lock(key, token, lease)
+        await self._locks.abandon_lock(key, token, lease, wake)
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None
