@@ -66,13 +66,13 @@ _RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
 _LOAD = """
 SELECT m.message::text FROM vel_messages m
  WHERE m.session_id = $1
-   AND EXISTS (SELECT 1 FROM vel_sessions s WHERE s.id = $1 AND s.last_seq > 0
+   AND EXISTS (SELECT 1 FROM vel_session_rows s WHERE s.id = $1 AND s.last_seq > 0
                 AND (s.expires_at IS NULL OR s.expires_at > now()))
  ORDER BY m.seq DESC LIMIT $2::bigint
 """
 _APPEND_CTES = """
 sess AS (
-    INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
+    INSERT INTO vel_session_rows AS s (id, last_seq, expires_at)
     VALUES ($1, cardinality($2::text[]), now() + $4::float8 * interval '1 second')
     ON CONFLICT (id) DO UPDATE
        SET last_seq = s.last_seq + EXCLUDED.last_seq, updated_at = now(),

@@ -50,7 +50,9 @@ async def seed(dsn: str, schema: str, sids: list[str], n: int) -> None:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
         for sid in sids:
-            await conn.execute("INSERT INTO vel_sessions (id, last_seq) VALUES ($1, $2)", sid, n)
+            await conn.execute(
+                "INSERT INTO vel_session_rows (id, last_seq) VALUES ($1, $2)", sid, n
+            )
             await conn.execute(SEED, sid, n)
         await conn.execute("ANALYZE vel_messages")
     finally:

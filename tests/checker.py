@@ -95,7 +95,8 @@ async def postgres_session(dsn: str, schema: str, session_id: str) -> dict[str, 
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         record = await conn.fetchrow(
-            f'SELECT last_seq, generation FROM "{schema}".vel_sessions WHERE id = $1', session_id
+            f'SELECT last_seq, generation FROM "{schema}".vel_session_rows WHERE id = $1',
+            session_id,
         )
     finally:
         await conn.close()

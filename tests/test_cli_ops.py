@@ -368,7 +368,7 @@ async def test_json_logs_carry_the_session_id(ops: Env) -> None:
     # Redis and Postgres disagree about seq 1 (a 'database' write after the tier lease ran
     # out with no flush): the flusher sets the session aside and says so.
     await ops.store.append("split-brain", msgs("in redis"))
-    await ops.pg("UPDATE vel_sessions SET hot_until = now() - interval '1 s'")
+    await ops.pg("UPDATE vel_session_rows SET hot_until = now() - interval '1 s'")
     await ops.store.cold.append("split-brain", msgs("in postgres"))
     proc = await start_flusher(
         ops, "--log-format", "json", "flusher", "--health-interval", "0", "--drain-timeout", "0.5"

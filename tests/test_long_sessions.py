@@ -201,7 +201,7 @@ async def seed_postgres(dsn: str, session_id: str, n: int) -> None:
     try:
         async with conn.transaction():
             await conn.execute(
-                "INSERT INTO vel_sessions (id, last_seq) VALUES ($1, $2)", session_id, n
+                "INSERT INTO vel_session_rows (id, last_seq) VALUES ($1, $2)", session_id, n
             )
             await conn.execute(
                 "INSERT INTO vel_messages (session_id, seq, message_id, message)"

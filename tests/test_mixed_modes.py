@@ -185,7 +185,7 @@ async def lapse_tier_lease(dsn: str, session_id: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "UPDATE vel_sessions SET hot_until = now() - interval '1 second' WHERE id = $1",
+            "UPDATE vel_session_rows SET hot_until = now() - interval '1 second' WHERE id = $1",
             session_id,
         )
     finally:

@@ -285,7 +285,7 @@ class TwoTierMachine(RuleBasedStateMachine):
     def _leased(self, sid: str) -> bool:
         rows = self._postgres(
             "SELECT hot_until > now() AND coalesce(expires_at > now(), true) AS leased"
-            " FROM vel_sessions WHERE id = $1",
+            " FROM vel_session_rows WHERE id = $1",
             sid,
         )
         return bool(rows and rows[0]["leased"])
@@ -297,7 +297,7 @@ class TwoTierMachine(RuleBasedStateMachine):
         that Redis holds it, and a clean copy (its TTL capped by the lease) is gone."""
         sid = self.sids[i]
         self._postgres(
-            "UPDATE vel_sessions SET hot_until = now() - interval '1 second' WHERE id = $1", sid
+            "UPDATE vel_session_rows SET hot_until = now() - interval '1 second' WHERE id = $1", sid
         )
         keys = self.store.hot.keys.session(sid)
         past = now_ms() - 1000
@@ -380,7 +380,8 @@ class TwoTierMachine(RuleBasedStateMachine):
         either held (dirty, clean or in conflict), and starts afresh at its next write."""
         sid = self.sids[i]
         self._postgres(
-            "UPDATE vel_sessions SET expires_at = now() - interval '1 second' WHERE id = $1", sid
+            "UPDATE vel_session_rows SET expires_at = now() - interval '1 second' WHERE id = $1",
+            sid,
         )
         keys = self.store.hot.keys.session(sid)
         past = now_ms() - 1000

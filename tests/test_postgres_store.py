@@ -101,7 +101,7 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
             (c["column_name"], c["data_type"], c["is_nullable"])
         )
     tz = "timestamp with time zone"
-    assert shape["vel_sessions"] == [
+    assert shape["vel_session_rows"] == [
         ("id", "text", "NO"),
         ("created_at", tz, "NO"),
         ("updated_at", tz, "NO"),
@@ -111,6 +111,7 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("metadata", "jsonb", "NO"),
         ("hot_until", tz, "YES"),
         ("revision", "bigint", "NO"),
+        ("owner", "text", "YES"),
     ]
     assert shape["vel_messages"] == [
         ("session_id", "text", "NO"),
@@ -127,6 +128,14 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         "expires_at",
     ]
     assert shape["vel_session_contexts"][1][1] == "jsonb"
+    # The spec's table, as documented (a view over vel_session_rows and vel_messages; 0006).
+    assert shape["vel_sessions"][:5] == [
+        ("id", "text", "YES"),
+        ("context", "jsonb", "YES"),
+        ("created_at", tz, "YES"),
+        ("updated_at", tz, "YES"),
+        ("expires_at", tz, "YES"),
+    ]
     assert [c[0] for c in shape["vel_locks"]] == ["session_id", "token", "expires_at"]
     assert [c[0] for c in shape["vel_schema_version"]] == ["version", "applied_at"]
 
@@ -142,8 +151,9 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
     assert "(session_id, seq)" in indexes["vel_messages_pkey"]
     assert "UNIQUE" in indexes["vel_messages_message_id_key"]
     assert "(session_id, message_id)" in indexes["vel_messages_message_id_key"]
-    assert any("vel_sessions" in d and "(updated_at)" in d for d in indexes.values())
-    assert any("vel_sessions" in d and "(expires_at)" in d for d in indexes.values())
+    assert any("vel_session_rows" in d and "(updated_at, id)" in d for d in indexes.values())
+    assert any("vel_session_rows" in d and "(owner, updated_at, id)" in d for d in indexes.values())
+    assert any("vel_session_rows" in d and "(expires_at)" in d for d in indexes.values())
     fk = await sql(
         pg_dsn,
         pg_schema,
@@ -205,7 +215,7 @@ async def test_upgrade_to_the_tier_lease_keeps_the_sessions_it_holds(
         await PostgresStore(pg_dsn, schema=pg_schema).open()
     assert await migrate(pg_dsn, pg_schema) == latest_version()
     rows = await sql(
-        pg_dsn, pg_schema, "SELECT id, hot_until, revision FROM vel_sessions ORDER BY id"
+        pg_dsn, pg_schema, "SELECT id, hot_until, revision FROM vel_session_rows ORDER BY id"
     )
     assert [(r["id"], r["hot_until"], r["revision"]) for r in rows] == [
         ("gone", None, 0),
@@ -361,8 +371,8 @@ async def test_list_sessions_oldest_first_with_inactivity_filter(
     await sql(
         pg_dsn,
         migrated_schema,
-        "UPDATE vel_sessions SET updated_at = now() - make_interval(hours => h)"
-        " FROM (VALUES ($1, 5), ($2, 2)) AS v (id, h) WHERE vel_sessions.id = v.id",
+        "UPDATE vel_session_rows SET updated_at = now() - make_interval(hours => h)"
+        " FROM (VALUES ($1, 5), ($2, 2)) AS v (id, h) WHERE vel_session_rows.id = v.id",
         old,
         mid,
     )
@@ -385,13 +395,13 @@ async def test_expired_sessions_are_invisible_restart_and_get_purged(
     await sql(
         pg_dsn,
         migrated_schema,
-        "UPDATE vel_sessions SET expires_at = now() - interval '1 second' WHERE id = ANY($1)",
+        "UPDATE vel_session_rows SET expires_at = now() - interval '1 second' WHERE id = ANY($1)",
         [gone, restarted],
     )
     await sql(
         pg_dsn,
         migrated_schema,
-        "UPDATE vel_sessions SET updated_at = now() - interval '2 hours' WHERE id = $1",
+        "UPDATE vel_session_rows SET updated_at = now() - interval '2 hours' WHERE id = $1",
         cleared,
     )
     assert await store.load(gone) == []
@@ -403,7 +413,7 @@ async def test_expired_sessions_are_invisible_restart_and_get_purged(
     assert await store.load(restarted) == [msg(7)]
 
     assert await store.purge_expired() == 1
-    remaining = await sql(pg_dsn, migrated_schema, "SELECT id FROM vel_sessions ORDER BY id")
+    remaining = await sql(pg_dsn, migrated_schema, "SELECT id FROM vel_session_rows ORDER BY id")
     assert sorted(r["id"] for r in remaining) == sorted([kept, restarted])
     orphans = await sql(
         pg_dsn,
@@ -735,7 +745,7 @@ async def test_a_stuck_statement_times_out_and_its_connection_is_not_reused(
         async with connect(pg_dsn, migrated_schema) as blocker:
             tx = blocker.transaction()
             await tx.start()
-            await blocker.execute("SELECT 1 FROM vel_sessions WHERE id = $1 FOR UPDATE", s)
+            await blocker.execute("SELECT 1 FROM vel_session_rows WHERE id = $1 FOR UPDATE", s)
             before = await store._db.run("pid", lambda c: c.fetchval("SELECT pg_backend_pid()"))
             started = time.monotonic()
             with pytest.raises(StoreTimeoutError):

@@ -143,3 +143,25 @@ def test_classifiers_cover_the_supported_pythons_and_typing() -> None:
     assert "Typing :: Typed" in classifiers
     assert project["requires-python"] == ">=3.11"
     assert (ROOT / "vel" / "py.typed").exists()
+
+
+def test_the_test_command_runs_the_lifecycle_tests_on_three_pythons() -> None:
+    """The whole suite on Python 3.11; the contract, spec-snippet and lifecycle tests also on
+    3.12 and 3.13 (asyncio's cancellation differs between them)."""
+    script = (ROOT / "scripts" / "test").read_text()
+    found = re.search(r"^OTHER_PYTHONS_TESTS=\(\n(.*?)\n\)", script, re.M | re.S)
+    assert found is not None
+    listed = found.group(1).split()
+    for path in listed:
+        assert (ROOT / path).is_file(), path
+    assert {
+        "tests/test_store_contract.py",
+        "tests/test_spec_snippets.py",
+        "tests/test_turn_lifecycle.py",
+        "tests/test_lost_cancellation.py",
+        "tests/test_fork.py",
+    } <= set(listed)
+    for venv in (".venv312", ".venv313"):
+        assert venv in script
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "--all-pythons" in setup and "--all-pythons" in script

@@ -12,7 +12,7 @@ free when ``run()`` has returned or raised.
 The backends sit behind :class:`FaultProxy` with a few milliseconds of latency, so that the
 commit (one round trip in 'redis' mode, an append and a release in 'database' mode) is a fair
 share of the turn and random instants land in it. Sizes are reduced in the default suite;
-``scripts/lifecycle`` runs them at full size (500 cancellations per mode). This module runs on
+``scripts/turn-lifecycle`` runs them at full size (500 cancellations per mode). This module runs on
 Python 3.11, 3.12 and 3.13 (``scripts/test``).
 """
 

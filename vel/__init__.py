@@ -25,7 +25,9 @@ from vel.errors import (
 )
 from vel.outcome import TurnReceipt, turn_committed
 from vel.stores.base import SessionInfo, SessionStore
+from vel.stores.listing import HistoryPage, SessionCatalog, SessionDetails, SessionPage
 from vel.stores.memory import MemoryStore
+from vel.summaries import Summary, SummaryPolicy
 from vel.tools import Tool
 
 __all__ = [
@@ -34,17 +36,23 @@ __all__ = [
     "BackpressureError",
     "ConfigurationError",
     "ContextManager",
+    "HistoryPage",
     "InvalidInputError",
     "MemoryStore",
     "ProviderError",
+    "SessionCatalog",
+    "SessionDetails",
     "SessionInfo",
     "SessionLockedError",
+    "SessionPage",
     "SessionStore",
     "StatelessContextManager",
     "StoreError",
     "StoreFullError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "Summary",
+    "SummaryPolicy",
     "TierLeaseError",
     "Tool",
     "ToolError",

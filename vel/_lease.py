@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+from vel._shield import CancelWatch
 from vel.errors import VelError
 from vel.logs import get_logger
 
@@ -38,6 +39,9 @@ class LeaseKeeper:
         self._task = asyncio.create_task(self._run(), name=f"vel-lease {what}")
 
     async def _run(self) -> None:
+        # A cancellation (its loop shutting down) ends the keeper even when a driver
+        # swallowed it (Python 3.11's wait_for) or turned it into an error.
+        watch = CancelWatch()
         while True:
             try:
                 async with asyncio.timeout(self._interval):
@@ -46,11 +50,15 @@ class LeaseKeeper:
             except TimeoutError:
                 pass
             try:
-                if not await self._renew():
-                    log.warning("%s was lost (its lease ran out)", self._what, extra=self._extra)
-                    return
+                renewed = await self._renew()
             except VelError as exc:
+                watch.check()
                 log.warning("could not renew %s: %s", self._what, exc, extra=self._extra)
+                continue
+            watch.check()
+            if not renewed:
+                log.warning("%s was lost (its lease ran out)", self._what, extra=self._extra)
+                return
 
     async def stop(self) -> None:
         self._stopped.set()

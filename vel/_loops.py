@@ -3,7 +3,7 @@
 asyncpg pools and redis.asyncio connections only work on the loop that made them. Agents are
 often built once and driven from several loops (``asyncio.run`` called twice, or the plain
 ``agent.ctxmgr.*`` calls, which run on vel's helper thread), so each loop gets its own
-resource, created on first use.
+resource, created on first use. A forked child forgets the parent's (see vel._fork).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from vel._sync import blocked_in_run_sync
+from vel import _fork
+from vel._sync import blocked_in_run_sync, helper_loop
 from vel.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -35,6 +36,14 @@ class PerLoop(Generic[T]):
         self._creating: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # Even the loop that forked (still usable in the child) must not reuse them: their
+        # connections are the parent's.
+        _fork.keep(*self._items.items())
+        self._items = weakref.WeakKeyDictionary()
+        self._creating = weakref.WeakKeyDictionary()
 
     def current(self) -> T | None:
         return self._items.get(asyncio.get_running_loop())
@@ -53,14 +62,41 @@ class PerLoop(Generic[T]):
             return item
 
     async def aclose(self) -> None:
-        """Close this loop's resource; forget those of loops that are gone or closed."""
+        """Close this loop's resource and the helper loop's (the plain calls' one); forget
+        those of loops that are gone or closed."""
         loop = asyncio.get_running_loop()
         item = self._items.pop(loop, None)
         for other in list(self._items):
             if other.is_closed():
                 self._items.pop(other, None)
-        if item is not None:
-            await self._closer(item)
+        try:
+            if item is not None:
+                await self._closer(item)
+        finally:
+            await self._close_on_helper(loop)
+
+    async def _close_on_helper(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the helper loop's resource there: the plain calls opened it, and closing
+        the Agent closes it too (it would stay open until the process exits otherwise)."""
+        helper = helper_loop()
+        if helper is None or helper is loop:
+            return
+        item = self._items.pop(helper, None)
+        if item is None:
+            return
+        closing = asyncio.run_coroutine_threadsafe(_closed(self._closer, item), helper)
+        # Bounded: the closers bound their own work, but a helper loop stuck in a plain
+        # call must not hang this close.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.wrap_future(closing), _HELPER_CLOSE_WAIT)
+
+
+# Seconds a close waits for the helper loop to close its resources.
+_HELPER_CLOSE_WAIT = 10.0
+
+
+async def _closed(closer: Callable[[T], Awaitable[None]], item: T) -> None:
+    await closer(item)
 
 
 class CallerOwned:
@@ -85,6 +121,8 @@ class CallerOwned:
         self._fix = fix
         self._loop = loop
         self._thread: int | None = None
+        self._forked = False
+        _fork.forget_in_child(self)
         if loop is None:
             with contextlib.suppress(RuntimeError):
                 self._loop = asyncio.get_running_loop()
@@ -99,8 +137,32 @@ class CallerOwned:
     def loop(self) -> asyncio.AbstractEventLoop | None:
         return self._loop
 
+    def _forget_after_fork(self) -> None:
+        self._forked = True
+
+    def check_process(self) -> None:
+        """Refuse the resource in a process forked after it was made: its connections are
+        the parent's (redis-py and asyncpg cannot hand them over), and vel cannot make the
+        caller's resource anew.
+
+        Raises:
+            ConfigurationError: this is a forked child.
+        """
+        if self._forked:
+            raise ConfigurationError(
+                f"{self._what} was made in the parent of this forked process: its "
+                "connections are the parent's, and a child must not use them. Make the "
+                "client or pool in the child (for example in gunicorn's post_fork hook, or "
+                f"with multiprocessing's 'spawn' start method), or {self._fix}"
+            )
+
     def is_home(self) -> bool:
-        """Whether the running loop owns the resource (binding it on first use)."""
+        """Whether the running loop owns the resource (binding it on first use).
+
+        Raises:
+            ConfigurationError: a forked child (see :meth:`check_process`).
+        """
+        self.check_process()
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop

@@ -21,6 +21,8 @@ import threading
 from collections import OrderedDict
 from urllib.parse import parse_qsl, quote, unquote
 
+from vel import _fork
+
 __all__ = [
     "MASK",
     "RedactingFilter",
@@ -50,6 +52,14 @@ _PIECE_SPLIT = re.compile(r"[^A-Za-z0-9]+")
 _MAX_REMEMBERED = 256
 
 _lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+_fork.at_fork_in_child(_renew_lock)
 _remembered: OrderedDict[str, None] = OrderedDict()
 
 

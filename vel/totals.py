@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from vel import _fork
 from vel.errors import StoreError
 from vel.logs import get_logger
 
@@ -45,6 +46,13 @@ class Totals:
         self._sent: dict[str, float] = {}
         self._last = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # What the counters hold so far is the parent's to report: a child reporting it too
+        # would count it twice. A report in flight belongs to the parent's loop.
+        self._sent = {name: value for source in self.sources for name, value in source.items()}
+        self._task = None
 
     def _deltas(self) -> dict[str, float]:
         deltas: dict[str, float] = {}

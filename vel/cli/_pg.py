@@ -51,17 +51,18 @@ async def connection(
 LIVE = "last_seq > 0 AND (expires_at IS NULL OR expires_at > now())"
 
 EXPORT = f"""
-SELECT s.id, s.created_at, s.updated_at, s.expires_at, s.metadata::text AS metadata,
+SELECT s.id, s.created_at, s.updated_at, s.expires_at, s.owner, s.metadata::text AS metadata,
        (SELECT json_agg(json_build_array(m.message_id, m.message) ORDER BY m.seq)::text
           FROM vel_messages m WHERE m.session_id = s.id) AS messages
-  FROM vel_sessions s
+  FROM vel_session_rows s
  WHERE {LIVE} AND ($1::text[] IS NULL OR s.id = ANY($1::text[]))
  ORDER BY s.id
 """
 
-RECENT = f"SELECT id FROM vel_sessions WHERE {LIVE} ORDER BY updated_at DESC LIMIT $1"
-ALL_PAGE = f"SELECT id FROM vel_sessions WHERE {LIVE} AND id > $1 ORDER BY id LIMIT $2"
+RECENT = f"SELECT id FROM vel_session_rows WHERE {LIVE} ORDER BY updated_at DESC LIMIT $1"
+ALL_PAGE = f"SELECT id FROM vel_session_rows WHERE {LIVE} AND id > $1 ORDER BY id LIMIT $2"
 FIX_IMPORTED = """
-UPDATE vel_sessions SET metadata = $2::jsonb, created_at = LEAST(created_at, $3)
+UPDATE vel_session_rows
+   SET metadata = $2::jsonb, created_at = LEAST(created_at, $3), owner = coalesce($4, owner)
  WHERE id = $1
 """

@@ -242,7 +242,7 @@ async def _check_clock_and_backlog(
 
 
 _TABLES = {
-    "vel_sessions": "SELECT, INSERT, UPDATE, DELETE",
+    "vel_session_rows": "SELECT, INSERT, UPDATE, DELETE",
     "vel_messages": "SELECT, INSERT, UPDATE, DELETE",
     "vel_locks": "SELECT, INSERT, UPDATE, DELETE",
     "vel_schema_version": "SELECT",

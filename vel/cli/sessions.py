@@ -1,9 +1,11 @@
-"""``vel sessions list|show|export|import|delete|purge|conflicts|resolve|release``.
+"""``vel sessions export|import|delete|purge``, and the registration of every ``vel sessions``
+command (``list`` and ``show`` are in :mod:`.sessions_list`, the two tiers' ``conflicts``,
+``resolve`` and ``release`` in :mod:`.sessions_tiers`).
 
 Export writes JSON Lines, one session per line::
 
     {"id": "...", "created_at": "...", "updated_at": "...", "expires_at": null,
-     "metadata": {}, "messages": [{"role": "user", "content": "hi"}, ...],
+     "owner": null, "metadata": {}, "messages": [{"role": "user", "content": "hi"}, ...],
      "message_ids": ["...", ...]}
 
 Import reads the same, sessions of any length. Its conflict rule: a session that already has
@@ -13,11 +15,6 @@ line is checked (JSON, ids, every message) before anything is written, and with 
 database`` the whole file is written in one transaction. Each session's history is written as
 one replace with its exported message ids, so readers see it whole, and an import that was
 interrupted (redis mode) can simply be run again.
-
-``conflicts``, ``resolve`` and ``release`` serve the two-tier store's rules for mixed modes
-(DESIGN.md 3.8): list the sessions whose flush Postgres could not apply, resolve one by
-keeping Postgres' history, both, or the Redis copy, and hand a session back to 'database'
-mode writers.
 """
 
 from __future__ import annotations
@@ -25,10 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from vel.bounds import AGE, COUNT, WAIT, cli
+from vel.bounds import WAIT, cli
+from vel.cli import sessions_list, sessions_tiers
 from vel.cli._common import (
     Backends,
     add_command,
@@ -41,85 +39,10 @@ from vel.cli._common import (
     read_input,
     settings_from,
 )
-from vel.errors import InvalidInputError, StoreError
+from vel.cli.sessions_list import flush_first, iso
+from vel.errors import InvalidInputError
 from vel.messages import check_message_ids, encode_messages, validate_session_id
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
-
-
-async def _flush_first(b: Backends, timeout: float) -> None:
-    """In redis mode, write what Redis still holds so Postgres (which is read) is complete."""
-    if b.tiered is None:
-        return
-    if not await b.tiered.flush(timeout):
-        unflushed = (await b.tiered.hot.backlog())[0]
-        raise StoreError(
-            f"{unflushed} messages could not be flushed to Postgres within {timeout} s "
-            "(is a flusher failing? see `vel doctor`); pass --no-flush to use what Postgres has"
-        )
-
-
-# -- list / show --------------------------------------------------------------------------------
-
-
-async def cmd_list(args: argparse.Namespace) -> int:
-    async with open_backends(args) as b:
-        infos = await b.store.list_sessions(inactive_for=args.older_than, limit=args.limit)
-    if args.json:
-        for info in infos:
-            print(
-                json.dumps(
-                    {
-                        "id": info.session_id,
-                        "messages": info.message_count,
-                        "created_at": _iso(info.created_at),
-                        "updated_at": _iso(info.updated_at),
-                        "expires_at": _iso(info.expires_at),
-                    }
-                )
-            )
-        return 0
-    print(f"{'SESSION':40} {'MESSAGES':>8}  {'UPDATED (UTC)':19}  EXPIRES (UTC)")
-    for info in infos:
-        expires = "never" if info.expires_at is None else f"{info.expires_at:%Y-%m-%d %H:%M:%S}"
-        print(
-            f"{info.session_id:40} {info.message_count:>8}  "
-            f"{info.updated_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}  {expires}"
-        )
-    print(f"({len(infos)} sessions, least recently updated first)", file=sys.stderr)
-    return 0
-
-
-def _text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        text = content
-    elif content is None:
-        text = ""
-    else:
-        text = json.dumps(content)
-    for call in message.get("tool_calls") or []:
-        fn = call.get("function", {})
-        text += f" [calls {fn.get('name')}({fn.get('arguments')})]"
-    return text
-
-
-async def cmd_show(args: argparse.Namespace) -> int:
-    session_id = validate_session_id(args.session_id)
-    async with open_backends(args) as b:
-        messages = await b.store.load(session_id)
-    if not messages:
-        raise InvalidInputError(f"session {session_id!r} has no messages (unknown or expired)")
-    if args.json:
-        print(json.dumps(messages, indent=2))
-    else:
-        for i, message in enumerate(messages, 1):
-            kind = message.get("role") or message.get("type") or "?"
-            print(f"{i:4} {kind:9} {_text(dict(message))}")
-    return 0
-
+from vel.stores.listing import check_owner
 
 # -- export / import ----------------------------------------------------------------------------
 
@@ -133,7 +56,7 @@ async def cmd_export(args: argparse.Namespace) -> int:
     try:
         if not args.no_flush:
             async with open_backends(args) as b:
-                await _flush_first(b, args.flush_timeout)
+                await flush_first(b, args.flush_timeout)
                 conflicts = await b.hot.conflict_count() if b.hot is not None else 0
             if conflicts:
                 print(
@@ -151,9 +74,10 @@ async def cmd_export(args: argparse.Namespace) -> int:
                 pairs = json.loads(row["messages"] or "[]")
                 entry = {
                     "id": row["id"],
-                    "created_at": _iso(row["created_at"]),
-                    "updated_at": _iso(row["updated_at"]),
-                    "expires_at": _iso(row["expires_at"]),
+                    "created_at": iso(row["created_at"]),
+                    "updated_at": iso(row["updated_at"]),
+                    "expires_at": iso(row["expires_at"]),
+                    "owner": row["owner"],
                     "metadata": json.loads(row["metadata"]),
                     "messages": [message for _, message in pairs],
                     "message_ids": [mid for mid, _ in pairs],
@@ -195,6 +119,11 @@ def _parse(line: str, number: int) -> dict[str, Any]:
         raise InvalidInputError(f"line {number}: {exc}") from None
     if not isinstance(entry.get("metadata", {}), dict):
         raise InvalidInputError(f"line {number}: 'metadata' must be an object")
+    if entry.get("owner") is not None:
+        try:
+            check_owner(entry["owner"])
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"line {number}: {exc}") from None
     created = entry.get("created_at")
     if created is not None:
         try:
@@ -244,6 +173,7 @@ async def cmd_import(args: argparse.Namespace) -> int:
                         e["message_ids"],
                         json.dumps(e["metadata"]) if e.get("metadata") else None,
                         e.get("created_at"),
+                        e.get("owner"),
                     )
                     for e in entries
                 ],
@@ -266,14 +196,20 @@ async def cmd_import(args: argparse.Namespace) -> int:
                 replaced += exists
                 imported += not exists
                 messages += len(entry["messages"])
-            await _flush_first(b, args.flush_timeout)
+            await flush_first(b, args.flush_timeout)
             async with connection(need_dsn(b.settings), b.placement) as conn:
                 await conn.executemany(
                     FIX_IMPORTED,
                     [
-                        (e["id"], json.dumps(e.get("metadata") or {}), e.get("created_at"))
+                        (
+                            e["id"],
+                            json.dumps(e.get("metadata") or {}),
+                            e.get("created_at"),
+                            e.get("owner"),
+                        )
                         for e in entries
-                        if e["messages"] and (e.get("metadata") or e.get("created_at"))
+                        if e["messages"]
+                        and (e.get("metadata") or e.get("created_at") or e.get("owner"))
                     ],
                 )
     print(
@@ -287,6 +223,17 @@ async def cmd_import(args: argparse.Namespace) -> int:
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
+    if bool(args.session_ids) == (args.owner is not None):
+        raise InvalidInputError("give session ids or --owner, not both")
+    if args.owner is not None:
+        from vel.catalog_ops import catalog_of
+
+        owner = check_owner(args.owner)
+        async with open_backends(args) as b:
+            count = await catalog_of(b.store).delete_owner(owner)
+            await flush_first(b, args.flush_timeout)
+        print(f"deleted {count} sessions of owner {owner}")
+        return 0
     ids = [validate_session_id(s) for s in args.session_ids]
     deleted, missing = [], []
     async with open_backends(args) as b:
@@ -296,7 +243,7 @@ async def cmd_delete(args: argparse.Namespace) -> int:
                 deleted.append(sid)
             else:
                 missing.append(sid)
-        await _flush_first(b, args.flush_timeout)
+        await flush_first(b, args.flush_timeout)
     print(f"deleted {len(deleted)} sessions")
     if missing:
         print(f"not found: {', '.join(missing)}", file=sys.stderr)
@@ -312,90 +259,6 @@ async def cmd_purge(args: argparse.Namespace) -> int:
             purged, dropped = await b.cold.purge_expired(), 0
     where = f", {dropped} Redis copies" if b.tiered is not None else ""
     print(f"purged {purged} expired sessions from Postgres{where}")
-    return 0
-
-
-# -- mixed modes: conflicts, resolve, release -------------------------------------------------
-
-
-async def cmd_conflicts(args: argparse.Namespace) -> int:
-    args.storage = "redis"
-    async with open_backends(args) as b:
-        assert b.tiered is not None
-        found = await b.tiered.hot.conflicts(args.limit)
-        postgres = {c.session_id: await b.cold.last_seq(c.session_id) for c in found}
-    rows = []
-    for c in found:
-        held = c.seq - (c.base if c.gen != c.fgen else c.flushed)
-        rows.append(
-            {
-                "id": c.session_id,
-                "reason": c.reason,
-                "since": _iso(datetime.fromtimestamp(c.since_ms / 1000, UTC)),
-                "redis_last_seq": c.seq,
-                "redis_only_messages": held,
-                "redis_holds_whole_history": c.base == 0,
-                "postgres_last_seq": postgres[c.session_id][1],
-            }
-        )
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return 0
-    print(f"{'SESSION':40} {'REASON':9} {'SINCE (UTC)':19}  REDIS-ONLY  POSTGRES SEQ")
-    for row in rows:
-        print(
-            f"{row['id']:40} {row['reason']:9} {str(row['since'])[:19].replace('T', ' '):19}  "
-            f"{row['redis_only_messages']:>10}  {row['postgres_last_seq']:>12}"
-        )
-    print(
-        f"({len(rows)} sessions in conflict; resolve each with "
-        "`vel sessions resolve ID --keep postgres|both|redis`)",
-        file=sys.stderr,
-    )
-    return 0
-
-
-async def cmd_resolve(args: argparse.Namespace) -> int:
-    session_id = validate_session_id(args.session_id)
-    args.storage = "redis"
-    out = open_output(args.save) if args.save else None
-    try:
-        async with open_backends(args) as b:
-            assert b.tiered is not None
-            outcome = await b.tiered.resolve(session_id, args.keep)
-        if out is not None and outcome.discarded:
-            entry = {
-                "id": session_id,
-                "messages": [m for _, m in outcome.discarded],
-                "message_ids": [mid for mid, _ in outcome.discarded],
-            }
-            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    finally:
-        if out is not None:
-            out.close()
-    kept = {"postgres": "Postgres' history", "both": "both", "redis": "the Redis copy"}
-    dropped = (
-        f", {len(outcome.discarded)} Redis-only messages discarded" if outcome.discarded else ""
-    )
-    print(f"resolved {session_id}: kept {kept[args.keep]}, {outcome.last_seq} messages{dropped}")
-    return 0
-
-
-async def cmd_release(args: argparse.Namespace) -> int:
-    ids = [validate_session_id(s) for s in args.session_ids]
-    args.storage = "redis"
-    released: list[str] = []
-    kept: list[str] = []
-    async with open_backends(args) as b:
-        assert b.tiered is not None
-        await _flush_first(b, args.flush_timeout)
-        for sid in ids:
-            (released if await b.tiered.release(sid) else kept).append(sid)
-    print(f"released {len(released)} sessions to 'database' mode")
-    if kept:
-        print(f"not released (unflushed or in conflict): {', '.join(kept)}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -424,23 +287,7 @@ def register(sub: Any) -> None:
                 "--no-flush", action="store_true", help="read Postgres without flushing first"
             )
 
-    p = base("list", "sessions with messages, least recently updated first")
-    p.add_argument(
-        "--limit", type=cli(COUNT, "--limit"), default=100, help="at most this many sessions"
-    )
-    p.add_argument(
-        "--older-than",
-        type=cli(AGE, "--older-than"),
-        metavar="SECONDS",
-        help="only sessions idle this long",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(run=cmd_list)
-
-    p = base("show", "print a session's messages")
-    p.add_argument("session_id", help="the session to print")
-    p.add_argument("--json", action="store_true", help="the messages as one JSON array")
-    p.set_defaults(run=cmd_show)
+    sessions_list.register(base)
 
     p = base("export", "write sessions as JSON Lines (all live sessions, or the given ids)")
     p.add_argument("ids", nargs="*", metavar="ID", help="sessions to export (default: all)")
@@ -459,47 +306,13 @@ def register(sub: Any) -> None:
     flush_flags(p, skip=False)
     p.set_defaults(run=cmd_import)
 
-    p = base("delete", "delete sessions (both tiers)")
-    p.add_argument("session_ids", nargs="+", metavar="ID", help="sessions to delete")
+    p = base("delete", "delete sessions, or every session of an owner (both tiers)")
+    p.add_argument("session_ids", nargs="*", metavar="ID", help="sessions to delete")
+    p.add_argument("--owner", help="delete every session of this owner, and its details")
     flush_flags(p, skip=False)
     p.set_defaults(run=cmd_delete)
 
     p = base("purge", "delete expired sessions from Postgres and their copies from Redis")
     p.set_defaults(run=cmd_purge)
 
-    # The two tiers' own commands: they act on the Redis tier and Postgres together.
-    p = base(
-        "conflicts",
-        "sessions whose flush to Postgres could not be applied (redis mode)",
-        storage=False,
-    )
-    p.add_argument(
-        "--limit", type=cli(COUNT, "--limit"), default=1000, help="at most this many sessions"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.set_defaults(run=cmd_conflicts)
-
-    p = base(
-        "resolve",
-        "resolve a flush conflict: keep Postgres' history, both, or the Redis copy",
-        storage=False,
-    )
-    p.add_argument("session_id", help="the session in conflict")
-    p.add_argument(
-        "--keep",
-        required=True,
-        choices=("postgres", "both", "redis"),
-        help="postgres: Postgres' history (Redis-only messages discarded); both: Postgres' "
-        "history, then the Redis-only messages; redis: the Redis copy, whole",
-    )
-    p.add_argument("--save", metavar="FILE", help="write discarded messages here (JSON Lines)")
-    p.set_defaults(run=cmd_resolve)
-
-    p = base(
-        "release",
-        "hand sessions from the Redis tier back to 'database'-mode writers",
-        storage=False,
-    )
-    p.add_argument("session_ids", nargs="+", metavar="ID", help="sessions to release")
-    flush_flags(p, skip=False)
-    p.set_defaults(run=cmd_release)
+    sessions_tiers.register(base, flush_flags)

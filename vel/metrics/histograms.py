@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 
+from vel import _fork
+
 __all__ = [
     "APPEND",
     "BUCKETS",
@@ -94,3 +96,11 @@ LOCK_WAIT = Histogram(
     "lock_wait_seconds", "Time turns waited for their session's turn lock (0 when free)."
 )
 HISTOGRAMS: tuple[Histogram, ...] = (TURN, LOAD, APPEND, FLUSH, WARM, LOCK_WAIT)
+
+
+def _renew_locks() -> None:
+    for histogram in HISTOGRAMS:
+        histogram._lock = threading.Lock()  # another thread of the parent may have held it
+
+
+_fork.at_fork_in_child(_renew_locks)

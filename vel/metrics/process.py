@@ -12,11 +12,21 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 
+from vel import _fork
+
 __all__ = ["process_counters", "track"]
 
 Source = Callable[[], Mapping[str, float]]
 
 _lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+
+
+_fork.at_fork_in_child(_renew_lock)
 _live: dict[int, tuple[Source, str | None]] = {}
 _retired: dict[tuple[str, str | None], float] = {}
 _idents = itertools.count()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from vel import _fork
 from vel.errors import ConfigurationError
 from vel.logs import get_logger
 from vel.settings import Settings, load_settings
@@ -31,6 +32,14 @@ log = get_logger("vel.stores")
 StorageSpec = str | SessionStore
 
 _registry_lock = threading.Lock()
+
+
+def _renew_lock() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()  # another thread of the parent may have held it
+
+
+_fork.at_fork_in_child(_renew_lock)
 _registry: dict[tuple[Any, ...], tuple[SessionStore, int]] = {}
 
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from vel import _fork
 from vel.errors import SessionLockedError
 from vel.metrics.histograms import LOCK_WAIT
 
@@ -15,6 +16,11 @@ class KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.waits = 0
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # Turns that held these ran on the parent's threads, which the child does not have.
+        self._locks = {}
 
     @asynccontextmanager
     async def hold(self, key: str, timeout: float | None = None) -> AsyncIterator[None]:
@@ -39,8 +45,10 @@ class KeyedLocks:
             finally:
                 lock.release()
         finally:
-            lock, users = self._locks[key]
-            if users <= 1:
+            held, users = self._locks.get(key, (None, 0))
+            if held is not lock:
+                pass  # forgotten by a fork that happened meanwhile (this is the child)
+            elif users <= 1:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)

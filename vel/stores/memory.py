@@ -9,14 +9,16 @@ pace the store is used, with bounded work per call.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-from vel import metrics
+from vel import _fork, metrics
 from vel.bounds import COUNT, TTL, age_arg, limit_arg, wait_arg
 from vel.errors import InvalidInputError
 from vel.instrument import observed
@@ -30,6 +32,19 @@ from vel.messages import (
 from vel.metrics.histograms import APPEND, LOAD
 from vel.stores._locks import KeyedLocks
 from vel.stores.base import SessionInfo
+from vel.stores.listing import (
+    HistoryPage,
+    Query,
+    SessionDetails,
+    SessionPage,
+    _Unset,
+    check_metadata,
+    check_owner,
+    contains,
+    micros,
+    next_cursor,
+    page_of,
+)
 
 # Expired sessions removed per call, at most: more than one per write, so a store that is
 # being used always catches up with its expired sessions.
@@ -44,6 +59,8 @@ class _Session:
     # (message_id, json text); the seq of entry i is last_seq - len(entries) + 1 + i.
     entries: list[tuple[str, str]] = field(default_factory=list)
     ids: dict[str, int] = field(default_factory=dict)
+    # The store's write counter at this session's last write (a listing's snapshot).
+    version: int = 0
 
 
 class MemoryStore:
@@ -64,7 +81,15 @@ class MemoryStore:
         self._mutex = threading.Lock()
         self._locks = KeyedLocks()
         self._counters = {"appends": 0.0, "duplicates_suppressed": 0.0}
+        # Owner and metadata per session id; they outlive a clear, not the retention.
+        self._details: dict[str, tuple[str | None, dict[str, Any]]] = {}
+        self._writes = 0
         metrics.track(self, functools.partial(_counters, self._counters, self._locks), "memory")
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # A plain call on the parent's helper thread may have held it at the fork.
+        self._mutex = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MemoryStore(sessions={len(self._sessions)})"
@@ -80,6 +105,7 @@ class MemoryStore:
             return None
         if self._expired(session, now):
             del self._sessions[session_id]
+            self._details.pop(session_id, None)
             return None
         return session
 
@@ -91,6 +117,7 @@ class MemoryStore:
             if not self._expired(self._sessions[sid], now):
                 break
             del self._sessions[sid]
+            self._details.pop(sid, None)
             removed += 1
         return removed
 
@@ -98,6 +125,8 @@ class MemoryStore:
         """Record a write: the session moves to the end of the last-write order."""
         self._sessions.pop(session_id, None)
         self._sessions[session_id] = session
+        self._writes += 1
+        session.version = self._writes
 
     async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
         with observed(LOAD, "load", session_id):
@@ -194,6 +223,34 @@ class MemoryStore:
             self._sweep(time.time(), SWEEP_PER_CALL)
             self._sessions.pop(session_id, None)
 
+    def entries_after(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[int, list[tuple[int, str, Message]]]:
+        """``(last seq, [(seq, message id, message)])``: up to ``limit`` messages with seq
+        above ``after``, read in one step (what a summariser reads)."""
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None:
+                return 0, []
+            first = session.last_seq - len(session.entries) + 1
+            start = max(0, after + 1 - first)
+            picked = session.entries[start : start + limit]
+            last = session.last_seq
+        return last, [
+            (first + start + i, mid, decode_message(text)) for i, (mid, text) in enumerate(picked)
+        ]
+
+    def message_id_at(self, session_id: str, seq: int) -> str | None:
+        """The id of message ``seq`` (None: no such message)."""
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None:
+                return None
+            index = seq - (session.last_seq - len(session.entries) + 1)
+            if not 0 <= index < len(session.entries):
+                return None
+            return session.entries[index][0]
+
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:
@@ -224,6 +281,100 @@ class MemoryStore:
             )
             for sid, s in live[:limit]
         ]
+
+    # -- organising sessions (vel.stores.listing.SessionCatalog) ------------------------------
+
+    def _info(self, session_id: str, session: _Session) -> SessionDetails:
+        owner, metadata = self._details.get(session_id, (None, {}))
+        ttl = self.retention_ttl
+        return SessionDetails(
+            session_id=session_id,
+            owner=owner,
+            metadata=json.loads(json.dumps(metadata)),
+            message_count=session.last_seq,
+            created_at=datetime.fromtimestamp(session.created, UTC),
+            updated_at=datetime.fromtimestamp(session.updated, UTC),
+            expires_at=None if ttl is None else datetime.fromtimestamp(session.updated + ttl, UTC),
+        )
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        validate_session_id(session_id)
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            return None if session is None else self._info(session_id, session)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        validate_session_id(session_id)
+        if not isinstance(owner, _Unset) and owner is not None:
+            owner = check_owner(owner)
+        checked = None if isinstance(metadata, _Unset) else check_metadata(metadata)[0]
+        with self._mutex:
+            old_owner, old_metadata = self._details.get(session_id, (None, {}))
+            self._details[session_id] = (
+                old_owner if isinstance(owner, _Unset) else owner,
+                old_metadata if checked is None else checked,
+            )
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        if query.snapshot is not None and not query.snapshot.isdigit():
+            raise InvalidInputError("cursor is not a cursor returned by a listing")
+        newest = query.order == "newest"
+        with self._mutex:
+            now = time.time()
+            snapshot = int(query.snapshot) if query.snapshot is not None else self._writes
+            found: list[tuple[tuple[int, str], SessionDetails]] = []
+            for sid in list(self._sessions):
+                session = self._live(sid, now)
+                if session is None or not session.entries or session.version > snapshot:
+                    continue
+                owner, metadata = self._details.get(sid, (None, {}))
+                if query.owner is not None and owner != query.owner:
+                    continue
+                if query.metadata is not None and not contains(metadata, query.metadata):
+                    continue
+                info = self._info(sid, session)
+                key = (micros(info.updated_at), sid)
+                if query.after is not None and (
+                    key >= query.after if newest else key <= query.after
+                ):
+                    continue
+                found.append((key, info))
+        found.sort(key=lambda item: item[0], reverse=newest)
+        page = [info for _, info in found[: query.limit]]
+        if len(found) <= query.limit:
+            return SessionPage(page, None)
+        return SessionPage(page, next_cursor(query, page[-1], str(snapshot)))
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        validate_session_id(session_id)
+        low = 0 if after is None else after
+        high = 2**62 if before is None else before
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None:
+                return page_of([], 0, low, high)
+            first = session.last_seq - len(session.entries) + 1
+            pairs = [
+                (seq, text)
+                for seq, (_, text) in enumerate(session.entries, start=first)
+                if low < seq < high
+            ]
+            last = session.last_seq
+        pairs = pairs[:limit] if after is not None and before is None else pairs[-limit:]
+        return page_of(pairs, last, low, high)
+
+    async def delete_owner(self, owner: str) -> int:
+        owner = check_owner(owner)
+        with self._mutex:
+            ids = [sid for sid, (who, _) in self._details.items() if who == owner]
+            for sid in ids:
+                del self._details[sid]
+                self._sessions.pop(sid, None)
+        return len(ids)
 
     async def purge_expired(self) -> int:
         now = time.time()

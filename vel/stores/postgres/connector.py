@@ -12,6 +12,7 @@ network call; a frozen Postgres must not hang a worker).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from vel._loops import CallerOwned, PerLoop
+from vel._shield import CancelWatch
 from vel.errors import (
     AccessDeniedError,
     ConfigurationError,
@@ -35,6 +37,7 @@ from vel.redaction import redact
 from vel.stores.postgres.migrate import (
     CONNECT_ERRORS,
     connect_error,
+    discard,
     latest_version,
     migrate,
     schema_refused,
@@ -55,6 +58,9 @@ Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 _TROUBLE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
 # The unique constraint on (session_id, message_id): a replayed or misplaced message.
 MESSAGE_ID_KEY = "vel_messages_message_id_key"
+# Seconds a cancelled statement's cancel request is given before its connection is
+# terminated (see _let_cancel_land); short, as it delays the cancellation's propagation.
+CANCEL_GRACE = 0.25
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -98,20 +104,39 @@ async def transaction(conn: Conn) -> AsyncIterator[None]:
     """A transaction that never waits on a connection that may be dead.
 
     asyncpg's own context manager always sends ROLLBACK on error, which against a frozen
-    server would wait past the deadline; terminating the connection rolls back just as well.
+    server would wait past the deadline. On an error that poisons the connection nothing is
+    sent: :meth:`Connector.use`, the one place a connection is discarded, terminates it,
+    which rolls back just as well.
     """
     tx = conn.transaction()
     await tx.start()
     try:
         yield
     except BaseException as exc:
-        if poisons_connection(exc):
-            conn.terminate()
-        else:
+        if not poisons_connection(exc):
             await tx.rollback()
         raise
     else:
         await tx.commit()
+
+
+async def _let_cancel_land(conn: Conn) -> None:
+    """Give asyncpg's cancel request for the statement cut off on ``conn`` a moment
+    (CANCEL_GRACE) to reach the server before the connection is terminated.
+
+    Terminating stops that request; the server, which does not watch the socket while a
+    statement waits (on a row lock, say), would then keep the statement, and the locks its
+    transaction holds, until ``statement_timeout``. asyncpg exposes its pending requests
+    only as a private attribute, so this is best effort.
+    """
+    raw = getattr(conn, "_con", None)  # the proxy's connection (None once released)
+    pending = [t for t in getattr(raw, "_cancellations", ()) if not t.done()]
+    if not pending:
+        return
+    # Cancelled once more (an anyio scope): the connection is terminated now, and the
+    # exception already in flight, a cancellation too, propagates.
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait(pending, timeout=CANCEL_GRACE)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -214,6 +239,12 @@ class Connector:
                 raise connect_error(exc, self.dsn) from exc
             await pool.release(conn)
             await self._check_schema(pool)
+        except Exception:
+            pool.terminate()
+            # asyncpg closes the sockets (of a refused connection too) at the loop's next
+            # turn: let it, so a caller who gives up now and closes leaves none open.
+            await asyncio.sleep(0)
+            raise
         except BaseException:
             pool.terminate()
             raise
@@ -259,6 +290,8 @@ class Connector:
     async def _get_pool(self) -> Pool:
         if self._injected is None:
             return await self._pools.get()
+        assert self._owner is not None
+        self._owner.check_process()
         if not self._injected_ready:
             await self._check_schema(self._injected)
             self._injected_ready = True
@@ -273,8 +306,10 @@ class Connector:
             return await op(conn)
         except BaseException as exc:
             if poisons_connection(exc):
+                if isinstance(exc, asyncio.CancelledError | TimeoutError):
+                    await _let_cancel_land(conn)
                 # Released below as closed, so the pool opens a fresh one next time.
-                conn.terminate()
+                discard(conn)
             raise
         finally:
             await pool.release(conn)
@@ -298,13 +333,27 @@ class Connector:
 
     @asynccontextmanager
     async def deadline(self, action: str, seconds: float) -> AsyncIterator[None]:
+        """Bound the block by ``seconds`` and translate what it raises, once.
+
+        A cancellation of the caller passes through unchanged, even when a driver turned it
+        into an error of its own (asyncpg raises InterfaceError or ConnectionDoesNotExistError
+        from a connection it was cut off on): it is raised as CancelledError, never
+        reported as an outage.
+        """
+        watch = CancelWatch()
+        timeout = asyncio.timeout(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with timeout:
                 yield
         except VelError:
             raise
         except Exception as exc:
+            if watch.requested():
+                raise asyncio.CancelledError(f"Postgres {action} was cancelled") from exc
             self.failures += 1
+            if timeout.expired() and not isinstance(exc, TimeoutError):
+                # Our own deadline cut the call off and the driver said so in its own words.
+                exc = TimeoutError(f"{type(exc).__name__}: {exc}")
             raise self.translate(action, exc, seconds) from exc
 
     def translate(self, action: str, exc: Exception, seconds: float) -> VelError:

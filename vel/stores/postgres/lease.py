@@ -30,7 +30,7 @@ SELECT s.generation, s.last_seq, s.revision,
        {_MS.format("s.updated_at")} AS updated_ms,
        {_MS.format("s.expires_at")} AS expires_ms,
        m.seq, m.message_id, m.message::text AS message
-  FROM vel_sessions s
+  FROM vel_session_rows s
   LEFT JOIN vel_messages m ON m.session_id = s.id
  WHERE s.id = $1 AND (s.expires_at IS NULL OR s.expires_at > now())
  ORDER BY m.seq
@@ -38,7 +38,7 @@ SELECT s.generation, s.last_seq, s.revision,
 # The warm's first statement: create or lock the row and take (or extend) the tier lease.
 # $2 lease seconds, $3 the caller's clock in ms (expiry is judged on the clock that wrote it).
 _TAKE_LEASE = f"""
-INSERT INTO vel_sessions AS s (id, hot_until)
+INSERT INTO vel_session_rows AS s (id, hot_until)
 VALUES ($1, now() + $2::float8 * interval '1 second')
 ON CONFLICT (id) DO UPDATE
    SET hot_until = greatest(coalesce(s.hot_until, now()), EXCLUDED.hot_until)
@@ -52,7 +52,7 @@ RETURNING s.generation, s.revision, s.last_seq,
 # An expired session met by a warm starts afresh in place (see sessions._RESTART_EXPIRED),
 # if it still is expired once its row is locked ($2: the caller's clock, ms).
 _RESTART_FOR_TIER = f"""
-UPDATE vel_sessions
+UPDATE vel_session_rows
    SET last_seq = 0, generation = generation + 1, revision = revision + 1,
        created_at = now(), updated_at = now(), expires_at = NULL
  WHERE id = $1 AND expires_at <= {_AT.format("$2::float8")}
@@ -65,7 +65,7 @@ _TAIL = """
 SELECT m.seq, m.message_id, m.message::text AS message
   FROM vel_messages m
  WHERE m.session_id = $1 AND m.seq BETWEEN $2 AND $3
-   AND EXISTS (SELECT 1 FROM vel_sessions s WHERE s.id = $1 AND s.generation = $4)
+   AND EXISTS (SELECT 1 FROM vel_session_rows s WHERE s.id = $1 AND s.generation = $4)
  ORDER BY m.seq
 """
 # Older rows on demand, only if the row still holds the history the Redis copy was loaded
@@ -74,19 +74,19 @@ _RANGE = f"""
 SELECT m.seq, m.message_id, m.message::text AS message
   FROM vel_messages m
  WHERE m.session_id = $1 AND m.seq BETWEEN $2 AND $3
-   AND EXISTS (SELECT 1 FROM vel_sessions s
+   AND EXISTS (SELECT 1 FROM vel_session_rows s
                 WHERE s.id = $1 AND s.generation = $4 AND ($5 < 0 OR s.revision = $5)
                   AND (s.expires_at IS NULL OR s.expires_at > {_AT.format("$6::float8")}))
  ORDER BY m.seq
 """
 # Give the tier lease back (the Redis copy is gone), unless a warm took it again since.
 _RELEASE_EXPIRED = """
-UPDATE vel_sessions SET hot_until = NULL
+UPDATE vel_session_rows SET hot_until = NULL
  WHERE id = ANY($1::text[]) AND expires_at <= now()
 """
-_RELEASE = "UPDATE vel_sessions SET hot_until = NULL WHERE id = ANY($1::text[])"
+_RELEASE = "UPDATE vel_session_rows SET hot_until = NULL WHERE id = ANY($1::text[])"
 _EXPIRED_LEASED = """
-SELECT id FROM vel_sessions
+SELECT id FROM vel_session_rows
  WHERE expires_at <= now() AND hot_until > now() AND id > $2
  ORDER BY id
  LIMIT $1

@@ -48,7 +48,7 @@ ON CONFLICT (session_id) DO UPDATE
    SET token = EXCLUDED.token, expires_at = EXCLUDED.expires_at
  WHERE l.expires_at < now() AND l.token <> EXCLUDED.token
 RETURNING token,
-          (SELECT s.hot_until FROM vel_sessions s WHERE s.id = $1 AND {LEASED}) AS held_until
+          (SELECT s.hot_until FROM vel_session_rows s WHERE s.id = $1 AND {LEASED}) AS held_until
 """
 # Gives up an attempt whose outcome is unknown (cancelled, reply lost): unless another token
 # holds the lease, the row becomes this token's, expired now. Whether the attempt already ran

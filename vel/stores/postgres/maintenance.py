@@ -20,7 +20,7 @@ PURGE_BATCH = 500
 
 _LIST = """
 SELECT id, last_seq, created_at, updated_at, expires_at
-  FROM vel_sessions
+  FROM vel_session_rows
  WHERE last_seq > 0
    AND (expires_at IS NULL OR expires_at > now())
    AND ($1::float8 IS NULL OR updated_at <= now() - $1::float8 * interval '1 second')
@@ -33,14 +33,14 @@ SELECT id, last_seq, created_at, updated_at, expires_at
 # (the two-tier store releases the lease of an expired session once its Redis copy is gone).
 _PURGE = f"""
 WITH doomed AS (
-    SELECT id FROM vel_sessions
+    SELECT id FROM vel_session_rows
      WHERE (expires_at <= now()
             OR (last_seq = 0 AND updated_at < now() - interval '{TOMBSTONE_TTL}'))
        AND (hot_until IS NULL OR hot_until <= now())
      LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM vel_sessions s USING doomed d WHERE s.id = d.id RETURNING s.last_seq
+    DELETE FROM vel_session_rows s USING doomed d WHERE s.id = d.id RETURNING s.last_seq
 )
 SELECT count(*) AS deleted, count(*) FILTER (WHERE last_seq > 0) AS with_messages FROM gone
 """
@@ -48,7 +48,7 @@ _PURGE_LOCKS = "DELETE FROM vel_locks WHERE expires_at < now() - interval '1 hou
 # sum(last_seq) counts live messages without scanning vel_messages (seqs are gap-free).
 _STATS = """
 SELECT count(*) AS sessions, coalesce(sum(last_seq), 0) AS messages
-  FROM vel_sessions
+  FROM vel_session_rows
  WHERE last_seq > 0 AND (expires_at IS NULL OR expires_at > now())
 """
 

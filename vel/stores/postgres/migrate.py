@@ -11,6 +11,7 @@ the version.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "CONNECT_ERRORS",
     "Migration",
     "connect_error",
+    "discard",
     "latest_version",
     "load_migrations",
     "migrate",
@@ -46,6 +48,19 @@ __all__ = [
 
 # Strings: asyncpg's classes are generic only in its type stubs.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+
+def discard(conn: Connection) -> None:
+    """Terminate ``conn`` so that it is never used again; idempotent.
+
+    A pool's connection is handed back to its pool by its first terminate, after which
+    asyncpg refuses a second one with InterfaceError; raised from an ``except`` or
+    ``finally`` block, that error would replace the exception in flight (a cancellation
+    would become an outage: StoreUnavailableError).
+    """
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
 
 MIGRATIONS_PACKAGE = "vel.stores.postgres.migrations"
 # Any constant works as long as every vel process agrees on it ("vel_migr" in ASCII).
@@ -222,7 +237,7 @@ async def _migrate_connection(conn: Connection, schema: str | None) -> int:
         except BaseException:
             # A connection that cannot run the unlock (broken, cancelled mid-query) must not
             # go back to a pool still holding the lock: closing it releases the lock.
-            conn.terminate()
+            discard(conn)
             raise
 
 

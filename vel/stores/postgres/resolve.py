@@ -15,7 +15,7 @@ from vel.stores.postgres.sql import chunks, insert_rows
 # An operator's resolution of a conflict (vel sessions resolve): the row is changed outside
 # the flush protocol, so both counters move and every older Redis copy or read is fenced off.
 _RESOLVE_LOCK = """
-INSERT INTO vel_sessions AS s (id) VALUES ($1)
+INSERT INTO vel_session_rows AS s (id) VALUES ($1)
 ON CONFLICT (id) DO UPDATE SET generation = s.generation + 1, revision = s.revision + 1
 RETURNING last_seq, coalesce(expires_at <= now(), false) AS expired
 """
@@ -23,7 +23,7 @@ _RESOLVE_KNOWN_IDS = """
 SELECT message_id FROM vel_messages WHERE session_id = $1 AND message_id = ANY($2::text[])
 """
 _RESOLVE_DONE = """
-UPDATE vel_sessions
+UPDATE vel_session_rows
    SET last_seq = $2, updated_at = now(), hot_until = NULL,
        expires_at = CASE WHEN $4 THEN now() + $3::float8 * interval '1 second'
                          ELSE expires_at END

@@ -35,7 +35,7 @@ from vel.stores.postgres.sql import chunks, insert_rows
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
 
 # A row the tier may hold ('redis' mode): not expired, and its tier lease still running (SQL
-# over alias ``s`` of vel_sessions; the turn locks ask it too).
+# over alias ``s`` of vel_session_rows; the turn locks ask it too).
 LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(), true))"
 
 # One round trip: the upsert takes the session row lock (serialising concurrent appends), bumps
@@ -45,7 +45,7 @@ LEASED = "(coalesce(s.hot_until > now(), false) AND coalesce(s.expires_at > now(
 # last_seq = 0 (new or cleared) restarts created_at.
 _APPEND_CTES = f"""
 sess AS (
-    INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
+    INSERT INTO vel_session_rows AS s (id, last_seq, expires_at)
     VALUES ($1, cardinality($2::text[]), now() + $4::float8 * interval '1 second')
     ON CONFLICT (id) DO UPDATE
        SET last_seq = s.last_seq + EXCLUDED.last_seq,
@@ -74,14 +74,14 @@ SELECT last_seq FROM sess"""
 _STATE = f"""
 SELECT s.hot_until, coalesce(s.expires_at <= now(), false) AS expired, {LEASED} AS leased,
        s.last_seq
-  FROM vel_sessions s
+  FROM vel_session_rows s
  WHERE s.id = $1
    FOR UPDATE
 """
 # An expired session starts afresh in place: its row keeps counting generations and
 # revisions, so a flush or warm of the old history can never be mistaken for the new one.
 _RESTART_EXPIRED = """
-UPDATE vel_sessions
+UPDATE vel_session_rows
    SET last_seq = 0, generation = generation + 1, revision = revision + 1,
        created_at = now(), updated_at = now(), expires_at = NULL, hot_until = NULL
  WHERE id = $1 AND expires_at <= now()
@@ -94,7 +94,7 @@ SELECT count(*) AS found, coalesce(max(seq), 0) AS last_seq
 """
 _LAST_SEQ = """
 SELECT generation, last_seq
-  FROM vel_sessions
+  FROM vel_session_rows
  WHERE id = $1 AND (expires_at IS NULL OR expires_at > now())
 """
 # The EXISTS is uncorrelated, so it runs once as a one-time filter; the window is a backward
@@ -103,14 +103,14 @@ _LOAD = """
 SELECT m.message::text
   FROM vel_messages m
  WHERE m.session_id = $1
-   AND EXISTS (SELECT 1 FROM vel_sessions s
+   AND EXISTS (SELECT 1 FROM vel_session_rows s
                 WHERE s.id = $1 AND s.last_seq > 0
                   AND (s.expires_at IS NULL OR s.expires_at > now()))
  ORDER BY m.seq DESC
  LIMIT $2::bigint
 """
 _REPLACE_SESSION = f"""
-INSERT INTO vel_sessions AS s (id, last_seq, expires_at)
+INSERT INTO vel_session_rows AS s (id, last_seq, expires_at)
 VALUES ($1, $2::bigint, now() + $3::float8 * interval '1 second')
 ON CONFLICT (id) DO UPDATE
    SET generation = s.generation + 1,
@@ -129,15 +129,16 @@ RETURNING id
 _DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
 # The row stays behind as a tombstone carrying the generation (purged an hour later).
 _CLEAR_SESSION = f"""
-UPDATE vel_sessions s
+UPDATE vel_session_rows s
    SET generation = generation + 1, revision = revision + 1, last_seq = 0, updated_at = now()
  WHERE s.id = $1 AND NOT {LEASED}
 RETURNING id
 """
 # What an import keeps from the file besides the messages.
 _IMPORTED_DETAILS = """
-UPDATE vel_sessions
-   SET metadata = coalesce($2::jsonb, metadata), created_at = LEAST(created_at, $3)
+UPDATE vel_session_rows
+   SET metadata = coalesce($2::jsonb, metadata), created_at = LEAST(created_at, $3),
+       owner = coalesce($4, owner)
  WHERE id = $1
 """
 
@@ -151,6 +152,7 @@ class ImportEntry:
     message_ids: list[str]
     metadata_json: str | None = None
     created_at: datetime | None = None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +174,7 @@ async def refuse_if_leased(conn: Conn, session_id: str) -> None:
 # clear or replace, so a Redis copy of this session made before the pop can no longer be
 # flushed back over it (DESIGN.md 3.5 and 3.8).
 _POP_SESSION = f"""
-UPDATE vel_sessions AS s
+UPDATE vel_session_rows AS s
    SET last_seq = last_seq - 1,
        generation = generation + 1,
        revision = revision + 1,
@@ -348,9 +350,17 @@ class Sessions:
                     if not exists and not entry.texts:
                         continue
                     await self._replace_locked(conn, sid, entry.message_ids, entry.texts)
-                    if entry.metadata_json is not None or entry.created_at is not None:
+                    if (
+                        entry.metadata_json is not None
+                        or entry.created_at is not None
+                        or entry.owner is not None
+                    ):
                         await conn.execute(
-                            _IMPORTED_DETAILS, sid, entry.metadata_json, entry.created_at
+                            _IMPORTED_DETAILS,
+                            sid,
+                            entry.metadata_json,
+                            entry.created_at,
+                            entry.owner,
                         )
                     replaced += exists
                     imported += not exists

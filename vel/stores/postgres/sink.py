@@ -35,14 +35,14 @@ DELETED = "deleted"  # the row the Redis copy was loaded from is gone
 _LOCK_SESSIONS = f"""
 SELECT s.id, s.generation, s.revision,
        coalesce(s.expires_at <= {_AT.format("u.written_ms")}, false) AS expired
-  FROM vel_sessions s
+  FROM vel_session_rows s
   JOIN unnest($1::text[], $2::float8[]) AS u (id, written_ms) ON u.id = s.id
  ORDER BY s.id
    FOR UPDATE OF s
 """
 # Rows a flush may create: sessions whose Redis copy never had Postgres data.
 _CREATE_SESSIONS = """
-INSERT INTO vel_sessions (id, generation)
+INSERT INTO vel_session_rows (id, generation)
 SELECT u.id, u.generation FROM unnest($1::text[], $2::bigint[]) AS u (id, generation)
  ORDER BY u.id
 ON CONFLICT (id) DO NOTHING
@@ -56,7 +56,7 @@ WITH target AS (
 ), gone AS (
     DELETE FROM vel_messages WHERE session_id = ANY($1::text[])
 )
-UPDATE vel_sessions s
+UPDATE vel_session_rows s
    SET generation = t.generation,
        last_seq = 0,
        updated_at = now(),
@@ -73,7 +73,7 @@ WITH target AS (
 ), gone AS (
     DELETE FROM vel_messages m USING target t WHERE m.session_id = t.id AND m.seq > t.keep
 )
-UPDATE vel_sessions s
+UPDATE vel_session_rows s
    SET generation = t.generation,
        last_seq = least(s.last_seq, t.keep),
        updated_at = now(),
@@ -102,7 +102,7 @@ WITH batch AS (
       JOIN vel_messages m ON m.session_id = b.session_id AND m.seq = b.seq
      WHERE m.message_id <> b.message_id
 ), upd AS (
-    UPDATE vel_sessions s
+    UPDATE vel_session_rows s
        SET last_seq = greatest(s.last_seq, t.max_seq),
            updated_at = greatest(s.updated_at, t.written),
            expires_at = t.written + $6::float8 * interval '1 second',

@@ -8,10 +8,12 @@ The two modes may share one database (DESIGN.md 3.8): the tier lease recorded by
 store (``hot_until``) makes this store's own writes refuse a session Redis may hold, with
 :class:`~vel.errors.TierLeaseError`.
 
-Layout (see ``migrations/0001_initial.sql``): one ``vel_sessions`` row per session carrying
+Layout (see ``migrations/0001_initial.sql``): one ``vel_session_rows`` row per session carrying
 ``last_seq`` and a ``generation`` counter, and an append-only ``vel_messages`` table keyed by
 ``(session_id, seq)``. Every writer first takes the session row's lock (an upsert), which is what
 serialises concurrent appends, flushes, clears and replaces of one session across processes.
+The spec's ``vel_sessions(id, context, ...)`` is a view over both tables (``0006``) for SQL
+written from the spec; vel itself never reads or writes through it.
 
 The parts, each holding one responsibility and its SQL:
 
@@ -45,6 +47,8 @@ from vel.namespace import Placement, place
 from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
+from vel.stores.postgres.catalog import Catalog
 from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.lease import TierLease
 from vel.stores.postgres.locks import PostgresTurn, TurnLocks
@@ -177,6 +181,7 @@ class PostgresStore(DurableTier):
         self._resolver = Resolver(self._db, retention)
         self._locks = TurnLocks(self._db, self._sessions, lock_lease)
         self._maintenance = Maintenance(self._db)
+        self.catalog = Catalog(self._db)
         metrics.track(
             self,
             functools.partial(_counters, self._sessions, self._locks, self._sink, self._db),
@@ -192,6 +197,11 @@ class PostgresStore(DurableTier):
         """
         return cls(settings=settings, **kwargs)
 
+    @property
+    def where(self) -> str:
+        """The server, for messages (never with credentials)."""
+        return self._db.where
+
     def __repr__(self) -> str:
         where = redact(self._db.dsn) if self._db.dsn else "<caller's pool>"
         schema = f", schema={self._db.schema!r}" if self._db.schema else ""
@@ -201,6 +211,11 @@ class PostgresStore(DurableTier):
     def schema(self) -> str | None:
         """The schema holding this store's tables (None: the connection's search_path)."""
         return self._db.schema
+
+    @property
+    def connector(self) -> Connector:
+        """The pools and deadlines every part of this store runs its SQL through."""
+        return self._db
 
     @property
     def op_timeout(self) -> float:
@@ -368,6 +383,71 @@ class PostgresStore(DurableTier):
             StoreError: Postgres failed.
         """
         return await self._maintenance.list_sessions(inactive_for, limit)
+
+    # --- organising sessions (vel.stores.listing.SessionCatalog) ---------------------------------
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        """The session's owner, metadata, size and times; None without messages.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.session_details(session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        """Set the owner and/or metadata (UNSET: kept). Not a write of the history: allowed
+        while the Redis tier holds the session, and its ``updated_at`` does not move.
+
+        Raises:
+            InvalidInputError: bad id, owner or metadata.
+            StoreError: Postgres failed; nothing changed.
+        """
+        await self.catalog.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """One page of a listing by index (see :mod:`vel.stores.listing`).
+
+        Raises:
+            InvalidInputError: a cursor that is not vel's.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        """Messages with ``after < seq < before`` (the newest ``limit``, or the oldest when
+        only ``after`` is given), read by the primary key's range scan.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self.catalog.history_page(session_id, before, after, limit)
+
+    async def delete_owner(self, owner: str) -> int:
+        """Delete every session of ``owner``: its history (as :meth:`clear` does, leaving a
+        tombstone that carries the generation) and its owner and metadata.
+
+        Returns:
+            How many sessions the owner had.
+
+        Raises:
+            TierLeaseError: a session is held by the Redis tier (use 'redis' storage); the
+                sessions before it are deleted.
+            StoreError: Postgres failed; run it again to finish.
+        """
+        deleted, after = 0, ""
+        while ids := await self.catalog.owned(owner, after, 500):
+            for session_id in ids:
+                await self._sessions.clear(session_id)
+            await self.catalog.forget_details(owner, ids)
+            deleted += len(ids)
+            after = ids[-1]
+        return deleted
 
     async def purge_expired(self) -> int:
         """Delete expired sessions (messages included) and cleared sessions idle for an hour.

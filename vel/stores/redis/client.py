@@ -10,6 +10,7 @@ every network call). Times go to Redis as integer milliseconds (:func:`ms`, :fun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import time
@@ -23,6 +24,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from vel._loops import CallerOwned, PerLoop
+from vel._shield import CancelWatch
 from vel.errors import (
     AccessDeniedError,
     ConfigurationError,
@@ -249,7 +251,10 @@ class Connector:
                         await node.disconnect()
                 await client.load_scripts()
         except BaseException:
-            await cluster.aclose()
+            # Best effort: an error of the cleanup must not replace the one in flight (a
+            # cancellation above all).
+            with contextlib.suppress(Exception):
+                await cluster.aclose()
             raise
         return client
 
@@ -258,6 +263,8 @@ class Connector:
 
     async def _caller_client(self) -> Client:
         """The caller's client, its scripts registered (and on a cluster loaded) once."""
+        assert self._owner is not None
+        self._owner.check_process()
         if self._injected_client is None:
             if self._injected_lock is None:
                 self._injected_lock = asyncio.Lock()
@@ -320,9 +327,11 @@ class Connector:
     async def _call_once(
         self, what: str, make: Callable[[Client], Awaitable[T]], seconds: float
     ) -> T:
+        watch = CancelWatch()
+        timeout = asyncio.timeout(seconds)
         try:
             client = await self.client()
-            async with asyncio.timeout(seconds):
+            async with timeout:
                 if client.gate is None:
                     return await make(client)
                 async with client.gate:
@@ -337,6 +346,12 @@ class Connector:
         except VelError:
             raise
         except Exception as exc:
+            if watch.requested():
+                # The caller was cancelled and redis-py, cut off mid-call, said so in its own
+                # words (a broken connection): the cancellation passes through unchanged.
+                raise asyncio.CancelledError(f"Redis {what} was cancelled") from exc
+            if timeout.expired() and not isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"{type(exc).__name__}: {exc}")  # cut off by our deadline
             raise self.translate(what, exc) from exc
 
     def translate(self, what: str, exc: Exception) -> VelError:

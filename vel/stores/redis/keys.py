@@ -37,6 +37,7 @@ class SessionKeys:
     dirty_since: str  # zset (per bucket): session id -> when it first became dirty, ms
     backlog: str  # integer (per bucket): messages not yet written to Postgres
     conflicts: str  # zset (per bucket): session id -> when a flush of it could not be applied
+    details: str  # hash (Redis-only mode): owner, metadata (JSON); see vel.stores.redis.catalog
     tag: str  # the hash tag every key above shares
     session_id: str
 
@@ -100,9 +101,22 @@ class KeyLayout:
             dirty_since=since,
             backlog=backlog,
             conflicts=self.conflicts(bucket),
+            details=f"{tag}:d:{session_id}",
             tag=tag,
             session_id=session_id,
         )
+
+    def summary(self, session_id: str) -> tuple[str, str]:
+        """(hash: the session's summary, string: its summariser's lease), under the
+        session's hash tag so a script can check the summary against the session's copy."""
+        tag = self.tag(self.bucket_of(session_id))
+        return f"{tag}:y:{session_id}", f"{tag}:yl:{session_id}"
+
+    @property
+    def summary_lags(self) -> str:
+        """zset: session id -> messages older than its window its summary does not cover
+        (as a summariser last saw it; ``vel stats``)."""
+        return f"{self.prefix}:{{summaries}}:lag"
 
     def sweep(self, bucket: int) -> str:
         """string: a bucket's sweep turn, held by one flusher for the sweep interval."""
@@ -122,6 +136,11 @@ class KeyLayout:
     def flushed_in(self, second: int) -> str:
         """integer: messages flushed during one Unix second (expires after a few minutes)."""
         return f"{self.prefix}:{{totals}}:flushed:{second}"
+
+    @property
+    def details_pattern(self) -> str:
+        """SCAN pattern matching every session's details key (Redis-only mode)."""
+        return f"{self.prefix}:{{*}}:d:*"
 
     def session_id_of(self, meta_key: str) -> str | None:
         """Invert :meth:`session` for a meta key (used by listing tools)."""

@@ -14,6 +14,7 @@ see the old history or the new one whole. Messages are stored as ``"<message id>
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -344,8 +345,11 @@ class Sessions:
             reply = await self._redis.call("replace", lambda c: c.replace(keys=names, args=args))
         finally:
             if staged:
-                # Gone already when the swap consumed it; otherwise no longer needed.
-                await self._redis.call("unstage", lambda c: c.redis.delete(names[-1]))
+                # Gone already when the swap consumed it; otherwise no longer needed. It
+                # expires by itself, so a failure here must not replace the exception in
+                # flight (a cancellation above all).
+                with contextlib.suppress(StoreError):
+                    await self._redis.call("unstage", lambda c: c.redis.delete(names[-1]))
         return int(reply[0])
 
     async def try_pop(self, session_id: str) -> tuple[int, Message | None]:

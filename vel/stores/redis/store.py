@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -43,6 +43,8 @@ from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
+from vel.stores.redis import catalog
 from vel.stores.redis.client import Client, Connector
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.listing import scan_sessions
@@ -154,6 +156,7 @@ class RedisStore:
             "damaged_reads": 0,
         }
         metrics.track(self, self.counters, "redis")
+        self._catalog = catalog.RedisCatalog(self)
         self._sessions = Sessions(
             self._redis,
             self.keys,
@@ -469,6 +472,28 @@ class RedisStore:
         inactive_for = age_arg(inactive_for)
         limit = COUNT.check_int("limit", limit, InvalidInputError)
         return await scan_sessions(self._redis, self.keys, inactive_for, limit)
+
+    # -- organising sessions (Redis-only mode; see vel.stores.redis.catalog) -----------------
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        return await self._catalog.session_details(session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        await self._catalog.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """A page of a listing, by a SCAN of the prefix (cost grows with the sessions)."""
+        return await self._catalog.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        return await catalog.history_page(self, session_id, before, after, limit, None, None)
+
+    async def delete_owner(self, owner: str) -> int:
+        return await self._catalog.delete_owner(owner)
 
     async def purge_expired(self) -> int:
         return 0  # Redis expires keys by itself

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from vel import failpoints, metrics
 from vel._lease import renewed
 from vel._outage import PERMANENT_RETRY, Outage, permanent
+from vel._shield import CancelWatch
 from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
 from vel.errors import FlushConflictError, InvalidInputError, VelError
 from vel.instrument import observed
@@ -93,7 +94,9 @@ class Flusher:
             if sweep_interval is None
             else DELAY.check("sweep_interval", sweep_interval)
         )
-        self._stop = asyncio.Event()
+        # One wake-up event per running run() (an asyncio.Event belongs to the loop that first
+        # waits on it, and a store may be driven by several loops), with that run's loop.
+        self._runs: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
         self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
         self.outage = Outage(log, "flush")
@@ -283,36 +286,57 @@ class Flusher:
         refused credentials, a missing permission or table, an untrusted certificate) is
         retried only every :data:`PERMANENT_RETRY` seconds, until someone fixes it.
         """
-        self._stop.clear()
-        while not self._stop.is_set():
-            if self.totals.due():
-                await self.totals.publish()
-            try:
-                written = await self.flush_once()
-            except Exception as exc:
-                self._failures += 1
-                self.counters["flush_retries"] += 1
-                delay = PERMANENT_RETRY if permanent(exc) else self._retry_delay()
-                self.outage.failed(exc, delay)
-                await self._sleep(delay)
-                continue
-            self._failures = 0
-            self.outage.recovered()
-            # Paced even when it wrote (a sweep of every bucket costs one round trip, so the
-            # pause is the limit): each sweep then finds several turns per session and many
-            # sessions per transaction, for fewer commits and fewer Redis commands per turn.
-            pause = self.idle_interval if written == 0 else self.idle_interval * BUSY_PACE
-            await self._sleep(pause * (0.5 + random.random()))
+        stop = asyncio.Event()
+        self._runs[stop] = asyncio.get_running_loop()
+        # Cancelled (its loop shutting down, or its owner) is final, even when a driver
+        # swallowed the cancellation (Python 3.11's wait_for) or turned it into an error.
+        watch = CancelWatch()
+        try:
+            while not stop.is_set():
+                if self.totals.due():
+                    await self.totals.publish()
+                    watch.check()
+                try:
+                    written = await self.flush_once()
+                except Exception as exc:
+                    watch.check()
+                    self._failures += 1
+                    self.counters["flush_retries"] += 1
+                    delay = PERMANENT_RETRY if permanent(exc) else self._retry_delay()
+                    self.outage.failed(exc, delay)
+                    await self._sleep(stop, delay)
+                    continue
+                watch.check()
+                self._failures = 0
+                self.outage.recovered()
+                # Paced even when it wrote (a sweep of every bucket costs one round trip, so
+                # the pause is the limit): each sweep then finds several turns per session
+                # and many sessions per transaction, for fewer commits and fewer Redis
+                # commands per turn.
+                pause = self.idle_interval if written == 0 else self.idle_interval * BUSY_PACE
+                await self._sleep(stop, pause * (0.5 + random.random()))
+        finally:
+            del self._runs[stop]
 
-    async def _sleep(self, seconds: float) -> None:
+    @staticmethod
+    async def _sleep(stop: asyncio.Event, seconds: float) -> None:
         try:
             async with asyncio.timeout(seconds):
-                await self._stop.wait()
+                await stop.wait()
         except TimeoutError:
             pass
 
     def stop(self) -> None:
-        self._stop.set()
+        """Make every running :meth:`run` return after its current sweep (from any thread)."""
+        for stop, loop in list(self._runs.items()):
+            try:
+                if asyncio.get_running_loop() is loop:
+                    stop.set()
+                    continue
+            except RuntimeError:
+                pass
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(stop.set)
 
     async def drain(self, timeout: float = 10.0) -> bool:
         """Flush until nothing is unflushed or ``timeout`` passes; True when drained.

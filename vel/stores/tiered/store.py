@@ -21,11 +21,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
-from vel import metrics
+from vel import _fork, metrics
 from vel._sync import in_helper_thread
 from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
-from vel.errors import ConfigurationError, StoreError, StoreTimeoutError
+from vel.errors import ConfigurationError, StoreError, StoreTimeoutError, VelError
 from vel.instrument import observed
 from vel.logs import get_logger
 from vel.messages import Message, decode_message, validate_session_id
@@ -33,12 +34,15 @@ from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import place
 from vel.settings import Settings, load_settings
 from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, UNSTAGED, RedisStore, RedisTurn, Window
 from vel.stores.redis.client import now_ms
 from vel.stores.redis.scripts import OLDER
+from vel.stores.tiered import catalog
 from vel.stores.tiered.conflicts import Resolution, resolve
 from vel.stores.tiered.flusher import Flusher
+from vel.stores.tiered.verify import Verification
 from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
 from vel.totals import Totals
 
@@ -135,8 +139,16 @@ class TieredStore:
         }
         metrics.track(self, self.counters, None)
         self._warmer = Warmer(hot, cold, lease=self.warm_lease, counters=self.counters)
+        # Both tiers checked before the first call is served (a bad POSTGRES_DSN fails it).
+        self._verification = Verification(hot, cold)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # The parent's flusher task belongs to a loop no thread of the child runs: the child
+        # starts its own flusher on first use.
+        self._flusher_task = None
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
@@ -152,6 +164,7 @@ class TieredStore:
     async def warm(self, session_id: str, window: int | None = None) -> None:
         """Make sure ``session_id`` is in Redis (single-flight per process and across them),
         with at least its last ``window`` messages (None: up to FULL_WARM_MAX)."""
+        await self._verification.ensure()
         await self._warmer.warm(session_id, window)
 
     # -- SessionStore ----------------------------------------------------------------------
@@ -163,6 +176,7 @@ class TieredStore:
     async def _load(self, session_id: str, limit: int | None) -> list[Message]:
         validate_session_id(session_id)
         limit = limit_arg(limit)
+        await self._verification.ensure()
         window = await self._read(session_id, limit)
         self._count_hit()
         return await self._complete(session_id, window, limit)
@@ -228,6 +242,7 @@ class TieredStore:
         if not items:
             await self.load(session_id, 0)
             return await self.hot.last_seq(session_id)
+        await self._verification.ensure()
         self._ensure_flusher()
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id, 0)
@@ -253,6 +268,7 @@ class TieredStore:
     ) -> int:
         validate_session_id(session_id)
         items = self.hot.encode(messages, message_ids, whole=True)
+        await self._verification.ensure()
         self._ensure_flusher()
         self._wrote = True
         for _ in range(5):
@@ -279,6 +295,7 @@ class TieredStore:
         first if Redis lacks it); Postgres drops it with the next flush, and no flush that
         read it before can write it back (see :mod:`vel.stores.redis.scripts`)."""
         validate_session_id(session_id)
+        await self._verification.ensure()
         self._ensure_flusher()
         for _ in range(5):
             code, message = await self.hot.try_pop(session_id)
@@ -302,14 +319,37 @@ class TieredStore:
         """Sessions recorded in Postgres (a brand-new session appears once flushed)."""
         return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
 
+    # -- organising sessions (vel.stores.listing.SessionCatalog; see .catalog) -------------
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        return await catalog.session_details(self.hot, self.cold, session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        await self.cold.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """A page of a listing, read from Postgres (flushed sessions only)."""
+        return await self.cold.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        return await catalog.history_page(self.hot, self.cold, session_id, before, after, limit)
+
+    async def delete_owner(self, owner: str) -> int:
+        return await catalog.delete_owner(self.cold, owner, lambda sid: self._replace(sid, []))
+
     async def purge_expired(self) -> int:
         return (await self.purge_expired_tiers())[0]
 
     async def purge_expired_tiers(self) -> tuple[int, int]:
         """Delete expired sessions from both tiers: their Redis copies (unless they hold
         unflushed writes, which the flusher must bring to Postgres first), then, their tier
-        leases released, their Postgres rows. Returns (sessions purged from Postgres, Redis
-        copies dropped)."""
+        leases released, their Postgres rows. Clean Redis copies of sessions deleted behind
+        the tier (SQL through the spec's ``vel_sessions`` view) are dropped too. Returns
+        (sessions purged from Postgres, Redis copies dropped)."""
         dropped = 0
         after = ""
         while True:
@@ -321,6 +361,7 @@ class TieredStore:
             gone = [sid for sid, code in zip(ids, codes, strict=True) if code >= 0]
             await self.cold.release_expired(gone)
             after = ids[-1]
+        dropped += await catalog.drop_deleted_copies(self.hot, self.cold)
         return await self.cold.purge_expired(), dropped
 
     async def release(self, session_id: str) -> bool:
@@ -346,7 +387,9 @@ class TieredStore:
             await self.cold.release_lease([session_id])
             return True
         finally:
-            await self.hot.release_lock(keys.warm_lock, token)
+            # Shielded and bounded; a failure leaves the lease to run out rather than replace
+            # the exception in flight.
+            await self._warmer.end_lease(keys, token)
 
     async def resolve(self, session_id: str, keep: str) -> Resolution:
         """Resolve a flush conflict (see :func:`vel.stores.tiered.conflicts.resolve`)."""
@@ -364,6 +407,7 @@ class TieredStore:
         """A locked turn: window read with the lock, commit with the unlock (see
         :meth:`RedisStore.turn`); a session missing from Redis is warmed first."""
         validate_session_id(session_id)
+        await self._verification.ensure()
         self._ensure_flusher()
         on_miss = functools.partial(self._miss, session_id, limit)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
@@ -407,7 +451,31 @@ class TieredStore:
         return await self.flusher.drain(self.drain_timeout if checked is None else checked)
 
     async def aclose(self) -> None:
-        """Stop the embedded flusher, drain what is dirty (bounded), close both tiers."""
+        """Stop the embedded flusher, drain what is dirty (bounded), close both tiers.
+
+        Never raises for a backend or configuration failure (it is logged): both tiers are
+        closed whatever happened before, the helper loop's connections included.
+        """
+        try:
+            await self._wind_down()
+        except VelError as exc:
+            log.warning("closing: %s", exc)
+        except Exception:
+            log.exception("closing: winding down failed")
+        finally:
+            await self._close_tiers()
+
+    async def _close_tiers(self) -> None:
+        for tier in (self.hot, self.cold):
+            try:
+                await tier.aclose()
+            except VelError as exc:
+                log.warning("closing %r: %s", tier, exc)
+            except Exception:
+                log.exception("closing %r failed", tier)
+
+    async def _wind_down(self) -> None:
+        """Stop the embedded flusher, drain this process's writes, send the last counters."""
         task, self._flusher_task = self._flusher_task, None
         if task is not None and task.get_loop() is not asyncio.get_running_loop():
             task = None  # started on a loop that has ended; nothing of it is left to stop
@@ -436,5 +504,3 @@ class TieredStore:
             # would cost a timeout.
             await self.totals.finish(final=drained)
             await self.flusher.totals.finish(final=drained)
-        await self.hot.aclose()
-        await self.cold.aclose()

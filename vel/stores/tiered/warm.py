@@ -121,7 +121,7 @@ class Warmer:
                         if await self._load_and_seed(session_id, token, size):
                             return
                 finally:
-                    await self._end_lease(keys, token)
+                    await self.end_lease(keys, token)
             elif await self.hot.exists(session_id):
                 return  # another process finished warming it
             if time.monotonic() >= deadline:
@@ -135,10 +135,10 @@ class Warmer:
         except BaseException:
             # Redis may have granted the lease with the reply lost, or may still receive the
             # attempt: abandon it.
-            await self._end_lease(keys, token, abandon=True)
+            await self.end_lease(keys, token, abandon=True)
             raise
 
-    async def _end_lease(self, keys: SessionKeys, token: str, *, abandon: bool = False) -> None:
+    async def end_lease(self, keys: SessionKeys, token: str, *, abandon: bool = False) -> None:
         """Release the warm lease, shielded and bounded (an anyio scope cancels every await
         of a plain ``finally``); a failure leaves it to run out."""
         await finish(

@@ -1,0 +1,144 @@
+"""User programs run as real OS processes, timed from ``main()`` returning to the exit.
+
+A user script is plain Python as a user writes it (``asyncio.run(main())``, often without
+``aclose()``). It runs through this module's launcher, which changes nothing but this: when
+the coroutine given to ``asyncio.run`` returns, the launcher prints
+``VEL_MAIN_RETURNED <epoch seconds>`` on stderr and arms :mod:`faulthandler` to dump every
+thread's stack and exit with status 1 if the process is still alive ``hang_after`` seconds
+later (a hang is then a failure with its stacks, not a stuck test).
+
+Used by ``tests/test_loop_lifecycle.py`` and ``scripts/lifecycle_exit.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MARK = "VEL_MAIN_RETURNED"
+_MARK_RE = re.compile(rf"^{MARK} (\d+\.\d+)$", re.M)
+
+# The spec's basic usage (spec/session-management.md), as a script: one turn in whichever
+# storage mode VEL_TEST_MODE names, no aclose(). {after} follows the turn inside main().
+SPEC_USAGE = """\
+import asyncio
+import os
+
+from vel import Agent
+
+
+async def main():
+    agent = Agent(
+        id='my-agent',
+        model={{'provider': 'openai', 'model': 'gpt-4o'}},
+        session_storage=os.environ['VEL_TEST_MODE'],
+    )
+    answer = await agent.run(
+        {{'message': 'My name is Alice'}},
+        session_id=os.environ['VEL_TEST_SESSION'],
+    )
+    print(answer, flush=True)
+{after}
+
+asyncio.run(main())
+"""
+
+
+def spec_usage(after: str = "") -> str:
+    """:data:`SPEC_USAGE` with ``after`` (lines of code, unindented) at the end of main()."""
+    body = "".join(f"    {line}\n" for line in after.splitlines())
+    return SPEC_USAGE.format(after=body.rstrip("\n"))
+
+
+@dataclass
+class Exit:
+    """How one user script process ended."""
+
+    returncode: int
+    main_returned: float | None  # epoch seconds, None if main() never returned
+    exited: float  # epoch seconds
+    stdout: str
+    stderr: str
+
+    @property
+    def delay(self) -> float | None:
+        """Seconds from main() returning to the process's exit (None: never returned)."""
+        return None if self.main_returned is None else self.exited - self.main_returned
+
+    @property
+    def hung(self) -> bool:
+        """Killed by the launcher's watchdog (or by the caller's timeout)."""
+        return self.returncode != 0 and "most recent call first" in self.stderr
+
+    def describe(self) -> str:
+        return (
+            f"exit status {self.returncode}, delay {self.delay}\n"
+            f"stderr tail:\n{self.stderr[-4000:]}\nstdout tail:\n{self.stdout[-1000:]}"
+        )
+
+
+def run_script(
+    script: Path,
+    env: Mapping[str, str],
+    *,
+    hang_after: float = 10.0,
+    timeout: float = 60.0,
+    python: str | None = None,
+) -> Exit:
+    """Run ``script`` through the launcher in a fresh interpreter and wait for its exit."""
+    argv = [python or sys.executable, str(HERE / "userscripts.py"), str(script), str(hang_after)]
+    proc = subprocess.Popen(
+        argv,
+        env=dict(env),
+        cwd=str(HERE.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += "\n(killed by run_script's timeout; most recent call first: unknown)"
+    exited = time.time()
+    marks = _MARK_RE.findall(err)
+    return Exit(proc.returncode, float(marks[-1]) if marks else None, exited, out, err)
+
+
+def _launch(script: str, hang_after: float) -> None:
+    """Run ``script`` as ``__main__``, timing the coroutine its ``asyncio.run`` runs."""
+    import asyncio
+    import faulthandler
+    import runpy
+    from collections.abc import Coroutine
+    from typing import Any
+
+    real_run = asyncio.run
+
+    def timed_run(main: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
+        async def timed() -> Any:
+            try:
+                return await main
+            finally:
+                print(f"{MARK} {time.time():.6f}", file=sys.stderr, flush=True)
+                faulthandler.dump_traceback_later(hang_after, exit=True)
+
+        return real_run(timed(), **kwargs)
+
+    asyncio.run = timed_run  # type: ignore[assignment]
+    sys.argv = [script]
+    # As `python script.py` would: the script's directory first, not this one's.
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1], float(sys.argv[2]))
