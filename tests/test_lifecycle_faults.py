@@ -112,7 +112,8 @@ def turn_lock_held(cluster: Any, layout: Any, sid: str) -> bool:
     client = cluster.node_client(cluster.master_of_key(key))
     try:
         value = client.get(key)
-        return value is not None and not value.startswith(b"~")  # ~token: a tombstone
+        # ~token: a tombstone; ?: released, reserved for a turn that waited
+        return value is not None and not value.startswith((b"~", b"?"))
     finally:
         client.close()
 
