@@ -9,7 +9,7 @@ workers SIGKILLed in a loop while others append.
   every acknowledged message is in Postgres within 10 s of the last kill (a dead flusher's
   claims hold their sessions back for one flush lease at most).
 
-Reduced sizes in the default suite; ``scripts/lifecycle`` runs them at full size, with the
+Reduced sizes in the default suite; ``scripts/turn-lifecycle`` runs them at full size, with the
 default leases. Figures go to ``$VEL_FIGURES_DIR`` (default ``/tmp/vel-figures``).
 """
 

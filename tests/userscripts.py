@@ -51,6 +51,53 @@ asyncio.run(main())
 """
 
 
+# One Agent driven by successive asyncio.run() calls (a worker running each job in a fresh
+# loop), two turns per run on a session of its own; prints one JSON line: the sockets the
+# process holds after each run (gc'd), after aclose(), and when aclose() returned.
+MANY_LOOPS = """\
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+
+from vel import Agent
+
+
+def sockets():
+    count = 0
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            count += os.readlink(f'/proc/self/fd/{fd}').startswith('socket:')
+        except OSError:
+            pass
+    return count
+
+
+agent = Agent(
+    id='my-agent',
+    model={'provider': 'openai', 'model': 'gpt-4o'},
+    session_storage=os.environ['VEL_TEST_MODE'],
+)
+prefix = os.environ['VEL_TEST_SESSION']
+runs = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get('VEL_TEST_RUNS', '10'))
+after_run = []
+for i in range(runs):
+    async def job():
+        await agent.run({'message': f'first of job {i}'}, session_id=f'{prefix}-{i}')
+        await agent.run({'message': f'second of job {i}'}, session_id=f'{prefix}-{i}')
+
+    asyncio.run(job())
+    gc.collect()
+    after_run.append(sockets())
+asyncio.run(agent.aclose())
+closed = time.time()
+gc.collect()
+print(json.dumps({'after_run': after_run, 'after_aclose': sockets(), 'closed': closed}))
+"""
+
+
 def spec_usage(after: str = "") -> str:
     """:data:`SPEC_USAGE` with ``after`` (lines of code, unindented) at the end of main()."""
     body = "".join(f"    {line}\n" for line in after.splitlines())
