@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 from conftest import schema_dsn
 from userscripts import MANY_LOOPS, Exit, run_script, spec_usage
@@ -114,8 +112,6 @@ async def test_one_agent_driven_by_many_loops_keeps_no_connection_and_loses_noth
     tmp_path: Path,
     env: dict[str, str],
     mode: str,
-    pg_dsn: str,
-    migrated_schema: str,
 ) -> None:
     """Before: one Postgres connection (and in 'redis' mode three sockets) more per loop,
     and in 'redis' mode the embedded flusher failed in every loop after the first
@@ -134,15 +130,6 @@ async def test_one_agent_driven_by_many_loops_keeps_no_connection_and_loses_noth
     # Each finished loop's pools and clients were closed with it: nothing accumulates.
     assert max(report["after_run"]) == report["after_run"][0] == 0, report
     assert report["after_aclose"] == 0, report
-    conn = await asyncpg.connect(schema_dsn(pg_dsn, migrated_schema))
-    try:
-        while True:
-            stored = await conn.fetchval(
-                "SELECT count(*) FROM vel_messages WHERE session_id LIKE $1", f"{prefix}-%"
-            )
-            if stored == 4 * runs or time.time() > report["closed"] + 5:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
-    assert stored == 4 * runs
+    # Every message in Postgres within 5 s of aclose() (the script waited up to 10 s).
+    assert report["stored"] == 4 * runs, report
+    assert report["stored_after"] < 5, report
