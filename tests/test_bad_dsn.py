@@ -127,6 +127,7 @@ async def test_a_bad_dsn_acknowledges_nothing_and_closes_everything(
     await seed(pg, redis_url, key_prefix, sid)
     dsn = BAD_DSNS[kind].format(port=pg.port)
     report = await asyncio.to_thread(probe, dsn, redis_url, key_prefix, sid, srv.base_url)
+    print(f"\nbad DSN ({kind}):", json.dumps(report))
     if "construct" in report:  # refused when the Agent is built: nothing could be served
         assert report["construct"] == "ConfigurationError", report
     else:
@@ -177,7 +178,9 @@ async def test_postgres_unreachable_at_the_first_call_is_an_outage_not_a_verdict
                 began = time.monotonic()
                 with pytest.raises(StoreUnavailableError, match="not yet checked"):
                     await agent.run({"message": "hi"}, session_id=sid)
-                assert time.monotonic() - began < WAIT + 1.5, mode
+                took = time.monotonic() - began
+                print(f"\nPostgres unreachable ({mode}): StoreUnavailableError after {took:.2f} s")
+                assert took < WAIT + 1.5, mode
             assert srv.requests == []
             assert await redis_holds(redis_url, key_prefix, sid) == (HELD, [])
             proxy.set_mode("pass")

@@ -383,3 +383,40 @@ async def test_a_windowed_warm_summarises_from_both_tiers(
     summary = await agent.ctxmgr.aget_summary(SID)
     assert summary is not None and summary.covered_seq == 102 - 4
     assert "The user's name is Alice." in summary.text
+
+
+async def test_a_forked_child_summarises_while_its_parent_still_is(srv: FakeOpenAIServer) -> None:
+    """gunicorn --preload: the parent forks while its summariser works on a session; the
+    child's own turns on that session must get their summary all the same."""
+    import threading
+
+    from test_fork import in_child
+
+    parent = os.getpid()
+    release = threading.Event()
+
+    async def summarizer(previous: str | None, messages: list[dict[str, Any]]) -> str:
+        if os.getpid() == parent:
+            await asyncio.to_thread(release.wait, 30)
+        return "The user's name is Alice."
+
+    ctx = ContextManager(max_history=4, summarize=True, summarizer=summarizer)
+    async with Agent(id="fork", model=model_for(srv), context_manager=ctx) as agent:
+        await converse(agent, 0)
+        for i in range(6):  # 14 messages: the parent's summariser starts, and waits
+            await agent.run({"message": f"topic {i}"}, session_id=SID)
+        assert ctx.summaries is not None and not await ctx.summaries.idle(0.2)
+
+        def child() -> str | None:
+            async def turn() -> str | None:
+                async with agent:
+                    await agent.run({"message": "in the child"}, session_id=SID)
+                    assert ctx.summaries is not None and await ctx.summaries.idle(10)
+                    summary = await ctx.aget_summary(SID)
+                    return summary.text if summary is not None else None
+
+            return asyncio.run(turn())
+
+        assert in_child(child) == "The user's name is Alice."
+        release.set()
+        assert await ctx.summaries.idle(10)

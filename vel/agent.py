@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel import tracing
+from vel._ids import new_ids
 from vel._shield import CancelWatch
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
@@ -369,7 +370,7 @@ class Agent:
         caller meanwhile; that cancellation is raised after it (the turn is stored)."""
         messages = self.ctxmgr.turn_messages(run_id)
         # Ids made once: a commit interrupted mid-flight is sent again, and stored once.
-        ids = [uuid.uuid4().hex for _ in messages]
+        ids = new_ids(len(messages))
 
         async def work() -> int:
             if turn is not None:

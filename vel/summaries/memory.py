@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+from vel import _fork
 from vel.stores.memory import MemoryStore
 from vel.summaries.base import Entry, History, Summary
 
@@ -22,6 +23,13 @@ class MemorySummaries:
         self._leases: dict[str, tuple[str, float]] = {}
         self._lags: dict[str, int] = {}
         self._totals = {"summary_calls": 0.0, "summary_failures": 0.0}
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # Another thread may have held the lock at the fork; the parent's summarisers (and
+        # their leases) do not run in the child.
+        self._mutex = threading.Lock()
+        self._leases = {}
 
     def _valid(self, session_id: str) -> Summary | None:
         summary = self._summaries.get(session_id)

@@ -22,9 +22,9 @@ import time
 import uuid
 from collections import OrderedDict
 
-from vel import metrics
+from vel import _fork, metrics
 from vel._lease import LeaseKeeper
-from vel._shield import settle
+from vel._shield import CancelWatch, settle
 from vel._sync import in_helper_thread
 from vel.errors import VelError
 from vel.logs import get_logger
@@ -69,6 +69,12 @@ class Summaries:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._pause: dict[str, tuple[int, float]] = {}  # session -> (failed runs, not before)
         metrics.track(self, _Figures(self.counters, self._lags, policy.every), None)
+        _fork.forget_in_child(self)
+
+    def _forget_after_fork(self) -> None:
+        # The parent's tasks belong to a loop the child does not run: kept, they would make
+        # their sessions look busy forever.
+        self._tasks = {}
 
     # -- the turn's side ------------------------------------------------------------------
 
@@ -156,7 +162,10 @@ class Summaries:
     async def _catch_up(self, session_id: str) -> int:
         written = 0
         p = self.policy
+        # Stops when cancelled (its loop ending), even if a driver dropped the cancellation.
+        watch = CancelWatch()
         while True:
+            watch.check()
             previous = await self.backend.get(session_id)
             covered = previous.covered_seq if previous is not None else 0
             # The batch, the window and the tool results that may follow the cut.
@@ -175,6 +184,7 @@ class Summaries:
                 return written
             summary = Summary(text, upto, entries[-1].message_id, time.time())
             if not await self.backend.put(session_id, summary, previous, basis):
+                await self.backend.note(session_id, self._due(behind), calls=1)
                 log.info(
                     "summary of %r not stored: the history changed meanwhile",
                     session_id,
@@ -186,7 +196,9 @@ class Summaries:
             self._pause.pop(session_id, None)
             left = pol.lag(basis.last_seq, self.window, upto)
             self._remember(session_id, left)
-            await self.backend.note(session_id, self._due(left))
+            await self.backend.note(session_id, self._due(left), calls=1)
+            if left < p.every:
+                return written  # caught up with what was read (later turns trigger again)
 
     def _due(self, behind: int) -> int:
         """The lag shared with other processes: only a due summary's (K or more)."""
@@ -199,13 +211,17 @@ class Summaries:
         (the session then rests before a later turn tries again)."""
         p = self.policy
         delay = p.backoff
+        watch = CancelWatch()
         for attempt in range(1, p.attempts + 1):
+            watch.check()
             self.counters["summary_calls"] += 1
             try:
                 text = await call(
                     self.summarizer, previous.text if previous is not None else None, messages
                 )
             except Exception as exc:  # the summariser is user code or a model: any failure
+                # ... but never a cancellation it reworded: that ends the run.
+                watch.check()
                 self.counters["summary_failures"] += 1
                 log.warning(
                     "summariser failed for %r (attempt %d of %d): %s",
@@ -222,8 +238,7 @@ class Summaries:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, p.max_backoff)
                 continue
-            await self.backend.note(session_id, self._due(self._lags.get(session_id, 0)), calls=1)
-            return text
+            return text  # its call is noted with the summary it produced
         failed = self._pause.get(session_id, (0, 0.0))[0] + 1
         pause = min(p.backoff * 2 ** (p.attempts + failed - 1), p.max_backoff)
         self._pause[session_id] = (failed, time.monotonic() + pause)
