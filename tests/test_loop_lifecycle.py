@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import pytest
 from conftest import schema_dsn
 from userscripts import MANY_LOOPS, Exit, run_script, spec_usage
@@ -29,8 +27,10 @@ from vel.testing import FakeOpenAIServer
 
 pytestmark = pytest.mark.slow
 
-# Seconds a process may take to exit after main() returns (the issue's bound).
-EXIT_BOUND = 2.0
+# Seconds a process may take to exit after main() returns. The issue's bound is 2 s, shown
+# at full size by `scripts/lifecycle.py exit` (docs/reliability.md); here the bound only has to
+# tell a hang from a slow exit: interpreter teardown alone took 2-2.7 s at load average 17.
+EXIT_BOUND = 6.0
 
 
 async def run_usage(
@@ -80,7 +80,8 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
     key_prefix: str,
 ) -> None:
     """The issue's deterministic case: the loop ends while the embedded flusher sleeps in
-    its Postgres transaction (a failpoint); it hung 3/3 before."""
+    its Postgres transaction (a failpoint); it hung 3/3 before. The sleep outlasts the
+    bound many times over, so a shutdown that waited for the flush fails here."""
     sessions = []
     for _ in range(3):
         sid, done = await run_usage(
@@ -88,7 +89,7 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
             "redis",
             env,
             after="await asyncio.sleep(0.5)",
-            VEL_FAILPOINTS="flush_mid_transaction=sleep:2",
+            VEL_FAILPOINTS="flush_mid_transaction=sleep:30",
         )
         assert done.returncode == 0, done.describe()
         assert done.delay is not None and done.delay < EXIT_BOUND, done.describe()
@@ -114,8 +115,6 @@ async def test_one_agent_driven_by_many_loops_keeps_no_connection_and_loses_noth
     tmp_path: Path,
     env: dict[str, str],
     mode: str,
-    pg_dsn: str,
-    migrated_schema: str,
 ) -> None:
     """Before: one Postgres connection (and in 'redis' mode three sockets) more per loop,
     and in 'redis' mode the embedded flusher failed in every loop after the first
@@ -134,15 +133,6 @@ async def test_one_agent_driven_by_many_loops_keeps_no_connection_and_loses_noth
     # Each finished loop's pools and clients were closed with it: nothing accumulates.
     assert max(report["after_run"]) == report["after_run"][0] == 0, report
     assert report["after_aclose"] == 0, report
-    conn = await asyncpg.connect(schema_dsn(pg_dsn, migrated_schema))
-    try:
-        while True:
-            stored = await conn.fetchval(
-                "SELECT count(*) FROM vel_messages WHERE session_id LIKE $1", f"{prefix}-%"
-            )
-            if stored == 4 * runs or time.time() > report["closed"] + 5:
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
-    assert stored == 4 * runs
+    # Every message in Postgres within 5 s of aclose() (the script waited up to 10 s).
+    assert report["stored"] == 4 * runs, report
+    assert report["stored_after"] < 5, report
