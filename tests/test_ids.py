@@ -12,7 +12,7 @@ import pytest
 
 from vel._ids import new_id, new_ids
 from vel.errors import InvalidInputError
-from vel.messages import check_message_ids, decode_items, new_message_ids
+from vel.messages import check_message_ids, decode_items, decode_texts, new_message_ids
 
 
 def test_ids_are_unique_and_valid_message_ids() -> None:
@@ -61,6 +61,7 @@ def test_other_processes_draw_other_ids() -> None:
 def test_window_decoding_matches_the_stdlib(text: str) -> None:
     items = [b"id1\n" + text.encode(), b"id2\n" + text.encode()]
     assert decode_items(items) == [json.loads(text), json.loads(text)]
+    assert decode_texts([text, text]) == [json.loads(text), json.loads(text)]
 
 
 def test_window_decoding_refuses_what_the_stdlib_refuses() -> None:
@@ -68,3 +69,5 @@ def test_window_decoding_refuses_what_the_stdlib_refuses() -> None:
         decode_items([b"id\n[1, 2]"])
     with pytest.raises(ValueError):
         decode_items([b"id\n{not json"])
+    with pytest.raises(InvalidInputError):
+        decode_texts(["[1, 2]"])

@@ -236,3 +236,19 @@ def decode_items(items: Sequence[bytes]) -> list[Message]:
     except ValueError:
         return [decode_message(item[item.index(b"\n") + 1 :]) for item in items]
     return messages
+
+
+def decode_texts(texts: Iterable[str]) -> list[Message]:
+    """The messages of stored JSON texts (a Postgres window), decoded as
+    :func:`decode_items` does (jiter, the stdlib for what jiter refuses)."""
+    texts = list(texts)
+    messages: list[Message] = []
+    try:
+        for text in texts:
+            value = _fast_loads(text.encode())
+            if type(value) is not dict:
+                raise InvalidInputError("stored message is not a JSON object")
+            messages.append(value)
+    except ValueError:  # UnicodeEncodeError included
+        return [decode_message(text) for text in texts]
+    return messages

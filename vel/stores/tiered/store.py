@@ -32,7 +32,7 @@ from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
 from vel.errors import ConfigurationError, StoreError, StoreTimeoutError, VelError
 from vel.instrument import observed
 from vel.logs import get_logger
-from vel.messages import Message, decode_message, validate_session_id
+from vel.messages import Message, decode_texts, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import place
 from vel.settings import Settings, load_settings
@@ -245,7 +245,7 @@ class TieredStore:
                 )
                 if base < 0:
                     break
-        return [decode_message(text) for _, _, text in rows] + window.messages
+        return decode_texts(text for _, _, text in rows) + window.messages
 
     async def append(
         self,

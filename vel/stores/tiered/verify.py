@@ -69,7 +69,8 @@ class Verification:
     async def _check(self) -> None:
         refused = self._refused
         if refused is not None and time.monotonic() - self._refused_at < RECHECK_AFTER:
-            raise ConfigurationError(str(refused)) from refused.__cause__
+            # The same class as the refusal itself (AccessDeniedError stays one).
+            raise type(refused)(str(refused)) from refused.__cause__
         try:
             async with asyncio.timeout(self.wait):
                 await self.cold.open()
