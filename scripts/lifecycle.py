@@ -90,11 +90,13 @@ def spread(values: list[float]) -> dict[str, float]:
 # -- exit ------------------------------------------------------------------------------------
 
 
-def exit_figures(procs: int, parallel: int, env: dict[str, str], work: Path) -> dict[str, Any]:
+def exit_figures(
+    procs: int, parallel: int, env: dict[str, str], work: Path, modes: list[str]
+) -> dict[str, Any]:
     script = work / "spec_usage.py"
     script.write_text(spec_usage())
     figures: dict[str, Any] = {}
-    for mode in ("memory", "database", "redis"):
+    for mode in modes:
 
         def one(i: int, mode: str = mode) -> Exit:
             sid = f"exit-{mode}-{i}-{uuid.uuid4().hex[:6]}"
@@ -300,6 +302,9 @@ def main() -> int:
     parser.add_argument("what", choices=["exit", "cancel-pg", "many-loops", "all"])
     parser.add_argument("--procs", type=int, default=200, help="processes per mode (exit)")
     parser.add_argument("--parallel", type=int, default=2, help="processes at once (exit)")
+    parser.add_argument(
+        "--modes", default="memory,database,redis", help="storage modes, comma separated (exit)"
+    )
     parser.add_argument("--cancels", type=int, default=600, help="cancellations (cancel-pg)")
     parser.add_argument("--loops", type=int, default=50, help="asyncio.run calls (many-loops)")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
@@ -314,7 +319,9 @@ def main() -> int:
         with FakeOpenAIServer() as srv:
             env = child_env(schema, prefix, srv.base_url)
             if args.what in ("exit", "all"):
-                figures["exit"] = exit_figures(args.procs, args.parallel, env, work)
+                figures["exit"] = exit_figures(
+                    args.procs, args.parallel, env, work, args.modes.split(",")
+                )
             if args.what in ("cancel-pg", "all"):
                 figures["cancel_pg"] = asyncio.run(cancel_figures(args.cancels, schema))
             if args.what in ("many-loops", "all"):

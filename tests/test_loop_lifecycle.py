@@ -27,10 +27,11 @@ from vel.testing import FakeOpenAIServer
 
 pytestmark = pytest.mark.slow
 
-# Seconds a process may take to exit after main() returns. The bound is 2 s, shown
-# at full size by `scripts/lifecycle.py exit` (docs/reliability.md); here the bound only has to
-# tell a hang from a slow exit: interpreter teardown alone took 2-2.7 s at load average 17.
-EXIT_BOUND = 6.0
+# Seconds the loop's shutdown (asyncio.run returning after main() did) may take: the issue's
+# bound, on vel's part of the exit. What follows is the interpreter's own teardown, which on a
+# loaded machine alone took 2-2.7 s at load average 17 (`scripts/lifecycle.py exit` measures
+# the whole exit); a hang still fails (stacks dumped 10 s after main() returned).
+EXIT_BOUND = 2.0
 
 
 async def run_usage(
@@ -44,8 +45,8 @@ async def run_usage(
     script.write_text(spec_usage(after))
     sid = f"ll-{uuid.uuid4().hex[:10]}"
     env = {**env, "VEL_TEST_MODE": mode, "VEL_TEST_SESSION": sid, **extra}
-    # Alive a second after the bound: its stacks are dumped and it is killed.
-    done = await asyncio.to_thread(run_script, script, env, hang_after=EXIT_BOUND + 1)
+    # Still alive 10 s after main() returned: its stacks are dumped and it is killed.
+    done = await asyncio.to_thread(run_script, script, env)
     return sid, done
 
 
@@ -68,7 +69,7 @@ async def test_spec_usage_without_aclose_exits_promptly(
     for _ in range(3):
         _, done = await run_usage(tmp_path, mode, env)
         assert done.returncode == 0, done.describe()
-        assert done.delay is not None and done.delay < EXIT_BOUND, done.describe()
+        assert done.loop_shutdown is not None and done.loop_shutdown < EXIT_BOUND, done.describe()
 
 
 async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
@@ -92,7 +93,7 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
             VEL_FAILPOINTS="flush_mid_transaction=sleep:30",
         )
         assert done.returncode == 0, done.describe()
-        assert done.delay is not None and done.delay < EXIT_BOUND, done.describe()
+        assert done.loop_shutdown is not None and done.loop_shutdown < EXIT_BOUND, done.describe()
         # Cut off mid-transaction, the flush left the turn unflushed: one line says so.
         assert done.stderr.count("stays in Redis") == 1, done.describe()
         sessions.append(sid)
