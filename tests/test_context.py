@@ -223,7 +223,7 @@ def test_session_operations_reject_bad_session_ids(session_id: Any) -> None:
         ctx.clear_session(session_id)
 
 
-def test_summarize_true_is_refused() -> None:
+def test_summarize_true_without_a_window_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="summar"):
         ContextManager(summarize=True)
 

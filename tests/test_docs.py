@@ -326,7 +326,8 @@ def test_each_command_offers_only_the_connection_flags_it_uses() -> None:
     # migrate follows the namespace (--prefix picks the schema) but never touches Redis.
     assert "--redis-url" not in option_strings(parsers["vel migrate"])
     assert {"--dsn", "--prefix", "--schema"} <= option_strings(parsers["vel migrate"])
-    assert "--dsn" not in option_strings(parsers["vel stats"])
+    # stats reads Postgres only for 'database'-mode summaries (vel_summaries).
+    assert {"--dsn", "--schema"} <= option_strings(parsers["vel stats"])
     assert "--redis-url" in option_strings(parsers["vel stats"])
     assert option_strings(parsers["vel demo"]) & {"--dsn", "--redis-url", "--prefix"} == set()
     for name in ("vel flusher", "vel warm", "vel doctor", "vel sessions list"):

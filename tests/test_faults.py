@@ -1311,3 +1311,33 @@ async def test_worker_killed_at_an_append_or_warm_failpoint(
     assert same_history(cold, hot) == []
     if failpoint == "during_warm":
         assert figures["unacknowledged_append_stored"] == 0
+
+
+async def test_a_copy_that_lost_writes_postgres_holds_is_warmed_again(
+    tiered: TieredStore, stack: Stack
+) -> None:
+    """A failover to a replica that had not received the last appends leaves a copy behind
+    what a flusher already wrote to Postgres: the flusher's acknowledgement then drops the
+    copy (it never marks it flushed beyond its seq), the next append warms it again and
+    lands after Postgres' last seq, and the append is flushed: nothing acknowledged is lost,
+    no seq is used twice."""
+    sid = new_sid()
+    await tiered.append(sid, [{"role": "user", "content": c} for c in "abc"])
+    assert await tiered.flush(10)
+    keys = tiered.hot.keys.session(sid)
+
+    async def behind(c: Any) -> Any:  # the replica never got message c
+        pipe = c.redis.pipeline(transaction=False)
+        pipe.hset(keys.meta, mapping={"seq": 2, "flushed": 2})
+        pipe.rpop(keys.messages)
+        return await pipe.execute()
+
+    await tiered.hot.call("behind", behind)
+    gen = int(await tiered.hot.call("gen", lambda c: c.redis.hget(keys.meta, "gen")))
+    await tiered.hot.ack([(sid, gen, 3)])  # the flusher that wrote c to Postgres, late
+    assert not await tiered.hot.exists(sid)
+    assert await tiered.append(sid, [{"role": "user", "content": "d"}]) == 4
+    assert await tiered.flush(10)
+    expected = [{"role": "user", "content": c} for c in "abcd"]
+    assert await tiered.load(sid) == expected
+    assert [r.message for r in await postgres_rows(stack.pg_dsn, stack.schema, sid)] == expected

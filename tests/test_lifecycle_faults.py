@@ -9,7 +9,7 @@ workers SIGKILLed in a loop while others append.
   every acknowledged message is in Postgres within 10 s of the last kill (a dead flusher's
   claims hold their sessions back for one flush lease at most).
 
-Reduced sizes in the default suite; ``scripts/lifecycle`` runs them at full size, with the
+Reduced sizes in the default suite; ``scripts/turn-lifecycle`` runs them at full size, with the
 default leases. Figures go to ``$VEL_FIGURES_DIR`` (default ``/tmp/vel-figures``).
 """
 
@@ -112,7 +112,8 @@ def turn_lock_held(cluster: Any, layout: Any, sid: str) -> bool:
     client = cluster.node_client(cluster.master_of_key(key))
     try:
         value = client.get(key)
-        return value is not None and not value.startswith(b"~")  # ~token: a tombstone
+        # ~token: a tombstone; ?: released, reserved for a turn that waited
+        return value is not None and not value.startswith((b"~", b"?"))
     finally:
         client.close()
 

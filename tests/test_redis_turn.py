@@ -159,3 +159,56 @@ async def test_a_long_turn_keeps_its_lock_past_the_lease(redis_url: str, key_pre
             assert [m["content"] for m in again.window] == ["m0"]
     finally:
         await store.aclose()
+
+
+async def test_waiting_turns_are_handed_the_lock_in_arrival_order(
+    redis_only: RedisStore, redis_url: str
+) -> None:
+    """A turn that finds the lock held marks it and blocks on the session's wake list; the
+    release reserves the lock for a turn that waited and wakes one: waiting turns get the
+    lock one after another in the order they came (no polling race), each seeing the turn
+    before it, and a turn that comes later waits behind them."""
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    order: list[int] = []
+    seen: list[str] = []
+
+    async def waiter(i: int) -> None:
+        async with redis_only.turn(s, limit=1, timeout=30) as turn:
+            order.append(i)
+            seen.append(turn.window[-1]["content"] if turn.window else "")
+            await asyncio.sleep(0.01)  # time for the next arrival to find the lock held
+            await turn.commit([msg(i)])
+
+    waiters: list[asyncio.Task[None]] = []
+    async with redis_only.turn(s) as holder:
+        for i in range(4):
+            waiters.append(asyncio.create_task(waiter(i)))
+            await asyncio.sleep(0.05)  # each finds the lock held, in this order
+        assert await lock_holder(redis_only, s, redis_url) == holder.token.encode() + b"!"
+        await holder.commit([msg(-1)])
+    waiters.append(asyncio.create_task(waiter(4)))  # comes after the release: waits behind
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
+    assert order == [0, 1, 2, 3, 4]
+    assert seen == ["m-1", "m0", "m1", "m2", "m3"]
+    assert [m["content"] for m in await redis_only.load(s)] == [f"m{i}" for i in range(-1, 5)]
+
+
+async def test_a_turn_that_gives_up_waiting_leaves_the_lock_usable(
+    redis_only: RedisStore,
+) -> None:
+    """A waiter that times out (SessionLockedError) or is cancelled while blocked on the
+    wake list leaves nothing behind: the next turn takes the lock once it is released."""
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    async with redis_only.turn(s) as holder:
+        with pytest.raises(SessionLockedError):
+            async with redis_only.turn(s, timeout=0.3):
+                pass
+        blocked = asyncio.create_task(redis_only.turn(s, timeout=30).__aenter__())
+        await asyncio.sleep(0.2)
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await blocked
+        await holder.commit([msg(0)])
+    async with redis_only.turn(s, timeout=5) as turn:
+        assert [m["content"] for m in turn.window] == ["m0"]
+        await turn.commit([msg(1)])

@@ -316,3 +316,52 @@ async def test_redis_only_details_expire_with_their_session(
         assert await redis.pttl(keys.details) > 30_000  # the details follow it
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("order", ["newest", "oldest"])
+async def test_paging_while_writers_run_concurrently(
+    cm: ContextManager, request: pytest.FixtureRequest, order: str
+) -> None:
+    """A writer task creates sessions and writes to existing ones while a reader pages."""
+    if request.node.callspec.params["cm"] == "redis-only":
+        pytest.skip("Redis-only snapshots are times: exact only beyond the clock's resolution")
+    owner = uid("u")
+    ids = [uid() for _ in range(40)]
+    for s in ids:
+        await cm.aset_session_details(s, owner=owner)
+        await turn(cm, s, msg(1))
+    await settle(cm)
+    touched: set[str] = set()
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n % 3 == 0:
+                s = uid()
+                touched.add(s)
+                await cm.aset_session_details(s, owner=owner)
+            else:
+                s = ids[::2][(n * 7) % (len(ids) // 2)]  # every other session, in turn
+                touched.add(s)  # before the write: a superset of what changed
+            await turn(cm, s, msg(n))
+            await settle(cm)
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(writer())
+    try:
+        seen: list[str] = []
+        page = await cm.afind_sessions(owner, order=order, limit=3)
+        seen += [i.session_id for i in page.sessions]
+        while page.next_cursor is not None:
+            await asyncio.sleep(0.005)
+            page = await cm.afind_sessions(cursor=page.next_cursor, limit=3)
+            seen += [i.session_id for i in page.sessions]
+    finally:
+        stop.set()
+        await task
+    assert len(seen) == len(set(seen)), "a session was listed twice"
+    untouched = [s for s in ids if s not in touched]
+    assert set(untouched) <= set(seen), "a session unchanged during the listing was skipped"
+    assert touched, "no concurrent writes happened"

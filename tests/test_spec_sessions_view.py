@@ -208,3 +208,20 @@ async def test_upgrade_across_the_view_keeps_sessions_and_turns(
         assert await store.last_seq("old") == (3, 3)
     finally:
         await store.aclose()
+
+
+async def test_the_spec_select_of_every_session_in_redis_mode_after_a_flush(
+    tiered: TieredStore, pg_dsn: str, migrated_schema: str
+) -> None:
+    histories = {uid(): [msg(i) for i in range(1, n + 2)] for n in range(4)}
+    for s, history in histories.items():
+        await tiered.append(s, history)
+    await tiered.clear(next(iter(histories)))  # a cleared session is no row of the spec's
+    assert await tiered.flush(10)
+    async with connect(pg_dsn, migrated_schema) as conn:
+        rows = await conn.fetch(
+            "SELECT id, context, created_at, updated_at, expires_at FROM vel_sessions"
+        )
+    found = {r["id"]: json.loads(r["context"]) for r in rows}
+    expected = dict(list(histories.items())[1:])
+    assert found == expected

@@ -116,8 +116,9 @@ class Backend:
 
 def lock_held(value: bytes | None) -> bool:
     """A Redis lock key's value holds the lock (``~token`` is an abandoned attempt's
-    tombstone, which holds nothing)."""
-    return value is not None and not value.startswith(b"~")
+    tombstone, ``?`` a released lock reserved for a turn that waited for it: neither is a
+    turn holding it)."""
+    return value is not None and not value.startswith((b"~", b"?"))
 
 
 @pytest.fixture

@@ -24,6 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MARK = "VEL_MAIN_RETURNED"
 _MARK_RE = re.compile(rf"^{MARK} (\d+\.\d+)$", re.M)
+# Printed when asyncio.run() returns: its loop has shut down (tasks cancelled, loop-end work
+# done, loop closed); the rest of the exit delay is the interpreter's own teardown.
+RUN_MARK = "VEL_RUN_RETURNED"
+_RUN_MARK_RE = re.compile(rf"^{RUN_MARK} (\d+\.\d+)$", re.M)
 
 # The spec's basic usage (spec/session-management.md), as a script: one turn in whichever
 # storage mode VEL_TEST_MODE names, no aclose(). {after} follows the turn inside main().
@@ -51,6 +55,77 @@ asyncio.run(main())
 """
 
 
+# One Agent driven by successive asyncio.run() calls (a worker running each job in a fresh
+# loop), two turns per run on a session of its own; prints one JSON line: the sockets the
+# process holds after each run (gc'd) and after aclose(), when aclose() returned, and how
+# many of the 4 * runs messages Postgres held how many seconds after that (waiting <= 10 s).
+MANY_LOOPS = """\
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+
+from vel import Agent
+
+
+def sockets():
+    count = 0
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            count += os.readlink(f'/proc/self/fd/{fd}').startswith('socket:')
+        except OSError:
+            pass
+    return count
+
+
+agent = Agent(
+    id='my-agent',
+    model={'provider': 'openai', 'model': 'gpt-4o'},
+    session_storage=os.environ['VEL_TEST_MODE'],
+)
+prefix = os.environ['VEL_TEST_SESSION']
+runs = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get('VEL_TEST_RUNS', '10'))
+after_run = []
+for i in range(runs):
+    async def job():
+        await agent.run({'message': f'first of job {i}'}, session_id=f'{prefix}-{i}')
+        await agent.run({'message': f'second of job {i}'}, session_id=f'{prefix}-{i}')
+
+    asyncio.run(job())
+    gc.collect()
+    after_run.append(sockets())
+asyncio.run(agent.aclose())
+closed = time.time()
+gc.collect()
+after_aclose = sockets()
+
+
+async def in_postgres():
+    import asyncpg
+
+    conn = await asyncpg.connect(os.environ['POSTGRES_DSN'])
+    try:
+        while True:
+            stored = await conn.fetchval(
+                'SELECT count(*) FROM vel_messages WHERE session_id LIKE $1', prefix + '-%'
+            )
+            if stored >= 4 * runs or time.time() > closed + 10:
+                return stored, time.time() - closed
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+stored, waited = asyncio.run(in_postgres())
+print(json.dumps({
+    'after_run': after_run, 'after_aclose': after_aclose, 'closed': closed,
+    'stored': stored, 'stored_after': waited,
+}))
+"""
+
+
 def spec_usage(after: str = "") -> str:
     """:data:`SPEC_USAGE` with ``after`` (lines of code, unindented) at the end of main()."""
     body = "".join(f"    {line}\n" for line in after.splitlines())
@@ -71,6 +146,14 @@ class Exit:
     def delay(self) -> float | None:
         """Seconds from main() returning to the process's exit (None: never returned)."""
         return None if self.main_returned is None else self.exited - self.main_returned
+
+    @property
+    def loop_shutdown(self) -> float | None:
+        """Seconds from main() returning to asyncio.run() returning (the loop's shutdown)."""
+        runs = _RUN_MARK_RE.findall(self.stderr)
+        if self.main_returned is None or not runs:
+            return None
+        return float(runs[-1]) - self.main_returned
 
     @property
     def hung(self) -> bool:
@@ -131,7 +214,10 @@ def _launch(script: str, hang_after: float) -> None:
                 print(f"{MARK} {time.time():.6f}", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback_later(hang_after, exit=True)
 
-        return real_run(timed(), **kwargs)
+        try:
+            return real_run(timed(), **kwargs)
+        finally:
+            print(f"{RUN_MARK} {time.time():.6f}", file=sys.stderr, flush=True)
 
     asyncio.run = timed_run  # type: ignore[assignment]
     sys.argv = [script]

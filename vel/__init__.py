@@ -27,6 +27,7 @@ from vel.outcome import TurnReceipt, turn_committed
 from vel.stores.base import SessionInfo, SessionStore
 from vel.stores.listing import HistoryPage, SessionCatalog, SessionDetails, SessionPage
 from vel.stores.memory import MemoryStore
+from vel.summaries import Summary, SummaryPolicy
 from vel.tools import Tool
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "StoreFullError",
     "StoreTimeoutError",
     "StoreUnavailableError",
+    "Summary",
+    "SummaryPolicy",
     "TierLeaseError",
     "Tool",
     "ToolError",

@@ -1,9 +1,11 @@
-"""Resources bound to the event loop that created them.
+"""Resources bound to the event loop that created them, and work done when a loop ends.
 
 asyncpg pools and redis.asyncio connections only work on the loop that made them. Agents are
 often built once and driven from several loops (``asyncio.run`` called twice, or the plain
 ``agent.ctxmgr.*`` calls, which run on vel's helper thread), so each loop gets its own
-resource, created on first use. A forked child forgets the parent's (see vel._fork).
+resource, created on first use, and closed when that loop ends (:func:`at_loop_end`), whether
+or not anyone called ``aclose()``: a worker that runs each job in a fresh loop keeps a bounded
+number of connections. A forked child forgets the parent's (see vel._fork).
 """
 
 from __future__ import annotations
@@ -11,15 +13,86 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import warnings
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
 from vel import _fork
 from vel._sync import blocked_in_run_sync, helper_loop
 from vel.errors import ConfigurationError
+from vel.logs import get_logger
 
 T = TypeVar("T")
+OwnerT = TypeVar("OwnerT")
+log = get_logger("vel")
+
+# What runs when a loop ends, in two stages: first what still uses the loop's resources (a
+# bounded drain of unflushed writes), then what closes them (pools, clients).
+DRAIN, CLOSE = 0, 1
+# Seconds each piece of loop-end work may take (a process exits right after).
+_LIMITS = (0.5, 1.0)
+# The loop-end work of each running loop that has any; weak, so that a loop nobody shut down
+# properly can still be collected.
+_ends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEnd] = weakref.WeakKeyDictionary()
+
+
+class _LoopEnd:
+    """One loop's end-of-loop work: per stage, ``owner -> work(owner)``, the owners weakly
+    held (work for an owner that is gone is skipped), and the async generator whose
+    finalization runs it."""
+
+    def __init__(self) -> None:
+        self.stages: tuple[
+            weakref.WeakKeyDictionary[Any, Callable[[Any], Awaitable[None]]], ...
+        ] = (
+            weakref.WeakKeyDictionary(),
+            weakref.WeakKeyDictionary(),
+        )
+        self.hook = _run_at_end(self)
+        # Started here, synchronously: the loop's first-iteration hook registers it, and
+        # the loop's shutdown_asyncgens() (which asyncio.run calls after cancelling the
+        # remaining tasks, before closing the loop) finalizes it, running its ``finally``.
+        step = self.hook.asend(None)
+        with contextlib.suppress(StopIteration):
+            step.send(None)
+
+
+async def _run_at_end(end: _LoopEnd) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        loop = asyncio.get_running_loop()
+        _ends.pop(loop, None)
+        with warnings.catch_warnings():
+            # The work below uses async context managers (async generators) after the loop's
+            # shutdown_asyncgens() began, which asyncio reports as a ResourceWarning; they
+            # run to their end here, so nothing is left for the loop to finalize.
+            warnings.filterwarnings("ignore", "asynchronous generator", ResourceWarning)
+            for stage, limit in zip(end.stages, _LIMITS, strict=True):
+                for owner, work in list(stage.items()):
+                    try:
+                        async with asyncio.timeout(limit):
+                            await work(owner)
+                    except Exception as exc:
+                        log.warning("%r at the end of its event loop: %s", owner, exc)
+
+
+def at_loop_end(
+    owner: OwnerT, work: Callable[[OwnerT], Awaitable[None]], stage: int = CLOSE
+) -> None:
+    """Run ``await work(owner)`` on the running loop when it ends (``asyncio.run`` returning,
+    or anything else that calls ``loop.shutdown_asyncgens()``), at most once per owner and
+    loop, bounded in time, unless ``owner`` was garbage-collected by then.
+
+    ``work`` must not hold ``owner`` itself (pass a plain function or an unbound method), or
+    the owner lives as long as the loop.
+    """
+    loop = asyncio.get_running_loop()
+    end = _ends.get(loop)
+    if end is None:
+        end = _ends[loop] = _LoopEnd()
+    end.stages[stage][owner] = work
 
 
 class PerLoop(Generic[T]):
@@ -59,7 +132,17 @@ class PerLoop(Generic[T]):
             if item is None:
                 item = await self._factory()
                 self._items[loop] = item
+                # The item holds its loop (so the weak key alone would never let go of it):
+                # closed and forgotten when the loop ends.
+                at_loop_end(self, PerLoop._loop_ended)
             return item
+
+    async def _loop_ended(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._creating.pop(loop, None)
+        item = self._items.pop(loop, None)
+        if item is not None:
+            await self._closer(item)
 
     async def aclose(self) -> None:
         """Close this loop's resource and the helper loop's (the plain calls' one); forget

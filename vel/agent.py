@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel import tracing
+from vel._ids import new_ids
 from vel._shield import CancelWatch
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
@@ -167,7 +168,7 @@ class Agent:
         self.provider: Provider = make_provider(self.model)
         self.store, self._store_key = acquire_store(session_storage)
         self.ctxmgr = context_manager if context_manager is not None else ContextManager()
-        self.ctxmgr.bind(self.store)
+        self.ctxmgr.bind(self.store, self.provider)
         # The one-step turn serves the stock window policy; a subclass that loads its own
         # way keeps the separate lock, read and append.
         self._turns = (
@@ -194,6 +195,7 @@ class Agent:
         if self._closed:
             return
         self._closed = True
+        await self.ctxmgr.aclose()  # its summariser uses the provider
         await self.provider.aclose()
         await release_store(self.store, self._store_key)
 
@@ -303,6 +305,8 @@ class Agent:
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history
+            if keep:
+                self.ctxmgr.prefetch(run_id, session_id)
             async with tracing.within(self._lock(session_id if keep else None), span) as turn:
                 with tracing.current(span):
                     await self.ctxmgr.aprepare_run(
@@ -332,6 +336,7 @@ class Agent:
                         raise _Cancelled
                     with tracing.current(span):
                         await self._commit(session_id, turn, run_id, outcome.receipt)
+                    self.ctxmgr.committed(run_id, outcome.receipt.seq)
             yield ev.finish(outcome.metadata())
         except _Cancelled:
             outcome.cancelled = True
@@ -365,7 +370,7 @@ class Agent:
         caller meanwhile; that cancellation is raised after it (the turn is stored)."""
         messages = self.ctxmgr.turn_messages(run_id)
         # Ids made once: a commit interrupted mid-flight is sent again, and stored once.
-        ids = [uuid.uuid4().hex for _ in messages]
+        ids = new_ids(len(messages))
 
         async def work() -> int:
             if turn is not None:

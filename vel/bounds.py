@@ -110,6 +110,12 @@ class Bound:
             ``error``: not a number (bool, str, NaN, infinity...), a float where an integer
                 is needed, or out of range; the message names the allowed range.
         """
+        # The common cases first, without building the message (a turn checks its window
+        # and its timeout); ``type(...) is`` leaves bool (an int subclass) to the checks below.
+        if type(value) is int and self._fits(value):
+            return value if self.integer else float(value)
+        if type(value) is float and not self.integer and math.isfinite(value) and self._fits(value):
+            return value
         allowed = self.describe() + (" (or None)" if optional else "")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{name} must be {allowed}, got {value!r}")

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from jiter import from_json as _fast_loads
+
+from vel._ids import new_ids
 from vel.errors import InvalidInputError
 
 Message = dict[str, Any]
@@ -92,10 +94,13 @@ def encode_message(message: object) -> str:
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         # Postgres jsonb rejects the NUL escape; refuse it here so every tier accepts the same.
         raise InvalidInputError("message text must not contain NUL characters")
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidInputError("message must be valid Unicode (no lone surrogates)") from None
+    if text.isascii():
+        size = len(text)  # no surrogates, one byte per character: no need to encode
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidInputError("message must be valid Unicode (no lone surrogates)") from None
     if size > MAX_MESSAGE_BYTES:
         raise InvalidInputError(
             f"message is {size} bytes of JSON; the limit is {MAX_MESSAGE_BYTES} bytes"
@@ -187,7 +192,7 @@ def encode_messages(messages: Iterable[object], *, whole_history: bool = False) 
 
 def new_message_ids(count: int) -> list[str]:
     """Fresh ids, generated once per append and kept across its retries."""
-    return [uuid.uuid4().hex for _ in range(count)]
+    return new_ids(count)
 
 
 def check_message_ids(message_ids: Sequence[str] | None, count: int) -> list[str]:
@@ -209,3 +214,41 @@ def decode_message(text: str | bytes) -> Message:
     if not isinstance(value, dict):
         raise InvalidInputError("stored message is not a JSON object")
     return value
+
+
+def decode_items(items: Sequence[bytes]) -> list[Message]:
+    """The messages of stored ``b"<message id>\\n<json>"`` items (as the Redis tier keeps
+    them). jiter (which openai brings) decodes a window about four times faster than the
+    stdlib; text vel never writes, which jiter refuses (a lone surrogate's escape), is
+    decoded, or refused, exactly as :func:`decode_message` does it.
+
+    Raises:
+        InvalidInputError: an item is not a JSON object.
+        ValueError: an item is not JSON.
+    """
+    messages: list[Message] = []
+    try:
+        for item in items:
+            value = _fast_loads(item[item.index(b"\n") + 1 :])
+            if type(value) is not dict:
+                raise InvalidInputError("stored message is not a JSON object")
+            messages.append(value)
+    except ValueError:
+        return [decode_message(item[item.index(b"\n") + 1 :]) for item in items]
+    return messages
+
+
+def decode_texts(texts: Iterable[str]) -> list[Message]:
+    """The messages of stored JSON texts (a Postgres window), decoded as
+    :func:`decode_items` does (jiter, the stdlib for what jiter refuses)."""
+    texts = list(texts)
+    messages: list[Message] = []
+    try:
+        for text in texts:
+            value = _fast_loads(text.encode())
+            if type(value) is not dict:
+                raise InvalidInputError("stored message is not a JSON object")
+            messages.append(value)
+    except ValueError:  # UnicodeEncodeError included
+        return [decode_message(text) for text in texts]
+    return messages

@@ -3,6 +3,11 @@
 Counters are cumulative over every worker and flusher sharing the key prefix (each process
 reports what grew at most once a second, see :mod:`vel.totals`), so this works from any
 machine. ``--watch`` redraws in place until Ctrl-C.
+
+Summaries (``ContextManager(summarize=True)``): summariser calls and failures, sessions whose
+summary is due (K or more messages older than the window not covered yet, as a summariser
+last saw them) and the largest such lag, from Redis ('redis' mode) plus, when a DSN is
+configured, from Postgres' ``vel_summaries`` ('database' mode).
 """
 
 from __future__ import annotations
@@ -16,11 +21,30 @@ from typing import Any
 
 from vel.bounds import COUNT, INTERVAL, cli
 from vel.cli._common import add_command, add_connection_flags, settings_from
+from vel.errors import VelError
 from vel.totals import RATE_WINDOW, read_totals
 
 
-async def collect(hot: Any) -> dict[str, float]:
-    """Backlog gauges, the flush rate and the shared counters."""
+async def summaries(hot: Any, cold: Any = None) -> dict[str, float]:
+    """Summary figures of both tiers (a Postgres that cannot be read is reported, skipped)."""
+    from vel.summaries.postgres import PostgresSummaries
+    from vel.summaries.redis import summary_figures
+
+    figures = await summary_figures(hot)
+    if cold is not None:
+        try:
+            durable = await PostgresSummaries(cold).figures()
+        except VelError as exc:
+            print(f"vel stats: summaries in Postgres not read: {exc}", file=sys.stderr)
+            return figures
+        for key in ("summary_calls", "summary_failures", "summary_sessions_behind"):
+            figures[key] += durable[key]
+        figures["summary_max_lag"] = max(figures["summary_max_lag"], durable["summary_max_lag"])
+    return figures
+
+
+async def collect(hot: Any, cold: Any = None) -> dict[str, float]:
+    """Backlog gauges, the flush rate, the shared counters and the summary figures."""
     unflushed, oldest, dirty = await hot.backlog()
     conflicts = await hot.conflict_count()
     totals, rate = await read_totals(hot)
@@ -40,6 +64,7 @@ async def collect(hot: Any) -> dict[str, float]:
         "warm_hit_ratio": round(hits / (hits + misses), 4) if hits + misses else 0.0,
         "warm_loads": totals.get("warm_loads_ok", 0.0),
         "backpressure_rejections": totals.get("backpressure_rejections", 0.0),
+        **(await summaries(hot, cold)),
     }
 
 
@@ -57,6 +82,10 @@ _LABELS = {
     "warm_hit_ratio": "warm hit ratio",
     "warm_loads": "loaded from Postgres",
     "backpressure_rejections": "backpressure rejections",
+    "summary_calls": "summariser calls",
+    "summary_failures": "summariser failures",
+    "summary_sessions_behind": "sessions with a summary due",
+    "summary_max_lag": "largest summary lag (messages)",
 }
 
 
@@ -71,12 +100,18 @@ def _table(figures: dict[str, float]) -> list[str]:
 async def cmd_stats(args: argparse.Namespace) -> int:
     from vel.stores.redis import RedisStore
 
-    hot = RedisStore.from_settings(settings_from(args), write_behind=True)
+    settings = settings_from(args)
+    hot = RedisStore.from_settings(settings, write_behind=True)
+    cold = None
+    if settings.postgres_dsn:
+        from vel.stores.postgres import PostgresStore
+
+        cold = PostgresStore.from_settings(settings)
     drawn = 0
     try:
         iteration = 0
         while True:
-            figures = await collect(hot)
+            figures = await collect(hot, cold)
             iteration += 1
             if args.json:
                 print(json.dumps(figures), flush=True)
@@ -97,11 +132,14 @@ async def cmd_stats(args: argparse.Namespace) -> int:
             await asyncio.sleep(args.interval)
     finally:
         await hot.aclose()
+        if cold is not None:
+            await cold.aclose()
 
 
 def register(sub: Any) -> None:
-    p = add_command(sub, "stats", "backlog, flush rate and warm hits/misses")
-    add_connection_flags(p, postgres=False)  # everything it shows is in Redis
+    p = add_command(sub, "stats", "backlog, flush rate, warm hits/misses and summaries")
+    # Redis, and Postgres for 'database'-mode summaries when a DSN is configured.
+    add_connection_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per refresh")
     p.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     p.add_argument(

@@ -179,6 +179,48 @@ STATS: dict[str, tuple[Family, tuple[tuple[str, str], ...]]] = {
         _counter("backend_failures", "Backend calls that failed.", tiered=True),
         (),
     ),
+    "summary_calls": (
+        _counter(
+            "summary_calls", "Summariser calls (ContextManager(summarize=True)), retries included."
+        ),
+        (),
+    ),
+    "summary_failures": (
+        _counter(
+            "summary_failures", "Summariser calls that failed (logged, retried with backoff)."
+        ),
+        (),
+    ),
+    "summaries_written": (
+        _counter("summaries_written", "Summaries stored (each covers at least K new messages)."),
+        (),
+    ),
+    "summary_runs_skipped": (
+        _counter(
+            "summary_runs_skipped",
+            "Summarisations left to the process holding the session's summary lease.",
+        ),
+        (),
+    ),
+    "summary_lag_messages": (
+        _gauge(
+            "summary_lag_messages",
+            "Messages older than the window no summary covers yet (sessions this process "
+            "served last).",
+        ),
+        (),
+    ),
+    "summary_sessions_behind": (
+        _gauge(
+            "summary_sessions_behind",
+            "Sessions whose summary is due (K uncovered messages) and not written yet.",
+        ),
+        (),
+    ),
+    "summary_max_lag": (
+        _gauge("summary_max_lag_messages", "The largest lag of a session whose summary is due."),
+        (),
+    ),
 }
 
 _TIER_PREFIX = "postgres_"

@@ -98,6 +98,23 @@ class OpenAIProvider:
         finally:
             await response.close()
 
+    async def complete(self, messages: Sequence[Message]) -> str:
+        """One completion's text, not streamed (background work such as summaries: one
+        response to parse rather than a chunk per token)."""
+        client = await self._clients.get()
+        create: Any = client.chat.completions.create
+        try:
+            response = await create(model=self.model, messages=list(messages))
+        except openai.APIStatusError as exc:
+            raise ProviderError(
+                f"model provider returned HTTP {exc.status_code}: {_error_text(exc)}"
+            ) from exc
+        except openai.OpenAIError as exc:
+            raise ProviderError(f"model provider request failed: {exc}") from exc
+        if not response.choices:
+            raise ProviderError("model provider returned no choices")
+        return str(response.choices[0].message.content or "")
+
     async def aclose(self) -> None:
         await self._clients.aclose()
 

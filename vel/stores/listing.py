@@ -18,6 +18,10 @@ sessions are created and written during a listing:
 - a session written during the listing has moved to the newest end: it is returned at most once
   (on a page read before it was written), and the next listing shows it on its first page.
 
+"Written" is judged per store: in Postgres any new version of the session's row since the
+snapshot (a write, a flush of one, new details, a load of it into the Redis tier, which renews
+its tier lease); in memory a write; in Redis-only mode a write stamped after the first page.
+
 In 'redis' mode listings read Postgres: a session appears there, with its ``updated_at``, once
 the flusher has written it (at most one flush interval after the write).
 """

@@ -223,6 +223,34 @@ class MemoryStore:
             self._sweep(time.time(), SWEEP_PER_CALL)
             self._sessions.pop(session_id, None)
 
+    def entries_after(
+        self, session_id: str, after: int, limit: int
+    ) -> tuple[int, list[tuple[int, str, Message]]]:
+        """``(last seq, [(seq, message id, message)])``: up to ``limit`` messages with seq
+        above ``after``, read in one step (what a summariser reads)."""
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None:
+                return 0, []
+            first = session.last_seq - len(session.entries) + 1
+            start = max(0, after + 1 - first)
+            picked = session.entries[start : start + limit]
+            last = session.last_seq
+        return last, [
+            (first + start + i, mid, decode_message(text)) for i, (mid, text) in enumerate(picked)
+        ]
+
+    def message_id_at(self, session_id: str, seq: int) -> str | None:
+        """The id of message ``seq`` (None: no such message)."""
+        with self._mutex:
+            session = self._live(session_id, time.time())
+            if session is None:
+                return None
+            index = seq - (session.last_seq - len(session.entries) + 1)
+            if not 0 <= index < len(session.entries):
+                return None
+            return session.entries[index][0]
+
     async def list_sessions(
         self, inactive_for: float | None = None, limit: int = 1000
     ) -> list[SessionInfo]:

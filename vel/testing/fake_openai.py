@@ -37,8 +37,13 @@ directives, so replaying an older history gives the same answers:
 
 Without a directive: if ``last_user`` asks "what is my name" / "what's my name", the
 answer is ``"Your name is NAME."`` where NAME comes from the last user message in the
-history matching ``my name is (\\w+)``, else ``"I don't know your name."``.  Otherwise
+history matching ``my name is (\\w+)``, else the name a summary in a system message states
+(:mod:`vel.testing.fake_summary`), else ``"I don't know your name."``.  Otherwise
 the answer is ``"You said: " + last_user`` (directives removed, at most 200 characters).
+
+A summarisation request from vel (its system message is vel's summariser instructions) is
+answered deterministically by :func:`vel.testing.fake_summary.summarize`, whatever its
+last user message holds.
 
 Text is streamed as one delta per word (with its trailing whitespace); tool-call
 arguments are streamed in several fragments.  Usage is counted in words: prompt tokens
@@ -69,6 +74,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
 from typing import Any, Self, cast
+
+from vel.testing import fake_summary
 
 __all__ = ["FakeOpenAIServer", "main"]
 
@@ -211,6 +218,9 @@ def _plan(body: dict[str, Any]) -> _Plan:
     after = messages[user_index + 1 :]
 
     plan = _Plan()
+    if fake_summary.is_summary_request(messages, _text_of):
+        plan.text = fake_summary.summarize(messages, _text_of)
+        return plan
     slow = _SLOW_RE.search(last_user)
     if slow is not None:
         plan.slow = float(slow.group(1))
@@ -247,6 +257,8 @@ def _plan(body: dict[str, Any]) -> _Plan:
             if message.get("role") == "user":
                 for match in _NAME_RE.finditer(_text_of(message.get("content"))):
                     name = match.group(1)
+        if name is None:  # recalled through a summary (see vel.testing.fake_summary)
+            name = fake_summary.stated_name(messages, _text_of)
         plan.text = f"Your name is {name}." if name else "I don't know your name."
     else:
         plan.text = "You said: " + _strip_directives(last_user, calls)[:_MAX_ECHO_CHARS]
@@ -599,6 +611,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(400, "Missing required parameter: 'messages'.")
             return
         plan = _plan(body)
+        if fake_summary.is_summary_request(_messages(body), _text_of):
+            if fake.summary_latency > 0:
+                time.sleep(fake.summary_latency)
+            status = fake._take_summary_failure()
+            if status is not None:
+                self._send_error(status, f"Error {status} injected by fail_summaries")
+                return
         if plan.error is not None:
             self._send_error(plan.error, f"Error {plan.error} requested by [[error]] directive")
             return
@@ -625,6 +644,7 @@ class FakeOpenAIServer:
         requests: every received JSON request body (POST, any path), in arrival order.
         request_headers: the headers of each entry in ``requests`` (lower-cased names).
         latency: seconds slept before answering each request ("model time").
+        summary_latency: further seconds slept before answering a summarisation request.
         retry_after_ms: sent as ``retry-after-ms`` on retryable errors (408, 409, 429, 5xx)
             so the SDK's retries are fast; ``None`` to omit the header.
         aborted_streams: streams the client closed before the end.
@@ -635,12 +655,14 @@ class FakeOpenAIServer:
         self.host = host
         self.port = port
         self.latency: float = 0.0
+        self.summary_latency: float = 0.0
         self.retry_after_ms: int | None = 10
         self.verbose = False
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
         self.aborted_streams = 0
         self._failures: list[tuple[int, str | None]] = []
+        self._summary_failures: list[int] = []
         self._lock = threading.Lock()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -701,6 +723,7 @@ class FakeOpenAIServer:
             self.requests.clear()
             self.request_headers.clear()
             self._failures.clear()
+            self._summary_failures.clear()
             self.aborted_streams = 0
 
     def fail_next(
@@ -711,6 +734,17 @@ class FakeOpenAIServer:
             raise ValueError("status must be an HTTP error status (400-599)")
         with self._lock:
             self._failures.extend([(status, message)] * count)
+
+    def fail_summaries(self, status: int, count: int = 1) -> None:
+        """Make the next ``count`` summarisation requests (only those) fail with ``status``."""
+        if not 400 <= status <= 599:
+            raise ValueError("status must be an HTTP error status (400-599)")
+        with self._lock:
+            self._summary_failures.extend([status] * count)
+
+    def _take_summary_failure(self) -> int | None:
+        with self._lock:
+            return self._summary_failures.pop(0) if self._summary_failures else None
 
     # -- internals -----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, TierLeaseError
 from vel.instrument import observed
-from vel.messages import Message, decode_message, validate_session_id
+from vel.messages import Message, decode_texts, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.postgres.connector import Conn, Connector, log
 from vel.stores.postgres.sessions import LEASED, Sessions
@@ -200,7 +200,7 @@ class TurnLocks:
                         lambda c: _begin(c, session_id, token, self.lease, limit),
                     ),
                 )
-                window = [decode_message(text) for text in reversed(newest_first)]
+                window = decode_texts(reversed(newest_first))
                 LOAD.observe(time.perf_counter() - tried)
         except SessionLockedError:
             raise
@@ -216,8 +216,11 @@ class TurnLocks:
         try:
             yield turn
         finally:
-            # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-            await finish(lambda: self._end_turn(turn), self._limit, "unlock")
+            # A commit that released the lock stopped the lease keeping first: nothing is
+            # left to do (and no shielded scope to pay for).
+            if not turn.released:
+                # Shielded and bounded: an anyio scope cancels every await of a plain finally.
+                await finish(lambda: self._end_turn(turn), self._limit, "unlock")
 
     async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
         await keeper.stop()

@@ -26,6 +26,7 @@ from vel.messages import (
     Message,
     check_message_ids,
     decode_message,
+    decode_texts,
     encode_messages,
     validate_session_id,
 )
@@ -284,7 +285,7 @@ class Sessions:
         if limit == 0:
             return []
         rows = await self._db.run("load", lambda c: c.fetch(_LOAD, session_id, limit))
-        return [decode_message(row[0]) for row in reversed(rows)]
+        return decode_texts(row[0] for row in reversed(rows))
 
     async def replace(
         self,

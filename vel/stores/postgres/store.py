@@ -213,6 +213,11 @@ class PostgresStore(DurableTier):
         return self._db.schema
 
     @property
+    def connector(self) -> Connector:
+        """The pools and deadlines every part of this store runs its SQL through."""
+        return self._db
+
+    @property
     def op_timeout(self) -> float:
         """Seconds one call may take, connecting included."""
         return self._db.op_timeout

@@ -106,11 +106,15 @@ class Client:
 
     def __init__(self, redis: aioredis.Redis | RedisCluster, *, gate: int = 0) -> None:
         self.redis = redis
-        # A cluster client's per-node pools fail (rather than wait) when full, and the
-        # failure makes it rediscover the cluster: calls wait here instead, so no node ever
-        # sees more than ``gate`` connections from this client (0: no gate).
+        # redis-py's plain pools fail (rather than wait) when full (a cluster client's
+        # failure also makes it rediscover the cluster): calls wait here instead, so no
+        # server or node ever sees more than ``gate`` connections from this client (0: no
+        # gate).
         self.cluster = isinstance(redis, RedisCluster)
         self.gate = asyncio.Semaphore(gate) if gate > 0 else None
+        # Turns blocked on a lock's wake list (BLPOP) hold a connection each: at most half
+        # the budget, so the holders' commits always find one; other waiters poll.
+        self.waiters = asyncio.Semaphore(max(1, gate // 2) if gate > 0 else 8)
         self.scripts: list[Any] = []
         self.load = self._register(lua.LOAD)
         self.take = self._register(lua.TAKE_LOCK)
@@ -208,17 +212,18 @@ class Connector:
         assert self.parsed is not None
         if self.parsed.cluster:
             return await self._connect_cluster(self.parsed)
-        # A blocking pool makes a burst of callers wait for a connection (bounded by
-        # op_timeout) instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool(
+        # A plain pool behind the client's gate: a burst of callers waits for a permit
+        # (within its call's deadline) instead of failing with "Too many connections", at a
+        # fraction of a BlockingConnectionPool's checkout cost (its condition variable and
+        # per-checkout health check). call()'s deadline is the one timeout of a call, so no
+        # socket timeout nests another scope in each read (a connection broken while idle
+        # fails on use and redis-py reconnects).
+        pool = aioredis.ConnectionPool(
             max_connections=self.pool_max,
-            timeout=self.op_timeout,
-            socket_timeout=self.op_timeout,
             socket_connect_timeout=self.op_timeout,
-            health_check_interval=30,
             **self.parsed.connection_kwargs(),
         )
-        return Client(aioredis.Redis.from_pool(pool))
+        return Client(aioredis.Redis.from_pool(pool), gate=self.pool_max)
 
     async def _connect_cluster(self, parsed: RedisURL) -> Client:
         cluster = RedisCluster(

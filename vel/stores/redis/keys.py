@@ -12,6 +12,7 @@ value (it is fixed per key prefix).
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -29,7 +30,9 @@ class SessionKeys:
     replays: str  # zset: first message id of recent appends (or of the last 64 messages of a
     # warmed session) -> the seq of that message
     warm_lock: str  # string: token of the process warming this session from Postgres
-    turn_lock: str  # string: token of the turn holding this session
+    turn_lock: str  # string: token of the turn holding this session ('token!' while turns
+    # wait for it, '~token' an abandoned attempt: see vel.stores.redis.scripts)
+    wake: str  # list: the wake-up a released turn lock leaves for a waiting turn
     dirty: str  # zset (per bucket): session id -> due time in ms
     dirty_since: str  # zset (per bucket): session id -> when it first became dirty, ms
     backlog: str  # integer (per bucket): messages not yet written to Postgres
@@ -79,6 +82,11 @@ class KeyLayout:
         return f"{self.tag(bucket)}:conflicts"
 
     def session(self, session_id: str) -> SessionKeys:
+        # Built once per session and kept (a turn needs them several times; the strings
+        # cost more than the rest of a turn's bookkeeping).
+        return _session_keys(self, session_id)
+
+    def _build(self, session_id: str) -> SessionKeys:
         bucket = self.bucket_of(session_id)
         tag = self.tag(bucket)
         dirty, since, backlog = self.bucket_keys(bucket)
@@ -88,6 +96,7 @@ class KeyLayout:
             replays=f"{tag}:r:{session_id}",
             warm_lock=f"{tag}:w:{session_id}",
             turn_lock=f"{tag}:l:{session_id}",
+            wake=f"{tag}:k:{session_id}",
             dirty=dirty,
             dirty_since=since,
             backlog=backlog,
@@ -96,6 +105,18 @@ class KeyLayout:
             tag=tag,
             session_id=session_id,
         )
+
+    def summary(self, session_id: str) -> tuple[str, str]:
+        """(hash: the session's summary, string: its summariser's lease), under the
+        session's hash tag so a script can check the summary against the session's copy."""
+        tag = self.tag(self.bucket_of(session_id))
+        return f"{tag}:y:{session_id}", f"{tag}:yl:{session_id}"
+
+    @property
+    def summary_lags(self) -> str:
+        """zset: session id -> messages older than its window its summary does not cover
+        (as a summariser last saw it; ``vel stats``)."""
+        return f"{self.prefix}:{{summaries}}:lag"
 
     def sweep(self, bucket: int) -> str:
         """string: a bucket's sweep turn, held by one flusher for the sweep interval."""
@@ -125,3 +146,8 @@ class KeyLayout:
         """Invert :meth:`session` for a meta key (used by listing tools)."""
         head, sep, sid = meta_key.partition("}:h:")
         return sid if sep and head.startswith(f"{self.prefix}:{{") else None
+
+
+@functools.lru_cache(maxsize=16384)
+def _session_keys(layout: KeyLayout, session_id: str) -> SessionKeys:
+    return layout._build(session_id)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
 from vel import tracing
+from vel._ids import new_id
 from vel._lease import LeaseKeeper
 from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
@@ -25,13 +25,18 @@ from vel.instrument import observed
 from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
-from vel.stores.redis.client import Connector, ms
+from vel.stores.redis.client import Client, Connector, ms
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
 from vel.stores.redis.sessions import Sessions, Window, encode
 
 log = get_logger("vel.redis")
 T = TypeVar("T")
+
+# A turn waiting for a lock blocks on its wake list this long at most, then tries again (a
+# holder that died leaves no wake-up, its lease runs out; a released lock's reservation for
+# the waiters, see scripts._HANDOFF, lasts as long).
+WAKE_POLL = 1.0
 
 
 class RedisTurn:
@@ -132,17 +137,25 @@ class Locks:
             )
         )
 
-    async def release_lock(self, key: str, token: str) -> None:
+    async def release_lock(self, key: str, token: str, wake: str | None = None) -> None:
+        """Release ``key`` if ``token`` holds it; ``wake``: a turn lock's wake list, which
+        gets a wake-up if turns wait for the lock."""
+        names = [key] if wake is None else [key, wake]
+        args: list[Any] = [token, ms(self._lease)]
         await self._redis.call(
-            "unlock", lambda c: c.release(keys=[key], args=[token]), idempotent=True
+            "unlock", lambda c: c.release(keys=names, args=args), idempotent=True
         )
 
-    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+    async def abandon_lock(
+        self, key: str, token: str, lease: float, wake: str | None = None
+    ) -> None:
         """Give up an attempt at ``key`` whose outcome is unknown (cancelled, reply lost):
-        the lock is free afterwards even if the attempt reaches Redis later."""
+        the lock is free afterwards even if the attempt reaches Redis later (``wake`` as
+        :meth:`release_lock`)."""
+        names = [key] if wake is None else [key, wake]
         args: list[Any] = [token, ms(lease)]
         await self._redis.call(
-            "abandon lock", lambda c: c.abandon(keys=[key], args=args), idempotent=True
+            "abandon lock", lambda c: c.abandon(keys=names, args=args), idempotent=True
         )
 
     def turn_lock(
@@ -152,10 +165,16 @@ class Locks:
         return self._turn_lock(keys, wait_arg(timeout))
 
     async def _until_locked(
-        self, keys: SessionKeys, timeout: float | None, attempt: Callable[[], Awaitable[T | None]]
+        self,
+        keys: SessionKeys,
+        timeout: float | None,
+        attempt: Callable[[], Awaitable[T | None]],
+        handoff: bool = False,
     ) -> tuple[T, float]:
-        """Call ``attempt`` (one try at the turn lock) with backoff until it returns a value;
-        return it and the ``perf_counter()`` time the successful attempt began."""
+        """Call ``attempt`` (one try at the turn lock) until it returns a value; return it
+        and the ``perf_counter()`` time the successful attempt began. Between attempts:
+        with ``handoff`` (the attempt marks a held lock, so its release leaves a wake-up),
+        block on the session's wake list; else back off."""
         started = tried = time.perf_counter()
         deadline = time.monotonic() + (30.0 if timeout is None else timeout)
         delay = 0.005
@@ -164,15 +183,37 @@ class Locks:
             if not waited:
                 waited = True
                 self._counters["lock_waits"] += 1
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise SessionLockedError(
                     f"session lock {keys.turn_lock!r} is held by another turn (waited {timeout} s)"
                 )
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.2)
+            if not handoff:
+                await asyncio.sleep(min(left, delay * (0.5 + random.random())))
+                delay = min(delay * 2, 0.2)
+            elif not await self._wait_wake(keys, left):
+                # Every waiting slot is taken: poll, often (a released lock is reserved
+                # for a turn that waited, this one as much as those woken).
+                await asyncio.sleep(min(left, 0.02 * (0.5 + random.random())))
             tried = time.perf_counter()
         LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
         return result, tried
+
+    async def _wait_wake(self, keys: SessionKeys, left: float) -> bool:
+        """Block until the lock's holder leaves a wake-up on its release (or a short while
+        passes: a holder that died leaves none); False if every waiting slot is taken (the
+        caller polls instead)."""
+        # Well within the call's deadline (op_timeout), so a long wait is never cut off.
+        seconds = max(0.01, min(left, WAKE_POLL, self._redis.op_timeout / 2))
+
+        async def wait(c: Client) -> bool:
+            if c.waiters.locked():
+                return False
+            async with c.waiters:
+                await c.redis.blpop([keys.wake], timeout=seconds)
+            return True
+
+        return await self._redis.call("lock wait", wait, idempotent=True)
 
     def _keep_lock(self, keys: SessionKeys, token: str) -> LeaseKeeper:
         return LeaseKeeper(
@@ -184,7 +225,7 @@ class Locks:
 
     async def _unlock(self, keys: SessionKeys, token: str) -> None:
         try:
-            await self.release_lock(keys.turn_lock, token)
+            await self.release_lock(keys.turn_lock, token, keys.wake)
         except StoreError:
             log.warning(
                 "could not release turn lock %s; its lease will run out",
@@ -206,7 +247,7 @@ class Locks:
 
     async def _abandon(self, keys: SessionKeys, token: str) -> None:
         try:
-            await self.abandon_lock(keys.turn_lock, token, self._lease)
+            await self.abandon_lock(keys.turn_lock, token, self._lease, keys.wake)
         except StoreError:
             log.warning(
                 "could not release turn lock %s; its lease will run out",
@@ -221,7 +262,7 @@ class Locks:
 
     @asynccontextmanager
     async def _turn_lock(self, keys: SessionKeys, timeout: float | None) -> AsyncIterator[None]:
-        token = uuid.uuid4().hex
+        token = new_id()
 
         async def attempt() -> bool | None:
             return await self.try_lock(keys.turn_lock, token, self._lease) or None
@@ -249,22 +290,26 @@ class Locks:
         keys = self._keys.session(validate_session_id(session_id))
         limit = limit_arg(limit)
         timeout = wait_arg(timeout)
-        token = uuid.uuid4().hex
+        token = new_id()
         args: list[Any] = [
             *self._sessions.common(session_id),
             -1 if limit is None else limit,
             ms(self._sessions.lease_margin),
             token,
             ms(self._lease),
+            "0",
         ]
 
         async def attempt() -> list[Any] | None:
             reply: list[Any] = await self._redis.call(
                 "lock+load",
-                lambda c: c.lock_load(keys=[*keys.layout, keys.turn_lock], args=args),
+                lambda c: c.lock_load(keys=[*keys.layout, keys.turn_lock, keys.wake], args=args),
                 idempotent=True,
             )
-            return None if int(reply[0]) == LOCKED else reply
+            if int(reply[0]) == LOCKED:
+                args[-1] = "1"  # a waiter: once it has the lock, it wakes the next one
+                return None
+            return reply
 
         turn: RedisTurn | None = None
         try:
@@ -272,7 +317,7 @@ class Locks:
             # goes to the lock-wait histogram, the rest (with any warm) is the load.
             with tracing.span("load", session_id):
                 reply, tried = await self._locked(
-                    keys, token, self._until_locked(keys, timeout, attempt)
+                    keys, token, self._until_locked(keys, timeout, attempt, handoff=True)
                 )
                 turn = RedisTurn(self._sessions, session_id, token, on_miss)
                 window = self._sessions.window(session_id, reply)
@@ -290,10 +335,12 @@ class Locks:
             turn.keep_lease(lambda: self._keep_lock(keys, token), self._lease / 6)
             yield turn
         finally:
-            if turn is not None:
+            if turn is not None and not turn.committed:
                 held = turn
                 # Shielded and bounded: an anyio scope cancels every await of a plain finally.
                 await finish(lambda: self._end_turn(held, keys), self._limit, "unlock")
+            # A committed turn has nothing left to do: its commit stopped the lease keeping
+            # and released the lock.
 
     async def _end_turn(self, turn: RedisTurn, keys: SessionKeys) -> None:
         await turn.stop_lease()

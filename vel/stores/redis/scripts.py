@@ -61,15 +61,25 @@ local function set_ttl(ttl)
     redis.call('PERSIST', KEYS[3])
   end
 end
+-- RPUSH ARGV[from..] in chunks; returns the list's new length.
 local function push(from)
+  local len = 0
   for i = from, #ARGV, 1000 do
-    redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    len = redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
+  return len
 end
--- m: 1 seq, 2 flushed, 3 gen, 4 fgen, 5 base, 6 lease, 7 expires, 8 rev, 9 conflict
+-- m: 1 seq, 2 flushed, 3 gen, 4 fgen, 5 base, 6 lease, 7 expires, 8 rev, 9 conflict,
+-- 10 updated
 local function meta()
   return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
-    'expires', 'rev', 'conflict')
+    'expires', 'rev', 'conflict', 'updated')
+end
+-- meta() and, at no extra command, what the flusher's scripts need: 11 pgrows, 12 tgen,
+-- 13 tseq.
+local function wide_meta()
+  return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
+    'expires', 'rev', 'conflict', 'updated', 'pgrows', 'tgen', 'tseq')
 end
 local function num(v, default) if v then return tonumber(v) end return default end
 local function is_dirty(m) return wb and not (m[2] == m[1] and m[3] == m[4]) end
@@ -98,10 +108,22 @@ local function clean_ttl(m)
   if expires > 0 then cap(expires) end
   return ttl
 end
+-- What a copy whose message list does not hold seqs base+1 .. seq becomes: volatile-*
+-- eviction took the list of a clean copy, so drop the remains and warm again (nil, a miss);
+-- a dirty one is 'damaged'.
+local function mismatch(m)
+  if not is_dirty(m) then
+    drop(m, false)
+    return nil
+  end
+  return 'damaged'
+end
 -- The copy if it may serve (nil: dropped or absent, a miss; 'damaged'). Past retention it
 -- is gone in both tiers (dirty or not); a clean copy whose tier lease ends within ``margin``
--- ms is dropped so the warm takes the lease again before the copy is used.
-local function usable(m, margin)
+-- ms is dropped so the warm takes the lease again before the copy is used. ``listed``: the
+-- caller checks the list's length itself (from what its LRANGE or RPUSH returns, which
+-- costs no command of its own; eviction takes a whole key), else LLEN does.
+local function usable(m, margin, listed)
   if not m[1] then return nil end
   local dirty = is_dirty(m)
   local expires = num(m[7], 0)
@@ -113,15 +135,18 @@ local function usable(m, margin)
     drop(m, false)
     return nil
   end
-  if redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - num(m[5], 0) then
-    -- volatile-* eviction took part of a clean copy: drop the remains and warm again.
-    if not dirty then
-      drop(m, false)
-      return nil
-    end
-    return 'damaged'
+  if not listed and redis.call('LLEN', KEYS[2]) ~= tonumber(m[1]) - num(m[5], 0) then
+    return mismatch(m)
   end
   return m
+end
+-- A read slides a clean copy's hot TTL, but only once half of it may have run out: the TTL
+-- was last set at or after the last write (by that write's flush, a seed or a read), so
+-- until ``updated + hot / 2`` at least half of it is left and the three PEXPIREs are saved.
+local function touch(m)
+  if is_dirty(m) then return end
+  if hot > 0 and now - num(m[10], 0) < hot / 2 then return end
+  set_ttl(clean_ttl(m))
 end
 -- The replay record from the ids of the list's last 64 items (item i has seq first + i).
 local function index_replays(first)
@@ -140,11 +165,12 @@ end
 # min(n, seq - base) messages; -1 rev: unknown), {-1} or {-4}.
 _READ_WINDOW = """
 local function read_window()
-  local m = usable(meta(), tonumber(ARGV[7]))
+  local limit = tonumber(ARGV[6])
+  local m = usable(meta(), tonumber(ARGV[7]), limit ~= 0)
   if m == nil then return {-1} end
   if m == 'damaged' then return {-4} end
-  local limit = tonumber(ARGV[6])
   local items
+  local held = tonumber(m[1]) - num(m[5], 0)
   if limit < 0 then
     items = redis.call('LRANGE', KEYS[2], 0, -1)
   elseif limit == 0 then
@@ -152,7 +178,12 @@ local function read_window()
   else
     items = redis.call('LRANGE', KEYS[2], -limit, -1)
   end
-  if not is_dirty(m) then set_ttl(clean_ttl(m)) end
+  if limit ~= 0 and #items ~= (limit < 0 and held or math.min(limit, held)) then
+    m = mismatch(m)
+    if m == nil then return {-1} end
+    return {-4}
+  end
+  touch(m)
   table.insert(items, 1, num(m[8], -1))
   table.insert(items, 1, num(m[3], 0))
   table.insert(items, 1, num(m[5], 0))
@@ -164,32 +195,78 @@ end
 # Read the window (see _READ_WINDOW).
 LOAD = _script("allow-oom", _SESSION + _READ_WINDOW, "return read_window()\n")
 
+# Lock values: the holder's token; '~token', the tombstone of an abandoned attempt
+# (ABANDON_LOCK): free for every other token, never taken by that one, so an attempt
+# delivered late cannot take it back; 'token!', held by token while turns wait for it. Its
+# release hands the lock on: the lock becomes '?', reserved for a turn that has waited (a
+# newcomer waits behind them; the reservation lasts RESERVE ms at most), and a wake-up goes
+# onto the session's wake list, which waiters block on (BLPOP) instead of polling. The list
+# holds one wake-up at most and expires after a lease; a waiter whose wake-up never comes (a
+# holder that died) tries again after a short timeout.
+_HANDOFF = """
+local function holder(v)
+  if v and string.sub(v, -1) == '!' then return string.sub(v, 1, -2) end
+  return v
+end
+local function wake(v, lock, key, ms)
+  if v and string.sub(v, -1) == '!' then
+    if lock then redis.call('SET', lock, '?', 'PX', math.min(tonumber(ms), RESERVE)) end
+    redis.call('LPUSH', key, 1)
+    redis.call('LTRIM', key, 0, 0)
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+""".replace("RESERVE", "1000")  # ms, as locks.WAKE_POLL
+
 # Take a lease-based lock (KEYS[n]) for token ARGV[t], lease ARGV[t + 1] ms. Idempotent: a
-# lock this token already holds (an attempt whose reply was lost, retried) is taken again. A
-# value '~token' is the tombstone of an abandoned attempt (ABANDON_LOCK): free for every
-# other token, never taken by that one, so an attempt delivered late cannot take it back.
-_TAKE_LOCK = """
-local function take_lock(n, t)
+# lock this token already holds (an attempt whose reply was lost, retried) is taken again.
+# ``waiter``: nil (no handoff), or a turn's: '1' once it has waited (its own lock is then
+# marked, as others may still wait), '0' before; a turn that finds the lock held marks it.
+# A turn's lock is followed by its wake list (KEYS[n + 1]).
+_TAKE_LOCK = (
+    _HANDOFF
+    + """
+local function take_lock(n, t, waiter)
+  local mine = ARGV[t]
+  if waiter == '1' then mine = mine .. '!' end
+  -- A free lock (the common case) costs one command.
+  if redis.call('SET', KEYS[n], mine, 'NX', 'PX', ARGV[t + 1]) then return true end
   local held = redis.call('GET', KEYS[n])
-  if held == ARGV[t] then
+  if holder(held) == ARGV[t] then
     redis.call('PEXPIRE', KEYS[n], ARGV[t + 1])
     return true
   end
-  if held and (string.sub(held, 1, 1) ~= '~' or held == '~' .. ARGV[t]) then return false end
-  redis.call('SET', KEYS[n], ARGV[t], 'PX', ARGV[t + 1])
+  if waiter and holder(held) == '?' and (waiter == '1' or redis.call('LLEN', KEYS[n + 1]) > 0) then
+    -- Reserved for a turn that waited: this one, or a newcomer if no waiter took the
+    -- wake-up (they all gave up).
+    if waiter ~= '1' then redis.call('DEL', KEYS[n + 1]) end
+    redis.call('SET', KEYS[n], mine, 'PX', ARGV[t + 1])
+    return true
+  end
+  if held and string.sub(held, 1, 1) ~= '~' then
+    if waiter and string.sub(held, -1) ~= '!' then
+      redis.call('SET', KEYS[n], held .. '!', 'KEEPTTL')
+    end
+    return false
+  end
+  if held == '~' .. ARGV[t] then return false end
+  redis.call('SET', KEYS[n], mine, 'PX', ARGV[t + 1])
   return true
 end
 """
+)
 
-# Take the turn lock (KEYS[8]) and read the window in one step, so a locked turn costs no
-# round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms. Returns {-5} when
-# another turn holds the lock (nothing read), else what LOAD returns, the lock now held
-# (also on a miss or damage: the caller warms or reports, then releases).
+# Take the turn lock (KEYS[8], its wake list KEYS[9]) and read the window in one step, so a
+# locked turn costs no round trip of its own. ARGV 6-7 as LOAD, 8 lock token, 9 lease ms,
+# 10 '1' once this turn has waited for the lock (else '0'). Returns {-5} when another turn
+# holds the lock (nothing read; the lock is marked so its release wakes a waiter), else what
+# LOAD returns, the lock now held (also on a miss or damage: the caller warms or reports,
+# then releases).
 LOCK_LOAD = _script(
     "",
     _SESSION + _READ_WINDOW + _TAKE_LOCK,
     """
-if not take_lock(8, 8) then return {-5} end
+if not take_lock(8, 8, ARGV[10]) then return {-5} end
 return read_window()
 """,
 )
@@ -199,53 +276,127 @@ return read_window()
 TAKE_LOCK = _script("", _TAKE_LOCK, "return take_lock(1, 1) and 1 or 0\n")
 
 # Append. ARGV: 6 lease margin ms, 7 flush delay ms, 8 backlog bound per bucket, 9 first
-# message id, 10 turn lock token ('' none), 11.. items. With a token, KEYS[8] is the turn
-# lock, released (if still ours) once the messages are stored: the turn's commit and unlock
-# are one step. Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
+# message id, 10 turn lock token ('' none), 11 lock lease ms, 12.. items. With a token,
+# KEYS[8] is the turn lock, released (if still ours) once the messages are stored, and
+# KEYS[9] its wake list (see _HANDOFF): the turn's commit and unlock are one step.
+# Returns {seq} | {-1} | {-2, seq} | {-3, backlog} | {-4}.
+#
+# The common case (a hot session, its lock still ours, already dirty) costs HMGET, GETDEL,
+# INCRBY, RPUSH, HSET and ZADD: a lock still held by this token proves the commit was not
+# applied before (an applied one released it), so only a commit that lost its lock looks
+# for a replay; the list's length comes from RPUSH; a copy already dirty is already in the
+# dirty sets and has no TTL (3.2). Uncommon paths undo what they did before returning.
 APPEND = _script(
     "",
-    _SESSION,
+    _SESSION + _HANDOFF,
     """
-local m = usable(meta(), tonumber(ARGV[6]))
+local k = #ARGV - 11
+local token = ARGV[10]
+local m = usable(meta(), tonumber(ARGV[6]), true)
 if m == 'damaged' then return {-4} end
-if m == nil then
-  if wb then return {-1} end
+local function create()
   -- Redis-only mode: a new (or expired) session starts here, at seq 1.
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'seq', 0, 'flushed', 0, 'gen', 0, 'fgen', 0, 'created', now)
-  m = meta()
+  return meta()
 end
-local function unlock()
-  if ARGV[10] ~= '' and redis.call('GET', KEYS[8]) == ARGV[10] then redis.call('DEL', KEYS[8]) end
+if m == nil then
+  if wb then return {-1} end
+  m = create()
 end
-local k = #ARGV - 10
-local prev = redis.call('ZSCORE', KEYS[3], ARGV[9])
-if prev then
-  unlock()
-  return {-2, tonumber(prev) + k - 1}
+-- Already dirty (so in the dirty sets and without TTL): messages beyond ``flushed``, or a
+-- generation Postgres lacks. Not a copy with ``flushed > seq`` (see ACK): it gets its marks.
+local was_dirty = wb and (tonumber(m[1]) > num(m[2], 0) or m[3] ~= m[4])
+-- The lock: ours (taken by GETDEL, put back if this call ends without storing), or another
+-- token's or a tombstone (put back at once), or nobody's.
+local mine = false
+local lock
+local function relock()
+  if mine then redis.call('SET', KEYS[8], lock, 'PX', ARGV[11]) end
 end
-if wb then
-  local backlog = tonumber(redis.call('GET', KEYS[6]) or '0')
-  if backlog + k > tonumber(ARGV[8]) then return {-3, backlog} end
-end
-push(11)
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', k)
-redis.call('HSET', KEYS[1], 'updated', now)
-if retention > 0 then redis.call('HSET', KEYS[1], 'expires', now + retention) end
-redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[9])
-if redis.call('ZCARD', KEYS[3]) > 64 then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65) end
-if wb then
-  redis.call('INCRBY', KEYS[6], k)
-  -- A copy in conflict is not flushed again until an operator resolves it.
-  if not m[9] then
-    redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[7]), sid)
-    redis.call('ZADD', KEYS[5], 'NX', now, sid)
+if token ~= '' then
+  lock = redis.call('GETDEL', KEYS[8])
+  if holder(lock) == token then
+    mine = true
+  elseif lock then
+    redis.call('SET', KEYS[8], lock, 'PX', ARGV[11])
   end
-  set_ttl(0)
-else
-  set_ttl(clean_ttl(meta()))
 end
-unlock()
+if not mine then
+  local prev = redis.call('ZSCORE', KEYS[3], ARGV[9])
+  if prev then return {-2, tonumber(prev) + k - 1} end
+  if token ~= '' then
+    -- A turn's commit leaves no replay record (see below): look for its first message in
+    -- the list's tail (a warm or replace records the ids of the last 64 messages).
+    local tail = redis.call('LRANGE', KEYS[2], -64, -1)
+    local lead = ARGV[9] .. '\\n'
+    for i, item in ipairs(tail) do
+      if string.sub(item, 1, #lead) == lead then
+        return {-2, tonumber(m[1]) - #tail + i + k - 1}
+      end
+    end
+  end
+end
+if wb then
+  local backlog = redis.call('INCRBY', KEYS[6], k)
+  if backlog > tonumber(ARGV[8]) then
+    redis.call('DECRBY', KEYS[6], k)
+    relock()
+    return {-3, backlog - k}
+  end
+end
+local function unbacklog()
+  if wb and redis.call('DECRBY', KEYS[6], k) < 0 then redis.call('SET', KEYS[6], 0) end
+end
+local held = tonumber(m[1]) - num(m[5], 0)
+local len = push(12)
+if len ~= held + k then
+  -- The list was evicted without its meta: take the push back, then as usable() would.
+  if len == k then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('LTRIM', KEYS[2], 0, len - k - 1)
+  end
+  m = mismatch(m)
+  if m == 'damaged' or wb then
+    unbacklog()
+    relock()
+    return {m == nil and -1 or -4}
+  end
+  m = create()
+  was_dirty = false
+  push(12)
+end
+local seq = tonumber(m[1]) + k
+if retention > 0 then
+  m[7] = now + retention
+  redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now, 'expires', m[7])
+else
+  redis.call('HSET', KEYS[1], 'seq', seq, 'updated', now)
+end
+if token == '' then
+  -- The replay record of a plain append: it keeps the last 64 appends or so (trimmed once
+  -- every 32 seqs). A turn's commit needs none: while it holds its lock nothing else
+  -- commits a turn, so a retry finds its messages in the list's tail.
+  redis.call('ZADD', KEYS[3], seq - k + 1, ARGV[9])
+  if math.floor(seq / 32) ~= math.floor((seq - k) / 32) then
+    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65)
+  end
+end
+if wb then
+  if not was_dirty then
+    -- A copy in conflict is not flushed again until an operator resolves it.
+    if not m[9] then
+      redis.call('ZADD', KEYS[4], 'NX', now + tonumber(ARGV[7]), sid)
+      redis.call('ZADD', KEYS[5], 'NX', now, sid)
+    end
+    set_ttl(0)
+  end
+else
+  set_ttl(clean_ttl(m))
+end
+-- Turns wait for the lock: hand it on.
+if mine then wake(lock, KEYS[8], KEYS[9], ARGV[11]) end
 return {seq}
 """,
 )
@@ -403,8 +554,14 @@ CLAIM = _script(
     "",
     """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+if #due == 0 then return due end
 local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
-for _, sid in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', until_ms, sid) end
+local args = {}
+for _, sid in ipairs(due) do
+  table.insert(args, until_ms)
+  table.insert(args, sid)
+end
+redis.call('ZADD', KEYS[1], 'XX', unpack(args))
 return due
 """,
 )
@@ -435,7 +592,7 @@ PENDING = _script(
     "allow-oom",
     _SESSION,
     """
-local m = meta()
+local m = wide_meta()
 if not m[1] then return {-1} end
 local expires = num(m[7], 0)
 if expires > 0 and expires <= now then
@@ -451,9 +608,8 @@ end
 local flushed = tonumber(m[2])
 local from = flushed - num(m[5], 0)
 local items = redis.call('LRANGE', KEYS[2], from, from + tonumber(ARGV[6]) - 1)
-local more = redis.call('HMGET', KEYS[1], 'updated', 'pgrows', 'tgen', 'tseq')
 local head = {tonumber(m[3]), tonumber(m[4]), flushed, tonumber(m[1]), num(m[8], -1),
-  num(more[1], 0), num(more[2], 0), num(more[3], -1), num(more[4], -1)}
+  num(m[10], 0), num(m[11], 0), num(m[12], -1), num(m[13], -1)}
 for i = #head, 1, -1 do table.insert(items, 1, head[i]) end
 return items
 """,
@@ -463,35 +619,54 @@ return items
 # recorded (ARGV[8], 0: unchanged). A late ack (lease expired, another flusher went further)
 # only ever raises ``flushed``; an ack for an older generation changes nothing; a copy in
 # conflict stays one. Returns 1 clean, 2 still dirty (due now), 3 in conflict, -1 stale
-# generation, 0 session gone.
+# generation, 0 session gone (or dropped: the copy is behind Postgres).
 ACK = _script(
     "allow-oom",
     _SESSION,
     """
-local m = meta()
+local m = wide_meta()
 if not m[1] then
   redis.call('ZREM', KEYS[4], sid)
   redis.call('ZREM', KEYS[5], sid)
   return 0
 end
 if tonumber(m[3]) ~= tonumber(ARGV[6]) then return -1 end
+if tonumber(ARGV[7]) > tonumber(m[1]) then
+  -- Postgres holds more of this generation than the copy: the copy lost writes (a failover
+  -- to a replica that had not received them). Drop it, so the next use warms it again,
+  -- rather than let new appends reuse seqs Postgres already holds.
+  drop(m, is_dirty(m))
+  return 0
+end
 local old = tonumber(m[2])
 local flushed = math.max(old, tonumber(ARGV[7]))
+-- One HSET for every field that changes.
+local fields = {'fgen', ARGV[6]}
 if flushed > old then
-  redis.call('HSET', KEYS[1], 'flushed', flushed, 'pgrows', 1)
+  table.insert(fields, 'flushed')
+  table.insert(fields, flushed)
+  if m[11] ~= '1' then
+    table.insert(fields, 'pgrows')
+    table.insert(fields, 1)
+  end
   -- The counter only bounds the backlog: keys lost while dirty (a misconfigured eviction,
   -- a manual DEL) would otherwise drive it below zero and weaken backpressure.
   if redis.call('DECRBY', KEYS[6], flushed - old) < 0 then redis.call('SET', KEYS[6], 0) end
 end
-redis.call('HSET', KEYS[1], 'fgen', ARGV[6])
-redis.call('HDEL', KEYS[1], 'tgen', 'tseq')  -- Postgres is at this generation now
 local lease = tonumber(ARGV[8])
-if lease > num(m[6], 0) then redis.call('HSET', KEYS[1], 'lease', lease) end
+if lease > num(m[6], 0) then
+  table.insert(fields, 'lease')
+  table.insert(fields, lease)
+  m[6] = lease
+end
+if #fields > 2 or m[4] ~= ARGV[6] then redis.call('HSET', KEYS[1], unpack(fields)) end
+-- Postgres is at this generation now
+if m[12] or m[13] then redis.call('HDEL', KEYS[1], 'tgen', 'tseq') end
 if m[9] then return 3 end
 if flushed >= tonumber(m[1]) then
   redis.call('ZREM', KEYS[4], sid)
   redis.call('ZREM', KEYS[5], sid)
-  local ttl = clean_ttl(meta())
+  local ttl = clean_ttl(m)
   if ttl < 0 then redis.call('DEL', KEYS[1], KEYS[2], KEYS[3]) else set_ttl(ttl) end
   return 1
 end
@@ -567,35 +742,43 @@ return out
 # Lease-based lock: KEYS[1] = lock key. ARGV: 1 token, 2 lease ms.
 RENEW_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+if holder(redis.call('GET', KEYS[1])) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """,
 )
 
+# KEYS[1] = lock, KEYS[2] (a turn lock's) = its wake list. ARGV: 1 token, 2 lease ms.
 RELEASE_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local held = redis.call('GET', KEYS[1])
+if holder(held) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  if KEYS[2] then wake(held, KEYS[1], KEYS[2], ARGV[2]) end
+  return 1
+end
 return 0
 """,
 )
 
 # Give up an attempt at a lock whose outcome is unknown (cancelled, reply lost): KEYS[1] =
-# lock, ARGV: 1 token, 2 ms. Unless another token holds the lock, leave the tombstone
-# '~token' for ARGV[2] ms: whether the attempt already ran (the lock is freed) or is still
-# on its way (it will find the tombstone and fail), the lock ends up free. Returns 1 or 0.
+# lock (KEYS[2] as RELEASE_LOCK), ARGV: 1 token, 2 ms. Unless another token holds the lock,
+# leave the tombstone '~token' for ARGV[2] ms: whether the attempt already ran (the lock is
+# freed) or is still on its way (it will find the tombstone and fail), the lock ends up
+# free. Returns 1 or 0.
 ABANDON_LOCK = _script(
     "allow-oom",
-    "",
+    _HANDOFF,
     """
 local held = redis.call('GET', KEYS[1])
-if held and held ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
+if held and holder(held) ~= ARGV[1] and string.sub(held, 1, 1) ~= '~' then return 0 end
 redis.call('SET', KEYS[1], '~' .. ARGV[1], 'PX', ARGV[2])
+if KEYS[2] then wake(held, nil, KEYS[2], ARGV[2]) end
 return 1
 """,
 )

@@ -33,6 +33,7 @@ from vel.errors import (
 from vel.messages import (
     Message,
     check_message_ids,
+    decode_items,
     decode_message,
     encode_messages,
     validate_session_id,
@@ -135,6 +136,7 @@ class Sessions:
         max_unflushed: int,
         backpressure_wait: float,
         flush_delay: float,
+        lock_lease: float,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -146,6 +148,7 @@ class Sessions:
         self._max_unflushed = max_unflushed
         self._backpressure_wait = backpressure_wait
         self._flush_delay = flush_delay
+        self.lock_lease = lock_lease
 
     def common(self, session_id: str, now: int | None = None) -> list[Any]:
         """ARGV 1..5 of the session scripts."""
@@ -185,13 +188,13 @@ class Sessions:
                 "check maxmemory-policy (never allkeys-*) with `vel doctor`"
             )
         rev = int(reply[3])
-        # json.loads takes the bytes after the id as they are: no split, no decode to str.
+        # The bytes after each id are decoded as they are: no split, no decode to str.
         return Window(
             seq=head,
             base=int(reply[1]),
             gen=int(reply[2]),
             rev=None if rev < 0 else rev,
-            messages=[decode_message(item[item.index(b"\n") + 1 :]) for item in reply[4:]],
+            messages=decode_items(reply[4:]),
         )
 
     async def read_copy(self, session_id: str) -> Copy | None:
@@ -242,11 +245,12 @@ class Sessions:
             per_bucket,
             first_id,
             unlock,
+            ms(self.lock_lease),
             *items,
         ]
         names = keys.layout
         if unlock:
-            names.append(keys.turn_lock)
+            names += (keys.turn_lock, keys.wake)
         # Idempotent: the first message id makes a replayed append return the original seq.
         reply = await self._redis.call(
             "append", lambda c: c.append(keys=names, args=args), idempotent=True

@@ -168,6 +168,7 @@ class RedisStore:
             max_unflushed=self.max_unflushed,
             backpressure_wait=self.backpressure_wait,
             flush_delay=self.flush_delay,
+            lock_lease=self.lock_lease,
         )
         self._locks = Locks(
             self._redis, self.keys, self.counters, self._sessions, lease=self.lock_lease
@@ -355,13 +356,17 @@ class RedisStore:
     async def renew_lock(self, key: str, token: str, lease: float) -> bool:
         return await self._locks.renew_lock(key, token, lease)
 
-    async def release_lock(self, key: str, token: str) -> None:
-        await self._locks.release_lock(key, token)
+    async def release_lock(self, key: str, token: str, wake: str | None = None) -> None:
+        """Release lock ``key`` if ``token`` holds it (``wake``: a turn lock's wake list,
+        ``SessionKeys.wake``, which then wakes a turn waiting for it)."""
+        await self._locks.release_lock(key, token, wake)
 
-    async def abandon_lock(self, key: str, token: str, lease: float) -> None:
+    async def abandon_lock(
+        self, key: str, token: str, lease: float, wake: str | None = None
+    ) -> None:
         """Give up an attempt at lock ``key`` whose outcome is unknown (cancelled, its reply
         lost): the lock is free afterwards even if the attempt reaches Redis later."""
-        await self._locks.abandon_lock(key, token, lease)
+        await self._locks.abandon_lock(key, token, lease, wake)
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None
@@ -399,6 +404,11 @@ class RedisStore:
     async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
         """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
         return await self._write_behind.claim(bucket, lease, limit)
+
+    async def claim_all(self, buckets: Sequence[int], lease: float, limit: int) -> list[Claim]:
+        """:meth:`claim` in each of ``buckets`` (in one round trip on one server); the
+        claims that hold sessions."""
+        return await self._write_behind.claim_all(buckets, lease, limit)
 
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;

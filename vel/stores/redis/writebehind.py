@@ -90,6 +90,30 @@ class WriteBehind:
         )
         return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
 
+    async def claim_all(self, buckets: Sequence[int], lease: float, limit: int) -> list[Claim]:
+        """:meth:`claim` in each of ``buckets``; the claims that hold sessions. On one
+        server the claims go in one pipelined round trip; on a cluster, one call per bucket
+        (a pipeline rerun after a promoted replica's NOSCRIPT would hold back the sessions
+        its first run claimed for a lease)."""
+        if self._redis.is_cluster:
+            claims = [await self.claim(bucket, lease, limit) for bucket in buckets]
+            return [c for c in claims if c.session_ids]
+        now = now_ms()
+        args = [now, ms(lease), limit]
+
+        async def fill(c: Client, pipe: Any) -> None:
+            for bucket in buckets:
+                await c.queue(pipe, c.claim, [self._keys.bucket_keys(bucket)[0]], args)
+
+        replies = await self._redis.call(
+            "claim", lambda c: self._redis.pipelined(c, fill), idempotent=True
+        )
+        return [
+            Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
+            for bucket, reply in zip(buckets, replies, strict=True)
+            if reply
+        ]
+
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         dirty = self._keys.bucket_keys(claim.bucket)[0]
         until = now_ms() + ms(lease)
