@@ -151,7 +151,7 @@ OPS: dict[str, Op] = {
 async def _locked_row(dsn: str, sid: str) -> asyncpg.Connection:
     conn = await asyncpg.connect(dsn)
     await conn.execute("BEGIN")
-    await conn.execute("SELECT 1 FROM vel_sessions WHERE id = $1 FOR UPDATE", sid)
+    await conn.execute("SELECT 1 FROM vel_session_rows WHERE id = $1 FOR UPDATE", sid)
     return conn
 
 

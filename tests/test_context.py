@@ -181,9 +181,13 @@ async def test_list_sessions_reports_sizes_least_recently_updated_first(make_age
     await ctx.aset_session_context("old", [user("a")])
     await asyncio.sleep(0.15)
     await ctx.aset_session_context("new", [user("b"), assistant("c")])
-    # The redis store lists what its write-behind has copied to Postgres: give it a moment.
-    await asyncio.sleep(0.15)
+    # The redis store lists what its write-behind has copied to Postgres: wait for the flush
+    # (polled, so a loaded machine only makes it slower, not wrong).
+    deadline = asyncio.get_running_loop().time() + 10
     infos = await ctx.alist_sessions()
+    while len(infos) < 2 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        infos = await ctx.alist_sessions()
     assert [(i.session_id, i.message_count) for i in infos] == [("old", 1), ("new", 2)]
     assert infos[0].updated_at < infos[1].updated_at
 

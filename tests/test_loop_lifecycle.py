@@ -27,8 +27,10 @@ from vel.testing import FakeOpenAIServer
 
 pytestmark = pytest.mark.slow
 
-# Seconds a process may take to exit after main() returns (the issue's bound).
-EXIT_BOUND = 2.0
+# Seconds a process may take to exit after main() returns. The issue's bound is 2 s, shown
+# at full size by `scripts/lifecycle.py exit` (docs/reliability.md); here the bound only has to
+# tell a hang from a slow exit: interpreter teardown alone took 2-2.7 s at load average 17.
+EXIT_BOUND = 6.0
 
 
 async def run_usage(
@@ -78,7 +80,8 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
     key_prefix: str,
 ) -> None:
     """The issue's deterministic case: the loop ends while the embedded flusher sleeps in
-    its Postgres transaction (a failpoint); it hung 3/3 before."""
+    its Postgres transaction (a failpoint); it hung 3/3 before. The sleep outlasts the
+    bound many times over, so a shutdown that waited for the flush fails here."""
     sessions = []
     for _ in range(3):
         sid, done = await run_usage(
@@ -86,7 +89,7 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
             "redis",
             env,
             after="await asyncio.sleep(0.5)",
-            VEL_FAILPOINTS="flush_mid_transaction=sleep:2",
+            VEL_FAILPOINTS="flush_mid_transaction=sleep:30",
         )
         assert done.returncode == 0, done.describe()
         assert done.delay is not None and done.delay < EXIT_BOUND, done.describe()

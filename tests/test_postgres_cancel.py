@@ -40,7 +40,7 @@ async def row_locked(dsn: str, session_id: str) -> AsyncIterator[None]:
     try:
         tx = conn.transaction()
         await tx.start()
-        await conn.execute("SELECT 1 FROM vel_sessions WHERE id = $1 FOR UPDATE", session_id)
+        await conn.execute("SELECT 1 FROM vel_session_rows WHERE id = $1 FOR UPDATE", session_id)
         yield
         await tx.rollback()
     finally:

@@ -114,3 +114,18 @@ async def test_memory_mode_sweeps_expired_sessions_it_is_never_asked_about() -> 
         await store.load("live", 1)
     assert (await store.stats())["sessions"] == 1
     assert len(await store.load("live")) == 2_000
+
+
+async def test_redis_only_mode_reads_slide_the_session_ttl(redis_url: str, key_prefix: str) -> None:
+    """'redis' without POSTGRES_DSN: the TTL ends the session, and every read starts it
+    again (no retention set)."""
+    store = RedisStore(redis_url, key_prefix=key_prefix, hot_ttl=2)
+    try:
+        s = sid()
+        await store.append(s, [{"role": "user", "content": "x"}])
+        await asyncio.sleep(0.9)
+        assert len(await store.load(s)) == 1
+        await asyncio.sleep(1.5)  # past the TTL counted from the write, not from the read
+        assert len(await store.load(s)) == 1
+    finally:
+        await store.aclose()

@@ -121,7 +121,8 @@ async def history_page(
 
 
 class RedisCatalog:
-    """The :class:`~vel.stores.listing.SessionCatalog` of a Redis-only store."""
+    """The :class:`~vel.stores.listing.SessionCatalog` of a Redis-only store, made per call
+    (the store keeps no reference to it, so no cycle delays the store's collection)."""
 
     def __init__(self, hot: RedisStore) -> None:
         self._hot = hot

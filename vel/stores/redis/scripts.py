@@ -140,12 +140,14 @@ local function usable(m, margin, listed)
   end
   return m
 end
--- A read slides a clean copy's hot TTL, but only once half of it may have run out: the TTL
--- was last set at or after the last write (by that write's flush, a seed or a read), so
--- until ``updated + hot / 2`` at least half of it is left and the three PEXPIREs are saved.
+-- A read slides a clean copy's hot TTL. In write-behind mode (where the TTL only caches
+-- what Postgres holds) only once half of it may have run out: the TTL was last set at or
+-- after the last write (by that write's flush, a seed or a read), so until
+-- ``updated + hot / 2`` at least half of it is left and the three PEXPIREs are saved. In
+-- Redis-only mode the TTL ends the session: every read slides it.
 local function touch(m)
   if is_dirty(m) then return end
-  if hot > 0 and now - num(m[10], 0) < hot / 2 then return end
+  if wb and hot > 0 and now - num(m[10], 0) < hot / 2 then return end
   set_ttl(clean_ttl(m))
 end
 -- The replay record from the ids of the list's last 64 items (item i has seq first + i).

@@ -156,7 +156,6 @@ class RedisStore:
             "damaged_reads": 0,
         }
         metrics.track(self, self.counters, "redis")
-        self._catalog = catalog.RedisCatalog(self)
         self._sessions = Sessions(
             self._redis,
             self.keys,
@@ -476,16 +475,16 @@ class RedisStore:
     # -- organising sessions (Redis-only mode; see vel.stores.redis.catalog) -----------------
 
     async def session_details(self, session_id: str) -> SessionDetails | None:
-        return await self._catalog.session_details(session_id)
+        return await catalog.RedisCatalog(self).session_details(session_id)
 
     async def set_details(
         self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
     ) -> None:
-        await self._catalog.set_details(session_id, owner, metadata)
+        await catalog.RedisCatalog(self).set_details(session_id, owner, metadata)
 
     async def find_sessions(self, query: Query) -> SessionPage:
         """A page of a listing, by a SCAN of the prefix (cost grows with the sessions)."""
-        return await self._catalog.find_sessions(query)
+        return await catalog.RedisCatalog(self).find_sessions(query)
 
     async def history_page(
         self, session_id: str, before: int | None, after: int | None, limit: int
@@ -493,7 +492,7 @@ class RedisStore:
         return await catalog.history_page(self, session_id, before, after, limit, None, None)
 
     async def delete_owner(self, owner: str) -> int:
-        return await self._catalog.delete_owner(owner)
+        return await catalog.RedisCatalog(self).delete_owner(owner)
 
     async def purge_expired(self) -> int:
         return 0  # Redis expires keys by itself
