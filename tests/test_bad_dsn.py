@@ -209,10 +209,15 @@ async def test_a_refused_configuration_is_not_asked_again_at_every_call(
     sid = f"dsn-{uuid.uuid4().hex[:8]}"
     try:
         monkeypatch.setattr(verify, "RECHECK_AFTER", 60.0)
+        seen = []
         for _ in range(20):
-            with pytest.raises(ConfigurationError, match="vel migrate"):
+            with pytest.raises(ConfigurationError, match="vel migrate") as info:
                 await store.load(sid)
+            seen.append(info.value)
         assert proxy.connections_total == 1
+        # Each call its own exception, of the first one's class (an AccessDeniedError stays
+        # one: tests/test_tenants.py).
+        assert len({id(e) for e in seen}) == 20 and {type(e) for e in seen} == {type(seen[0])}
         from vel.stores.postgres.migrate import migrate
 
         await migrate(empty, schema=SCHEMA)  # the operator's fix

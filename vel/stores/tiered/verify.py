@@ -18,6 +18,7 @@ nothing:
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 import weakref
 
@@ -69,8 +70,9 @@ class Verification:
     async def _check(self) -> None:
         refused = self._refused
         if refused is not None and time.monotonic() - self._refused_at < RECHECK_AFTER:
-            # The same class as the refusal itself (AccessDeniedError stays one).
-            raise type(refused)(str(refused)) from refused.__cause__
+            # A fresh copy (same class: AccessDeniedError stays one), not the first
+            # exception again, whose traceback would grow with every call.
+            raise copy.copy(refused) from refused.__cause__
         try:
             async with asyncio.timeout(self.wait):
                 await self.cold.open()
