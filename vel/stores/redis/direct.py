@@ -14,11 +14,18 @@ take redis-py's path.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+
+
+def _pack(*args: Any) -> bytes:
+    # hiredis' stub types its argument as a 1-tuple; it takes any tuple of str, bytes and
+    # numbers.
+    packed: bytes = hiredis.pack_command(cast(Any, args))
+    return packed
 
 
 class Script:
@@ -50,8 +57,8 @@ class Script:
         """
         if client is not None or self._pool is None:
             return await self._registered(keys=keys, args=args, client=client)
-        command = hiredis.pack_command(("EVALSHA", self.sha, len(keys), *keys, *args))
-        pool = self._pool
+        command = _pack("EVALSHA", self.sha, len(keys), *keys, *args)
+        pool: Any = self._pool  # redis-py's pool methods are untyped
         conn = await pool.get_connection()
         try:
             await conn.send_packed_command(command, check_health=False)
@@ -59,8 +66,7 @@ class Script:
                 return await conn.read_response()
             except rexc.NoScriptError:
                 # A restarted or flushed server: load it and run again on this connection.
-                load = hiredis.pack_command(("SCRIPT", "LOAD", self.script))
-                await conn.send_packed_command(load, check_health=False)
+                await conn.send_packed_command(_pack("SCRIPT", "LOAD", self.script), False)
                 await conn.read_response()
                 await conn.send_packed_command(command, check_health=False)
                 return await conn.read_response()
