@@ -43,7 +43,7 @@ class Script:
         self.sha: str = self._registered.sha
         self.script = source
         # Only a plain client that checks a connection out per command can be bypassed.
-        plain = isinstance(redis, aioredis.Redis) and redis.connection is None
+        plain = isinstance(redis, aioredis.Redis) and not redis.single_connection_client
         self._pool: aioredis.ConnectionPool | None = redis.connection_pool if plain else None
 
     async def __call__(
