@@ -33,8 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import redis.asyncio as aioredis
+from _bench import drop_namespace
 
 from vel import Agent, ContextManager
 from vel.stores.postgres.migrate import migrate
@@ -164,18 +163,7 @@ async def main() -> dict[str, Any]:
             server.terminate()  # it serves until SIGTERM
             await server.wait()
     finally:
-        conn = await asyncpg.connect(args.dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await conn.close()
-        client = aioredis.Redis.from_url(args.redis_url)
-        try:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await drop_namespace(args.dsn, schema, args.redis_url, prefix)
     return {"args": vars(args), "results": results}
 
 
