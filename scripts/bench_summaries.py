@@ -100,6 +100,10 @@ async def main() -> dict[str, Any]:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
+    if args.block < 1 or args.turns < args.block or args.rounds < 1:
+        parser.error(
+            "need --block >= 1, --turns >= --block (turns run in blocks) and --rounds >= 1"
+        )
     modes = args.modes.split(",")
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
