@@ -303,8 +303,11 @@ class Flusher:
                     watch.check()
                 try:
                     # Sessions are claimed once due for the part of the lag budget that the
-                    # pause leaves: a busy session's turns of that time go in one flush.
-                    written = await self.flush_once(hold=max(0.0, self.coalesce - pause))
+                    # pause leaves: a busy session's turns of that time go in one flush. Not
+                    # while retrying: the sessions handed back are due after the backoff,
+                    # and a sweep that finds none due would end the outage by mistake.
+                    hold = 0.0 if self._failures else max(0.0, self.coalesce - pause)
+                    written = await self.flush_once(hold=hold)
                 except Exception as exc:
                     watch.check()
                     self._failures += 1
