@@ -130,6 +130,12 @@ class KeyLayout:
         return f"{self.tag(bucket)}:sweep"
 
     @property
+    def last_sweep(self) -> str:
+        """string: when a flusher last swept every bucket, ms (one server only: flushers
+        sharing it space their sweeps by it)."""
+        return f"{self.prefix}:{{sweeps}}:last"
+
+    @property
     def meta_pattern(self) -> str:
         """SCAN pattern matching every session's meta key (and, rarely, other keys: check
         each match with :meth:`session_id_of`)."""

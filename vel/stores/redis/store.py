@@ -405,12 +405,19 @@ class RedisStore:
         return await self._write_behind.claim(bucket, lease, limit)
 
     async def sweep(
-        self, buckets: Sequence[int], hold: float, lease: float, limit: int, max_rows: int
-    ) -> list[tuple[Claim, list[Pending | None]]]:
+        self,
+        buckets: Sequence[int],
+        hold: float,
+        lease: float,
+        limit: int,
+        max_rows: int,
+        gap: float = 0.0,
+    ) -> tuple[list[tuple[Claim, list[Pending | None]]] | None, int]:
         """Claim the sessions of ``buckets`` due ``hold`` seconds ago or earlier (up to
         ``limit`` per bucket) for ``lease`` seconds and read what they have to copy (at
-        most ``max_rows`` messages each), in one step (see WriteBehind.sweep)."""
-        return await self._write_behind.sweep(buckets, hold, lease, limit, max_rows)
+        most ``max_rows`` messages each), in one step; None when another flusher swept less
+        than ``gap`` seconds ago (see WriteBehind.sweep)."""
+        return await self._write_behind.sweep(buckets, hold, lease, limit, max_rows, gap)
 
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;

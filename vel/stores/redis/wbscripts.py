@@ -123,22 +123,32 @@ end
 """
 
 # Claim and read in one step. ARGV: 4 cutoff (claim sessions due at or before it, ms),
-# 5 lease ms, 6 sessions claimed per bucket at most, 7 max rows per session, then three key
-# prefixes per bucket. With 0 at ARGV 6 nothing is claimed: the session ids that follow the
-# prefixes of the one bucket given (ARGV 11..) are read. A claim pushes the sessions' due
-# time to now + lease (a visibility timeout: a flusher that dies holds them back one lease at
-# most). Returns, per bucket, the list of what its sessions have to copy (see _PENDING).
+# 5 lease ms, 6 sessions claimed per bucket at most, 7 max rows per session, 8 gap ms, then
+# three key prefixes per bucket. With 0 at ARGV 6 nothing is claimed: the session ids that
+# follow the prefixes of the one bucket given (ARGV 12..) are read. A claim pushes the
+# sessions' due time to now + lease (a visibility timeout: a flusher that dies holds them
+# back one lease at most). With a key after the buckets' (one server only: the time of the
+# last sweep by any flusher), nothing is done if that sweep was less than ``gap`` ms ago, so
+# flushers sharing a server sweep about once a gap between them all, however many there are.
+# Returns {last sweep ms (-1: no such key, or none yet)}, followed, unless skipped, by one
+# list per bucket of what its sessions have to copy (see _PENDING).
 READ = _script(
     "allow-oom",
     _BUCKETS + _PENDING,
     """
 local max_rows = tonumber(ARGV[7])
-local out = {}
-for b = 1, #KEYS / 4 do
-  bucket(b, 8 + 3 * (b - 1))
+local out = {-1}
+if #KEYS % 4 == 1 then
+  local last = tonumber(redis.call('GET', KEYS[#KEYS]) or '-1')
+  out[1] = last
+  if last >= 0 and now - last < tonumber(ARGV[8]) then return out end
+  redis.call('SET', KEYS[#KEYS], now, 'PX', 60000)
+end
+for b = 1, math.floor(#KEYS / 4) do
+  bucket(b, 9 + 3 * (b - 1))
   local sids = {}
   if ARGV[6] == '0' then
-    for i = 11, #ARGV do sids[#sids + 1] = ARGV[i] end
+    for i = 12, #ARGV do sids[#sids + 1] = ARGV[i] end
   else
     sids = redis.call('ZRANGEBYSCORE', K[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[6]))
     if #sids > 0 then
@@ -156,7 +166,7 @@ for b = 1, #KEYS / 4 do
   local found = {}
   for i, sid in ipairs(sids) do found[i] = pending(sid, max_rows) end
   settle()
-  out[b] = found
+  out[b + 1] = found
 end
 return out
 """,

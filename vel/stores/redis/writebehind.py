@@ -90,32 +90,54 @@ class WriteBehind:
         return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
 
     async def sweep(
-        self, buckets: Sequence[int], hold: float, lease: float, limit: int, max_rows: int
-    ) -> list[tuple[Claim, list[Pending | None]]]:
+        self,
+        buckets: Sequence[int],
+        hold: float,
+        lease: float,
+        limit: int,
+        max_rows: int,
+        gap: float = 0.0,
+    ) -> tuple[list[tuple[Claim, list[Pending | None]]] | None, int]:
         """Claim the sessions of ``buckets`` due ``hold`` seconds ago or earlier (up to
         ``limit`` per bucket) for ``lease`` seconds, and read what each has to copy (at most
         ``max_rows`` messages), in one step: the buckets that held any, with their claim.
 
-        On one server every bucket goes in one call; on a cluster, one call per bucket
-        (each a slot of its own). Retried through a failover: a replay after a lost reply
-        finds the first attempt's sessions claimed (not due), which holds them back one
-        lease at most.
+        On one server every bucket goes in one call, and with ``gap`` (seconds) it is
+        skipped (None) when any flusher swept less than ``gap`` ago; on a cluster, one call
+        per bucket (each a slot of its own), never skipped. The second value is when the
+        sweep before this one was (ms; -1: unknown). Retried through a failover: a replay
+        after a lost reply finds the first attempt's sessions claimed (not due), which
+        holds them back one lease at most.
         """
         now = now_ms()
         until = now + ms(lease)
-        head = [*self._sessions.common("", now)[1:4], now - ms(hold), ms(lease), limit, max_rows]
-        groups = [[b] for b in buckets] if self._redis.is_cluster else [list(buckets)]
+        head = [
+            *self._sessions.common("", now)[1:4],
+            now - ms(hold),
+            ms(lease),
+            limit,
+            max_rows,
+            ms(gap),
+        ]
+        cluster = self._redis.is_cluster
+        groups = [[b] for b in buckets] if cluster else [list(buckets)]
         found: list[tuple[Claim, list[Pending | None]]] = []
+        last = -1
         for group in groups:
             keys = [k for b in group for k in self._bucket_keys(b)]
+            if gap > 0 and not cluster:
+                keys.append(self._keys.last_sweep)
             args = head + [p for b in group for p in self._keys.prefixes(b)]
             reply = await self._redis.call("flush read", self._read(keys, args), idempotent=True)
-            for bucket, entries in zip(group, reply, strict=True):
+            last = int(reply[0])
+            if len(reply) == 1 and group:
+                return None, last  # another flusher swept less than a gap ago
+            for bucket, entries in zip(group, reply[1:], strict=True):
                 if entries:
                     read = [_pending(entry) for entry in entries]
                     claim = Claim(bucket, [sid for sid, _ in read], until)
                     found.append((claim, [item for _, item in read]))
-        return found
+        return found, last
 
     @staticmethod
     def _read(keys: list[str], args: list[Any]) -> Callable[[Client], Awaitable[Any]]:
@@ -156,7 +178,7 @@ class WriteBehind:
         """What each session has to copy (None: gone, or in conflict), claiming nothing;
         one pipelined round trip."""
         now = now_ms()
-        head = [*self._sessions.common("", now)[1:4], 0, 0, 0, max_rows]
+        head = [*self._sessions.common("", now)[1:4], 0, 0, 0, max_rows, 0]
         by_bucket = self._by_bucket(session_ids)
 
         async def fill(c: Client, pipe: Any) -> None:
@@ -167,7 +189,7 @@ class WriteBehind:
         replies = await self._redis.call(
             "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
-        read = dict(_pending(e) for reply in replies for e in reply[0])
+        read = dict(_pending(e) for reply in replies for e in reply[1])
         return [read[sid] for sid in session_ids]
 
     def _by_bucket(self, session_ids: Sequence[str]) -> dict[int, list[str]]:

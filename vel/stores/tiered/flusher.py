@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 # Messages a Postgres transaction aims to carry: run() paces its sweeps by the rate it
 # writes at, so transactions per message stay bounded whatever the load (below the rate at
 # which the longest pause is reached, each sweep just carries less).
-TARGET_ROWS = 200
+TARGET_ROWS = 400
 # The shortest pause between two sweeps of run() (a sweep that found more than its limit
 # sweeps again at once).
 MIN_PAUSE = 0.02
@@ -89,7 +89,7 @@ class Flusher:
         batch_sessions: int = 200,
         max_rows: int = 1000,
         lease: float | None = None,
-        idle_interval: float = 0.4,
+        idle_interval: float = 0.5,
         coalesce: float = 0.6,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
@@ -101,7 +101,10 @@ class Flusher:
         self.lease = load_settings().flush_lease if lease is None else LEASE.check("lease", lease)
         self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
         self.coalesce = DELAY.check("coalesce", coalesce)
-        self._full = False  # the last sweep claimed its limit in some bucket
+        # The last sweep: it claimed its limit in some bucket; it was skipped (another
+        # flusher had just swept); when the sweep before it was (ms, -1: unknown).
+        self._full = self._skipped = False
+        self._last_sweep = -1
         self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
             load_settings().flush_interval
@@ -130,11 +133,12 @@ class Flusher:
         self.totals = Totals(hot, [self.counters])
         metrics.track(self, self.counters, None)
 
-    async def flush_once(self, hold: float = 0.0) -> int:
+    async def flush_once(self, hold: float = 0.0, gap: float = 0.0) -> int:
         """One sweep over every bucket; returns the number of messages written.
 
         Sessions due ``hold`` seconds ago or earlier are claimed and read bucket by bucket
-        (up to ``batch_sessions`` per bucket; on one server every bucket in one call), and
+        (up to ``batch_sessions`` per bucket; on one server every bucket in one call, and
+        none when another flusher swept less than ``gap`` seconds ago), and
         written together, ``batch_sessions`` sessions per Postgres transaction, not one
         transaction per bucket: at a steady rate a sweep finds a few sessions in many
         buckets, and a transaction each would cost Postgres a commit per handful of messages.
@@ -142,20 +146,24 @@ class Flusher:
         buckets = self.hot.keys.buckets
         self._offset = (self._offset + 1) % buckets
         claimed: list[tuple[Claim, list[Pending | None]]] = []
-        self._full = False
+        self._full = self._skipped = False
+        self._last_sweep = -1
         try:
             order = [(self._offset + i) % buckets for i in range(buckets)]
             if self.sweep_interval <= 0:
-                claimed = await self.hot.sweep(
-                    order, hold, self.lease, self.batch_sessions, self.max_rows
+                swept, self._last_sweep = await self.hot.sweep(
+                    order, hold, self.lease, self.batch_sessions, self.max_rows, gap
                 )
+                self._skipped = swept is None
+                claimed = swept or []
             for bucket in order if self.sweep_interval > 0 else ():
                 if not await self.hot.try_sweep(bucket, self.sweep_interval):
                     self.counters["flush_sweeps_skipped"] += 1  # another flusher swept it
                     continue
-                claimed += await self.hot.sweep(
+                swept, _ = await self.hot.sweep(
                     [bucket], hold, self.lease, self.batch_sessions, self.max_rows
                 )
+                claimed += swept or []
             if not claimed:
                 return 0
             # A bucket that gave its whole limit may hold more due sessions: no pause.
@@ -307,7 +315,11 @@ class Flusher:
                     # while retrying: the sessions handed back are due after the backoff,
                     # and a sweep that finds none due would end the outage by mistake.
                     hold = 0.0 if self._failures else max(0.0, self.coalesce - pause)
-                    written = await self.flush_once(hold=hold)
+                    # Flushers sharing a server space their sweeps by about a pause between
+                    # them all (a skipped sweep costs two commands), so the number of
+                    # transactions does not grow with the number of workers.
+                    gap = 0.0 if self._failures else 0.9 * pause
+                    written = await self.flush_once(hold=hold, gap=gap)
                 except Exception as exc:
                     watch.check()
                     self._failures += 1
@@ -319,17 +331,23 @@ class Flusher:
                 watch.check()
                 self._failures = 0
                 self.outage.recovered()
-                # Paced by the rate this flusher writes at (smoothed over a few sweeps): the
-                # next sweep comes once about TARGET_ROWS messages are due, so a transaction
-                # carries many turns of many sessions however fast or slow the writes, and
-                # an idle flusher sweeps only every idle_interval.
-                now = time.monotonic()
-                rate = 0.7 * rate + 0.3 * written / max(now - last, 1e-3)
-                last = now
-                pause = self.idle_interval if rate < 1 else TARGET_ROWS / rate
-                pause = min(self.idle_interval, max(MIN_PAUSE, pause))
+                if not self._skipped:
+                    # Paced by the rate messages are written at (by every flusher: this
+                    # sweep wrote what came due since the last one, whoever made it;
+                    # smoothed over a few sweeps): the next sweep comes once about
+                    # TARGET_ROWS messages are due, so a transaction carries many turns of
+                    # many sessions however fast or slow the writes, and an idle flusher
+                    # sweeps only every idle_interval.
+                    now = time.monotonic()
+                    since = now - last
+                    if self._last_sweep > 0 and 0 < now_ms() - self._last_sweep < since * 1000:
+                        since = (now_ms() - self._last_sweep) / 1000  # another's sweep
+                    rate = 0.7 * rate + 0.3 * written / max(since, 1e-3)
+                    last = now
+                    pause = self.idle_interval if rate < 1 else TARGET_ROWS / rate
+                    pause = min(self.idle_interval, max(MIN_PAUSE, pause))
                 if not self._full:
-                    await self._sleep(stop, pause * (0.75 + random.random() / 2))
+                    await self._sleep(stop, pause * (0.9 + random.random() / 5))
         finally:
             del self._runs[stop]
 
