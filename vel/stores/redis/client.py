@@ -37,6 +37,7 @@ from vel.errors import (
 from vel.redaction import redact
 from vel.stores.redis import scripts as lua
 from vel.stores.redis import wbscripts as wbs
+from vel.stores.redis.direct import Script
 from vel.stores.redis.url import RedisURL, parse_redis_url
 
 T = TypeVar("T")
@@ -116,7 +117,7 @@ class Client:
         # Turns blocked on a lock's wake list (BLPOP) hold a connection each: at most half
         # the budget, so the holders' commits always find one; other waiters poll.
         self.waiters = asyncio.Semaphore(max(1, gate // 2) if gate > 0 else 8)
-        self.scripts: list[Any] = []
+        self.scripts: list[Script] = []
         self.load = self._register(lua.LOAD)
         self.take = self._register(lua.TAKE_LOCK)
         self.lock_load = self._register(lua.LOCK_LOAD)
@@ -137,8 +138,8 @@ class Client:
         self.abandon = self._register(lua.ABANDON_LOCK)
         self.drop_clean = self._register(lua.DROP_CLEAN)
 
-    def _register(self, source: str) -> Any:
-        script = self.redis.register_script(source)
+    def _register(self, source: str) -> Script:
+        script = Script(self.redis, source)
         self.scripts.append(script)
         return script
 
@@ -222,6 +223,8 @@ class Connector:
         pool = aioredis.ConnectionPool(
             max_connections=self.pool_max,
             socket_connect_timeout=self.op_timeout,
+            # redis-py 8 defaults to 5 s, which costs a wait_for (a task on 3.11) per send.
+            socket_timeout=None,
             **self.parsed.connection_kwargs(),
         )
         return Client(aioredis.Redis.from_pool(pool), gate=self.pool_max)

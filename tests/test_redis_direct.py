@@ -1,0 +1,135 @@
+"""Script calls past redis-py's per-command layers (vel.stores.redis.direct, issue 14): the
+same replies and errors as redis-py's own path, a script the server lost is loaded again, a
+call cancelled mid-flight never leaves its reply for the next caller, the connection budget
+holds, and clients that cannot take this path use redis-py's."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from servers import RedisServer
+
+from vel.stores.redis.direct import Script
+
+MIXED = """
+if ARGV[1] == 'fail' then return redis.error_reply('VELTEST refused ' .. KEYS[1]) end
+redis.call('RPUSH', KEYS[1], unpack(ARGV))
+return {redis.call('LLEN', KEYS[1]), ARGV[1], false, {1, 'two'}, tonumber(ARGV[2])}
+"""
+# Spins ARGV[1] iterations inside Redis (Lua has no sleep; 200000 take a millisecond or
+# two), then echoes ARGV[2].
+SLOW_ECHO = """
+local n = 0
+for i = 1, tonumber(ARGV[1]) do n = n + i end
+return ARGV[2]
+"""
+ECHO = "return ARGV[1]"
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    # A private server: the test flushes its scripts, which must not touch the shared one.
+    with RedisServer() as srv:
+        yield srv
+
+
+async def test_replies_and_errors_match_redis_py(redis_url: str, key_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        direct = Script(client, MIXED)
+        plain = client.register_script(MIXED)
+        key = f"{key_prefix}:list"
+        for value in ("a", "b\n\u00e9", "1" * 5000):
+            args = [value, "7"]
+            mine = await direct(keys=[key], args=args)
+            theirs = await plain(keys=[key], args=args)
+            # The same shape and types; only the list's length moved on (two items a call).
+            assert mine[1:] == theirs[1:] == [value.encode(), None, [1, b"two"], 7]
+            assert theirs[0] == mine[0] + 2
+        with pytest.raises(rexc.ResponseError, match="VELTEST refused") as mine_err:
+            await direct(keys=[key], args=["fail", "0"])
+        with pytest.raises(rexc.ResponseError, match="VELTEST refused") as theirs_err:
+            await plain(keys=[key], args=["fail", "0"])
+        assert type(mine_err.value) is type(theirs_err.value)
+        assert str(mine_err.value) == str(theirs_err.value)
+        # The connection that carried the error is clean: the next call's reply is its own.
+        assert (await direct(keys=[key], args=["after", "1"]))[1] == b"after"
+    finally:
+        await client.aclose()
+
+
+async def test_a_script_the_server_lost_is_loaded_again(server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        echo = Script(client, ECHO)
+        assert await echo(args=["one"]) == b"one"
+        await client.script_flush()
+        assert await echo(args=["two"]) == b"two"
+        server.restart()  # a restarted server has no scripts and the pool's sockets broke
+        for attempt in range(3):
+            try:
+                assert await echo(args=["three"]) == b"three"
+                break
+            except rexc.ConnectionError:
+                # A pooled socket is found broken once (as on redis-py's own path); the
+                # next call reconnects.
+                assert attempt < 2
+    finally:
+        await client.aclose()
+
+
+async def test_cancelled_calls_never_hand_their_reply_to_the_next_caller(
+    server: RedisServer,
+) -> None:
+    pool = aioredis.ConnectionPool.from_url(server.url, max_connections=4)
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        slow = Script(client, SLOW_ECHO)
+        echo = Script(client, ECHO)
+        rng = random.Random(14)
+        gate = asyncio.Semaphore(4)  # vel's Client gate: the pool is never asked for a fifth
+
+        cut = 0
+
+        async def one(i: int) -> None:
+            nonlocal cut
+            async with gate:
+                if rng.random() < 0.5:
+                    # Cut off at a random point: before the send, between send and reply,
+                    # or not at all; a reply that arrives is this call's own.
+                    try:
+                        async with asyncio.timeout(rng.uniform(0.0, 0.004)):
+                            reply = await slow(args=[200000, f"slow{i}"])
+                        assert reply == f"slow{i}".encode()
+                    except TimeoutError:
+                        cut += 1
+                else:
+                    assert await echo(args=[f"echo{i}"]) == f"echo{i}".encode()
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        assert cut > 10
+        # Every later call still gets its own reply, on at most the budget's connections.
+        for i in range(20):
+            assert await echo(args=[f"after{i}"]) == f"after{i}".encode()
+        assert len(pool._in_use_connections) == 0
+        assert len(pool._available_connections) <= 4
+    finally:
+        await client.aclose()
+
+
+async def test_clients_that_cannot_take_the_direct_path_use_redis_py(redis_url: str) -> None:
+    single = aioredis.Redis.from_url(redis_url, single_connection_client=True)
+    try:
+        echo = Script(single, ECHO)
+        assert echo._pool is None
+        assert await echo(args=["x"]) == b"x"
+        pipe = single.pipeline(transaction=False)
+        await echo(args=["y"], client=pipe)
+        assert await pipe.execute() == [b"y"]
+    finally:
+        await single.aclose()
