@@ -215,18 +215,25 @@ class WriteBehind:
             values += (ack[0], ack[1], ack[2], ack[3] if len(ack) > 3 else 0)
         head = self._sessions.common("", now_ms())[1:4]
         groups = [[b] for b in by_bucket] if self._redis.is_cluster else [list(by_bucket)]
+        calls = []
+        for group in groups:
+            keys = [k for b in group for k in self._bucket_keys(b)]
+            args = list(head)
+            for b in group:
+                args += (*self._keys.prefixes(b), len(by_bucket[b]) // 4, *by_bucket[b])
+            calls.append((keys, args))
 
         async def fill(c: Client, pipe: Any) -> None:
-            for group in groups:
-                keys = [k for b in group for k in self._bucket_keys(b)]
-                args = list(head)
-                for b in group:
-                    args += (*self._keys.prefixes(b), len(by_bucket[b]) // 4, *by_bucket[b])
+            for keys, args in calls:
                 await c.queue(pipe, c.flush_ack, keys, args)
 
-        replies = await self._redis.call(
-            "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
-        )
+        async def run(c: Client) -> list[Any]:
+            if len(calls) == 1:
+                keys, args = calls[0]
+                return [await c.flush_ack(keys=keys, args=args)]
+            return await self._redis.pipelined(c, fill)
+
+        replies = await self._redis.call("ack", run, idempotent=True)
         codes = {
             b: [int(x) for x in codes]
             for group, reply in zip(groups, replies, strict=True)

@@ -71,10 +71,12 @@ class Flusher:
         idle_interval: the longest pause between two sweeps of :meth:`run` (seconds; the
             pause is shorter while the flusher writes more than ``TARGET_ROWS`` messages in
             that time).
-        coalesce: seconds :meth:`run` lets a due session's writes wait at most before the
-            sweep that claims it (less the pause: the rest of it, the hold, lets one flush
-            carry every turn of a busy session in that time). A bound on the flush lag
-            (plus the store's flush delay and the write), not a delay added to it.
+        coalesce: the flush lag :meth:`run` aims to stay within (seconds, from a session's
+            first unflushed write to the sweep that claims it; the Postgres write comes on
+            top). What the store's flush delay and the pause between sweeps leave of it is
+            the hold: a due session waits that long more, so one flush carries every turn
+            of a busy session in that time. :meth:`flush_once` and :meth:`drain` hold
+            nothing.
         max_backoff: cap of the retry delay while Postgres or Redis fails.
         sweep_interval: seconds between two claims in one bucket by all flushers together
             (a short per-bucket lease in Redis; default ``VEL_FLUSH_INTERVAL``, 0: none). It
@@ -90,7 +92,7 @@ class Flusher:
         max_rows: int = 1000,
         lease: float | None = None,
         idle_interval: float = 0.5,
-        coalesce: float = 0.6,
+        coalesce: float = 0.55,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
     ) -> None:
@@ -314,7 +316,8 @@ class Flusher:
                     # pause leaves: a busy session's turns of that time go in one flush. Not
                     # while retrying: the sessions handed back are due after the backoff,
                     # and a sweep that finds none due would end the outage by mistake.
-                    hold = 0.0 if self._failures else max(0.0, self.coalesce - pause)
+                    hold = self.coalesce - pause - self.hot.flush_delay
+                    hold = 0.0 if self._failures else max(0.0, hold)
                     # Flushers sharing a server space their sweeps by about a pause between
                     # them all (a skipped sweep costs two commands), so the number of
                     # transactions does not grow with the number of workers.
