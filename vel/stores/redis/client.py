@@ -36,6 +36,7 @@ from vel.errors import (
 )
 from vel.redaction import redact
 from vel.stores.redis import scripts as lua
+from vel.stores.redis import wbscripts as wbs
 from vel.stores.redis.direct import Script
 from vel.stores.redis.url import RedisURL, parse_redis_url
 
@@ -125,10 +126,10 @@ class Client:
         self.extend = self._register(lua.EXTEND)
         self.replace = self._register(lua.REPLACE)
         self.pop = self._register(lua.POP)
-        self.claim = self._register(lua.CLAIM)
-        self.renew_claims = self._register(lua.RENEW_CLAIMS)
-        self.pending = self._register(lua.PENDING)
-        self.ack = self._register(lua.ACK)
+        self.claim = self._register(wbs.CLAIM)
+        self.renew_claims = self._register(wbs.RENEW_CLAIMS)
+        self.flush_read = self._register(wbs.READ)
+        self.flush_ack = self._register(wbs.ACK)
         self.conflict = self._register(lua.CONFLICT)
         self.resolved = self._register(lua.RESOLVED)
         self.copy = self._register(lua.COPY)

@@ -81,6 +81,12 @@ class KeyLayout:
         """zset: the bucket's sessions whose flush could not be applied (DESIGN.md 3.8)."""
         return f"{self.tag(bucket)}:conflicts"
 
+    def prefixes(self, bucket: int) -> tuple[str, str, str]:
+        """The (meta, messages, replays) key prefixes of a bucket's sessions: a session's
+        key is its prefix followed by its id (the flusher's scripts build them so)."""
+        tag = self.tag(bucket)
+        return (f"{tag}:h:", f"{tag}:m:", f"{tag}:r:")
+
     def session(self, session_id: str) -> SessionKeys:
         # Built once per session and kept (a turn needs them several times; the strings
         # cost more than the rest of a turn's bookkeeping).
@@ -90,10 +96,11 @@ class KeyLayout:
         bucket = self.bucket_of(session_id)
         tag = self.tag(bucket)
         dirty, since, backlog = self.bucket_keys(bucket)
+        meta, messages, replays = self.prefixes(bucket)
         return SessionKeys(
-            meta=f"{tag}:h:{session_id}",
-            messages=f"{tag}:m:{session_id}",
-            replays=f"{tag}:r:{session_id}",
+            meta=meta + session_id,
+            messages=messages + session_id,
+            replays=replays + session_id,
             warm_lock=f"{tag}:w:{session_id}",
             turn_lock=f"{tag}:l:{session_id}",
             wake=f"{tag}:k:{session_id}",
@@ -121,6 +128,12 @@ class KeyLayout:
     def sweep(self, bucket: int) -> str:
         """string: a bucket's sweep turn, held by one flusher for the sweep interval."""
         return f"{self.tag(bucket)}:sweep"
+
+    @property
+    def last_sweep(self) -> str:
+        """string: when a flusher last swept every bucket, ms (one server only: flushers
+        sharing it space their sweeps by it)."""
+        return f"{self.prefix}:{{sweeps}}:last"
 
     @property
     def meta_pattern(self) -> str:

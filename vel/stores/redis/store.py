@@ -404,10 +404,20 @@ class RedisStore:
         """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
         return await self._write_behind.claim(bucket, lease, limit)
 
-    async def claim_all(self, buckets: Sequence[int], lease: float, limit: int) -> list[Claim]:
-        """:meth:`claim` in each of ``buckets`` (in one round trip on one server); the
-        claims that hold sessions."""
-        return await self._write_behind.claim_all(buckets, lease, limit)
+    async def sweep(
+        self,
+        buckets: Sequence[int],
+        hold: float,
+        lease: float,
+        limit: int,
+        max_rows: int,
+        gap: float = 0.0,
+    ) -> tuple[list[tuple[Claim, list[Pending | None]]] | None, int]:
+        """Claim the sessions of ``buckets`` due ``hold`` seconds ago or earlier (up to
+        ``limit`` per bucket) for ``lease`` seconds and read what they have to copy (at
+        most ``max_rows`` messages each), in one step; None when another flusher swept less
+        than ``gap`` seconds ago (see WriteBehind.sweep)."""
+        return await self._write_behind.sweep(buckets, hold, lease, limit, max_rows, gap)
 
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;

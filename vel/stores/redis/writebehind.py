@@ -11,16 +11,15 @@ moves to its bucket's conflict set, keeps no TTL, and waits for :meth:`WriteBehi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vel.stores.redis.client import Client, Connector, ms, now_ms
 from vel.stores.redis.keys import KeyLayout
-from vel.stores.redis.scripts import MISS
 from vel.stores.redis.sessions import Sessions, split
 
-IN_CONFLICT = -7  # PENDING's reply for a session in conflict
+IN_CONFLICT = -7  # READ's reply for a session in conflict
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,29 +89,66 @@ class WriteBehind:
         )
         return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
 
-    async def claim_all(self, buckets: Sequence[int], lease: float, limit: int) -> list[Claim]:
-        """:meth:`claim` in each of ``buckets``; the claims that hold sessions. On one
-        server the claims go in one pipelined round trip; on a cluster, one call per bucket
-        (a pipeline rerun after a promoted replica's NOSCRIPT would hold back the sessions
-        its first run claimed for a lease)."""
-        if self._redis.is_cluster:
-            claims = [await self.claim(bucket, lease, limit) for bucket in buckets]
-            return [c for c in claims if c.session_ids]
+    async def sweep(
+        self,
+        buckets: Sequence[int],
+        hold: float,
+        lease: float,
+        limit: int,
+        max_rows: int,
+        gap: float = 0.0,
+    ) -> tuple[list[tuple[Claim, list[Pending | None]]] | None, int]:
+        """Claim the sessions of ``buckets`` due ``hold`` seconds ago or earlier (up to
+        ``limit`` per bucket) for ``lease`` seconds, and read what each has to copy (at most
+        ``max_rows`` messages), in one step: the buckets that held any, with their claim.
+
+        On one server every bucket goes in one call, and with ``gap`` (seconds) it is
+        skipped (None) when any flusher swept less than ``gap`` ago; on a cluster, one call
+        per bucket (each a slot of its own), never skipped. The second value is when the
+        sweep before this one was (ms; -1: unknown). Retried through a failover: a replay
+        after a lost reply finds the first attempt's sessions claimed (not due), which
+        holds them back one lease at most.
+        """
         now = now_ms()
-        args = [now, ms(lease), limit]
-
-        async def fill(c: Client, pipe: Any) -> None:
-            for bucket in buckets:
-                await c.queue(pipe, c.claim, [self._keys.bucket_keys(bucket)[0]], args)
-
-        replies = await self._redis.call(
-            "claim", lambda c: self._redis.pipelined(c, fill), idempotent=True
-        )
-        return [
-            Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
-            for bucket, reply in zip(buckets, replies, strict=True)
-            if reply
+        until = now + ms(lease)
+        head = [
+            *self._sessions.common("", now)[1:4],
+            now - ms(hold),
+            ms(lease),
+            limit,
+            max_rows,
+            ms(gap),
         ]
+        cluster = self._redis.is_cluster
+        groups = [[b] for b in buckets] if cluster else [list(buckets)]
+        found: list[tuple[Claim, list[Pending | None]]] = []
+        last = -1
+        for group in groups:
+            keys = [k for b in group for k in self._bucket_keys(b)]
+            if gap > 0 and not cluster:
+                keys.append(self._keys.last_sweep)
+            args = head + [p for b in group for p in self._keys.prefixes(b)]
+            reply = await self._redis.call("flush read", self._read(keys, args), idempotent=True)
+            last = int(reply[0])
+            if len(reply) == 1 and group:
+                return None, last  # another flusher swept less than a gap ago
+            for bucket, entries in zip(group, reply[1:], strict=True):
+                if entries:
+                    read = [_pending(entry) for entry in entries]
+                    claim = Claim(bucket, [sid for sid, _ in read], until)
+                    found.append((claim, [item for _, item in read]))
+        return found, last
+
+    @staticmethod
+    def _read(keys: list[str], args: list[Any]) -> Callable[[Client], Awaitable[Any]]:
+        async def run(c: Client) -> Any:
+            return await c.flush_read(keys=keys, args=args)
+
+        return run
+
+    def _bucket_keys(self, bucket: int) -> list[str]:
+        """KEYS of one bucket in the flusher's scripts (see vel.stores.redis.wbscripts)."""
+        return [*self._keys.bucket_keys(bucket), self._keys.conflicts(bucket)]
 
     async def renew_claim(self, claim: Claim, lease: float) -> bool:
         dirty = self._keys.bucket_keys(claim.bucket)[0]
@@ -139,61 +175,71 @@ class WriteBehind:
         )
 
     async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
+        """What each session has to copy (None: gone, or in conflict), claiming nothing;
+        one pipelined round trip."""
         now = now_ms()
+        head = [*self._sessions.common("", now)[1:4], 0, 0, 0, max_rows, 0]
+        by_bucket = self._by_bucket(session_ids)
 
         async def fill(c: Client, pipe: Any) -> None:
-            for sid in session_ids:
-                keys = self._keys.session(sid)
-                args = [*self._sessions.common(sid, now), max_rows]
-                await c.queue(pipe, c.pending, keys.layout, args)
+            for bucket, sids in by_bucket.items():
+                args = [*head, *self._keys.prefixes(bucket), *sids]
+                await c.queue(pipe, c.flush_read, self._bucket_keys(bucket), args)
 
         replies = await self._redis.call(
             "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
-        result: list[Pending | None] = []
-        for sid, reply in zip(session_ids, replies, strict=True):
-            if int(reply[0]) in (MISS, IN_CONFLICT) and len(reply) == 1:
-                result.append(None)
-                continue
-            gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = (int(x) for x in reply[:9])
-            rows = []
-            for offset, item in enumerate(reply[9:], start=1):
-                mid, text = split(item)
-                rows.append((flushed + offset, mid, text))
-            result.append(
-                Pending(
-                    sid,
-                    gen,
-                    fgen,
-                    flushed,
-                    seq,
-                    rows,
-                    rev=None if rev < 0 else rev,
-                    updated_ms=updated or None,
-                    had_postgres_rows=bool(pgrows),
-                    truncate=(tgen, tseq) if tgen >= 0 else None,
-                )
-            )
-        return result
+        read = dict(_pending(e) for reply in replies for e in reply[1])
+        return [read[sid] for sid in session_ids]
+
+    def _by_bucket(self, session_ids: Sequence[str]) -> dict[int, list[str]]:
+        by_bucket: dict[int, list[str]] = {}
+        for sid in dict.fromkeys(session_ids):
+            by_bucket.setdefault(self._keys.bucket_of(sid), []).append(sid)
+        return by_bucket
 
     async def ack(
         self, acks: Sequence[tuple[str, int, int] | tuple[str, int, int, int]]
     ) -> list[int]:
-        """Acknowledge ``(session id, generation, flushed up to seq[, tier lease end ms])``."""
-        now = now_ms()
+        """Acknowledge ``(session id, generation, flushed up to seq[, tier lease end ms])``,
+        each session at most once; one code per ack (see ``ACK`` in
+        :mod:`vel.stores.redis.wbscripts`). One call per bucket on a cluster (pipelined),
+        one for all of them on one server."""
+        if not acks:
+            return []
+        by_bucket: dict[int, list[Any]] = {}
+        order: list[tuple[int, int]] = []
+        for ack in acks:
+            values = by_bucket.setdefault(self._keys.bucket_of(ack[0]), [])
+            order.append((self._keys.bucket_of(ack[0]), len(values) // 4))
+            values += (ack[0], ack[1], ack[2], ack[3] if len(ack) > 3 else 0)
+        head = self._sessions.common("", now_ms())[1:4]
+        groups = [[b] for b in by_bucket] if self._redis.is_cluster else [list(by_bucket)]
+        calls = []
+        for group in groups:
+            keys = [k for b in group for k in self._bucket_keys(b)]
+            args = list(head)
+            for b in group:
+                args += (*self._keys.prefixes(b), len(by_bucket[b]) // 4, *by_bucket[b])
+            calls.append((keys, args))
 
         async def fill(c: Client, pipe: Any) -> None:
-            for ack in acks:
-                sid, gen, upto = ack[0], ack[1], ack[2]
-                lease = ack[3] if len(ack) > 3 else 0
-                keys = self._keys.session(sid)
-                args = [*self._sessions.common(sid, now), gen, upto, lease]
-                await c.queue(pipe, c.ack, keys.layout, args)
+            for keys, args in calls:
+                await c.queue(pipe, c.flush_ack, keys, args)
 
-        replies = await self._redis.call(
-            "ack", lambda c: self._redis.pipelined(c, fill), idempotent=True
-        )
-        return [int(r) for r in replies]
+        async def run(c: Client) -> list[Any]:
+            if len(calls) == 1:
+                keys, args = calls[0]
+                return [await c.flush_ack(keys=keys, args=args)]
+            return await self._redis.pipelined(c, fill)
+
+        replies = await self._redis.call("ack", run, idempotent=True)
+        codes = {
+            b: [int(x) for x in codes]
+            for group, reply in zip(groups, replies, strict=True)
+            for b, codes in zip(group, reply, strict=True)
+        }
+        return [codes[b][i] for b, i in order]
 
     async def conflict(self, session_id: str, gen: int, rev: int | None, reason: str) -> bool:
         """Set aside a session whose flush of ``(gen, rev)`` Postgres could not apply,
@@ -299,3 +345,23 @@ class WriteBehind:
             "drop clean", lambda c: self._redis.pipelined(c, fill), idempotent=True
         )
         return [int(r) for r in replies]
+
+
+def _pending(entry: list[Any]) -> tuple[str, Pending | None]:
+    """One session of READ's reply (see :mod:`vel.stores.redis.wbscripts`)."""
+    sid = entry[0].decode()
+    if len(entry) == 2:
+        return sid, None  # gone (MISS) or in conflict (IN_CONFLICT)
+    gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = map(int, entry[1:10])
+    return sid, Pending(
+        sid,
+        gen,
+        fgen,
+        flushed,
+        seq,
+        [(flushed + i, *split(item)) for i, item in enumerate(entry[10:], start=1)],
+        rev=None if rev < 0 else rev,
+        updated_ms=updated or None,
+        had_postgres_rows=bool(pgrows),
+        truncate=(tgen, tseq) if tgen >= 0 else None,
+    )

@@ -46,8 +46,13 @@ if TYPE_CHECKING:
     from vel.stores.postgres import PostgresStore
     from vel.stores.redis import Claim, Pending, RedisStore
 
-# After a sweep that wrote, the next one waits this many idle intervals.
-BUSY_PACE = 4
+# Messages a Postgres transaction aims to carry: run() paces its sweeps by the rate it
+# writes at, so transactions per message stay bounded whatever the load (below the rate at
+# which the longest pause is reached, each sweep just carries less).
+TARGET_ROWS = 400
+# The shortest pause between two sweeps of run() (a sweep that found more than its limit
+# sweeps again at once).
+MIN_PAUSE = 0.02
 
 # The logger keeps its name from before the flusher moved here: log filters select on it.
 log = get_logger("vel.flusher")
@@ -63,7 +68,15 @@ class Flusher:
         max_rows: messages copied per session per transaction.
         lease: seconds a claim stays exclusive before another flusher may redo it, unless
             renewed (the default is ``VEL_FLUSH_LEASE``).
-        idle_interval: sleep between sweeps that found nothing to do.
+        idle_interval: the longest pause between two sweeps of :meth:`run` (seconds; the
+            pause is shorter while the flusher writes more than ``TARGET_ROWS`` messages in
+            that time).
+        coalesce: the flush lag :meth:`run` aims to stay within (seconds, from a session's
+            first unflushed write to the sweep that claims it; the Postgres write comes on
+            top). What the store's flush delay and the pause between sweeps leave of it is
+            the hold: a due session waits that long more, so one flush carries every turn
+            of a busy session in that time. :meth:`flush_once` and :meth:`drain` hold
+            nothing.
         max_backoff: cap of the retry delay while Postgres or Redis fails.
         sweep_interval: seconds between two claims in one bucket by all flushers together
             (a short per-bucket lease in Redis; default ``VEL_FLUSH_INTERVAL``, 0: none). It
@@ -78,7 +91,8 @@ class Flusher:
         batch_sessions: int = 200,
         max_rows: int = 1000,
         lease: float | None = None,
-        idle_interval: float = 0.05,
+        idle_interval: float = 0.5,
+        coalesce: float = 0.55,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
     ) -> None:
@@ -88,6 +102,11 @@ class Flusher:
         self.max_rows = BATCH.check_int("max_rows", max_rows)
         self.lease = load_settings().flush_lease if lease is None else LEASE.check("lease", lease)
         self.idle_interval = INTERVAL.check("idle_interval", idle_interval)
+        self.coalesce = DELAY.check("coalesce", coalesce)
+        # The last sweep: it claimed its limit in some bucket; it was skipped (another
+        # flusher had just swept); when the sweep before it was (ms, -1: unknown).
+        self._full = self._skipped = False
+        self._last_sweep = -1
         self.max_backoff = INTERVAL.check("max_backoff", max_backoff)
         self.sweep_interval = (
             load_settings().flush_interval
@@ -116,42 +135,53 @@ class Flusher:
         self.totals = Totals(hot, [self.counters])
         metrics.track(self, self.counters, None)
 
-    async def flush_once(self) -> int:
+    async def flush_once(self, hold: float = 0.0, gap: float = 0.0) -> int:
         """One sweep over every bucket; returns the number of messages written.
 
-        Due sessions are claimed bucket by bucket (up to ``batch_sessions`` per bucket) and
+        Sessions due ``hold`` seconds ago or earlier are claimed and read bucket by bucket
+        (up to ``batch_sessions`` per bucket; on one server every bucket in one call, and
+        none when another flusher swept less than ``gap`` seconds ago), and
         written together, ``batch_sessions`` sessions per Postgres transaction, not one
         transaction per bucket: at a steady rate a sweep finds a few sessions in many
         buckets, and a transaction each would cost Postgres a commit per handful of messages.
         """
         buckets = self.hot.keys.buckets
         self._offset = (self._offset + 1) % buckets
-        claims: list[Claim] = []
+        claimed: list[tuple[Claim, list[Pending | None]]] = []
+        self._full = self._skipped = False
+        self._last_sweep = -1
         try:
             order = [(self._offset + i) % buckets for i in range(buckets)]
             if self.sweep_interval <= 0:
-                # Every bucket's claim in one round trip (on one server).
-                claims = await self.hot.claim_all(order, self.lease, self.batch_sessions)
+                swept, self._last_sweep = await self.hot.sweep(
+                    order, hold, self.lease, self.batch_sessions, self.max_rows, gap
+                )
+                self._skipped = swept is None
+                claimed = swept or []
             for bucket in order if self.sweep_interval > 0 else ():
                 if not await self.hot.try_sweep(bucket, self.sweep_interval):
                     self.counters["flush_sweeps_skipped"] += 1  # another flusher swept it
                     continue
-                claim = await self.hot.claim(bucket, self.lease, self.batch_sessions)
-                if claim.session_ids:
-                    claims.append(claim)
-            if not claims:
+                swept, _ = await self.hot.sweep(
+                    [bucket], hold, self.lease, self.batch_sessions, self.max_rows
+                )
+                claimed += swept or []
+            if not claimed:
                 return 0
+            # A bucket that gave its whole limit may hold more due sessions: no pause.
+            self._full = any(len(c.session_ids) >= self.batch_sessions for c, _ in claimed)
+            claims = [claim for claim, _ in claimed]
             # Renewed while this flusher works on them, so the lease can be short: a
             # flusher that dies holds its sessions back for one lease at most.
             async with renewed(lambda: self._renew(claims), self.lease, "flush claims"):
-                return await self._flush_claimed([(c.bucket, c.session_ids) for c in claims])
+                return await self._flush_claimed(claimed)
         except Exception:
-            if claims:
+            if claimed:
                 self.counters["flush_batches_failed"] += 1
             # Hand the claims back early so a short outage does not wait out the whole lease
             # (those already written and acknowledged are clean: rescheduling skips them).
             with contextlib.suppress(VelError):
-                for claim in claims:
+                for claim, _ in claimed:
                     await self.hot.reschedule(
                         claim.bucket, claim.session_ids, delay=self._retry_delay()
                     )
@@ -163,16 +193,12 @@ class Flusher:
             await self.hot.renew_claim(claim, self.lease)
         return True
 
-    async def _flush_claimed(self, claimed: list[tuple[int, list[str]]]) -> int:
+    async def _flush_claimed(self, claimed: list[tuple[Claim, list[Pending | None]]]) -> int:
         await failpoints.hit("flush_after_claim")
-        bucket_of = {sid: bucket for bucket, session_ids in claimed for sid in session_ids}
         settled: list[tuple[str, int, int]] = []
         work = []
-        # Bucket by bucket on a cluster (each pipeline within one slot); else in one go.
-        groups = [ids for _, ids in claimed] if self.hot.is_cluster else [list(bucket_of)]
-        for session_ids in groups:
-            pending = await self.hot.pending(session_ids, self.max_rows)
-            for sid, item in zip(session_ids, pending, strict=True):
+        for claim, pending in claimed:
+            for sid, item in zip(claim.session_ids, pending, strict=True):
                 if item is None:
                     settled.append((sid, 0, 0))  # gone from Redis: just drop the dirty mark
                 elif not item.rows and item.fgen == item.gen:
@@ -181,20 +207,20 @@ class Flusher:
                     work.append(item)
         written = 0
         if settled:
-            await self._ack(settled, bucket_of)
+            await self.hot.ack(settled)
             if not work:
                 self.counters["flush_batches_ok"] += 1
         for start in range(0, len(work), self.batch_sessions):
-            written += await self._write(work[start : start + self.batch_sessions], bucket_of)
+            written += await self._write(work[start : start + self.batch_sessions])
         self.counters["flushed_messages"] += written
         return written
 
-    async def _write(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
+    async def _write(self, work: list[Pending]) -> int:
         """Copy ``work`` to Postgres in one transaction, then acknowledge it."""
         with observed(FLUSH, "flush", sessions=len(work)):
-            return await self._write_batch(work, bucket_of)
+            return await self._write_batch(work)
 
-    async def _write_batch(self, work: list[Pending], bucket_of: dict[str, int]) -> int:
+    async def _write_batch(self, work: list[Pending]) -> int:
         while work:
             asked = now_ms()
             try:
@@ -240,7 +266,8 @@ class Flusher:
                 acks.append((item.session_id, item.gen, upto, lease))
                 written += result.inserted
                 self.counters["flush_duplicates_suppressed"] += result.duplicates
-        await self._ack(acks, bucket_of)
+        if acks:
+            await self.hot.ack(acks)
         self.counters["flush_batches_ok"] += 1
         return written
 
@@ -260,19 +287,6 @@ class Flusher:
         else:
             self.counters["flush_stale_generations"] += 1
 
-    async def _ack(
-        self,
-        acks: list[tuple[str, int, int, int]] | list[tuple[str, int, int]],
-        bucket_of: dict[str, int],
-    ) -> None:
-        # Bucket by bucket on a cluster: each pipeline stays within one hash slot.
-        by_bucket: dict[int, list[tuple[str, int, int] | tuple[str, int, int, int]]] = {}
-        cluster = self.hot.is_cluster
-        for ack in acks:
-            by_bucket.setdefault(bucket_of[ack[0]] if cluster else 0, []).append(ack)
-        for bucket_acks in by_bucket.values():
-            await self.hot.ack(bucket_acks)
-
     def _retry_delay(self) -> float:
         """Capped exponential backoff with jitter, by consecutive failed batches."""
         base: float = min(0.1 * 2.0 ** min(self._failures, 16), self.max_backoff)
@@ -291,13 +305,24 @@ class Flusher:
         # Cancelled (its loop shutting down, or its owner) is final, even when a driver
         # swallowed the cancellation (Python 3.11's wait_for) or turned it into an error.
         watch = CancelWatch()
+        pause, rate, last = self.idle_interval, 0.0, time.monotonic()
         try:
             while not stop.is_set():
                 if self.totals.due():
                     await self.totals.publish()
                     watch.check()
                 try:
-                    written = await self.flush_once()
+                    # Sessions are claimed once due for the part of the lag budget that the
+                    # pause leaves: a busy session's turns of that time go in one flush. Not
+                    # while retrying: the sessions handed back are due after the backoff,
+                    # and a sweep that finds none due would end the outage by mistake.
+                    hold = self.coalesce - pause - self.hot.flush_delay
+                    hold = 0.0 if self._failures else max(0.0, hold)
+                    # Flushers sharing a server space their sweeps by about a pause between
+                    # them all (a skipped sweep costs two commands), so the number of
+                    # transactions does not grow with the number of workers.
+                    gap = 0.0 if self._failures else 0.9 * pause
+                    written = await self.flush_once(hold=hold, gap=gap)
                 except Exception as exc:
                     watch.check()
                     self._failures += 1
@@ -309,12 +334,23 @@ class Flusher:
                 watch.check()
                 self._failures = 0
                 self.outage.recovered()
-                # Paced even when it wrote (a sweep of every bucket costs one round trip, so
-                # the pause is the limit): each sweep then finds several turns per session
-                # and many sessions per transaction, for fewer commits and fewer Redis
-                # commands per turn.
-                pause = self.idle_interval if written == 0 else self.idle_interval * BUSY_PACE
-                await self._sleep(stop, pause * (0.5 + random.random()))
+                if not self._skipped:
+                    # Paced by the rate messages are written at (by every flusher: this
+                    # sweep wrote what came due since the last one, whoever made it;
+                    # smoothed over a few sweeps): the next sweep comes once about
+                    # TARGET_ROWS messages are due, so a transaction carries many turns of
+                    # many sessions however fast or slow the writes, and an idle flusher
+                    # sweeps only every idle_interval.
+                    now = time.monotonic()
+                    since = now - last
+                    if self._last_sweep > 0 and 0 < now_ms() - self._last_sweep < since * 1000:
+                        since = (now_ms() - self._last_sweep) / 1000  # another's sweep
+                    rate = 0.7 * rate + 0.3 * written / max(since, 1e-3)
+                    last = now
+                    pause = self.idle_interval if rate < 1 else TARGET_ROWS / rate
+                    pause = min(self.idle_interval, max(MIN_PAUSE, pause))
+                if not self._full:
+                    await self._sleep(stop, pause * (0.9 + random.random() / 5))
         finally:
             del self._runs[stop]
 
