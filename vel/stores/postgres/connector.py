@@ -223,7 +223,9 @@ class Connector:
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 timeout=self._connect_timeout,
-                command_timeout=self.op_timeout,
+                # No command_timeout, and no timeout on acquire (see use): every call runs
+                # inside run()'s deadline, which bounds both; asyncpg's own would add a timer
+                # per statement and a task per acquire to every round trip.
                 max_inactive_connection_lifetime=300.0,
                 server_settings=server_settings,
                 reset=_keep_session,
@@ -300,8 +302,11 @@ class Connector:
     # --- the one place backend errors are handled --------------------------------------------
 
     async def use(self, pool: Pool, op: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``op`` on a connection of ``pool``, discarding the connection if it is poisoned."""
-        conn = await pool.acquire(timeout=self.op_timeout)
+        """Run ``op`` on a connection of ``pool``, discarding the connection if it is poisoned.
+
+        The caller bounds it (:meth:`run` and :meth:`open` run it inside :meth:`deadline`).
+        """
+        conn = await pool.acquire()
         try:
             return await op(conn)
         except BaseException as exc:
