@@ -136,7 +136,7 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("updated_at", tz, "YES"),
         ("expires_at", tz, "YES"),
     ]
-    assert [c[0] for c in shape["vel_locks"]] == ["session_id", "token", "expires_at"]
+    assert [c[0] for c in shape["vel_locks"]] == ["session_id", "token", "expires_at", "waited"]
     assert [c[0] for c in shape["vel_schema_version"]] == ["version", "applied_at"]
 
     indexes = {

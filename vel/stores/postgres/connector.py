@@ -252,6 +252,26 @@ class Connector:
             raise
         return pool
 
+    @property
+    def can_listen(self) -> bool:
+        """Whether :meth:`listener` can open a connection (not with a caller's pool)."""
+        return self.dsn is not None
+
+    async def listener(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, for LISTEN (the turn lock's handoff:
+        one per event loop that waited for a lock); bounded by ``connect_timeout``.
+
+        Raises:
+            Exception: whatever connecting raised (the caller falls back to polling).
+        """
+        assert self.dsn is not None
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": "vel-listener"},
+        )
+        return conn
+
     async def _close_pool(self, pool: Pool) -> None:
         try:
             await asyncio.wait_for(pool.close(), self.op_timeout)
