@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from typing import TypeVar
 import asyncpg
 
 from vel import tracing
+from vel._ids import new_id
 from vel._lease import DeferredKeeper, LeaseKeeper
 from vel._loops import PerLoop
 from vel._shield import finish
@@ -77,7 +77,10 @@ RETURNING token
 """
 # Releases by token; a lease some turn waits for is released with a NOTIFY (0008).
 _LOCK_RELEASE = f"""
-WITH r AS (DELETE FROM vel_locks WHERE session_id = $1 AND token = $2 RETURNING waited)
+WITH r AS (
+    UPDATE vel_locks SET expires_at = '-infinity' WHERE session_id = $1 AND token = $2
+    RETURNING waited
+)
 SELECT pg_notify('{CHANNEL}', $1) FROM r WHERE r.waited
 """
 # Lock and window in one round trip: NULL when held by another turn, else newest first.
@@ -192,7 +195,7 @@ class TurnLocks:
         session_id = validate_session_id(session_id)
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
-        token = secrets.token_hex(16)
+        token = new_id()  # unique across processes (vel._ids)
         # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
         # cancels every await of a plain ``finally``. A cancelled or failed acquire gives the
         # lock up too: the server may have granted it with the reply lost, or may still
@@ -226,7 +229,7 @@ class TurnLocks:
         limit = limit_arg(limit)
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
-        token = secrets.token_hex(16)
+        token = new_id()  # unique across processes (vel._ids)
         try:
             # The lock and the window come in one call; what the turn waited for the lock
             # goes to the lock-wait histogram, the last call and the decoding to the load.

@@ -68,7 +68,7 @@ _APPEND = f"WITH {_APPEND_CTES}\nSELECT last_seq FROM sess"
 # the retry. The lease row is UNLOGGED, so the release adds no WAL to the commit. A lease some
 # turn waits for is released with a NOTIFY on vel_turn_lock (migration 0008; handoff.py).
 _APPEND_UNLOCK = f"""WITH {_APPEND_CTES}, unlock AS (
-    DELETE FROM vel_locks
+    UPDATE vel_locks SET expires_at = '-infinity'
      WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
     RETURNING waited
 )
