@@ -169,6 +169,8 @@ class TurnLocks:
         self.lease = lease
         self.waits = 0
         self._handoffs: PerLoop[Handoff] = PerLoop(self._new_handoff, Handoff.aclose)
+        # Turns queued for a lock, all loops together: with none, a turn skips the queues.
+        self._queued = 0
 
     async def _new_handoff(self) -> Handoff:
         return Handoff(self._db.listener if self._db.can_listen else None)
@@ -180,9 +182,10 @@ class TurnLocks:
     def _released(self, session_id: str) -> None:
         """A lock this loop released: its next waiting turn is woken by the NOTIFY, or
         shortly after if that is lost (see :mod:`~vel.stores.postgres.handoff`)."""
-        handoff = self._handoffs.current()
-        if handoff is not None:
-            handoff.released(session_id)
+        if self._queued:
+            handoff = self._handoffs.current()
+            if handoff is not None:
+                handoff.released(session_id)
 
     @property
     def _limit(self) -> float:
@@ -309,7 +312,7 @@ class TurnLocks:
         when a release wakes it, every waiter after a jittered backoff as the fallback.
         """
         started = time.perf_counter()
-        current = self._handoffs.current()
+        current = self._handoffs.current() if self._queued else None
         # A turn of this loop that finds others of the session waiting queues behind them
         # rather than barging in: the lock goes first come first served.
         if current is None or not current.queued(session_id) or wait <= 0:
@@ -326,6 +329,7 @@ class TurnLocks:
             )
         handoff = await self._handoffs.get()
         waiter = handoff.join(session_id)
+        self._queued += 1
         got_it = False
         try:
             await handoff.listen()
@@ -357,6 +361,7 @@ class TurnLocks:
             # The holder wakes the next waiter when it releases (its lease says waited);
             # a waiter that gives up passes its wake-up on instead.
             handoff.leave(session_id, waiter, wake_next=not got_it)
+            self._queued -= 1
 
     async def _renew(self, session_id: str, token: str) -> bool:
         held = await self._db.run(
