@@ -76,6 +76,8 @@ class Handoff:
     def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection]] | None) -> None:
         self._connect = connect
         self._queues: dict[str, deque[Waiter]] = {}
+        # Local wake-ups due unless the release's notification comes first.
+        self._fallbacks: dict[str, asyncio.TimerHandle] = {}
         self._conn: asyncpg.Connection | None = None
         self._listening: asyncio.Task[None] | None = None
 
@@ -121,9 +123,15 @@ class Handoff:
 
     def released(self, session_id: str) -> None:
         """A release of ``session_id`` in this loop: wake the head in :data:`LOCAL_WAKE`
-        seconds (a head woken twice tries twice: harmless)."""
-        if session_id in self._queues:
-            asyncio.get_running_loop().call_later(LOCAL_WAKE, self.wake, session_id)
+        seconds unless the release's notification wakes it first."""
+        if session_id in self._queues and session_id not in self._fallbacks:
+            self._fallbacks[session_id] = asyncio.get_running_loop().call_later(
+                LOCAL_WAKE, self._fallback, session_id
+            )
+
+    def _fallback(self, session_id: str) -> None:
+        self._fallbacks.pop(session_id, None)
+        self.wake(session_id)
 
     async def listen(self) -> None:
         """Make sure the listener connection is listening (best effort: on failure, waits
@@ -156,10 +164,17 @@ class Handoff:
         _channel: str,
         payload: object,
     ) -> None:
-        self.wake(str(payload))
+        session_id = str(payload)
+        fallback = self._fallbacks.pop(session_id, None)
+        if fallback is not None:
+            fallback.cancel()
+        self.wake(session_id)
 
     async def aclose(self) -> None:
         """Close the listener connection (waiters keep polling)."""
+        for fallback in self._fallbacks.values():
+            fallback.cancel()
+        self._fallbacks.clear()
         if self._listening is not None and not self._listening.done():
             self._listening.cancel()
             with contextlib.suppress(BaseException):
