@@ -14,9 +14,11 @@ raw asyncpg (no lock, the floor) and vel's unlocked append. The lock variants:
 - ``4rt-async-commit``: the same round trips on a logged table, the lock statements on
   connections with ``synchronous_commit = off``;
 - ``3rt-unlogged``: acquire; read; append and release in one statement (one durable commit);
-- ``2rt-unlogged``: acquire and read in one call (``vel_turn_begin``, migration 0002: its
-  second statement takes a fresh snapshot, so it sees the turn that released the lock just
-  before); append and release in one statement. What vel now does;
+- ``2rt-unlogged``: acquire and read in one call (``vel_turn_begin``: its later statements
+  take fresh snapshots, so they see the turn that released the lock just before); append and
+  release (a DELETE of the lease row) in one statement. What vel did from 0002 to 0007;
+- ``2rt-keep-row``: the same, the release keeping the row, expired (``UPDATE``), so the next
+  acquire updates it in place instead of inserting it (migration 0008). What vel now does;
 - ``2rt-async-commit``: the same on a logged lease table, the function committing with
   ``synchronous_commit = off`` (``set_config`` local to its transaction).
 """
@@ -50,6 +52,7 @@ OPTIONS = (
     "4rt-async-commit",
     "3rt-unlogged",
     "2rt-unlogged",
+    "2rt-keep-row",
     "2rt-async-commit",
 )
 LEASE = 10.0
@@ -88,6 +91,10 @@ sess AS (
 _APPEND = f"WITH {_APPEND_CTES} SELECT last_seq FROM sess"
 _APPEND_RELEASE = f"""WITH {_APPEND_CTES}, rel AS (
     DELETE FROM vel_locks WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
+) SELECT last_seq FROM sess"""
+_APPEND_KEEP_ROW = f"""WITH {_APPEND_CTES}, rel AS (
+    UPDATE vel_locks SET expires_at = '-infinity'
+     WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
 ) SELECT last_seq FROM sess"""
 # The async-commit variant wraps vel's own vel_turn_begin (migration 0002): set_config(...,
 # true) lasts until the transaction commits, where a function's SET clause would not.
@@ -154,7 +161,8 @@ class Option:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.25)
             window = [json.loads(t) for t in reversed(got)]
-            await self.pool.fetchval(_APPEND_RELEASE, sid, ids, texts, None, token)
+            append = _APPEND_KEEP_ROW if self.name == "2rt-keep-row" else _APPEND_RELEASE
+            await self.pool.fetchval(append, sid, ids, texts, None, token)
             return window
         await self.acquire(sid, token)
         rows = await self.pool.fetch(_LOAD, sid, limit)
@@ -206,7 +214,7 @@ async def _run_option(args: argparse.Namespace, option: str, dsn: str, tag: str)
             await migrate(conn, schema)
             await conn.execute(f'SET search_path = "{schema}"')
             # vel's schema has the lease table UNLOGGED (migration 0002); the others undo it.
-            if "unlogged" not in option:
+            if option in ("4rt-logged", "4rt-async-commit", "2rt-async-commit"):
                 await conn.execute("ALTER TABLE vel_locks SET LOGGED")
             if option == "2rt-async-commit":
                 await conn.execute(_BEGIN_ASYNC_FUNCTION)
