@@ -374,9 +374,11 @@ def summary(data: dict[str, Any]) -> str:
     for mode, result in data["modes"].items():
         t = result["throughput"]
         cmds = _get(t, "redis", "commands_per_turn")
+        server = t.get("server_cpu_us_per_turn")
         lines.append(
             f"{mode:14} {t['turns_per_s']:9.1f} turns/s  p50 {t['p50_ms']:7.2f} ms  "
             f"p99 {t['p99_ms']:7.2f} ms  cpu {t['client_cpu_us_per_turn']:6.1f} us"
+            + (f"  pg cpu {server:6.1f} us" if server is not None else "")
             + (f"  redis cmds {cmds:5.1f}" if cmds is not None else "")
         )
     for r in data.get("ratios", []):
