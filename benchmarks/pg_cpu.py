@@ -39,15 +39,13 @@ class ServerCpu:
         self._start: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self.readable = True
 
     async def _sample(self, first: bool) -> None:
         for record in await self._conn.fetch(_PIDS, self._database):
             pid = int(record["pid"])
             seconds = _cpu_seconds(pid)
             if seconds is None:
-                self.readable = False
-                continue
+                continue  # exited meanwhile (its last sample stands), or not readable here
             # A backend seen at the start counts from there; a later one from its fork.
             self._start.setdefault(pid, seconds if first else 0.0)
             self._last[pid] = seconds
@@ -68,6 +66,6 @@ class ServerCpu:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self._sample(False)
-        if not self.readable or not self._last:
+        if not self._last:  # no backend readable: another host or user
             return None
         return sum(self._last[pid] - self._start.get(pid, 0.0) for pid in self._last)
