@@ -223,9 +223,10 @@ class Bench:
         xacts = await self.xacts() - before
         row = summarise(results)
         messages = row["turns"] * 2
-        if server_s is not None:
+        if server_s is not None and row["seconds"] >= 2.0:
             # Postgres backends' CPU (benchmarks.pg_cpu): with the client's, what a turn costs
-            # whatever else runs on the machine.
+            # whatever else runs on the machine. Not for a short run: the sampling misses the
+            # last tens of milliseconds of every backend, and connecting counts in full.
             row["server_cpu_us_per_turn"] = round(server_s * 1e6 / max(1, row["turns"]), 1)
         if mode in POSTGRES_MODES:
             row["pg_transactions"] = xacts
