@@ -140,9 +140,9 @@ class Handoff:
             return
         if self._listening is None or self._listening.done():
             self._listening = asyncio.ensure_future(self._open())
-        # Shielded: a cancelled waiter must not cut off the opening the next waiter needs.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._listening)
+        # asyncio.wait: a cancelled waiter does not cut off the opening the next waiter needs,
+        # and an opening cancelled by aclose() does not raise in the waiter.
+        await asyncio.wait({self._listening})
 
     async def _open(self) -> None:
         assert self._connect is not None
