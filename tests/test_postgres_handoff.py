@@ -170,3 +170,28 @@ async def test_closing_the_store_closes_its_listener(
     assert await listeners() == 1
     await store.aclose()
     assert await listeners() == 0
+
+
+async def test_closing_the_store_while_a_turn_waits_does_not_cancel_the_turn(
+    pg_dsn: str, migrated_schema: str, store: PostgresStore
+) -> None:
+    s = sid()
+    other = PostgresStore(pg_dsn, schema=migrated_schema, op_timeout=5.0)
+    windows: list[list[Any]] = []
+
+    async def waiting() -> None:
+        async with other.turn(s, timeout=20) as t:
+            windows.append(t.window)
+            await t.commit([msg(1)])
+
+    try:
+        async with store.turn(s) as holder:
+            waiter = asyncio.create_task(waiting())
+            while not (await other.stats())["lock_waits"]:
+                await asyncio.sleep(0.01)
+            await other.aclose()  # its listener goes; the waiter falls back to polling
+            await holder.commit([msg(0)])
+        await asyncio.wait_for(waiter, 10)
+        assert windows == [[msg(0)]]
+    finally:
+        await other.aclose()
