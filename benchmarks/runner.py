@@ -39,6 +39,7 @@ from benchmarks.modes import (
     create_reference_table,
     make_driver,
 )
+from benchmarks.pg_cpu import BackendCpu
 from benchmarks.redis_server import PrivateRedis, ServerCounters, counters
 from benchmarks.stats import (
     flush_lag,
@@ -209,7 +210,12 @@ class Bench:
         )
         before = await self.xacts()
         around = self.server_counters if mode in REDIS_MODES else None
-        results, marks = await self.workers(spec, args.processes, around)
+        assert self.admin is not None
+        pg_cpu = await BackendCpu(self.admin, self.database).start()
+        try:
+            results, marks = await self.workers(spec, args.processes, around)
+        finally:
+            pg_cpu_s = await pg_cpu.stop()
         await asyncio.sleep(0.5)  # a backend reports its counters as it exits
         xacts = await self.xacts() - before
         row = summarise(results)
@@ -217,6 +223,9 @@ class Bench:
         if mode in POSTGRES_MODES:
             row["pg_transactions"] = xacts
             row["pg_tx_per_1000_messages"] = round(xacts * 1000 / max(1, messages), 2)
+            if pg_cpu_s is not None:
+                # Sampled: the workers' connecting and warm-up are included (slight excess).
+                row["pg_cpu_us_per_turn"] = round(pg_cpu_s * 1e6 / max(1, row["turns"]), 1)
         if base_mode(mode) == "redis":
             row["flush_transactions"] = sum(r["flush_tx"] for r in results)
             row["warm_transactions"] = sum(r["warm_tx"] for r in results)
