@@ -59,7 +59,29 @@ async def create_sqlalchemy_tables(dsn: str, schema: str) -> None:
         await engine.dispose()
 
 
-class SdkRedisDriver:
+class _SdkDriver:
+    """The turn every SDK session store gets: read the window, add the turn's items."""
+
+    def session(self, session_id: str) -> Any:
+        raise NotImplementedError
+
+    async def open(self) -> None:
+        await self.session(_SETUP_SESSION).get_items(1)
+
+    async def turn(self, session_id: str, messages: Sequence[Message], limit: int) -> int:
+        s = self.session(session_id)
+        await s.get_items(limit)
+        await s.add_items(list(messages))
+        return 0
+
+    async def locked_turn(self, session_id: str, messages: Sequence[Message], limit: int) -> str:
+        raise NotImplementedError("the SDK's sessions take no turn lock")
+
+    async def history(self, session_id: str) -> list[Message]:
+        return list(await self.session(session_id).get_items())
+
+
+class SdkRedisDriver(_SdkDriver):
     """A turn on the SDK's ``RedisSession``."""
 
     def __init__(self, url: str, prefix: str) -> None:
@@ -79,26 +101,11 @@ class SdkRedisDriver:
             )
         return s
 
-    async def open(self) -> None:
-        await self.session(_SETUP_SESSION).get_items(1)
-
-    async def turn(self, session_id: str, messages: Sequence[Message], limit: int) -> int:
-        s = self.session(session_id)
-        await s.get_items(limit)
-        await s.add_items(list(messages))
-        return 0
-
-    async def locked_turn(self, session_id: str, messages: Sequence[Message], limit: int) -> str:
-        raise NotImplementedError("the SDK's sessions take no turn lock")
-
-    async def history(self, session_id: str) -> list[Message]:
-        return list(await self.session(session_id).get_items())
-
     async def aclose(self) -> None:
         await self.redis.aclose()
 
 
-class SdkSqlAlchemyDriver:
+class SdkSqlAlchemyDriver(_SdkDriver):
     """A turn on the SDK's ``SQLAlchemySession`` (Postgres via asyncpg)."""
 
     def __init__(self, dsn: str, schema: str, pool_max: int) -> None:
@@ -112,21 +119,6 @@ class SdkSqlAlchemyDriver:
 
             s = self.sessions[session_id] = SQLAlchemySession(session_id, engine=self.engine)
         return s
-
-    async def open(self) -> None:
-        await self.session(_SETUP_SESSION).get_items(1)
-
-    async def turn(self, session_id: str, messages: Sequence[Message], limit: int) -> int:
-        s = self.session(session_id)
-        await s.get_items(limit)
-        await s.add_items(list(messages))
-        return 0
-
-    async def locked_turn(self, session_id: str, messages: Sequence[Message], limit: int) -> str:
-        raise NotImplementedError("the SDK's sessions take no turn lock")
-
-    async def history(self, session_id: str) -> list[Message]:
-        return list(await self.session(session_id).get_items())
 
     async def aclose(self) -> None:
         await self.engine.dispose()

@@ -23,11 +23,10 @@ import os
 import statistics
 import time
 import uuid
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from _bench import emit, in_private_database
 
 from vel.stores.postgres.migrate import load_migrations, migrate
 from vel.stores.postgres.sessions import _APPEND
@@ -38,10 +37,6 @@ SELECT xid::text::bigint AS xid, resource_manager, record_length, fpi_length,
        coalesce(block_ref, '') AS block_ref
   FROM public.pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn)
 """
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 async def prepare(conn: asyncpg.Connection, dsn: str, schema: str) -> str:
@@ -120,10 +115,6 @@ async def bench(dsn: str, appends: int) -> dict[str, Any]:
         await conn.close()
 
 
-def write(path: str, text: str) -> None:
-    Path(path).write_text(text + "\n")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -132,20 +123,8 @@ async def main() -> None:
     parser.add_argument("--appends", type=int, default=2000)
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
-    name = f"vel_bench_wal_{os.getpid()}"
-    admin = await asyncpg.connect(args.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            result = await bench(with_database(args.dsn, name), args.appends)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        write(args.json, text)
+    result = await in_private_database(args.dsn, "wal", lambda dsn: bench(dsn, args.appends))
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

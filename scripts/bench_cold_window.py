@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from _bench import drop_namespace
 
 from vel import Agent, ContextManager
 from vel.stores.postgres.migrate import migrate
@@ -118,18 +119,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     if mode == "redis":
                         footprint.append(await redis_footprint(args.redis_url, prefix, sid))
     finally:
-        conn = await asyncpg.connect(args.dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await conn.close()
-        client = aioredis.Redis.from_url(args.redis_url)
-        try:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await drop_namespace(args.dsn, schema, args.redis_url, prefix)
 
     def summary(xs: list[float]) -> dict[str, Any]:
         if not xs:

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
 import time
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from _bench import emit, in_private_database
 
 from vel.stores.listing import make_query
 from vel.stores.postgres import PostgresStore
@@ -47,11 +45,6 @@ INSERT INTO vel_messages (session_id, seq, message_id, message)
 SELECT 's' || n, 1, 'm' || n, '{"role": "user", "content": "hello"}'::jsonb
   FROM generate_series($1::bigint, $1::bigint + $2 - 1) AS n
 """
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -137,10 +130,6 @@ async def bench(dsn: str, sessions: int, owners: int, queries: int) -> dict[str,
     return result
 
 
-def write(path: str, text: str) -> None:
-    Path(path).write_text(text + "\n")
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -151,22 +140,10 @@ async def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
-    name = f"vel_bench_sessions_{os.getpid()}"
-    admin = await asyncpg.connect(args.dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            result = await bench(
-                with_database(args.dsn, name), args.sessions, args.owners, args.queries
-            )
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        write(args.json, text)
+    result = await in_private_database(
+        args.dsn, "sessions", lambda dsn: bench(dsn, args.sessions, args.owners, args.queries)
+    )
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

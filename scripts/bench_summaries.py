@@ -33,8 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-import redis.asyncio as aioredis
+from _bench import drop_namespace
 
 from vel import Agent, ContextManager
 from vel.stores.postgres.migrate import migrate
@@ -101,6 +100,10 @@ async def main() -> dict[str, Any]:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
+    if args.block < 1 or args.turns < args.block or args.rounds < 1:
+        parser.error(
+            "need --block >= 1, --turns >= --block (turns run in blocks) and --rounds >= 1"
+        )
     modes = args.modes.split(",")
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
@@ -164,18 +167,7 @@ async def main() -> dict[str, Any]:
             server.terminate()  # it serves until SIGTERM
             await server.wait()
     finally:
-        conn = await asyncpg.connect(args.dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await conn.close()
-        client = aioredis.Redis.from_url(args.redis_url)
-        try:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await drop_namespace(args.dsn, schema, args.redis_url, prefix)
     return {"args": vars(args), "results": results}
 
 

@@ -53,6 +53,22 @@ async def new_session(store: PostgresStore) -> str:
     return sid
 
 
+@asynccontextmanager
+async def blocked_session(
+    pg_dsn: str, schema: str, op_timeout: float
+) -> AsyncIterator[tuple[PostgresStore, str]]:
+    """A store and one of its sessions whose row another connection holds for the block
+    (the store is closed afterwards)."""
+    dsn = schema_dsn(pg_dsn, schema)
+    store = PostgresStore(dsn, op_timeout=op_timeout)
+    try:
+        sid = await new_session(store)
+        async with row_locked(dsn, sid):
+            yield store, sid
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 async def test_asyncio_timeout_around_a_blocked_operation_raises_timeout_error(
     pg_dsn: str, migrated_schema: str, op: str
@@ -75,33 +91,21 @@ async def test_asyncio_timeout_around_a_blocked_operation_raises_timeout_error(
 async def test_task_cancel_of_a_blocked_operation_raises_cancelled_error(
     pg_dsn: str, migrated_schema: str, op: str
 ) -> None:
-    dsn = schema_dsn(pg_dsn, migrated_schema)
-    store = PostgresStore(dsn, op_timeout=10)
-    try:
-        sid = await new_session(store)
-        async with row_locked(dsn, sid):
-            task = asyncio.create_task(OPS[op](store, sid))
-            await asyncio.sleep(0.3)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-    finally:
-        await store.aclose()
+    async with blocked_session(pg_dsn, migrated_schema, 10) as (store, sid):
+        task = asyncio.create_task(OPS[op](store, sid))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
 async def test_op_timeout_on_a_blocked_operation_raises_store_timeout_error(
     pg_dsn: str, migrated_schema: str, op: str
 ) -> None:
-    dsn = schema_dsn(pg_dsn, migrated_schema)
-    store = PostgresStore(dsn, op_timeout=0.5)
-    try:
-        sid = await new_session(store)
-        async with row_locked(dsn, sid):
-            with pytest.raises(StoreTimeoutError):
-                await OPS[op](store, sid)
-    finally:
-        await store.aclose()
+    async with blocked_session(pg_dsn, migrated_schema, 0.5) as (store, sid):
+        with pytest.raises(StoreTimeoutError):
+            await OPS[op](store, sid)
 
 
 async def test_agent_session_calls_under_a_timeout_raise_timeout_error(

@@ -136,7 +136,7 @@ async def test_migration_creates_the_documented_schema(pg_dsn: str, pg_schema: s
         ("updated_at", tz, "YES"),
         ("expires_at", tz, "YES"),
     ]
-    assert [c[0] for c in shape["vel_locks"]] == ["session_id", "token", "expires_at"]
+    assert [c[0] for c in shape["vel_locks"]] == ["session_id", "token", "expires_at", "waited"]
     assert [c[0] for c in shape["vel_schema_version"]] == ["version", "applied_at"]
 
     indexes = {
@@ -682,9 +682,9 @@ async def test_an_expired_lease_of_a_crashed_holder_is_taken_over(
             pg_dsn, migrated_schema, "SELECT token FROM vel_locks WHERE session_id = $1", s
         )
         assert tokens[0]["token"] != "crashed"
-    assert (
-        await sql(pg_dsn, migrated_schema, "SELECT 1 FROM vel_locks WHERE session_id = $1", s) == []
-    )
+    # Released: the row stays, expired (migration 0008), so no live lease is left.
+    live = "SELECT 1 FROM vel_locks WHERE session_id = $1 AND expires_at > now()"
+    assert await sql(pg_dsn, migrated_schema, live, s) == []
 
 
 # --- configuration and failures ---------------------------------------------------------------

@@ -39,7 +39,13 @@ async def sql(dsn: str, schema: str, query: str, *args: Any) -> list[asyncpg.Rec
 
 
 async def lock_token(dsn: str, schema: str, session_id: str) -> str | None:
-    rows = await sql(dsn, schema, "SELECT token FROM vel_locks WHERE session_id = $1", session_id)
+    """The token of the session's live lease (a released lease stays as a row, expired: 0008)."""
+    rows = await sql(
+        dsn,
+        schema,
+        "SELECT token FROM vel_locks WHERE session_id = $1 AND expires_at > now()",
+        session_id,
+    )
     return str(rows[0]["token"]) if rows else None
 
 
@@ -87,7 +93,7 @@ async def test_a_turn_is_two_statements_and_its_lease_is_unlogged(
         async with store.turn(s, limit=20) as turn:
             await turn.commit([msg(1), msg(2, "assistant")])
         assert len(statements) == 2, statements
-        assert "vel_turn_begin" in statements[0] and "DELETE FROM vel_locks" in statements[1]
+        assert "vel_turn_begin" in statements[0] and "UPDATE vel_locks" in statements[1]
     finally:
         await store.aclose()
         await pool.close()

@@ -13,13 +13,10 @@ released whatever ends the turn, before ``run()`` returns or raises.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, aclosing, nullcontext, suppress
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
@@ -31,8 +28,6 @@ from vel.context import ContextManager
 from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
 from vel.messages import (
     Message,
-    TextCleaner,
-    clean_text,
     encode_message,
     encode_messages,
     validate_message,
@@ -40,23 +35,12 @@ from vel.messages import (
 )
 from vel.metrics.histograms import TURN
 from vel.outcome import TurnReceipt, commit, commit_limit, mark
-from vel.providers import Provider, TextChunk, ToolCallChunk, UsageChunk, make_provider
+from vel.providers import Provider, make_provider
+from vel.steps import Cancelled, CancelToken, Outcome, model_step
 from vel.stores import StorageSpec, acquire_store, release_store
-from vel.tools import Tool, build_tools, error_text, tool_result
+from vel.tools import Tool, build_tools
 
 DEFAULT_MAX_STEPS = 8
-
-
-class CancelToken(Protocol):
-    """Anything with ``is_set()`` and ``wait()``, such as ``asyncio.Event``."""
-
-    def is_set(self) -> bool: ...
-
-    async def wait(self) -> Any: ...
-
-
-class _Cancelled(Exception):
-    pass
 
 
 class _Turn(Protocol):
@@ -75,36 +59,6 @@ class _LockedTurns(Protocol):
     def turn(
         self, session_id: str, limit: int | None = None, timeout: float | None = None
     ) -> AbstractAsyncContextManager[_Turn]: ...
-
-
-@dataclass
-class _Outcome:
-    text: str = ""
-    error: BaseException | None = None
-    cancelled: bool = False
-    receipt: TurnReceipt = field(default_factory=TurnReceipt)
-    usage: ev.Usage | None = None  # summed over the turn's model calls
-
-    def metadata(self) -> dict[str, Any] | None:
-        """What the stream's client gets as ``message.metadata``."""
-        return None if self.usage is None else {"usage": self.usage}
-
-
-@dataclass
-class _PendingCall:
-    call_id: str
-    name: str
-    arguments: str = ""
-
-
-@dataclass
-class _Step:
-    text: list[str] = field(default_factory=list)
-    calls: dict[int, _PendingCall] = field(default_factory=dict)
-    text_block: str | None = None
-    # Model text is stored, never refused: NUL and split or lone surrogates are cleaned as
-    # they stream, so the deltas a client sees are the text that is stored.
-    cleaner: TextCleaner = field(default_factory=TextCleaner)
 
 
 class Agent:
@@ -225,7 +179,7 @@ class Agent:
             of the calling task propagates unchanged (``vel.turn_committed(exc)`` tells
             whether the turn was stored first).
         """
-        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
+        outcome = Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         async for _ in self._turn(input, session_id, cancel_token, outcome):
             pass
         if outcome.error is not None:
@@ -249,7 +203,7 @@ class Agent:
         generator early cancels the turn the same way (no event can follow the close); the
         turn is stored once ``finish`` is yielded, and ``receipt`` says so in every case.
         """
-        outcome = _Outcome(receipt=receipt if receipt is not None else TurnReceipt())
+        outcome = Outcome(receipt=receipt if receipt is not None else TurnReceipt())
         # aclosing: a consumer's aclose() must end the turn (release its session lock, close
         # the model stream) before it returns, not whenever the generator is collected.
         async with aclosing(self._turn(input, session_id, cancel_token, outcome)) as turn:
@@ -290,7 +244,7 @@ class Agent:
         input: Mapping[str, Any],
         session_id: str | None,
         cancel_token: CancelToken | None,
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> AsyncGenerator[ev.Event, None]:
         run_id = uuid.uuid4().hex
         started = time.perf_counter()
@@ -318,8 +272,8 @@ class Agent:
                 for _ in range(self.max_steps):
                     await watch.checkpoint()
                     has_calls = False
-                    steps = self._step(
-                        run_id, session_id, cancel_token, open_blocks, outcome, watch
+                    steps = model_step(
+                        self, run_id, session_id, cancel_token, open_blocks, outcome, watch
                     )
                     async with aclosing(steps):
                         async for event in steps:
@@ -333,12 +287,12 @@ class Agent:
                     # The last moment the turn can still be cancelled: nothing is sent yet.
                     await watch.checkpoint()
                     if cancel_token is not None and cancel_token.is_set():
-                        raise _Cancelled
+                        raise Cancelled
                     with tracing.current(span):
                         await self._commit(session_id, turn, run_id, outcome.receipt)
                     self.ctxmgr.committed(run_id, outcome.receipt.seq)
             yield ev.finish(outcome.metadata())
-        except _Cancelled:
+        except Cancelled:
             outcome.cancelled = True
             for closing in reversed(open_blocks):
                 yield closing
@@ -378,150 +332,3 @@ class Agent:
             return await self.store.append(session_id, messages, ids)
 
         await commit(work, receipt, self._commit_limit, f"commit of session {session_id!r}")
-
-    async def _step(
-        self,
-        run_id: str,
-        session_id: str | None,
-        cancel_token: CancelToken | None,
-        open_blocks: list[ev.Event],
-        outcome: _Outcome,
-        watch: CancelWatch,
-    ) -> AsyncGenerator[ev.Event, None]:
-        yield ev.start_step()
-        open_blocks.append(ev.finish_step())
-        messages = self.ctxmgr.messages_for_llm(run_id, session_id)
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        step = _Step()
-        tools = [t.openai_schema() for t in self.tools.values()]
-        chunks = self.provider.stream(messages, tools, self.generation_config)
-        try:
-            while True:
-                chunk = await _until_cancelled(anext(chunks, None), cancel_token)
-                if chunk is None:
-                    break
-                if isinstance(chunk, TextChunk):
-                    if step.text_block is None:
-                        step.text_block = uuid.uuid4().hex
-                        yield ev.text_start(step.text_block)
-                        open_blocks.append(ev.text_end(step.text_block))
-                    piece = step.cleaner.feed(chunk.text)
-                    if piece:
-                        step.text.append(piece)
-                        yield ev.text_delta(step.text_block, piece)
-                elif isinstance(chunk, ToolCallChunk):
-                    call = step.calls.get(chunk.index)
-                    if call is None:
-                        call = _PendingCall(
-                            clean_text(chunk.call_id or f"call_{uuid.uuid4().hex[:24]}"),
-                            clean_text(chunk.name or ""),
-                        )
-                        step.calls[chunk.index] = call
-                        yield ev.tool_input_start(call.call_id, call.name)
-                        open_blocks.append(ev.tool_output_error(call.call_id, "turn ended"))
-                    if chunk.arguments:
-                        call.arguments += chunk.arguments
-                        yield ev.tool_input_delta(call.call_id, chunk.arguments)
-                elif isinstance(chunk, UsageChunk):
-                    outcome.usage = ev.add_usage(outcome.usage, ev.usage(chunk.usage))
-        finally:
-            await chunks.aclose()
-        if step.text_block is not None:
-            piece = step.cleaner.flush()
-            if piece:
-                step.text.append(piece)
-                yield ev.text_delta(step.text_block, piece)
-            open_blocks.remove(ev.text_end(step.text_block))
-            yield ev.text_end(step.text_block)
-        text = "".join(step.text)
-        ordered = [step.calls[i] for i in sorted(step.calls)]
-        for c in ordered:  # model output: stored, so made storable (ids and names already are)
-            c.arguments = clean_text(c.arguments)
-        assistant: Message = {"role": "assistant", "content": text or None}
-        if ordered:
-            assistant["tool_calls"] = [
-                {
-                    "id": c.call_id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                }
-                for c in ordered
-            ]
-        else:
-            assistant["content"] = text
-        self.ctxmgr.record(run_id, [assistant])
-        if ordered:
-            parsed: list[Any] = []
-            for call in ordered:
-                try:
-                    value = json.loads(call.arguments) if call.arguments.strip() else {}
-                except json.JSONDecodeError:
-                    value = call.arguments
-                parsed.append(value)
-                yield ev.tool_input_available(call.call_id, call.name, value)
-            await watch.checkpoint()  # no tool runs after a deadline, even one a driver dropped
-            results = await _until_cancelled(
-                asyncio.gather(
-                    *(self._call_tool(c, a) for c, a in zip(ordered, parsed, strict=True))
-                ),
-                cancel_token,
-            )
-            tool_messages: list[Message] = []
-            for call, (ok, value, content) in zip(ordered, results, strict=True):
-                open_blocks.remove(ev.tool_output_error(call.call_id, "turn ended"))
-                if ok:
-                    yield ev.tool_output_available(call.call_id, value)
-                else:
-                    yield ev.tool_output_error(call.call_id, content)
-                    content = f"Error: {content}"
-                tool_messages.append(
-                    {"role": "tool", "tool_call_id": call.call_id, "content": content}
-                )
-            self.ctxmgr.record(run_id, tool_messages)
-        open_blocks.remove(ev.finish_step())
-        yield ev.finish_step()
-        outcome.text = text
-
-    async def _call_tool(self, call: _PendingCall, arguments: Any) -> tuple[bool, Any, str]:
-        """``(ok, output, text)``: the event's output and the tool message's text, or
-        ``(False, None, error)``. A tool's failure (bad arguments, an exception, a result
-        that is not JSON) is reported to the model, never raised out of the turn."""
-        tool = self.tools.get(call.name)
-        if tool is None:
-            return False, None, f"unknown tool {call.name!r}"
-        if not isinstance(arguments, dict):
-            return False, None, f"tool arguments are not a JSON object: {call.arguments[:200]!r}"
-        try:
-            output, text = tool_result(await tool.call(arguments))
-        except Exception as exc:
-            return False, None, error_text(exc)
-        return True, output, text
-
-
-async def _until_cancelled(awaitable: Any, cancel_token: CancelToken | None) -> Any:
-    """Await ``awaitable`` unless ``cancel_token`` is set first (then raise _Cancelled)."""
-    if cancel_token is None:
-        return await awaitable
-    if cancel_token.is_set():
-        if asyncio.iscoroutine(awaitable):
-            awaitable.close()
-        raise _Cancelled
-    work = asyncio.ensure_future(awaitable)
-    waiter = asyncio.ensure_future(cancel_token.wait())
-    try:
-        await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        # Our task was cancelled: the work must end first, since the caller goes on to close
-        # the generator it may still be iterating.
-        work.cancel()
-        await asyncio.gather(work, return_exceptions=True)
-        raise
-    finally:
-        waiter.cancel()
-    if work.done():
-        return work.result()
-    work.cancel()
-    with suppress(asyncio.CancelledError, Exception):
-        await work
-    raise _Cancelled

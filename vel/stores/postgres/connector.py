@@ -223,7 +223,9 @@ class Connector:
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 timeout=self._connect_timeout,
-                command_timeout=self.op_timeout,
+                # No command_timeout, and no timeout on acquire (see use): every call runs
+                # inside run()'s deadline, which bounds both; asyncpg's own would add a timer
+                # per statement and a task per acquire to every round trip.
                 max_inactive_connection_lifetime=300.0,
                 server_settings=server_settings,
                 reset=_keep_session,
@@ -249,6 +251,26 @@ class Connector:
             pool.terminate()
             raise
         return pool
+
+    @property
+    def can_listen(self) -> bool:
+        """Whether :meth:`listener` can open a connection (not with a caller's pool)."""
+        return self.dsn is not None
+
+    async def listener(self) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, for LISTEN (the turn lock's handoff:
+        one per event loop that waited for a lock); bounded by ``connect_timeout``.
+
+        Raises:
+            Exception: whatever connecting raised (the caller falls back to polling).
+        """
+        assert self.dsn is not None
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self.dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": "vel-listener"},
+        )
+        return conn
 
     async def _close_pool(self, pool: Pool) -> None:
         try:
@@ -300,8 +322,11 @@ class Connector:
     # --- the one place backend errors are handled --------------------------------------------
 
     async def use(self, pool: Pool, op: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``op`` on a connection of ``pool``, discarding the connection if it is poisoned."""
-        conn = await pool.acquire(timeout=self.op_timeout)
+        """Run ``op`` on a connection of ``pool``, discarding the connection if it is poisoned.
+
+        The caller bounds it (:meth:`run` and :meth:`open` run it inside :meth:`deadline`).
+        """
+        conn = await pool.acquire()
         try:
             return await op(conn)
         except BaseException as exc:

@@ -6,13 +6,14 @@ the lock once its lease runs out. No connection is held in between (DESIGN.md 4,
 lease table is UNLOGGED (migration 0002): taking and giving back a lease costs no durable
 commit. A turn as the Agent runs it takes two round trips: ``vel_turn_begin`` takes the lock
 and reads the window, and the commit's append deletes the lease row in its own transaction.
+A turn that finds the lock held waits in its session's queue and is handed the lock when it
+is released (:mod:`~vel.stores.postgres.handoff`), with a bounded backoff as the fallback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -22,7 +23,9 @@ from typing import TypeVar
 import asyncpg
 
 from vel import tracing
+from vel._ids import new_id
 from vel._lease import DeferredKeeper, LeaseKeeper
+from vel._loops import PerLoop
 from vel._shield import finish
 from vel.bounds import limit_arg, wait_arg
 from vel.errors import SessionLockedError, StoreError, TierLeaseError
@@ -30,11 +33,14 @@ from vel.instrument import observed
 from vel.messages import Message, decode_texts, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.postgres.connector import Conn, Connector, log
+from vel.stores.postgres.handoff import CHANNEL, Handoff
 from vel.stores.postgres.sessions import LEASED, Sessions
 
 T = TypeVar("T")
 
 DEFAULT_LOCK_TIMEOUT = 30.0
+# Seconds a waiter queued behind its session's head sleeps between tries if nothing wakes it.
+_BEHIND_HEAD = 1.0
 
 # Takes the lease if nobody holds it or the holder's lease ran out (a crashed holder), unless
 # the row is this very token's, expired: the tombstone of an abandoned attempt (see below).
@@ -54,30 +60,44 @@ RETURNING token,
 # holds the lease, the row becomes this token's, expired now. Whether the attempt already ran
 # (the lock is free again) or is still on its way (it meets its own tombstone and fails; if
 # it is mid-insert, this waits for it and then expires it), the lock ends up free. Purged
-# with the other expired rows an hour later.
-_LOCK_ABANDON = """
-INSERT INTO vel_locks AS l (session_id, token, expires_at) VALUES ($1, $2, now())
-ON CONFLICT (session_id) DO UPDATE SET token = EXCLUDED.token, expires_at = now()
- WHERE l.token = EXCLUDED.token OR l.expires_at < now()
+# with the other expired rows an hour later. Turns waiting for the lease are told (0008).
+_LOCK_ABANDON = f"""
+WITH a AS (
+    INSERT INTO vel_locks AS l (session_id, token, expires_at) VALUES ($1, $2, now())
+    ON CONFLICT (session_id) DO UPDATE SET token = EXCLUDED.token, expires_at = now()
+     WHERE l.token = EXCLUDED.token OR l.expires_at < now()
+    RETURNING waited
+)
+SELECT pg_notify('{CHANNEL}', $1) FROM a WHERE a.waited
 """
 _LOCK_RENEW = """
 UPDATE vel_locks SET expires_at = now() + $3::float8 * interval '1 second'
  WHERE session_id = $1 AND token = $2
 RETURNING token
 """
-_LOCK_RELEASE = "DELETE FROM vel_locks WHERE session_id = $1 AND token = $2"
+# Releases by token; a lease some turn waits for is released with a NOTIFY (0008).
+_LOCK_RELEASE = f"""
+WITH r AS (
+    UPDATE vel_locks SET expires_at = '-infinity' WHERE session_id = $1 AND token = $2
+    RETURNING waited
+)
+SELECT pg_notify('{CHANNEL}', $1) FROM r WHERE r.waited
+"""
 # Lock and window in one round trip: NULL when held by another turn, else newest first.
-_TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint)"
+# $5: more turns of this process wait for the session (the lease is then marked waited).
+_TURN_BEGIN = "SELECT vel_turn_begin($1, $2, $3::float8, $4::bigint, $5::boolean)"
 # What vel_turn_begin raises (migration 0004) for a session the Redis tier holds; its DETAIL
 # is the tier lease's end in Unix seconds.
 TIER_LEASED = "VL001"
 
 
 async def _begin(
-    conn: Conn, session_id: str, token: str, lease: float, limit: int | None
+    conn: Conn, session_id: str, token: str, lease: float, limit: int | None, queued: bool
 ) -> list[str] | None:
     try:
-        result: list[str] | None = await conn.fetchval(_TURN_BEGIN, session_id, token, lease, limit)
+        result: list[str] | None = await conn.fetchval(
+            _TURN_BEGIN, session_id, token, lease, limit, queued
+        )
     except asyncpg.PostgresError as exc:
         if exc.sqlstate != TIER_LEASED:
             raise
@@ -101,12 +121,18 @@ class PostgresTurn:
     <vel.stores.postgres.PostgresStore.turn>`)."""
 
     def __init__(
-        self, sessions: Sessions, session_id: str, token: str, keeper: DeferredKeeper
+        self,
+        sessions: Sessions,
+        session_id: str,
+        token: str,
+        keeper: DeferredKeeper,
+        released: Callable[[str], None],
     ) -> None:
         self.sessions = sessions
         self.session_id = session_id
         self.token = token
         self.keeper = keeper
+        self._on_release = released
         self.window: list[Message] = []
         self.committed = False
         self.released = False
@@ -129,6 +155,8 @@ class PostgresTurn:
                 self.session_id, messages, message_ids, self.token
             )
         self.committed = True
+        if self.released:
+            self._on_release(self.session_id)
         return seq
 
 
@@ -140,6 +168,24 @@ class TurnLocks:
         self._sessions = sessions
         self.lease = lease
         self.waits = 0
+        self._handoffs: PerLoop[Handoff] = PerLoop(self._new_handoff, Handoff.aclose)
+        # Turns queued for a lock, all loops together: with none, a turn skips the queues.
+        self._queued = 0
+
+    async def _new_handoff(self) -> Handoff:
+        return Handoff(self._db.listener if self._db.can_listen else None)
+
+    async def aclose(self) -> None:
+        """Close this loop's listener connection (and the helper loop's)."""
+        await self._handoffs.aclose()
+
+    def _released(self, session_id: str) -> None:
+        """A lock this loop released: its next waiting turn is woken by the NOTIFY, or
+        shortly after if that is lost (see :mod:`~vel.stores.postgres.handoff`)."""
+        if self._queued:
+            handoff = self._handoffs.current()
+            if handoff is not None:
+                handoff.released(session_id)
 
     @property
     def _limit(self) -> float:
@@ -152,7 +198,7 @@ class TurnLocks:
         session_id = validate_session_id(session_id)
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
-        token = secrets.token_hex(16)
+        token = new_id()  # unique across processes (vel._ids)
         # Released by token, shielded and bounded, whatever ends the turn: an anyio scope
         # cancels every await of a plain ``finally``. A cancelled or failed acquire gives the
         # lock up too: the server may have granted it with the reply lost, or may still
@@ -161,7 +207,7 @@ class TurnLocks:
             await self._until_locked(
                 session_id,
                 wait,
-                lambda: self._db.run(
+                lambda _queued: self._db.run(
                     "acquire turn lock",
                     lambda c: _acquire(c, session_id, token, self.lease),
                 ),
@@ -186,7 +232,7 @@ class TurnLocks:
         limit = limit_arg(limit)
         checked = wait_arg(timeout)
         wait = DEFAULT_LOCK_TIMEOUT if checked is None else checked
-        token = secrets.token_hex(16)
+        token = new_id()  # unique across processes (vel._ids)
         try:
             # The lock and the window come in one call; what the turn waited for the lock
             # goes to the lock-wait histogram, the last call and the decoding to the load.
@@ -195,9 +241,9 @@ class TurnLocks:
                 newest_first, tried = await self._until_locked(
                     session_id,
                     wait,
-                    lambda: self._db.run(
+                    lambda queued: self._db.run(
                         "lock and load",
-                        lambda c: _begin(c, session_id, token, self.lease, limit),
+                        lambda c: _begin(c, session_id, token, self.lease, limit, queued),
                     ),
                 )
                 window = decode_texts(reversed(newest_first))
@@ -211,7 +257,7 @@ class TurnLocks:
             raise
         # Started after a sixth of the lease, the keeper first renews at half of it.
         keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self.lease / 6)
-        turn = PostgresTurn(self._sessions, session_id, token, keeper)
+        turn = PostgresTurn(self._sessions, session_id, token, keeper, self._released)
         turn.window = window
         try:
             yield turn
@@ -245,6 +291,7 @@ class TurnLocks:
     async def _release(self, session_id: str, token: str, sql: str = _LOCK_RELEASE) -> None:
         try:
             await self._db.run("release turn lock", lambda c: c.execute(sql, session_id, token))
+            self._released(session_id)
         except StoreError as exc:
             # Not worth failing a finished turn over: the lease runs out by itself.
             log.warning(
@@ -255,32 +302,66 @@ class TurnLocks:
             )
 
     async def _until_locked(
-        self, session_id: str, wait: float, attempt: Callable[[], Awaitable[T | None]]
+        self, session_id: str, wait: float, attempt: Callable[[bool], Awaitable[T | None]]
     ) -> tuple[T, float]:
-        """Call ``attempt`` (one try at the lock) with backoff until it returns a value;
-        return it and the ``perf_counter()`` time the successful attempt began."""
-        loop = asyncio.get_running_loop()
+        """Call ``attempt`` (one try at the lock; its argument: more turns of this loop wait
+        for the session) until it returns a value; return it and the ``perf_counter()`` time
+        the successful attempt began.
+
+        After a failed first try the turn joins its session's queue: its head tries again
+        when a release wakes it, every waiter after a jittered backoff as the fallback.
+        """
         started = time.perf_counter()
-        deadline = loop.time() + wait
-        delay = 0.005
-        waited = False
-        while True:
-            tried = time.perf_counter()
-            got = await attempt()
+        current = self._handoffs.current() if self._queued else None
+        # A turn of this loop that finds others of the session waiting queues behind them
+        # rather than barging in: the lock goes first come first served.
+        if current is None or not current.queued(session_id) or wait <= 0:
+            got = await attempt(False)
             if got is not None:
-                LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
-                return got, tried
-            if not waited:
-                waited = True
-                self.waits += 1
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise SessionLockedError(
-                    f"session {session_id!r} is locked by another turn (waited {wait:g}s)"
-                )
-            # Jitter keeps waiters of one session from polling in lockstep.
-            delay = min(delay * 2, 0.25)
-            await asyncio.sleep(min(remaining, random.uniform(delay / 2, delay)))
+                LOCK_WAIT.observe(0.0)
+                return got, started
+        self.waits += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        if wait <= 0:
+            raise SessionLockedError(
+                f"session {session_id!r} is locked by another turn (waited {wait:g}s)"
+            )
+        handoff = await self._handoffs.get()
+        waiter = handoff.join(session_id)
+        self._queued += 1
+        got_it = False
+        try:
+            await handoff.listen()
+            delay = 0.005
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise SessionLockedError(
+                        f"session {session_id!r} is locked by another turn (waited {wait:g}s)"
+                    )
+                if handoff.is_head(session_id, waiter):
+                    # Jitter keeps waiters of one session from polling in lockstep.
+                    delay = min(delay * 2, 0.25)
+                    pause = random.uniform(delay / 2, delay)
+                else:
+                    # Behind the head: woken when it is this waiter's turn; the fallback
+                    # only guards against a lost wake-up.
+                    pause = _BEHIND_HEAD
+                await waiter.sleep(min(remaining, pause))
+                # Re-armed before the try: a release committed during it wakes the next sleep.
+                waiter.rearm()
+                tried = time.perf_counter()
+                got = await attempt(handoff.others(session_id))
+                if got is not None:
+                    got_it = True
+                    LOCK_WAIT.observe(tried - started)  # the waiting, not the last round trip
+                    return got, tried
+        finally:
+            # The holder wakes the next waiter when it releases (its lease says waited);
+            # a waiter that gives up passes its wake-up on instead.
+            handoff.leave(session_id, waiter, wake_next=not got_it)
+            self._queued -= 1
 
     async def _renew(self, session_id: str, token: str) -> bool:
         held = await self._db.run(

@@ -65,12 +65,16 @@ _APPEND = f"WITH {_APPEND_CTES}\nSELECT last_seq FROM sess"
 # A locked turn's commit: the append, and the release of its turn lock ($5 = the lock's token)
 # in the same transaction, so the next holder's window read (vel_turn_begin) sees the turn.
 # Only once the messages are stored: an expired session (no row from sess) keeps the lock for
-# the retry. The lease row is UNLOGGED, so the release adds no WAL to the commit.
+# the retry. The lease row is UNLOGGED, so the release adds no WAL to the commit. A lease some
+# turn waits for is released with a NOTIFY on vel_turn_lock (migration 0008; handoff.py).
 _APPEND_UNLOCK = f"""WITH {_APPEND_CTES}, unlock AS (
-    DELETE FROM vel_locks
+    UPDATE vel_locks SET expires_at = '-infinity'
      WHERE session_id = $1 AND token = $5 AND EXISTS (SELECT 1 FROM sess)
+    RETURNING waited
 )
-SELECT last_seq FROM sess"""
+SELECT last_seq,
+       (SELECT CASE WHEN u.waited THEN pg_notify('vel_turn_lock', $1)::text END FROM unlock u)
+  FROM sess"""
 # Why a writer found no row to update: the row, locked, with its lease and expiry.
 _STATE = f"""
 SELECT s.hot_until, coalesce(s.expires_at <= now(), false) AS expired, {LEASED} AS leased,

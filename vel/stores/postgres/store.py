@@ -240,11 +240,15 @@ class PostgresStore(DurableTier):
         await self._db.open()
 
     async def aclose(self) -> None:
-        """Close this event loop's pool (not a caller's pool). Idempotent.
+        """Close this event loop's pool (not a caller's pool) and its turn-lock listener
+        connection. Idempotent.
 
         The store stays usable: a later call opens a new pool.
         """
-        await self._db.aclose()
+        try:
+            await self._locks.aclose()
+        finally:
+            await self._db.aclose()
 
     async def __aenter__(self) -> Self:
         await self.open()

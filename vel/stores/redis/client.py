@@ -334,7 +334,10 @@ class Connector:
         watch = CancelWatch()
         timeout = asyncio.timeout(seconds)
         try:
-            client = await self.client()
+            # This loop's client, once made, without the two awaits of client().
+            client = self._clients.current() if self._injected is None else None
+            if client is None:
+                client = await self.client()
             async with timeout:
                 if client.gate is None:
                     return await make(client)

@@ -149,16 +149,19 @@ class Sessions:
         self._backpressure_wait = backpressure_wait
         self._flush_delay = flush_delay
         self.lock_lease = lock_lease
+        self._settings_args: tuple[int, str, int] | None = None
+        self._append_args: tuple[int, int, int] | None = None
 
     def common(self, session_id: str, now: int | None = None) -> list[Any]:
         """ARGV 1..5 of the session scripts."""
-        return [
-            session_id,
-            now_ms() if now is None else now,
-            ms(self.hot_ttl),
-            "1" if self.write_behind else "0",
-            ms(self.retention_ttl),
-        ]
+        if self._settings_args is None:
+            # Set once (the settings never change after construction), not per call.
+            self._settings_args = (
+                ms(self.hot_ttl),
+                "1" if self.write_behind else "0",
+                ms(self.retention_ttl),
+            )
+        return [session_id, now_ms() if now is None else now, *self._settings_args]
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -237,12 +240,12 @@ class Sessions:
         self, session_id: str, items: Sequence[str], first_id: str, unlock: str = ""
     ) -> tuple[int, int]:
         keys = self._keys.session(session_id)
-        per_bucket = max(1, -(-self._max_unflushed // self._keys.buckets))
+        if self._append_args is None:
+            per_bucket = max(1, -(-self._max_unflushed // self._keys.buckets))
+            self._append_args = (ms(self.lease_margin), ms(self._flush_delay), per_bucket)
         args: list[Any] = [
             *self.common(session_id),
-            ms(self.lease_margin),
-            ms(self._flush_delay),
-            per_bucket,
+            *self._append_args,
             first_id,
             unlock,
             ms(self.lock_lease),

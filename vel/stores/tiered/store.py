@@ -19,14 +19,11 @@ import asyncio
 import functools
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from vel import _fork, metrics
-from vel._loops import DRAIN, at_loop_end
-from vel._shield import CancelWatch
+from vel import metrics
 from vel._sync import in_helper_thread
 from vel.bounds import LEASE, WAIT, limit_arg, wait_arg
 from vel.errors import ConfigurationError, StoreError, StoreTimeoutError, VelError
@@ -44,17 +41,13 @@ from vel.stores.redis.client import now_ms
 from vel.stores.redis.scripts import OLDER
 from vel.stores.tiered import catalog
 from vel.stores.tiered.conflicts import Resolution, resolve
+from vel.stores.tiered.embedded import EmbeddedFlusher
 from vel.stores.tiered.flusher import Flusher
 from vel.stores.tiered.verify import Verification
 from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
 from vel.totals import Totals
 
 log = get_logger("vel.tiered")
-
-# Seconds a loop that ends without aclose() spends flushing this process's writes (its
-# process is about to exit).
-LOOP_END_DRAIN = 0.4
-WRITTEN_MAX = 10_000
 
 
 def check_same_namespace(hot: RedisStore, cold: PostgresStore) -> None:
@@ -128,16 +121,7 @@ class TieredStore:
             s.warm_lease if warm_lease is None else LEASE.check("warm_lease", warm_lease)
         )
         self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
-        # The embedded flusher of each loop driving this store (keys weak: dropped when
-        # their loop ends, see _loop_ended).
-        self._flusher_tasks: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, asyncio.Task[None]
-        ] = weakref.WeakKeyDictionary()
-        # Whether this process wrote anything that a drain on close should push to Postgres.
-        self._wrote = False
-        # Sessions this process wrote since its last drain, which a loop ending without
-        # aclose() tries to flush (bounded: beyond WRITTEN_MAX, none is tracked).
-        self._written: set[str] = set()
+        self._embedded = EmbeddedFlusher(hot, self.flusher, enabled=self.embedded_flusher)
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -158,13 +142,6 @@ class TieredStore:
         self._verification = Verification(hot, cold)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
-        _fork.forget_in_child(self)
-
-    def _forget_after_fork(self) -> None:
-        # The parent's flusher task belongs to a loop no thread of the child runs: the child
-        # starts its own flusher on first use, and drains only its own writes.
-        self._flusher_tasks = weakref.WeakKeyDictionary()
-        self._written = set()
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
@@ -259,10 +236,10 @@ class TieredStore:
             await self.load(session_id, 0)
             return await self.hot.last_seq(session_id)
         await self._verification.ensure()
-        self._ensure_flusher()
+        self._embedded.ensure()
         first_id = items[0].partition("\n")[0]
         on_miss = functools.partial(self._miss, session_id, 0)
-        self._note_write(session_id)
+        self._embedded.note_write(session_id)
         with observed(APPEND, "append", session_id):
             return await self.hot.append_items(session_id, items, first_id, on_miss)
 
@@ -285,8 +262,8 @@ class TieredStore:
         validate_session_id(session_id)
         items = self.hot.encode(messages, message_ids, whole=True)
         await self._verification.ensure()
-        self._ensure_flusher()
-        self._note_write(session_id)
+        self._embedded.ensure()
+        self._embedded.note_write(session_id)
         for _ in range(5):
             gen = await self.hot.try_replace(session_id, items)
             if gen == MISS:
@@ -312,7 +289,7 @@ class TieredStore:
         read it before can write it back (see :mod:`vel.stores.redis.scripts`)."""
         validate_session_id(session_id)
         await self._verification.ensure()
-        self._ensure_flusher()
+        self._embedded.ensure()
         for _ in range(5):
             code, message = await self.hot.try_pop(session_id)
             if code == MISS:
@@ -424,11 +401,11 @@ class TieredStore:
         :meth:`RedisStore.turn`); a session missing from Redis is warmed first."""
         validate_session_id(session_id)
         await self._verification.ensure()
-        self._ensure_flusher()
+        self._embedded.ensure()
         on_miss = functools.partial(self._miss, session_id, limit)
         async with self.hot.turn(session_id, limit, timeout, on_miss) as turn:
             self._count_hit()  # the window came from Redis (after any warm)
-            self._note_write(session_id)  # the turn may commit
+            self._embedded.note_write(session_id)  # the turn may commit
             if turn.view is not None:
                 turn.window = await self._complete(session_id, turn.view, limit)
             yield turn
@@ -442,63 +419,7 @@ class TieredStore:
             result[f"postgres_{name}"] = value
         return result
 
-    # -- flusher lifecycle -----------------------------------------------------------------
-
-    def _ensure_flusher(self) -> None:
-        """Start the embedded flusher on the running loop if it has none: it runs in
-        whichever loop drives the store, and ends with that loop (see :meth:`_loop_ended`)."""
-        if not self.embedded_flusher or in_helper_thread():
-            return
-        loop = asyncio.get_running_loop()
-        task = self._flusher_tasks.get(loop)
-        if task is not None and not task.done():
-            return
-        self._flusher_tasks[loop] = loop.create_task(self.flusher.run(), name="vel-flusher")
-        at_loop_end(self, TieredStore._loop_ended, DRAIN)
-
-    async def _loop_ended(self) -> None:
-        """The loop that ran an embedded flusher ends without :meth:`aclose` (asyncio.run
-        has cancelled the flusher task by now): flush this process's writes, best effort
-        and briefly; what is left stays dirty in Redis, without a TTL, for the next flusher
-        (never lost), and one line says so. The loop's pools are closed after this."""
-        task = self._flusher_tasks.pop(asyncio.get_running_loop(), None)
-        if task is None or not self._written:
-            return
-        left = len(self._written)
-        # The deadline's cancellation can be dropped by a driver (Python 3.11's wait_for in
-        # redis-py): the watch still sees it, so the drain never outlives its deadline.
-        watch = CancelWatch()
-        try:
-            async with asyncio.timeout(LOOP_END_DRAIN):
-                while left:
-                    await self.flusher.flush_once()
-                    watch.check()
-                    left = await self._unflushed_writes()
-                    watch.check()
-        except (TimeoutError, VelError):
-            pass
-        if left:
-            log.warning(
-                "event loop ended (without Agent.aclose()) before %d session(s) written by "
-                "this process reached Postgres; what is unflushed stays in Redis, without a "
-                "TTL, for the next flusher (close the Agent, or use `async with`, to wait)",
-                left,
-            )
-
-    def _note_write(self, session_id: str) -> None:
-        self._wrote = True
-        if len(self._written) < WRITTEN_MAX:
-            self._written.add(session_id)
-
-    async def _unflushed_writes(self) -> int:
-        """How many sessions this process wrote still hold unflushed writes (forgetting
-        the others)."""
-        ids = list(self._written)
-        pending = await self.hot.pending(ids, 1)
-        for sid, item in zip(ids, pending, strict=True):
-            if item is None or (not item.rows and item.fgen == item.gen):
-                self._written.discard(sid)
-        return len(self._written)
+    # -- lifecycle -------------------------------------------------------------------------
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Write everything unflushed to Postgres now; True when nothing is left.
@@ -538,28 +459,7 @@ class TieredStore:
 
     async def _wind_down(self) -> None:
         """Stop the embedded flusher, drain this process's writes, send the last counters."""
-        # Tasks of other loops end with their loops (_loop_ended).
-        task = self._flusher_tasks.pop(asyncio.get_running_loop(), None)
-        drained = False
-        if task is not None and not task.done():
-            self.flusher.stop()
-            try:
-                await task
-            except Exception:
-                log.exception("embedded flusher failed")
-            # Only this process's own writes are worth waiting for at close; with none, the
-            # other flushers' backlog is theirs.
-            if not self._wrote:
-                drained = not self.flusher.outage.ongoing  # Redis answered the last flush
-            else:
-                drained = await self.flusher.drain(self.drain_timeout)
-                if not drained:
-                    why = self.flusher.last_error
-                    log.warning(
-                        "closing before every write of this process reached Postgres%s; "
-                        "what is unflushed stays in Redis, without a TTL, for the next flusher",
-                        f" ({why})" if why is not None else f" within {self.drain_timeout} s",
-                    )
+        drained = await self._embedded.stop(self.drain_timeout)
         if not in_helper_thread():
             # A last report only when Redis just answered the drain: with Redis gone it
             # would cost a timeout.
