@@ -63,8 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steady_seconds, args.steady_rate, args.agent_turns = 1.0, 200.0, 30
         if "--rounds" not in (argv if argv is not None else sys.argv[1:]):
             args.rounds = 1
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    counts = ("processes", "tasks", "sessions", "turns", "rounds", "window", "shared_turns")
+    for name in (*counts, "growth_turns"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.agent_turns < 0:
+        parser.error("--agent-turns must not be negative (0: no agent turns)")
+    if args.steady_rate <= 0 or args.steady_seconds <= 0 or args.worker_timeout <= 0:
+        parser.error("--steady-rate, --steady-seconds and --worker-timeout must be positive")
     return args
 
 

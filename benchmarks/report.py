@@ -86,7 +86,10 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
         "range shows the rounds' lowest and highest. Redis commands and Redis CPU per turn "
         "are `INFO commandstats` and `INFO cpu` deltas on the bench's own Redis server "
         "(commands run inside Lua scripts included, embedded flusher included); client CPU "
-        "is the worker processes' CPU time over their turns.",
+        "is the worker processes' CPU time over their turns; Postgres CPU is that of the "
+        "backends serving the bench's own database, sampled from `/proc` every 0.05 s "
+        "(`benchmarks/pg_cpu.py`, a slight undercount). The three together are what a turn "
+        "costs the machine.",
         "",
     ]
     rows = []
@@ -109,6 +112,7 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
                 t.get("client_cpu_us_per_turn"),
                 _get(t, "redis", "commands_per_turn"),
                 _get(t, "redis", "server_cpu_us_per_turn"),
+                t.get("pg_cpu_us_per_turn"),
                 t.get("pg_tx_per_1000_messages"),
                 t["worker_rss_mb"],
                 len(t["errors"]),
@@ -125,6 +129,7 @@ def markdown(data: dict[str, Any], chart: Path | None, previous: str | None = No
             "client CPU us / turn",
             "Redis cmds / turn",
             "Redis CPU us / turn",
+            "Postgres CPU us / turn",
             "Postgres tx / 1000 msgs",
             "worker RSS MB",
             "errors",
@@ -374,12 +379,13 @@ def summary(data: dict[str, Any]) -> str:
     for mode, result in data["modes"].items():
         t = result["throughput"]
         cmds = _get(t, "redis", "commands_per_turn")
-        server = t.get("server_cpu_us_per_turn")
+        redis_cpu = _get(t, "redis", "server_cpu_us_per_turn")
+        pg_cpu = t.get("pg_cpu_us_per_turn")
         lines.append(
             f"{mode:14} {t['turns_per_s']:9.1f} turns/s  p50 {t['p50_ms']:7.2f} ms  "
             f"p99 {t['p99_ms']:7.2f} ms  cpu {t['client_cpu_us_per_turn']:6.1f} us"
-            + (f"  pg cpu {server:6.1f} us" if server is not None else "")
-            + (f"  redis cmds {cmds:5.1f}" if cmds is not None else "")
+            + (f"  redis cmds {cmds:5.1f} cpu {redis_cpu:5.1f} us" if cmds is not None else "")
+            + (f"  postgres cpu {pg_cpu:5.1f} us" if pg_cpu is not None else "")
         )
     for r in data.get("ratios", []):
         lines.append(f"     {r['ratio']}: {r['median']} (rounds {r['rounds']})")

@@ -39,7 +39,7 @@ from benchmarks.modes import (
     create_reference_table,
     make_driver,
 )
-from benchmarks.pg_cpu import ServerCpu
+from benchmarks.pg_cpu import BackendCpu
 from benchmarks.redis_server import PrivateRedis, ServerCounters, counters
 from benchmarks.stats import (
     flush_lag,
@@ -210,27 +210,22 @@ class Bench:
         )
         before = await self.xacts()
         around = self.server_counters if mode in REDIS_MODES else None
-        sampler = None
-        if mode in POSTGRES_MODES:
-            assert self.admin is not None
-            sampler = ServerCpu(self.admin, self.database)
-            await sampler.start()
+        assert self.admin is not None
+        pg_cpu = await BackendCpu(self.admin, self.database).start()
         try:
             results, marks = await self.workers(spec, args.processes, around)
         finally:
-            server_s = await sampler.stop() if sampler is not None else None
+            pg_cpu_s = await pg_cpu.stop()
         await asyncio.sleep(0.5)  # a backend reports its counters as it exits
         xacts = await self.xacts() - before
         row = summarise(results)
         messages = row["turns"] * 2
-        if server_s is not None and row["seconds"] >= 2.0:
-            # Postgres backends' CPU (benchmarks.pg_cpu): with the client's, what a turn costs
-            # whatever else runs on the machine. Not for a short run: the sampling misses the
-            # last tens of milliseconds of every backend, and connecting counts in full.
-            row["server_cpu_us_per_turn"] = round(server_s * 1e6 / max(1, row["turns"]), 1)
         if mode in POSTGRES_MODES:
             row["pg_transactions"] = xacts
             row["pg_tx_per_1000_messages"] = round(xacts * 1000 / max(1, messages), 2)
+            if pg_cpu_s is not None:
+                # Sampled: the workers' connecting and warm-up are included (slight excess).
+                row["pg_cpu_us_per_turn"] = round(pg_cpu_s * 1e6 / max(1, row["turns"]), 1)
         if base_mode(mode) == "redis":
             row["flush_transactions"] = sum(r["flush_tx"] for r in results)
             row["warm_transactions"] = sum(r["warm_tx"] for r in results)
@@ -365,11 +360,6 @@ class Bench:
                     "p50_ms": x["p50_ms"],
                     "p99_ms": x["p99_ms"],
                     "client_cpu_us_per_turn": x["client_cpu_us_per_turn"],
-                    **(
-                        {"server_cpu_us_per_turn": x["server_cpu_us_per_turn"]}
-                        if "server_cpu_us_per_turn" in x
-                        else {}
-                    ),
                 }
                 for x in runs
             ]

@@ -177,8 +177,9 @@ class Handoff:
         self._fallbacks.clear()
         if self._listening is not None and not self._listening.done():
             self._listening.cancel()
-            with contextlib.suppress(BaseException):
-                await self._listening
+            # Its own end (cancelled, or failed) is swallowed; a cancellation of the caller
+            # is not: gather raises it.
+            await asyncio.gather(self._listening, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
             try:

@@ -43,8 +43,28 @@ def _script(flags: str, prologue: str, body: str) -> str:
     return f"{shebang}\n{prologue}{body}"
 
 
+# The TTL of a clean copy (uses the prologue's ``hot``, ``now``, ``wb`` and ``num``); the
+# flusher's bucket scripts (wbscripts.py) share it.
+_CLEAN_TTL = """
+-- The TTL of a clean copy: the hot TTL, never past its tier lease (write-behind) nor its
+-- retention deadline. 0: no TTL; -1: the copy must go now.
+local function clean_ttl(m)
+  local ttl = hot
+  local function cap(deadline)
+    local left = deadline - now
+    if left < 1 then left = -1 end
+    if ttl == 0 or left < ttl then ttl = left end
+  end
+  if wb then cap(num(m[6], 0)) end
+  local expires = num(m[7], 0)
+  if expires > 0 then cap(expires) end
+  return ttl
+end
+"""
+
 # Shared prologue of the session scripts (layout in the module docstring).
-_SESSION = """
+_SESSION = (
+    """
 local sid = ARGV[1]
 local now = tonumber(ARGV[2])
 local hot = tonumber(ARGV[3])
@@ -75,12 +95,6 @@ local function meta()
   return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
     'expires', 'rev', 'conflict', 'updated')
 end
--- meta() and, at no extra command, what the flusher's scripts need: 11 pgrows, 12 tgen,
--- 13 tseq.
-local function wide_meta()
-  return redis.call('HMGET', KEYS[1], 'seq', 'flushed', 'gen', 'fgen', 'base', 'lease',
-    'expires', 'rev', 'conflict', 'updated', 'pgrows', 'tgen', 'tseq')
-end
 local function num(v, default) if v then return tonumber(v) end return default end
 local function is_dirty(m) return wb and not (m[2] == m[1] and m[3] == m[4]) end
 -- Remove the copy; a dirty one also leaves the write-behind sets and the backlog count.
@@ -94,21 +108,9 @@ local function drop(m, dirty)
   end
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 end
--- The TTL of a clean copy: the hot TTL, never past its tier lease (write-behind) nor its
--- retention deadline. 0: no TTL; -1: the copy must go now.
-local function clean_ttl(m)
-  local ttl = hot
-  local function cap(deadline)
-    local left = deadline - now
-    if left < 1 then left = -1 end
-    if ttl == 0 or left < ttl then ttl = left end
-  end
-  if wb then cap(num(m[6], 0)) end
-  local expires = num(m[7], 0)
-  if expires > 0 then cap(expires) end
-  return ttl
-end
--- What a copy whose message list does not hold seqs base+1 .. seq becomes: volatile-*
+"""
+    + _CLEAN_TTL
+    + """-- What a copy whose message list does not hold seqs base+1 .. seq becomes: volatile-*
 -- eviction took the list of a clean copy, so drop the remains and warm again (nil, a miss);
 -- a dirty one is 'damaged'.
 local function mismatch(m)
@@ -161,6 +163,7 @@ local function index_replays(first)
   end
 end
 """
+)
 
 # The window read shared by LOAD and LOCK_LOAD: ARGV[6] the last n messages (-1: all),
 # ARGV[7] lease margin ms. Returns {seq, base, gen, rev, items...} (items: the last

@@ -19,11 +19,12 @@ and made once per bucket: one DECRBY, one ZREM per set, one ZADD, however many s
 
 from __future__ import annotations
 
-from vel.stores.redis.scripts import _script
+from vel.stores.redis.scripts import _CLEAN_TTL, _script
 
 # Shared by the bucket scripts (layout in the module docstring). ``bucket(b, p)`` selects
 # bucket b (KEYS 4b-3 .. 4b) with its key prefixes at ARGV[p .. p + 2].
-_BUCKETS = """
+_BUCKETS = (
+    """
 local now = tonumber(ARGV[1])
 local hot = tonumber(ARGV[2])
 local wb = ARGV[3] == '1'
@@ -53,21 +54,9 @@ local function drop(k, sid, m, dirty)
   end
   redis.call('DEL', k[1], k[2], k[3])
 end
--- The TTL of a clean copy: the hot TTL, never past its tier lease (write-behind) nor its
--- retention deadline. 0: no TTL; -1: the copy must go now.
-local function clean_ttl(m)
-  local ttl = hot
-  local function cap(deadline)
-    local left = deadline - now
-    if left < 1 then left = -1 end
-    if ttl == 0 or left < ttl then ttl = left end
-  end
-  if wb then cap(num(m[6], 0)) end
-  local expires = num(m[7], 0)
-  if expires > 0 then cap(expires) end
-  return ttl
-end
-local function set_ttl(k, ttl)
+"""
+    + _CLEAN_TTL
+    + """local function set_ttl(k, ttl)
   for i = 1, 3 do
     if ttl > 0 then redis.call('PEXPIRE', k[i], ttl) else redis.call('PERSIST', k[i]) end
   end
@@ -89,6 +78,7 @@ local function settle()
   if #redue > 0 then each('ZADD', K[1], redue) end
 end
 """
+)
 
 # What a flusher must copy of one session: {sid, gen, fgen, flushed, seq, rev, updated,
 # pgrows, tgen, tseq, items...} (items are seqs flushed+1 .., at most ``max_rows``; tgen and

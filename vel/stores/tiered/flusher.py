@@ -116,7 +116,6 @@ class Flusher:
         # One wake-up event per running run() (an asyncio.Event belongs to the loop that first
         # waits on it, and a store may be driven by several loops), with that run's loop.
         self._runs: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
-        self._offset = random.randrange(hot.keys.buckets)
         self._failures = 0
         self.outage = Outage(log, "flush")
         # What ended the last drain early, if anything (for the closing store's log line).
@@ -146,12 +145,14 @@ class Flusher:
         buckets, and a transaction each would cost Postgres a commit per handful of messages.
         """
         buckets = self.hot.keys.buckets
-        self._offset = (self._offset + 1) % buckets
         claimed: list[tuple[Claim, list[Pending | None]]] = []
         self._full = self._skipped = False
         self._last_sweep = -1
         try:
-            order = [(self._offset + i) % buckets for i in range(buckets)]
+            # A fresh order each sweep: no bucket is always last, and flushers sweeping a
+            # cluster bucket by bucket at once do not trail one another through the same
+            # order (the one behind would find every bucket claimed).
+            order = random.sample(range(buckets), buckets)
             if self.sweep_interval <= 0:
                 swept, self._last_sweep = await self.hot.sweep(
                     order, hold, self.lease, self.batch_sessions, self.max_rows, gap
