@@ -65,7 +65,7 @@ async def test_a_busy_sessions_turns_coalesce_within_the_lag_budget(store: Tiere
         flusher.stop()
         await running
     assert sum(rows for _, rows in flushes) == 40
-    # About one flush per lag budget (0.55 s) of a 2 s run, not 40.
+    # About one flush per lag budget (0.3 s) of a 2 s run, not 40.
     assert len(flushes) <= 12, flushes
     commits = []
     done = 0

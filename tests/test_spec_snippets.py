@@ -501,6 +501,12 @@ async def test_session_cleanup_with_real_calls_clears_only_old_sessions(spec: Sp
     await spec.run(IN_MEMORY_STORAGE)
     agent = spec["agent"]
     await agent.run({"message": "My name is Alice"}, session_id="old")
+    # In 'redis' mode a session is listed once the write-behind has brought it to Postgres
+    # (within the flusher's lag budget): wait for that, not for a guessed time.
+    deadline = asyncio.get_running_loop().time() + 10
+    while "old" not in await agent.ctxmgr.aget_inactive_sessions(max_age_seconds=0):
+        assert asyncio.get_running_loop().time() < deadline, "'old' never reached the listing"
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.4)
     await agent.run({"message": "My name is Bob"}, session_id="new")
     await spec.run(SESSION_CLEANUP_REAL_CALLS)

@@ -92,7 +92,7 @@ class Flusher:
         max_rows: int = 1000,
         lease: float | None = None,
         idle_interval: float = 0.5,
-        coalesce: float = 0.55,
+        coalesce: float = 0.3,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
     ) -> None:
