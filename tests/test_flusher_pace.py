@@ -132,3 +132,40 @@ async def test_one_ack_settles_sessions_of_many_buckets_each_by_its_own_state(
     for sid in (sids[0], sids[4], sids[5]):
         pttl = await hot.call("pttl", lambda c, s=sid: c.redis.pttl(hot.keys.session(s).meta))
         assert pttl > 0  # clean again: its TTL is back
+
+
+async def dirty_score(store: TieredStore, sid: str) -> float | None:
+    dirty = store.hot.keys.session(sid).dirty
+    score = await store.hot.call("zscore", lambda c: c.redis.zscore(dirty, sid))
+    return None if score is None else float(score)
+
+
+async def test_a_cancelled_sweep_hands_its_claims_back_at_once(store: TieredStore) -> None:
+    """A flusher cancelled after claiming (its event loop ending without aclose(), a
+    deadline) hands the sessions back: another flusher writes them at once, not after the
+    claim's lease (a worker exiting used to hold a session back from every other flusher,
+    and from its own loop-end drain, for the whole lease)."""
+    from vel import failpoints
+
+    sid = f"handback-{uuid.uuid4().hex[:8]}"
+    await store.append(sid, [{"role": "user", "content": "hello"}])
+    while (score := await dirty_score(store, sid)) is None or score > time.time() * 1000:
+        await asyncio.sleep(0.02)  # due once the store's flush delay has passed
+    failpoints.configure("flush_after_claim=sleep:30@1")
+    try:
+        sweep = asyncio.create_task(Flusher(store.hot, store.cold, lease=30).flush_once())
+        deadline = time.monotonic() + 5
+        # Claimed: due again only a lease from now.
+        while (score := await dirty_score(store, sid)) is None or score < (time.time() + 10) * 1000:
+            assert time.monotonic() < deadline and not sweep.done(), "never claimed"
+            await asyncio.sleep(0.02)
+        sweep.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sweep
+    finally:
+        failpoints.configure("")
+    began = time.monotonic()
+    written = await Flusher(store.hot, store.cold, lease=30).flush_once()
+    assert written == 1, "the cancelled sweep's claim kept the session from the next flusher"
+    assert time.monotonic() - began < 2
+    assert (await store.cold.load(sid)) == [{"role": "user", "content": "hello"}]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from vel import failpoints, metrics
 from vel._lease import renewed
 from vel._outage import PERMANENT_RETRY, Outage, permanent
-from vel._shield import CancelWatch
+from vel._shield import CancelWatch, settle
 from vel.bounds import BATCH, DELAY, INTERVAL, LEASE, WAIT
 from vel.errors import FlushConflictError, InvalidInputError, VelError
 from vel.instrument import observed
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 # writes at, so transactions per message stay bounded whatever the load (below the rate at
 # which the longest pause is reached, each sweep just carries less).
 TARGET_ROWS = 400
+# Seconds a cancelled sweep spends handing its claims back (one Redis call per bucket).
+HAND_BACK = 0.25
 # The shortest pause between two sweeps of run() (a sweep that found more than its limit
 # sweeps again at once).
 MIN_PAUSE = 0.02
@@ -181,12 +183,28 @@ class Flusher:
                 self.counters["flush_batches_failed"] += 1
             # Hand the claims back early so a short outage does not wait out the whole lease
             # (those already written and acknowledged are clean: rescheduling skips them).
-            with contextlib.suppress(VelError):
-                for claim, _ in claimed:
-                    await self.hot.reschedule(
-                        claim.bucket, claim.session_ids, delay=self._retry_delay()
-                    )
+            await self._hand_back(claimed, self._retry_delay())
             raise
+        except BaseException:
+            # Cancelled (its loop ending, a deadline): the claims are handed back at once,
+            # shielded and briefly, so the other flushers (or this process's loop-end drain)
+            # need not wait out the lease for sessions nobody is writing any more.
+            if claimed:
+                await settle(lambda: self._hand_back_now(claimed), HAND_BACK, "flush hand-back")
+            raise
+
+    async def _hand_back_now(self, claimed: list[tuple[Claim, list[Pending | None]]]) -> None:
+        # Bounded: a Redis that does not answer must not hold up the loop's shutdown (the
+        # claims then run out with their lease, as a crashed flusher's do).
+        async with asyncio.timeout(HAND_BACK):
+            await self._hand_back(claimed, 0.0)
+
+    async def _hand_back(
+        self, claimed: list[tuple[Claim, list[Pending | None]]], delay: float
+    ) -> None:
+        with contextlib.suppress(VelError):
+            for claim, _ in claimed:
+                await self.hot.reschedule(claim.bucket, claim.session_ids, delay=delay)
 
     async def _renew(self, claims: list[Claim]) -> bool:
         # Sessions already acknowledged are no longer held: not a lost lease, so keep on.
