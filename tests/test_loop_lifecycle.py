@@ -137,3 +137,21 @@ async def test_one_agent_driven_by_many_loops_keeps_no_connection_and_loses_noth
     # Every message in Postgres within 5 s of aclose() (the script waited up to 10 s).
     assert report["stored"] == 4 * runs, report
     assert report["stored_after"] < 5, report
+
+
+async def test_a_short_lived_process_reports_its_flushes_to_vel_stats(
+    tmp_path: Path, env: dict[str, str], redis_url: str, key_prefix: str
+) -> None:
+    """The spec's usage as a script (one process, no aclose()): what its loop-end drain
+    flushed is counted in the totals `vel stats` sums over every process (it reported 0)."""
+    from vel.totals import read_totals
+
+    _, done = await run_usage(tmp_path, "redis", env)
+    assert done.returncode == 0, done.describe()
+    hot = RedisStore(redis_url, key_prefix=key_prefix, write_behind=True)
+    try:
+        totals, _ = await read_totals(hot)
+    finally:
+        await hot.aclose()
+    assert totals.get("flushed_messages", 0) >= 2, totals
+    assert totals.get("redis_hits", 0) >= 1, totals

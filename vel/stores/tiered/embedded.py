@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 
 from vel import _fork
 from vel._loops import DRAIN, at_loop_end
@@ -20,12 +21,15 @@ from vel.errors import VelError
 from vel.logs import get_logger
 from vel.stores.redis import RedisStore
 from vel.stores.tiered.flusher import Flusher
+from vel.totals import Totals
 
 log = get_logger("vel.tiered")
 
 # Seconds a loop that ends without aclose() spends flushing this process's writes (its
 # process is about to exit).
 LOOP_END_DRAIN = 0.4
+# Seconds it then spends sending this process's counters (`vel stats`).
+LOOP_END_REPORT = 0.1
 # Sessions tracked for that drain; beyond this many, none more is tracked.
 WRITTEN_MAX = 10_000
 
@@ -35,10 +39,13 @@ class EmbeddedFlusher:
     remembers what this process wrote so that an ending loop or ``aclose()`` can push it to
     Postgres."""
 
-    def __init__(self, hot: RedisStore, flusher: Flusher, *, enabled: bool) -> None:
+    def __init__(
+        self, hot: RedisStore, flusher: Flusher, *, enabled: bool, reports: Sequence[Totals]
+    ) -> None:
         self.hot = hot
         self.flusher = flusher
         self.enabled = enabled
+        self.reports = list(reports)
         # The flusher task of each loop driving the store (keys weak: dropped when their loop
         # ends, see _loop_ended).
         self._tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
@@ -91,6 +98,15 @@ class EmbeddedFlusher:
                     await self.flusher.flush_once()
                     watch.check()
                     left = await self._unflushed_writes()
+                    watch.check()
+        except (TimeoutError, VelError):
+            pass
+        # The counters this process grew (flushes, hits) go to Redis for `vel stats`, which
+        # sums every process's: a short-lived process would otherwise never report them.
+        try:
+            async with asyncio.timeout(LOOP_END_REPORT):
+                for totals in self.reports:
+                    await totals.publish()
                     watch.check()
         except (TimeoutError, VelError):
             pass

@@ -121,7 +121,6 @@ class TieredStore:
             s.warm_lease if warm_lease is None else LEASE.check("warm_lease", warm_lease)
         )
         self.drain_timeout = WAIT.check("drain_timeout", drain_timeout)
-        self._embedded = EmbeddedFlusher(hot, self.flusher, enabled=self.embedded_flusher)
         self.counters: dict[str, float] = {
             "warm_loads_ok": 0,
             "warm_loads_exists": 0,
@@ -142,6 +141,12 @@ class TieredStore:
         self._verification = Verification(hot, cold)
         # Reported to Redis at most once a second, so `vel stats` sees every worker's.
         self.totals = Totals(hot, [self.counters, hot.counters])
+        self._embedded = EmbeddedFlusher(
+            hot,
+            self.flusher,
+            enabled=self.embedded_flusher,
+            reports=[self.totals, self.flusher.totals],
+        )
 
     def __repr__(self) -> str:
         return f"TieredStore(hot={self.hot!r}, cold={self.cold!r})"
