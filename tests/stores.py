@@ -43,3 +43,14 @@ async def make_store(
         yield store
     finally:
         await store.aclose()
+
+
+async def sql(dsn: str, schema: str, query: str, *args: Any) -> list[Any]:
+    """Rows of ``query`` run in ``schema`` on a connection of its own."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()

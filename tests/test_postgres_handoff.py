@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from stores import sql
 
 from vel.errors import SessionLockedError
 from vel.stores.postgres import PostgresStore
@@ -30,14 +31,6 @@ async def store(pg_dsn: str, migrated_schema: str) -> AsyncIterator[PostgresStor
     s = PostgresStore(pg_dsn, schema=migrated_schema, op_timeout=5.0)
     yield s
     await s.aclose()
-
-
-async def sql(dsn: str, schema: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
 
 
 async def live_lease(dsn: str, schema: str, session_id: str) -> bool:
