@@ -169,6 +169,12 @@ async def test_inactive_sessions_are_those_not_updated_for_the_given_age(
 ) -> None:
     ctx = make_agent().ctxmgr
     await ctx.aset_session_context("old", [user("a")])
+    # In 'redis' mode the listing reads Postgres: wait for the write-behind to bring "old"
+    # there (within the flusher's lag budget), not for a guessed time.
+    deadline = asyncio.get_running_loop().time() + 10
+    while "old" not in await ctx.aget_inactive_sessions(max_age_seconds=0):
+        assert asyncio.get_running_loop().time() < deadline, "'old' never reached the listing"
+        await asyncio.sleep(0.05)
     await asyncio.sleep(0.4)
     await ctx.aset_session_context("new", [user("b")])
     assert await ctx.aget_inactive_sessions(max_age_seconds=0.25) == ["old"]

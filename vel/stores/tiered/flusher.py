@@ -93,7 +93,7 @@ class Flusher:
         batch_sessions: int = 200,
         max_rows: int = 1000,
         lease: float | None = None,
-        idle_interval: float = 0.5,
+        idle_interval: float = 0.2,
         coalesce: float = 0.3,
         max_backoff: float = 5.0,
         sweep_interval: float | None = None,
