@@ -169,3 +169,21 @@ async def test_a_cancelled_sweep_hands_its_claims_back_at_once(store: TieredStor
     assert written == 1, "the cancelled sweep's claim kept the session from the next flusher"
     assert time.monotonic() - began < 2
     assert (await store.cold.load(sid)) == [{"role": "user", "content": "hello"}]
+
+
+async def test_sessions_flushed_together_keep_their_own_write_times(store: TieredStore) -> None:
+    """Sessions replaced (or cleared, or popped) apart and flushed in one transaction keep
+    the times of their writes as `updated_at`, not the flush's one time: listings order them
+    by when they were written (they came out in id order when coalesced flushes tied)."""
+    b, a = f"b-{uuid.uuid4().hex[:6]}", f"a-{uuid.uuid4().hex[:6]}"
+    await store.replace(b, [{"role": "user", "content": "first"}])
+    await asyncio.sleep(0.05)
+    await store.replace(a, [{"role": "user", "content": "second"}])
+    await store.append(a, [{"role": "assistant", "content": "third"}])
+    await store.pop(a)
+    await asyncio.sleep(0.2)
+    flushed_from = time.time()
+    assert await store.flush(10)
+    rows = {d.session_id: d for d in [await store.session_details(s) for s in (a, b)] if d}
+    assert rows[b].updated_at < rows[a].updated_at
+    assert rows[a].updated_at.timestamp() < flushed_from

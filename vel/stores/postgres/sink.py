@@ -48,36 +48,42 @@ SELECT u.id, u.generation FROM unnest($1::text[], $2::bigint[]) AS u (id, genera
 ON CONFLICT (id) DO NOTHING
 """
 # Runs with the row locks held, so its snapshot already holds every message of the sessions.
-# $3: which rows restart (expired: created_at restarts too).
-_RESET_SESSIONS = """
+# $3: which rows restart (expired: created_at restarts too); $4: when each session was last
+# written (ms): the write, not this flush, is when the session was updated (a flush carrying
+# several sessions would otherwise give them one time, and listings no order).
+_RESET_SESSIONS = f"""
 WITH target AS (
-    SELECT u.id, u.generation, u.restart
-      FROM unnest($1::text[], $2::bigint[], $3::bool[]) AS u (id, generation, restart)
+    SELECT u.id, u.generation, u.restart, {_AT.format("u.written_ms")} AS written
+      FROM unnest($1::text[], $2::bigint[], $3::bool[], $4::float8[])
+           AS u (id, generation, restart, written_ms)
 ), gone AS (
     DELETE FROM vel_messages WHERE session_id = ANY($1::text[])
 )
 UPDATE vel_session_rows s
    SET generation = t.generation,
        last_seq = 0,
-       updated_at = now(),
-       created_at = CASE WHEN t.restart THEN now() ELSE s.created_at END
+       updated_at = t.written,
+       created_at = CASE WHEN t.restart THEN t.written ELSE s.created_at END
   FROM target t
  WHERE s.id = t.id
 """
 # Also with the row locks held: sessions Redis brought to a newer generation by pops only keep
 # their messages up to the kept seq and take that generation (see vel.stores.redis.scripts).
-_TRUNCATE_SESSIONS = """
+# $5: when each session was last written (ms), as in _RESET_SESSIONS; retention counts from
+# it (DESIGN.md 3.9).
+_TRUNCATE_SESSIONS = f"""
 WITH target AS (
-    SELECT u.id, u.generation, u.keep
-      FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u (id, generation, keep)
+    SELECT u.id, u.generation, u.keep, {_AT.format("u.written_ms")} AS written
+      FROM unnest($1::text[], $2::bigint[], $3::bigint[], $5::float8[])
+           AS u (id, generation, keep, written_ms)
 ), gone AS (
     DELETE FROM vel_messages m USING target t WHERE m.session_id = t.id AND m.seq > t.keep
 )
 UPDATE vel_session_rows s
    SET generation = t.generation,
        last_seq = least(s.last_seq, t.keep),
-       updated_at = now(),
-       expires_at = now() + $4::float8 * interval '1 second'
+       updated_at = t.written,
+       expires_at = t.written + $4::float8 * interval '1 second'
   FROM target t
  WHERE s.id = t.id
 """
@@ -379,7 +385,11 @@ class Sink:
                 refused[sid] = FlushResult(0, 0, stale=True)
         if reset:
             await conn.execute(
-                _RESET_SESSIONS, reset, [batches[sid].generation for sid in reset], restart
+                _RESET_SESSIONS,
+                reset,
+                [batches[sid].generation for sid in reset],
+                restart,
+                [batches[sid].written_ms for sid in reset],
             )
         if truncate:
             await conn.execute(
@@ -388,5 +398,6 @@ class Sink:
                 [batches[sid].generation for sid in truncate],
                 [cuts[sid][1] for sid in truncate],
                 self._retention,
+                [batches[sid].written_ms for sid in truncate],
             )
         return refused
