@@ -187,3 +187,27 @@ async def test_sessions_flushed_together_keep_their_own_write_times(store: Tiere
     rows = {d.session_id: d for d in [await store.session_details(s) for s in (a, b)] if d}
     assert rows[b].updated_at < rows[a].updated_at
     assert rows[a].updated_at.timestamp() < flushed_from
+
+
+async def test_one_sweep_reads_a_bounded_number_of_messages(store: TieredStore) -> None:
+    """A backlog (after an outage, say) is read a bounded amount per call (a script blocks
+    Redis while it runs and its reply is held whole): with max_rows 5, a sweep reads about
+    4 x 5 messages, claims only the sessions it read, and the next sweeps take the rest."""
+    from vel.stores.redis.wbscripts import READ_BUDGET
+
+    ids = [f"bud-{i}-{uuid.uuid4().hex[:6]}" for i in range(12)]
+    for sid in ids:
+        await store.append(sid, [{"role": "user", "content": f"{sid} {n}"} for n in range(5)])
+    await asyncio.sleep(0.2)  # every session due
+    buckets = list(range(store.hot.keys.buckets))
+    swept, _ = await store.hot.sweep(buckets, 0.0, 30.0, 200, 5)
+    assert swept is not None
+    read = sum(len(p.rows) for _, pending in swept for p in pending if p is not None)
+    assert READ_BUDGET * 5 <= read < READ_BUDGET * 5 + 5, read  # stops once over the budget
+    claimed = {sid for claim, _ in swept for sid in claim.session_ids}
+    assert len(claimed) == read // 5
+    flusher = Flusher(store.hot, store.cold, lease=30, max_rows=5)
+    written = 0
+    for _ in range(10):
+        written += await flusher.flush_once()
+    assert written == 5 * (len(ids) - len(claimed)), "the unclaimed rest is flushed next"

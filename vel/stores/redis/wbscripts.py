@@ -112,6 +112,9 @@ local function pending(sid, max_rows)
 end
 """
 
+# A READ call stops claiming once it has read this many times its per-session row limit.
+READ_BUDGET = 4
+
 # Claim and read in one step. ARGV: 4 cutoff (claim sessions due at or before it, ms),
 # 5 lease ms, 6 sessions claimed per bucket at most, 7 max rows per session, 8 gap ms, then
 # three key prefixes per bucket. With 0 at ARGV 6 nothing is claimed: the session ids that
@@ -134,27 +137,31 @@ if #KEYS % 4 == 1 then
   if last >= 0 and now - last < tonumber(ARGV[8]) then return out end
   redis.call('SET', KEYS[#KEYS], now, 'PX', 60000)
 end
+-- One call reads at most about 4 x max_rows messages in all (a script blocks
+-- Redis while it runs, and its reply is held whole in memory): once they are read, no more
+-- sessions are claimed; the rest stay due for the next sweep.
+local budget = 4 * max_rows
 for b = 1, math.floor(#KEYS / 4) do
   bucket(b, 9 + 3 * (b - 1))
-  local sids = {}
+  local found = {}
   if ARGV[6] == '0' then
-    for i = 12, #ARGV do sids[#sids + 1] = ARGV[i] end
-  else
-    sids = redis.call('ZRANGEBYSCORE', K[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[6]))
-    if #sids > 0 then
-      local until_ms = now + tonumber(ARGV[5])
-      local claim = {}
-      for _, sid in ipairs(sids) do
-        claim[#claim + 1] = until_ms
-        claim[#claim + 1] = sid
-      end
-      for i = 1, #claim, 500 do
-        redis.call('ZADD', K[1], 'XX', unpack(claim, i, math.min(i + 499, #claim)))
-      end
+    for i = 12, #ARGV do found[#found + 1] = pending(ARGV[i], max_rows) end
+  elseif budget > 0 then
+    local sids = redis.call('ZRANGEBYSCORE', K[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[6]))
+    local until_ms = now + tonumber(ARGV[5])
+    local claim = {}
+    for _, sid in ipairs(sids) do
+      if budget <= 0 then break end
+      local read = pending(sid, max_rows)
+      found[#found + 1] = read
+      budget = budget - math.max(0, #read - 10)
+      claim[#claim + 1] = until_ms
+      claim[#claim + 1] = sid
+    end
+    for i = 1, #claim, 500 do
+      redis.call('ZADD', K[1], 'XX', unpack(claim, i, math.min(i + 499, #claim)))
     end
   end
-  local found = {}
-  for i, sid in ipairs(sids) do found[i] = pending(sid, max_rows) end
   settle()
   out[b + 1] = found
 end

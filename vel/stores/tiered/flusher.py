@@ -39,6 +39,7 @@ from vel.metrics.histograms import FLUSH
 from vel.settings import load_settings
 from vel.stores.postgres import FlushBatch
 from vel.stores.redis.client import now_ms
+from vel.stores.redis.wbscripts import READ_BUDGET
 from vel.stores.tiered.warm import lease_end
 from vel.totals import Totals
 
@@ -171,8 +172,12 @@ class Flusher:
                 claimed += swept or []
             if not claimed:
                 return 0
-            # A bucket that gave its whole limit may hold more due sessions: no pause.
-            self._full = any(len(c.session_ids) >= self.batch_sessions for c, _ in claimed)
+            # A bucket that gave its whole limit, or a sweep that read its whole budget, may
+            # leave more due sessions: no pause.
+            rows = sum(len(p.rows) for _, read in claimed for p in read if p is not None)
+            self._full = rows >= READ_BUDGET * self.max_rows or any(
+                len(c.session_ids) >= self.batch_sessions for c, _ in claimed
+            )
             claims = [claim for claim, _ in claimed]
             # Renewed while this flusher works on them, so the lease can be short: a
             # flusher that dies holds its sessions back for one lease at most.
