@@ -70,8 +70,8 @@ async def test_a_working_flusher_keeps_its_claim_past_the_lease(stack: Stack) ->
             await asyncio.sleep(0.01)
         stolen = 0
         while not flushing.done():
-            claim = await b.hot.claim(b.hot.keys.bucket_of(sid), 0.6, 10)
-            stolen += sid in claim.session_ids
+            swept, _ = await b.hot.sweep([b.hot.keys.bucket_of(sid)], 0.0, 0.6, 10, 1000)
+            stolen += any(sid in claim.session_ids for claim, _ in swept or [])
             await asyncio.sleep(0.1)
         assert await flushing == 1
         assert stolen == 0

@@ -126,7 +126,6 @@ class Client:
         self.extend = self._register(lua.EXTEND)
         self.replace = self._register(lua.REPLACE)
         self.pop = self._register(lua.POP)
-        self.claim = self._register(wbs.CLAIM)
         self.renew_claims = self._register(wbs.RENEW_CLAIMS)
         self.flush_read = self._register(wbs.READ)
         self.flush_ack = self._register(wbs.ACK)

@@ -400,10 +400,6 @@ class RedisStore:
 
     # -- flushing (write-behind) -----------------------------------------------------------
 
-    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
-        """Claim up to ``limit`` due sessions of ``bucket`` for ``lease`` seconds."""
-        return await self._write_behind.claim(bucket, lease, limit)
-
     async def sweep(
         self,
         buckets: Sequence[int],

@@ -245,24 +245,6 @@ return out
 """,
 )
 
-# Claim up to ARGV[3] due sessions of a bucket (KEYS[1] = dirty) for ARGV[2] ms.
-CLAIM = _script(
-    "allow-oom",
-    "",
-    """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-if #due == 0 then return due end
-local until_ms = tonumber(ARGV[1]) + tonumber(ARGV[2])
-local args = {}
-for _, sid in ipairs(due) do
-  table.insert(args, until_ms)
-  table.insert(args, sid)
-end
-redis.call('ZADD', KEYS[1], 'XX', unpack(args))
-return due
-""",
-)
-
 # Renew a flusher's claims (KEYS[1] = dirty): each session still claimed until ARGV[1] (ms)
 # is claimed until ARGV[2]. One acked, rescheduled or claimed anew since has another score
 # and is left alone. ARGV[3..] = session ids. Returns how many were renewed.

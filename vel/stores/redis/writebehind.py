@@ -19,8 +19,6 @@ from vel.stores.redis.client import Client, Connector, ms, now_ms
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.sessions import Sessions, split
 
-IN_CONFLICT = -7  # READ's reply for a session in conflict
-
 
 @dataclass(frozen=True, slots=True)
 class Pending:
@@ -76,18 +74,6 @@ class WriteBehind:
         self._redis = redis
         self._keys = keys
         self._sessions = sessions
-
-    async def claim(self, bucket: int, lease: float, limit: int) -> Claim:
-        dirty = self._keys.bucket_keys(bucket)[0]
-        now = now_ms()
-        # Retried through a failover: a replay after a lost reply finds the first attempt's
-        # sessions claimed (not due), which holds them back one lease at most.
-        reply = await self._redis.call(
-            "claim",
-            lambda c: c.claim(keys=[dirty], args=[now, ms(lease), limit]),
-            idempotent=True,
-        )
-        return Claim(bucket, [sid.decode() for sid in reply], now + ms(lease))
 
     async def sweep(
         self,
@@ -210,8 +196,9 @@ class WriteBehind:
         by_bucket: dict[int, list[Any]] = {}
         order: list[tuple[int, int]] = []
         for ack in acks:
-            values = by_bucket.setdefault(self._keys.bucket_of(ack[0]), [])
-            order.append((self._keys.bucket_of(ack[0]), len(values) // 4))
+            bucket = self._keys.bucket_of(ack[0])
+            values = by_bucket.setdefault(bucket, [])
+            order.append((bucket, len(values) // 4))
             values += (ack[0], ack[1], ack[2], ack[3] if len(ack) > 3 else 0)
         head = self._sessions.common("", now_ms())[1:4]
         groups = [[b] for b in by_bucket] if self._redis.is_cluster else [list(by_bucket)]
@@ -351,7 +338,7 @@ def _pending(entry: list[Any]) -> tuple[str, Pending | None]:
     """One session of READ's reply (see :mod:`vel.stores.redis.wbscripts`)."""
     sid = entry[0].decode()
     if len(entry) == 2:
-        return sid, None  # gone (MISS) or in conflict (IN_CONFLICT)
+        return sid, None  # gone, or in conflict
     gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = map(int, entry[1:10])
     return sid, Pending(
         sid,
