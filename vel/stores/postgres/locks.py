@@ -1,11 +1,12 @@
 """Turn locks of the Postgres tier: one lease row per session in ``vel_locks``, and the locked
 turn (:class:`PostgresTurn`).
 
-A holder renews its lease while it runs and deletes the row when done; a holder that dies loses
+A holder renews its lease while it runs and releases it when done; a holder that dies loses
 the lock once its lease runs out. No connection is held in between (DESIGN.md 4, turns). The
 lease table is UNLOGGED (migration 0002): taking and giving back a lease costs no durable
 commit. A turn as the Agent runs it takes two round trips: ``vel_turn_begin`` takes the lock
-and reads the window, and the commit's append deletes the lease row in its own transaction.
+and reads the window, and the commit's append releases the lease in its own transaction (the
+row stays, expired, so the next turn takes it with an in-place update: migration 0008).
 A turn that finds the lock held waits in its session's queue and is handed the lock when it
 is released (:mod:`~vel.stores.postgres.handoff`), with a bounded backoff as the fallback.
 """

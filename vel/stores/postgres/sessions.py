@@ -31,6 +31,7 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
+from vel.stores.postgres.handoff import CHANNEL
 from vel.stores.postgres.sql import chunks, insert_rows
 
 # Retention is passed as float8 seconds or NULL; now() + NULL * interval is NULL (never expires).
@@ -73,7 +74,7 @@ _APPEND_UNLOCK = f"""WITH {_APPEND_CTES}, unlock AS (
     RETURNING waited
 )
 SELECT last_seq,
-       (SELECT CASE WHEN u.waited THEN pg_notify('vel_turn_lock', $1)::text END FROM unlock u)
+       (SELECT CASE WHEN u.waited THEN pg_notify('{CHANNEL}', $1)::text END FROM unlock u)
   FROM sess"""
 # Why a writer found no row to update: the row, locked, with its lease and expiry.
 _STATE = f"""
