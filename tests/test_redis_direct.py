@@ -133,3 +133,45 @@ async def test_clients_that_cannot_take_the_direct_path_use_redis_py(redis_url: 
         assert await pipe.execute() == [b"y"]
     finally:
         await single.aclose()
+
+
+async def test_in_place_checkout_shares_the_pool_with_redis_py_commands(
+    server: RedisServer,
+) -> None:
+    # The installed redis-py has the idle list and in-use set the in-place checkout works
+    # on: if a release renames them, this fails instead of the turn silently slowing down.
+    pool = aioredis.ConnectionPool.from_url(server.url, max_connections=3)
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        echo = Script(client, ECHO)
+        assert echo._inplace
+        gate = asyncio.Semaphore(3)
+        rng = random.Random(7)
+
+        async def one(i: int) -> None:
+            async with gate:
+                if rng.random() < 0.5:
+                    assert await echo(args=[f"e{i}"]) == f"e{i}".encode()
+                else:
+                    assert await client.echo(f"p{i}") == f"p{i}".encode()
+
+        await asyncio.gather(*(one(i) for i in range(300)))
+        # Both paths checked connections in and out of one budget: none is lost or twice.
+        idle = pool._available_connections
+        assert len(pool._in_use_connections) == 0
+        assert len(idle) == len(set(map(id, idle))) <= 3
+        # Connections closed while idle (aclose() of the pool's sockets, a server that hung
+        # up) are not handed out as they are: the call reconnects through redis-py.
+        await pool.disconnect()
+        assert await echo(args=["again"]) == b"again"
+        killed = await client.client_kill_filter(_type="normal", skipme=False)
+        assert killed >= 1
+        for attempt in range(3):
+            try:
+                assert await echo(args=["after kill"]) == b"after kill"
+                break
+            except rexc.ConnectionError:
+                assert attempt < 2  # a socket found broken once, as on redis-py's path
+        assert len(pool._in_use_connections) == 0
+    finally:
+        await client.aclose()
