@@ -175,3 +175,20 @@ async def test_in_place_checkout_shares_the_pool_with_redis_py_commands(
         assert len(pool._in_use_connections) == 0
     finally:
         await client.aclose()
+
+
+async def test_a_blocking_pool_keeps_redis_py_checkout_and_wakes_its_waiters(
+    redis_url: str,
+) -> None:
+    # A caller's BlockingConnectionPool wakes a waiter only from its own release(): with
+    # one connection and eight callers, an in-place checkin would leave seven waiting.
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=5)
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        echo = Script(client, ECHO)
+        assert not echo._inplace
+        async with asyncio.timeout(10):
+            replies = await asyncio.gather(*(echo(args=[f"b{i}"]) for i in range(8)))
+        assert replies == [f"b{i}".encode() for i in range(8)]
+    finally:
+        await client.aclose()

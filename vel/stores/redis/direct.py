@@ -17,8 +17,10 @@ pool that vel owns uses (no OpenTelemetry pool metrics, credential re-auth or ma
 notifications). Both are plain list and set operations with no await between them, so they
 are atomic on the loop, as redis-py's locked section is. Its stale-data check at checkout is
 not needed here: every user of these pools reads its whole reply or is disconnected by
-redis-py on the error or cancellation that stopped it. A new connection, a disconnected one
-and a pool without those two attributes (another redis-py release) take redis-py's methods.
+redis-py on the error or cancellation that stopped it. A new connection, a disconnected one,
+a connection a maintenance notification marked for reconnection, a caller's
+``BlockingConnectionPool`` (its waiters are woken by its own ``release``) and a pool without
+those two attributes (another redis-py release) take redis-py's methods.
 """
 
 from __future__ import annotations
@@ -32,8 +34,12 @@ from redis import exceptions as rexc
 
 
 def _inplace(pool: Any) -> bool:
-    return isinstance(getattr(pool, "_available_connections", None), list) and isinstance(
-        getattr(pool, "_in_use_connections", None), set
+    # Exactly redis-py's plain pool: a BlockingConnectionPool's waiters are woken only by its
+    # own release().
+    return (
+        type(pool) is aioredis.ConnectionPool
+        and isinstance(getattr(pool, "_available_connections", None), list)
+        and isinstance(getattr(pool, "_in_use_connections", None), set)
     )
 
 
@@ -47,7 +53,9 @@ def _checkout(pool: Any) -> Any:
 
 
 def _checkin(pool: Any, conn: Any) -> bool:
-    if conn.is_connected and conn in pool._in_use_connections:
+    # A connection a maintenance notification marked for reconnection is release()'s job.
+    again = getattr(conn, "should_reconnect", None)
+    if conn.is_connected and conn in pool._in_use_connections and not (callable(again) and again()):
         pool._in_use_connections.remove(conn)
         pool._available_connections.append(conn)
         return True
