@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis.asyncio as aioredis
@@ -29,6 +30,19 @@ for i = 1, tonumber(ARGV[1]) do n = n + i end
 return ARGV[2]
 """
 ECHO = "return ARGV[1]"
+
+
+@asynccontextmanager
+async def _pooled(
+    url: str, size: int
+) -> AsyncIterator[tuple[aioredis.ConnectionPool, aioredis.Redis]]:
+    # A plain pool of ``size`` connections, as vel's clients have (in-place checkout).
+    pool = aioredis.ConnectionPool.from_url(url, max_connections=size)
+    client = aioredis.Redis.from_pool(pool)
+    try:
+        yield pool, client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -86,9 +100,7 @@ async def test_a_script_the_server_lost_is_loaded_again(server: RedisServer) -> 
 async def test_cancelled_calls_never_hand_their_reply_to_the_next_caller(
     server: RedisServer,
 ) -> None:
-    pool = aioredis.ConnectionPool.from_url(server.url, max_connections=4)
-    client = aioredis.Redis.from_pool(pool)
-    try:
+    async with _pooled(server.url, 4) as (pool, client):
         slow = Script(client, SLOW_ECHO)
         echo = Script(client, ECHO)
         rng = random.Random(14)
@@ -118,8 +130,6 @@ async def test_cancelled_calls_never_hand_their_reply_to_the_next_caller(
             assert await echo(args=[f"after{i}"]) == f"after{i}".encode()
         assert len(pool._in_use_connections) == 0
         assert len(pool._available_connections) <= 4
-    finally:
-        await client.aclose()
 
 
 async def test_clients_that_cannot_take_the_direct_path_use_redis_py(redis_url: str) -> None:
@@ -140,9 +150,7 @@ async def test_in_place_checkout_shares_the_pool_with_redis_py_commands(
 ) -> None:
     # The installed redis-py has the idle list and in-use set the in-place checkout works
     # on: if a release renames them, this fails instead of the turn silently slowing down.
-    pool = aioredis.ConnectionPool.from_url(server.url, max_connections=3)
-    client = aioredis.Redis.from_pool(pool)
-    try:
+    async with _pooled(server.url, 3) as (pool, client):
         echo = Script(client, ECHO)
         assert echo._inplace
         gate = asyncio.Semaphore(3)
@@ -173,8 +181,6 @@ async def test_in_place_checkout_shares_the_pool_with_redis_py_commands(
             except rexc.ConnectionError:
                 assert attempt < 2  # a socket found broken once, as on redis-py's path
         assert len(pool._in_use_connections) == 0
-    finally:
-        await client.aclose()
 
 
 async def test_a_blocking_pool_keeps_redis_py_checkout_and_wakes_its_waiters(
