@@ -137,10 +137,10 @@ if #KEYS % 4 == 1 then
   if last >= 0 and now - last < tonumber(ARGV[8]) then return out end
   redis.call('SET', KEYS[#KEYS], now, 'PX', 60000)
 end
--- One call reads at most about 4 x max_rows messages in all (a script blocks
+-- One call reads at most about READ_BUDGET x max_rows messages in all (a script blocks
 -- Redis while it runs, and its reply is held whole in memory): once they are read, no more
 -- sessions are claimed; the rest stay due for the next sweep.
-local budget = 4 * max_rows
+local budget = READ_BUDGET * max_rows
 for b = 1, math.floor(#KEYS / 4) do
   bucket(b, 9 + 3 * (b - 1))
   local found = {}
@@ -166,7 +166,7 @@ for b = 1, math.floor(#KEYS / 4) do
   out[b + 1] = found
 end
 return out
-""",
+""".replace("READ_BUDGET", str(READ_BUDGET)),
 )
 
 # Record that Postgres holds a session's generation up to a seq, and the tier lease it
