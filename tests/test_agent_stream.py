@@ -365,6 +365,25 @@ async def test_closing_the_stream_releases_the_session_at_once(srv: FakeOpenAISe
         assert await agent.run({"message": "next"}, session_id="s") == "You said: next"
 
 
+async def test_a_stream_dropped_mid_answer_is_closed_by_vel(srv: FakeOpenAIServer) -> None:
+    """A stream nobody closes and nobody references ends its turn in a task of vel's own
+    (vel._asyncgens): the session is released and nothing of the turn is stored."""
+    async with Agent(id="t", model=model_for(srv), policies={"lock_timeout": 0}) as agent:
+        await agent.ctxmgr.aset_session_context("s", HISTORY)
+        stream = agent.run_stream({"message": "[[slow 0.05]] a b c d e f"}, session_id="s")
+        async for event in stream:
+            if event["type"] == "text-delta":
+                break
+        del stream
+        gc.collect()
+        await asyncio.sleep(0)  # the finalizer's callback makes the task
+        closing = [t for t in asyncio.all_tasks() if t.get_name() == "vel stream close"]
+        assert len(closing) == 1
+        await asyncio.wait_for(closing[0], 5)
+        assert await agent.ctxmgr.aget_session_context("s") == HISTORY
+        assert await agent.run({"message": "next"}, session_id="s") == "You said: next"
+
+
 @pytest.mark.parametrize("with_token", [False, True], ids=["no-token", "with-token"])
 async def test_cancelling_the_consuming_task_raises_cancelled_and_stores_nothing(
     srv: FakeOpenAIServer, with_token: bool

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import schema_dsn
-from userscripts import MANY_LOOPS, Exit, run_script, spec_usage
+from userscripts import MANY_LOOPS, STREAM_LEFT_OPEN, Exit, run_script, spec_usage
 from workers import worker_env
 
 from vel.stores.postgres import PostgresStore
@@ -155,3 +155,49 @@ async def test_a_short_lived_process_reports_its_flushes_to_vel_stats(
         await hot.aclose()
     assert totals.get("flushed_messages", 0) >= 2, totals
     assert totals.get("redis_hits", 0) >= 1, totals
+
+
+@pytest.mark.parametrize("holder", ["global", "sse", "dropped"])
+@pytest.mark.parametrize("mode", ["database", "redis"])
+async def test_a_stream_left_suspended_ends_its_turn_when_the_loop_ends(
+    tmp_path: Path,
+    env: dict[str, str],
+    pg_dsn: str,
+    migrated_schema: str,
+    redis_url: str,
+    key_prefix: str,
+    mode: str,
+    holder: str,
+) -> None:
+    """newuser's P2: a program that stops reading ``run_stream`` mid-turn and lets
+    ``asyncio.run`` end. asyncio closed the stream and every generator inside it at once:
+    "aclose(): asynchronous generator is already running" tracebacks, and the turn lock's
+    release cut off by the loop closing, so the next turn on the session waited out the
+    lease. A stream dropped as main() returns failed on Python 3.11 and 3.12 only (its
+    closing task, cancelled before it began, abandoned the turn mid-cleanup). Now the turn
+    ends as a closed stream's does: lock released, nothing stored."""
+    script = tmp_path / "left_open.py"
+    script.write_text(STREAM_LEFT_OPEN)
+    sid = f"lo-{uuid.uuid4().hex[:10]}"
+    run_env = {**env, "VEL_TEST_MODE": mode, "VEL_TEST_SESSION": sid, "VEL_TEST_HOLDER": holder}
+    done = await asyncio.to_thread(run_script, script, run_env)
+    assert done.returncode == 0, done.describe()
+    assert "stopped reading" in done.stdout, done.describe()
+    assert done.loop_shutdown is not None and done.loop_shutdown < EXIT_BOUND, done.describe()
+    for sign in ("Traceback", "already running", "could not release", "end of its event loop"):
+        assert sign not in done.stderr, done.describe()
+    if mode == "redis":
+        store: TieredStore | PostgresStore = TieredStore(
+            RedisStore(redis_url, key_prefix=key_prefix, write_behind=True),
+            PostgresStore(pg_dsn, schema=migrated_schema),
+            flusher=False,
+        )
+    else:
+        store = PostgresStore(pg_dsn, schema=migrated_schema)
+    try:
+        # Released, not left to run out (the lease is 30 s): taken at once.
+        async with store.turn_lock(sid, timeout=0.5):
+            pass
+        assert await store.load(sid) == []
+    finally:
+        await store.aclose()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import pytest
 
-from vel._loops import CLOSE, DRAIN, PerLoop, at_loop_end
+from vel._asyncgens import Owned
+from vel._loops import CLOSE, DRAIN, PerLoop, at_loop_end, hold_end
 
 
 class Resource:
@@ -95,3 +98,61 @@ def test_loop_end_work_is_bounded_and_its_failure_only_logged(
     assert loop.time() - started < 5
     loop.close()
     assert "boom" in caplog.text
+
+
+def test_loop_end_work_first_asked_for_inside_an_owned_step_still_runs() -> None:
+    """The loop's first vel use may come inside a turn stream (an Owned step, whose own
+    generators the loop does not track): the loop-end generator made there is tracked."""
+    ran: list[str] = []
+
+    async def work(owner: Resource) -> None:
+        ran.append("closed")
+
+    owner = Resource()
+
+    async def inner() -> AsyncGenerator[int, None]:
+        at_loop_end(owner, work)
+        yield 1
+
+    async def main() -> None:
+        async with aclosing(Owned(inner())) as steps:
+            async for _ in steps:
+                pass
+
+    asyncio.run(main())
+    assert ran == ["closed"]
+
+
+def test_generators_first_iterated_in_an_owned_step_are_left_to_their_owner() -> None:
+    """The loop's shutdown closes the generator the program holds, which closes what it
+    owns in order; it does not close the owned one itself (nor while it is closing)."""
+    events: list[str] = []
+
+    async def owned() -> AsyncGenerator[int, None]:
+        try:
+            yield 1
+        finally:
+            events.append("owned closed")
+
+    async def outer() -> AsyncGenerator[int, None]:
+        done = hold_end()
+        try:
+            async with aclosing(Owned(owned())) as steps:
+                async for item in steps:
+                    yield item
+        finally:
+            events.append("outer closed")
+            done()
+
+    kept: list[AsyncGenerator[int, None]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stream = outer()
+        kept.append(stream)
+        assert await anext(stream) == 1
+        tracked = loop._asyncgens  # type: ignore[attr-defined]
+        assert stream in tracked and len(tracked) == 2  # the stream and vel's loop-end hook
+
+    asyncio.run(main())
+    assert events == ["owned closed", "outer closed"]

@@ -126,6 +126,45 @@ print(json.dumps({
 """
 
 
+# A turn stream the program stops reading and never closes (no aclose(), no aclosing), then
+# main() returns: VEL_TEST_HOLDER says what holds the suspended stream then: 'global' (a
+# module-level list, so asyncio's shutdown closes it), 'sse' (the same, framed by
+# vel.sse.sse_stream) or 'dropped' (nothing: collected as main() returns).
+STREAM_LEFT_OPEN = """\
+import asyncio
+import os
+
+from vel import Agent
+from vel.sse import sse_stream
+
+KEEP = []
+
+
+async def main():
+    agent = Agent(
+        id='my-agent',
+        model={'provider': 'openai', 'model': 'gpt-4o'},
+        session_storage=os.environ['VEL_TEST_MODE'],
+    )
+    stream = agent.run_stream(
+        {'message': 'Tell me a long story [[slow 2]]'},
+        session_id=os.environ['VEL_TEST_SESSION'],
+    )
+    holder = os.environ['VEL_TEST_HOLDER']
+    if holder == 'sse':
+        stream = sse_stream(stream)
+    if holder != 'dropped':
+        KEEP.append(stream)
+    async for event in stream:
+        if 'start-step' in (event.decode() if isinstance(event, bytes) else event['type']):
+            break
+    print('stopped reading', flush=True)
+
+
+asyncio.run(main())
+"""
+
+
 def spec_usage(after: str = "") -> str:
     """:data:`SPEC_USAGE` with ``after`` (lines of code, unindented) at the end of main()."""
     body = "".join(f"    {line}\n" for line in after.splitlines())

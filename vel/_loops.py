@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from vel import _fork
+from vel._asyncgens import tracked
 from vel._sync import blocked_in_run_sync, helper_loop
 from vel.errors import ConfigurationError
 from vel.logs import get_logger
@@ -28,10 +29,13 @@ OwnerT = TypeVar("OwnerT")
 log = get_logger("vel")
 
 # What runs when a loop ends, in two stages: first what still uses the loop's resources (a
-# bounded drain of unflushed writes), then what closes them (pools, clients).
+# bounded drain of unflushed writes), then what closes them (pools, clients). Before both,
+# the loop's end waits for the work that holds it (hold_end: a turn stream still closing).
 DRAIN, CLOSE = 0, 1
 # Seconds each piece of loop-end work may take (a process exits right after).
 _LIMITS = (0.5, 1.0)
+# Seconds the loop's end waits, in all, for the work that holds it.
+_HELD_LIMIT = 1.0
 # The loop-end work of each running loop that has any; weak, so that a loop nobody shut down
 # properly can still be collected.
 _ends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEnd] = weakref.WeakKeyDictionary()
@@ -49,13 +53,17 @@ class _LoopEnd:
             weakref.WeakKeyDictionary(),
             weakref.WeakKeyDictionary(),
         )
+        self.holds: set[asyncio.Future[None]] = set()
+        # Streams collected while suspended whose close has not run (close_collected).
+        self.unclosed: set[AsyncGenerator[Any, Any]] = set()
+        self.closing: set[asyncio.Task[None]] = set()
         self.hook = _run_at_end(self)
-        # Started here, synchronously: the loop's first-iteration hook registers it, and
-        # the loop's shutdown_asyncgens() (which asyncio.run calls after cancelling the
-        # remaining tasks, before closing the loop) finalizes it, running its ``finally``.
-        step = self.hook.asend(None)
-        with contextlib.suppress(StopIteration):
-            step.send(None)
+        # Started here, synchronously: the loop's first-iteration hook registers it (even
+        # inside an Owned step: tracked()), and the loop's shutdown_asyncgens() (which
+        # asyncio.run calls after cancelling the remaining tasks, before closing the loop)
+        # finalizes it, running its ``finally``.
+        with tracked(), contextlib.suppress(StopIteration):
+            self.hook.asend(None).send(None)
 
 
 async def _run_at_end(end: _LoopEnd) -> AsyncGenerator[None, None]:
@@ -69,13 +77,31 @@ async def _run_at_end(end: _LoopEnd) -> AsyncGenerator[None, None]:
             # shutdown_asyncgens() began, which asyncio reports as a ResourceWarning; they
             # run to their end here, so nothing is left for the loop to finalize.
             warnings.filterwarnings("ignore", "asynchronous generator", ResourceWarning)
+            if end.unclosed:
+                # Collected streams whose closing task asyncio.run cancelled before it began.
+                await asyncio.wait(
+                    [asyncio.ensure_future(_close(end, agen)) for agen in list(end.unclosed)],
+                    timeout=_HELD_LIMIT,
+                )
+            if end.holds:
+                # A turn stream the loop's shutdown (or the collector) is closing right now,
+                # in a task of its own: its lock release needs the pools closed below.
+                await asyncio.wait(list(end.holds), timeout=_HELD_LIMIT)
             for stage, limit in zip(end.stages, _LIMITS, strict=True):
                 for owner, work in list(stage.items()):
                     try:
                         async with asyncio.timeout(limit):
                             await work(owner)
                     except Exception as exc:
-                        log.warning("%r at the end of its event loop: %s", owner, exc)
+                        log.warning("%r at the end of its event loop: %r", owner, exc)
+
+
+def _running_end() -> _LoopEnd:
+    loop = asyncio.get_running_loop()
+    end = _ends.get(loop)
+    if end is None:
+        end = _ends[loop] = _LoopEnd()
+    return end
 
 
 def at_loop_end(
@@ -88,11 +114,51 @@ def at_loop_end(
     ``work`` must not hold ``owner`` itself (pass a plain function or an unbound method), or
     the owner lives as long as the loop.
     """
-    loop = asyncio.get_running_loop()
-    end = _ends.get(loop)
-    if end is None:
-        end = _ends[loop] = _LoopEnd()
+    end = _running_end()
     end.stages[stage][owner] = work
+
+
+def hold_end() -> Callable[[], None]:
+    """Make the running loop's end wait (at most ``_HELD_LIMIT`` seconds, before its drain
+    and close work) until the returned function is called; calling it again does nothing.
+
+    For work that must finish on this loop's resources even when the loop's shutdown is
+    what ends it: a turn stream left suspended, which ``shutdown_asyncgens()`` (or the
+    garbage collector) closes in a task of its own, concurrently with the loop-end work.
+    """
+    end = _running_end()
+    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    end.holds.add(held)
+
+    def release() -> None:
+        end.holds.discard(held)
+        if not held.done():
+            held.set_result(None)
+
+    return release
+
+
+def close_collected(agen: AsyncGenerator[Any, Any]) -> None:
+    """Close ``agen``, a stream collected while suspended, on the running loop (called there,
+    as a callback): in a task whose cancellation before it starts (``asyncio.run`` cancels
+    every task left when ``main()`` returns) leaves ``agen`` untouched, and failing that at
+    the loop's end, before its drain and close work (see vel._asyncgens)."""
+    end = _running_end()
+    end.unclosed.add(agen)
+    task = asyncio.get_running_loop().create_task(_close(end, agen), name="vel stream close")
+    # The loop holds its tasks weakly.
+    end.closing.add(task)
+    task.add_done_callback(end.closing.discard)
+
+
+async def _close(end: _LoopEnd, agen: AsyncGenerator[Any, Any]) -> None:
+    if agen not in end.unclosed:
+        return  # closed (or being closed) by the other path
+    end.unclosed.discard(agen)
+    try:
+        await agen.aclose()
+    except Exception as exc:
+        log.warning("closing a collected stream: %r", exc)
 
 
 class PerLoop(Generic[T]):

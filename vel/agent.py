@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, Protocol, runtime_checkable
 
 from vel import events as ev
 from vel import tracing
+from vel._asyncgens import Owned, stream
 from vel._ids import new_ids
+from vel._loops import hold_end
 from vel._shield import CancelWatch
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
@@ -188,6 +190,7 @@ class Agent:
             raise TurnCancelledError("the turn was cancelled; the session is unchanged")
         return outcome.text
 
+    @stream
     async def run_stream(
         self,
         input: Mapping[str, Any],
@@ -195,7 +198,7 @@ class Agent:
         *,
         cancel_token: CancelToken | None = None,
         receipt: TurnReceipt | None = None,
-    ) -> AsyncIterator[ev.Event]:
+    ) -> AsyncGenerator[ev.Event, None]:
         """Run one turn, yielding Vercel AI SDK UI stream events (see :mod:`vel.events`).
 
         Failures are reported as a final ``error`` event rather than raised; a set
@@ -204,11 +207,19 @@ class Agent:
         turn is stored once ``finish`` is yielded, and ``receipt`` says so in every case.
         """
         outcome = Outcome(receipt=receipt if receipt is not None else TurnReceipt())
-        # aclosing: a consumer's aclose() must end the turn (release its session lock, close
-        # the model stream) before it returns, not whenever the generator is collected.
-        async with aclosing(self._turn(input, session_id, cancel_token, outcome)) as turn:
-            async for event in turn:
-                yield event
+        # A stream left suspended is closed by the loop's shutdown or the collector, in a
+        # task of its own: the loop's end waits for it to release the lock.
+        done = hold_end()
+        try:
+            # aclosing: a consumer's aclose() must end the turn (release its session lock,
+            # close the model stream) before it returns, not whenever it is collected. Owned:
+            # the loop leaves the turn's own generators to it (vel._asyncgens).
+            turn = Owned(self._turn(input, session_id, cancel_token, outcome))
+            async with aclosing(turn):
+                async for event in turn:
+                    yield event
+        finally:
+            done()
 
     # -- the turn --------------------------------------------------------------------------
 

@@ -16,10 +16,12 @@ The AI SDK's ``DefaultChatTransport`` (``useChat``) reads a UI message stream as
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from contextlib import aclosing
 from types import MappingProxyType
 from typing import Any
+
+from vel._asyncgens import Owned, stream
 
 __all__ = ["DONE", "UI_MESSAGE_STREAM_HEADERS", "encode_event", "sse_stream"]
 
@@ -48,13 +50,17 @@ def encode_event(event: Mapping[str, Any]) -> bytes:
     return b"data: " + text.encode("utf-8") + b"\n\n"
 
 
-async def sse_stream(events: AsyncIterable[Mapping[str, Any]]) -> AsyncIterator[bytes]:
+@stream
+async def sse_stream(events: AsyncIterable[Mapping[str, Any]]) -> AsyncGenerator[bytes, None]:
     """Frame ``events`` (e.g. ``agent.run_stream(...)``) as SSE bytes, ending with ``DONE``.
 
     When the consumer stops early (the client went away and the server closes or cancels
     this generator), ``events`` is closed at once if it is an async generator, so an agent
     turn ends there: its lock is released and nothing of it is stored.
     """
+    if isinstance(events, AsyncGenerator):
+        # Owned: this generator closes ``events``, not the loop's shutdown (vel._asyncgens).
+        events = Owned(events)
     if hasattr(events, "aclose"):
         async with aclosing(events):  # type: ignore[type-var]
             async for event in events:
