@@ -114,6 +114,8 @@ end
 
 # A READ call stops claiming once it has read this many times its per-session row limit.
 READ_BUDGET = 4
+# The fields of a session's READ reply before its items: sid and 9 meta values (_PENDING).
+PENDING_HEADER = 10
 
 # Claim and read in one step. ARGV: 4 cutoff (claim sessions due at or before it, ms),
 # 5 lease ms, 6 sessions claimed per bucket at most, 7 max rows per session, 8 gap ms, then
@@ -154,7 +156,7 @@ for b = 1, math.floor(#KEYS / 4) do
       if budget <= 0 then break end
       local read = pending(sid, max_rows)
       found[#found + 1] = read
-      budget = budget - math.max(0, #read - 10)
+      budget = budget - math.max(0, #read - PENDING_HEADER)
       claim[#claim + 1] = until_ms
       claim[#claim + 1] = sid
     end
@@ -166,7 +168,7 @@ for b = 1, math.floor(#KEYS / 4) do
   out[b + 1] = found
 end
 return out
-""".replace("READ_BUDGET", str(READ_BUDGET)),
+""".replace("READ_BUDGET", str(READ_BUDGET)).replace("PENDING_HEADER", str(PENDING_HEADER)),
 )
 
 # Record that Postgres holds a session's generation up to a seq, and the tier lease it

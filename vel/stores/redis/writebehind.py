@@ -18,6 +18,7 @@ from typing import Any
 from vel.stores.redis.client import Client, Connector, ms, now_ms
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.sessions import Sessions, split
+from vel.stores.redis.wbscripts import PENDING_HEADER
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,14 +340,14 @@ def _pending(entry: list[Any]) -> tuple[str, Pending | None]:
     sid = entry[0].decode()
     if len(entry) == 2:
         return sid, None  # gone, or in conflict
-    gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = map(int, entry[1:10])
+    gen, fgen, flushed, seq, rev, updated, pgrows, tgen, tseq = map(int, entry[1:PENDING_HEADER])
     return sid, Pending(
         sid,
         gen,
         fgen,
         flushed,
         seq,
-        [(flushed + i, *split(item)) for i, item in enumerate(entry[10:], start=1)],
+        [(flushed + i, *split(item)) for i, item in enumerate(entry[PENDING_HEADER:], start=1)],
         rev=None if rev < 0 else rev,
         updated_ms=updated or None,
         had_postgres_rows=bool(pgrows),
