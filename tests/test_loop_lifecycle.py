@@ -50,6 +50,15 @@ async def run_usage(
     return sid, done
 
 
+def tiered(redis_url: str, key_prefix: str, pg_dsn: str, schema: str) -> TieredStore:
+    """The scripts' stores, seen from the test: no flusher of its own."""
+    return TieredStore(
+        RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, flush_delay=0),
+        PostgresStore(pg_dsn, schema=schema),
+        flusher=False,
+    )
+
+
 @pytest.fixture
 def env(
     pg_dsn: str, migrated_schema: str, redis_url: str, key_prefix: str, srv: FakeOpenAIServer
@@ -98,11 +107,7 @@ async def test_loop_ending_mid_flush_exits_promptly_and_loses_nothing(
         assert done.stderr.count("stays in Redis") == 1, done.describe()
         sessions.append(sid)
     # Whatever the ended flushes left unflushed waits in Redis for the next flusher.
-    store = TieredStore(
-        RedisStore(redis_url, key_prefix=key_prefix, write_behind=True, flush_delay=0),
-        PostgresStore(pg_dsn, schema=migrated_schema),
-        flusher=False,
-    )
+    store = tiered(redis_url, key_prefix, pg_dsn, migrated_schema)
     try:
         assert await store.flush(10)
         for sid in sessions:
@@ -187,11 +192,7 @@ async def test_a_stream_left_suspended_ends_its_turn_when_the_loop_ends(
     for sign in ("Traceback", "already running", "could not release", "end of its event loop"):
         assert sign not in done.stderr, done.describe()
     if mode == "redis":
-        store: TieredStore | PostgresStore = TieredStore(
-            RedisStore(redis_url, key_prefix=key_prefix, write_behind=True),
-            PostgresStore(pg_dsn, schema=migrated_schema),
-            flusher=False,
-        )
+        store: TieredStore | PostgresStore = tiered(redis_url, key_prefix, pg_dsn, migrated_schema)
     else:
         store = PostgresStore(pg_dsn, schema=migrated_schema)
     try:
