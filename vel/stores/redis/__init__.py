@@ -4,7 +4,8 @@ The store is a facade (:mod:`.store`) over parts that each hold one responsibili
 :mod:`.url` (REDIS_URL parsed and checked), :mod:`.client` (per-loop client, the one
 error mapping), :mod:`.sessions` (session data),
 :mod:`.locks` (leases and turns), :mod:`.writebehind` (claims, pending reads, acks),
-:mod:`.listing` (the scan). :mod:`.keys` is the one key layout, :mod:`.scripts` the Lua.
+:mod:`.listing` (the scan). :mod:`.keys` is the one key layout, :mod:`.scripts` the Lua
+(with :mod:`.lockscripts`, :mod:`.editscripts` and :mod:`.wbscripts`).
 """
 
 from vel.stores.redis.client import cluster_seeds

@@ -35,6 +35,7 @@ from vel.errors import (
     VelError,
 )
 from vel.redaction import redact
+from vel.stores.redis import editscripts, lockscripts
 from vel.stores.redis import scripts as lua
 from vel.stores.redis import wbscripts as wbs
 from vel.stores.redis.direct import Script
@@ -119,23 +120,23 @@ class Client:
         self.waiters = asyncio.Semaphore(max(1, gate // 2) if gate > 0 else 8)
         self.scripts: list[Script] = []
         self.load = self._register(lua.LOAD)
-        self.take = self._register(lua.TAKE_LOCK)
-        self.lock_load = self._register(lua.LOCK_LOAD)
+        self.take = self._register(lockscripts.TAKE_LOCK)
+        self.lock_load = self._register(lockscripts.LOCK_LOAD)
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
-        self.extend = self._register(lua.EXTEND)
-        self.replace = self._register(lua.REPLACE)
-        self.pop = self._register(lua.POP)
+        self.extend = self._register(editscripts.EXTEND)
+        self.replace = self._register(editscripts.REPLACE)
+        self.pop = self._register(editscripts.POP)
         self.renew_claims = self._register(wbs.RENEW_CLAIMS)
         self.flush_read = self._register(wbs.READ)
         self.flush_ack = self._register(wbs.ACK)
-        self.conflict = self._register(lua.CONFLICT)
-        self.resolved = self._register(lua.RESOLVED)
-        self.copy = self._register(lua.COPY)
-        self.renew = self._register(lua.RENEW_LOCK)
-        self.release = self._register(lua.RELEASE_LOCK)
-        self.abandon = self._register(lua.ABANDON_LOCK)
-        self.drop_clean = self._register(lua.DROP_CLEAN)
+        self.conflict = self._register(editscripts.CONFLICT)
+        self.resolved = self._register(editscripts.RESOLVED)
+        self.copy = self._register(editscripts.COPY)
+        self.renew = self._register(lockscripts.RENEW_LOCK)
+        self.release = self._register(lockscripts.RELEASE_LOCK)
+        self.abandon = self._register(lockscripts.ABANDON_LOCK)
+        self.drop_clean = self._register(editscripts.DROP_CLEAN)
 
     def _register(self, source: str) -> Script:
         script = Script(self.redis, source)

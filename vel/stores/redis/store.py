@@ -13,7 +13,7 @@ The store is a facade over parts that each hold one responsibility:
 :mod:`~vel.stores.redis.sessions` (session data), :mod:`~vel.stores.redis.locks` (leases and
 locked turns), :mod:`~vel.stores.redis.writebehind` (what the flusher claims and acknowledges)
 and :mod:`~vel.stores.redis.listing`; key names come from :mod:`~vel.stores.redis.keys`, Lua
-from :mod:`~vel.stores.redis.scripts`.
+from :mod:`~vel.stores.redis.scripts` (and the modules it names).
 """
 
 from __future__ import annotations
