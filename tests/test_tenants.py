@@ -47,12 +47,12 @@ def documented_blocks() -> tuple[str, list[str]]:
 def test_the_documented_acl_allows_every_command_the_lua_scripts_run() -> None:
     """A script calling a command the ACL lacks fails only on the path that runs it (an ack,
     a pop): every command any script names must be in the documented line."""
-    from vel.stores.redis import editscripts, lockscripts, scripts
+    from vel.stores.redis import editscripts, lockscripts, scripts, wbscripts
     from vel.summaries import redis as summary_scripts
 
     sources = [
         v
-        for module in (scripts, lockscripts, editscripts, summary_scripts)
+        for module in (scripts, lockscripts, editscripts, wbscripts, summary_scripts)
         for k, v in vars(module).items()
         if k.lstrip("_").isupper() and isinstance(v, str)
     ]
