@@ -22,44 +22,49 @@ The parts, each holding one responsibility and its SQL:
 - :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes and clears;
 - :mod:`~vel.stores.postgres.lease`: the tier lease and the warm's reads;
 - :mod:`~vel.stores.postgres.resolve`: resolutions of flush conflicts;
-- :mod:`~vel.stores.postgres.tier`: the durable-tier calls above, as this store's methods;
 - :mod:`~vel.stores.postgres.locks`: turn-lock lease rows;
+- :mod:`~vel.stores.postgres.catalog`: owner and metadata, listings, pages of a history;
 - :mod:`~vel.stores.postgres.maintenance`: listing, purge, database gauges.
 
-This module validates the constructor's arguments and documents the public calls.
+The public calls, each group a mixin documented in one module:
+
+- :mod:`~vel.stores.postgres.writethrough`: append, load, pop, replace, clear, import;
+- :mod:`~vel.stores.postgres.turns`: the turn lock and the locked turn;
+- :mod:`~vel.stores.postgres.organise`: the session catalog's calls;
+- :mod:`~vel.stores.postgres.operations`: listing, purge, stats;
+- :mod:`~vel.stores.postgres.tier`: the two-tier store's calls (sink, lease, resolve, last seq).
+
+This module validates the constructor's arguments, builds the parts and owns their lifecycle.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Self
 
 from vel import metrics
 from vel.bounds import LEASE, POOL, POOL_MIN, TIMEOUT, TTL
 from vel.errors import ConfigurationError
-from vel.instrument import observed
-from vel.messages import Message
-from vel.metrics.histograms import APPEND, LOAD
 from vel.namespace import Placement, place
 from vel.redaction import normalize_userinfo, redact, remember
 from vel.settings import Settings, load_settings
-from vel.stores.base import SessionInfo
-from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.postgres.catalog import Catalog
 from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.lease import TierLease
-from vel.stores.postgres.locks import PostgresTurn, TurnLocks
+from vel.stores.postgres.locks import TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
+from vel.stores.postgres.operations import Operations, _counters
+from vel.stores.postgres.organise import Organising
 from vel.stores.postgres.resolve import Resolver
-from vel.stores.postgres.sessions import ImportCounts, ImportEntry, Sessions
+from vel.stores.postgres.sessions import Sessions
 from vel.stores.postgres.sink import Sink
 from vel.stores.postgres.tier import DurableTier
+from vel.stores.postgres.turns import TurnEntry
+from vel.stores.postgres.writethrough import WriteThrough
 
 
-class PostgresStore(DurableTier):
+class PostgresStore(WriteThrough, TurnEntry, Organising, Operations, DurableTier):
     """Session histories in Postgres, safe to share between tasks, event loops and processes.
 
     Args:
@@ -222,11 +227,6 @@ class PostgresStore(DurableTier):
         """Seconds one call may take, connecting included."""
         return self._db.op_timeout
 
-    @property
-    def lock_lease(self) -> float:
-        """Seconds a turn lock outlives its holder (renewed while held)."""
-        return self._locks.lease
-
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -261,289 +261,3 @@ class PostgresStore(DurableTier):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-    # --- SessionStore ----------------------------------------------------------------------------
-
-    async def append(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        message_ids: Sequence[str] | None = None,
-    ) -> int:
-        """Atomically append ``messages``; return the session's new last seq.
-
-        Replaying an append with the same ``message_ids`` stores nothing and returns the seq
-        of the last of those messages. Appending to an expired session starts a new history.
-
-        Args:
-            session_id: the session.
-            messages: OpenAI-format message dicts (empty: nothing is written).
-            message_ids: one unique id per message, kept across retries; generated if None.
-
-        Returns:
-            The seq of the last message of the session after the append.
-
-        Raises:
-            InvalidInputError: bad id or message, or ids already used by other messages.
-            TierLeaseError: the session is held by the Redis tier (use 'redis' mode).
-            StoreError: Postgres failed; retry with the same ``message_ids``.
-        """
-        with observed(APPEND, "append", session_id):
-            return await self._sessions.append(session_id, messages, message_ids)
-
-    async def load(self, session_id: str, limit: int | None = None) -> list[Message]:
-        """Return the last ``limit`` messages (all when None), oldest first.
-
-        Cost depends on ``limit``, not on the session's length. Unknown, cleared and expired
-        sessions are empty.
-
-        Raises:
-            InvalidInputError: bad session id or limit.
-            StoreError: Postgres failed.
-        """
-        with observed(LOAD, "load", session_id):
-            return await self._sessions.load(session_id, limit)
-
-    async def pop(self, session_id: str) -> Message | None:
-        """Atomically remove and return the newest message (None for an unknown, empty or
-        expired session); one transaction whose ``DELETE ... RETURNING`` takes the message.
-
-        The session's generation moves on, as with :meth:`clear`, so a Redis copy made
-        before the pop is never flushed back over it.
-
-        Raises:
-            InvalidInputError: bad session id.
-            StoreError: Postgres failed; nothing changed (unless it failed while
-                committing: then the message may be gone).
-        """
-        return await self._sessions.pop(session_id)
-
-    async def replace(
-        self,
-        session_id: str,
-        messages: Sequence[Message],
-        message_ids: Sequence[str] | None = None,
-    ) -> None:
-        """Atomically replace the whole history with ``messages`` (seqs restart at 1).
-
-        Any length up to ``MAX_MESSAGES_PER_REPLACE``, written in chunks inside one
-        transaction (readers see the old history or the new one).
-
-        Args:
-            session_id: the session.
-            messages: the new history.
-            message_ids: one unique id per message (generated when None).
-
-        Raises:
-            InvalidInputError: bad id or message; nothing changed.
-            TierLeaseError: the session is held by the Redis tier; nothing changed.
-            StoreError: Postgres failed; nothing changed.
-        """
-        await self._sessions.replace(session_id, messages, message_ids)
-
-    async def clear(self, session_id: str) -> None:
-        """Delete the session's history; a no-op for an unknown session.
-
-        The session row stays behind (with ``last_seq`` 0) so that its generation outlives
-        the messages; :meth:`purge_expired` removes it an hour later.
-
-        Raises:
-            InvalidInputError: bad session id.
-            TierLeaseError: the session is held by the Redis tier; nothing changed.
-            StoreError: Postgres failed; nothing changed.
-        """
-        await self._sessions.clear(session_id)
-
-    async def import_sessions(
-        self, entries: Sequence[ImportEntry], *, replace: bool = False
-    ) -> ImportCounts:
-        """Write a whole import in one transaction: every session of it, or none.
-
-        A session that already has messages is skipped, or with ``replace`` its history is
-        replaced; new sessions get the entries' histories with their message ids.
-
-        Raises:
-            InvalidInputError: a session listed twice; nothing was written.
-            TierLeaseError: one of the sessions is held by the Redis tier; nothing was
-                written (import with 'redis' storage instead).
-            StoreError: Postgres failed; nothing was written.
-        """
-        return await self._sessions.import_sessions(entries, replace=replace)
-
-    async def list_sessions(
-        self, inactive_for: float | None = None, limit: int = 1000
-    ) -> list[SessionInfo]:
-        """Sessions that have messages and have not expired, least recently updated first.
-
-        Args:
-            inactive_for: only sessions not updated for at least this many seconds.
-            limit: at most this many.
-
-        Returns:
-            One :class:`SessionInfo` per session (``message_count`` is its last seq).
-
-        Raises:
-            InvalidInputError: a negative argument.
-            StoreError: Postgres failed.
-        """
-        return await self._maintenance.list_sessions(inactive_for, limit)
-
-    # --- organising sessions (vel.stores.listing.SessionCatalog) ---------------------------------
-
-    async def session_details(self, session_id: str) -> SessionDetails | None:
-        """The session's owner, metadata, size and times; None without messages.
-
-        Raises:
-            InvalidInputError: bad session id.
-            StoreError: Postgres failed.
-        """
-        return await self.catalog.session_details(session_id)
-
-    async def set_details(
-        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
-    ) -> None:
-        """Set the owner and/or metadata (UNSET: kept). Not a write of the history: allowed
-        while the Redis tier holds the session, and its ``updated_at`` does not move.
-
-        Raises:
-            InvalidInputError: bad id, owner or metadata.
-            StoreError: Postgres failed; nothing changed.
-        """
-        await self.catalog.set_details(session_id, owner, metadata)
-
-    async def find_sessions(self, query: Query) -> SessionPage:
-        """One page of a listing by index (see :mod:`vel.stores.listing`).
-
-        Raises:
-            InvalidInputError: a cursor that is not vel's.
-            StoreError: Postgres failed.
-        """
-        return await self.catalog.find_sessions(query)
-
-    async def history_page(
-        self, session_id: str, before: int | None, after: int | None, limit: int
-    ) -> HistoryPage:
-        """Messages with ``after < seq < before`` (the newest ``limit``, or the oldest when
-        only ``after`` is given), read by the primary key's range scan.
-
-        Raises:
-            InvalidInputError: bad session id.
-            StoreError: Postgres failed.
-        """
-        return await self.catalog.history_page(session_id, before, after, limit)
-
-    async def delete_owner(self, owner: str) -> int:
-        """Delete every session of ``owner``: its history (as :meth:`clear` does, leaving a
-        tombstone that carries the generation) and its owner and metadata.
-
-        Returns:
-            How many sessions the owner had.
-
-        Raises:
-            TierLeaseError: a session is held by the Redis tier (use 'redis' storage); the
-                sessions before it are deleted.
-            StoreError: Postgres failed; run it again to finish.
-        """
-        deleted, after = 0, ""
-        while ids := await self.catalog.owned(owner, after, 500):
-            for session_id in ids:
-                await self._sessions.clear(session_id)
-            await self.catalog.forget_details(owner, ids)
-            deleted += len(ids)
-            after = ids[-1]
-        return deleted
-
-    async def purge_expired(self) -> int:
-        """Delete expired sessions (messages included) and cleared sessions idle for an hour.
-
-        Works in batches of 500 sessions, each within its own ``op_timeout``.
-
-        Returns:
-            How many sessions that still had messages were deleted.
-
-        Raises:
-            StoreError: Postgres failed (batches already done stay done).
-        """
-        return await self._maintenance.purge_expired()
-
-    def turn_lock(
-        self, session_id: str, timeout: float | None = None
-    ) -> AbstractAsyncContextManager[None]:
-        """Hold the session's turn lock, a lease row shared by every process.
-
-        The lease is renewed in the background every ``lock_lease / 3`` seconds while held
-        and released on exit; a holder that dies loses it after ``lock_lease`` seconds.
-        No connection is held in between.
-
-        Args:
-            session_id: the session.
-            timeout: seconds to wait for the lock (default 30; 0 tries once).
-
-        Raises:
-            SessionLockedError: another holder kept the lock for ``timeout`` seconds.
-            StoreError: Postgres failed while acquiring.
-        """
-        return self._locks.hold(session_id, timeout)
-
-    def turn(
-        self, session_id: str, limit: int | None = None, timeout: float | None = None
-    ) -> AbstractAsyncContextManager[PostgresTurn]:
-        """A turn under the session's turn lock, in two round trips: the lock is taken with
-        the window read and released by :meth:`PostgresTurn.commit
-        <vel.stores.postgres.locks.PostgresTurn.commit>` in the append's own transaction
-        (the Agent runs its turns this way).
-
-        ``turn.window`` holds the last ``limit`` messages (all when None), oldest first. Leaving
-        the block without committing releases the lock and stores nothing. The lease is
-        renewed while a turn outlives a sixth of ``lock_lease``; a holder that dies loses it
-        after ``lock_lease`` seconds.
-
-        Args:
-            session_id: the session.
-            limit: the window's size (None: the whole history).
-            timeout: seconds to wait for the lock (default 30; 0 tries once).
-
-        Raises:
-            SessionLockedError: another holder kept the lock for ``timeout`` seconds.
-            InvalidInputError: bad session id or limit.
-            StoreError: Postgres failed.
-        """
-        return self._locks.turn(session_id, limit, timeout)
-
-    async def stats(self) -> dict[str, float]:
-        """Counters of this store object and gauges of the database.
-
-        Returns:
-            ``sessions`` and ``messages`` (live, database-wide), ``pool_size`` and
-            ``pool_idle`` (this event loop's pool), and this object's counters: ``appends``,
-            ``append_retries_deduplicated``, ``lock_waits``, ``flushes``,
-            ``flush_duplicates``, ``flush_stale``, ``failures``.
-
-        Raises:
-            StoreError: Postgres failed.
-        """
-        result = await self._maintenance.gauges()
-        result.update(_counters(self._sessions, self._locks, self._sink, self._db))
-        return result
-
-    # --- durable tier of the two-tier store ------------------------------------------------------
-
-    async def last_seq(self, session_id: str) -> tuple[int, int]:
-        """Return ``(generation, last_seq)``; ``(0, 0)`` for an unknown or expired session.
-
-        Raises:
-            InvalidInputError: bad session id.
-            StoreError: Postgres failed.
-        """
-        return await self._sessions.last_seq(session_id)
-
-
-def _counters(sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector) -> dict[str, float]:
-    """This store's counters, from its parts (not from the store: tracking them must not
-    keep it alive)."""
-    return {
-        **sessions.counters(),
-        "lock_waits": float(locks.waits),
-        **sink.counters(),
-        "failures": float(db.failures),
-    }

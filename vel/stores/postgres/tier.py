@@ -8,13 +8,16 @@ from collections.abc import Mapping, Sequence
 
 from vel.stores.postgres.lease import Snapshot, TierLease
 from vel.stores.postgres.resolve import Resolver
+from vel.stores.postgres.sessions import Sessions
 from vel.stores.postgres.sink import FlushBatch, FlushResult, Sink
 from vel.stores.postgres.sql import Row
 
 
 class DurableTier:
-    """Warm reads, flushes, lease releases and conflict resolutions (see each method)."""
+    """Warm reads, last seqs, flushes, lease releases and conflict resolutions (see each
+    method)."""
 
+    _sessions: Sessions
     _sink: Sink
     _lease: TierLease
     _resolver: Resolver
@@ -161,3 +164,12 @@ class DurableTier:
         """Expired sessions that still carry a tier lease (purge spares them), in id order
         from after ``after``."""
         return await self._lease.expired_leased(limit, after)
+
+    async def last_seq(self, session_id: str) -> tuple[int, int]:
+        """Return ``(generation, last_seq)``; ``(0, 0)`` for an unknown or expired session.
+
+        Raises:
+            InvalidInputError: bad session id.
+            StoreError: Postgres failed.
+        """
+        return await self._sessions.last_seq(session_id)
