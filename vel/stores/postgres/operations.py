@@ -65,11 +65,13 @@ class Operations:
             StoreError: Postgres failed.
         """
         result = await self._maintenance.gauges()
-        result.update(_counters(self._sessions, self._locks, self._sink, self._db))
+        result.update(store_counters(self._sessions, self._locks, self._sink, self._db))
         return result
 
 
-def _counters(sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector) -> dict[str, float]:
+def store_counters(
+    sessions: Sessions, locks: TurnLocks, sink: Sink, db: Connector
+) -> dict[str, float]:
     """This store's counters, from its parts (not from the store: tracking them must not
     keep it alive)."""
     return {

@@ -54,7 +54,7 @@ from vel.stores.postgres.connector import Connector, Pool, check_injected_pool
 from vel.stores.postgres.lease import TierLease
 from vel.stores.postgres.locks import TurnLocks
 from vel.stores.postgres.maintenance import Maintenance
-from vel.stores.postgres.operations import Operations, _counters
+from vel.stores.postgres.operations import Operations, store_counters
 from vel.stores.postgres.organise import Organising
 from vel.stores.postgres.resolve import Resolver
 from vel.stores.postgres.sessions import Sessions
@@ -189,7 +189,7 @@ class PostgresStore(WriteThrough, TurnEntry, Organising, Operations, DurableTier
         self.catalog = Catalog(self._db)
         metrics.track(
             self,
-            functools.partial(_counters, self._sessions, self._locks, self._sink, self._db),
+            functools.partial(store_counters, self._sessions, self._locks, self._sink, self._db),
             "postgres",
         )
 
