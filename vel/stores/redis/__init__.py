@@ -1,6 +1,7 @@
 """The Redis tier: :class:`RedisStore`, its locked turns, and what the flusher reads from it.
 
-The store is a facade (:mod:`.store`) over parts that each hold one responsibility:
+The store is a facade (:mod:`.store`, its lease calls in :mod:`.leases`, the calls only the
+two-tier store makes in :mod:`.tier`) over parts that each hold one responsibility:
 :mod:`.url` (REDIS_URL parsed and checked), :mod:`.client` (per-loop client, the one
 error mapping), :mod:`.sessions` (session data),
 :mod:`.locks` (leases and turns), :mod:`.writebehind` (claims, pending reads, acks),

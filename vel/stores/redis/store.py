@@ -13,13 +13,14 @@ The store is a facade over parts that each hold one responsibility:
 :mod:`~vel.stores.redis.sessions` (session data), :mod:`~vel.stores.redis.locks` (leases and
 locked turns), :mod:`~vel.stores.redis.writebehind` (what the flusher claims and acknowledges)
 and :mod:`~vel.stores.redis.listing`; key names come from :mod:`~vel.stores.redis.keys`, Lua
-from :mod:`~vel.stores.redis.scripts` (and the modules it names).
+from :mod:`~vel.stores.redis.scripts` (and the modules it names). Two groups of its calls are
+mixins: :class:`~vel.stores.redis.leases.LeaseCalls` (leases and locked turns) and
+:class:`~vel.stores.redis.tier.HotTier` (the calls only the two-tier store makes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -47,15 +48,17 @@ from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, 
 from vel.stores.redis import catalog
 from vel.stores.redis.client import Client, Connector
 from vel.stores.redis.keys import KeyLayout
+from vel.stores.redis.leases import LeaseCalls
 from vel.stores.redis.listing import scan_sessions
-from vel.stores.redis.locks import Locks, RedisTurn
-from vel.stores.redis.sessions import Copy, Sessions, Window, encode
-from vel.stores.redis.writebehind import Claim, Conflict, Pending, WriteBehind
+from vel.stores.redis.locks import Locks
+from vel.stores.redis.sessions import Sessions, Window, encode
+from vel.stores.redis.tier import HotTier
+from vel.stores.redis.writebehind import WriteBehind
 
 T = TypeVar("T")
 
 
-class RedisStore:
+class RedisStore(LeaseCalls, HotTier):
     """Sessions in Redis.
 
     Args:
@@ -219,10 +222,6 @@ class RedisStore:
     async def exists(self, session_id: str) -> bool:
         return await self._sessions.exists(session_id)
 
-    async def read_copy(self, session_id: str) -> Copy | None:
-        """The session's whole Redis copy in one step (None: absent)."""
-        return await self._sessions.read_copy(session_id)
-
     # -- writes ----------------------------------------------------------------------------
 
     async def try_append(
@@ -306,167 +305,6 @@ class RedisStore:
 
     async def clear(self, session_id: str) -> None:
         await self.replace(session_id, [])
-
-    async def seed(
-        self,
-        session_id: str,
-        token: str,
-        *,
-        gen: int,
-        rev: int,
-        last_seq: int,
-        rows: Sequence[tuple[int, str, str]],
-        created_ms: int,
-        updated_ms: int,
-        expires_ms: int | None,
-        lease_until_ms: int,
-    ) -> int:
-        """Install a window read from Postgres (rows: seqs ``last_seq - len(rows) + 1 ..
-        last_seq``), see SEED. Returns 1, 0 or -1."""
-        return await self._sessions.seed(
-            session_id,
-            token,
-            gen=gen,
-            rev=rev,
-            last_seq=last_seq,
-            rows=rows,
-            created_ms=created_ms,
-            updated_ms=updated_ms,
-            expires_ms=expires_ms,
-            lease_until_ms=lease_until_ms,
-        )
-
-    async def extend(
-        self,
-        session_id: str,
-        gen: int,
-        rev: int | None,
-        base: int,
-        rows: Sequence[tuple[int, str, str]],
-    ) -> int:
-        """Prepend older rows to a partial copy; returns its new base or -1 (it changed)."""
-        return await self._sessions.extend(session_id, gen, rev, base, rows)
-
-    # -- leases ----------------------------------------------------------------------------
-
-    async def try_lock(self, key: str, token: str, lease: float) -> bool:
-        return await self._locks.try_lock(key, token, lease)
-
-    async def renew_lock(self, key: str, token: str, lease: float) -> bool:
-        return await self._locks.renew_lock(key, token, lease)
-
-    async def release_lock(self, key: str, token: str, wake: str | None = None) -> None:
-        """Release lock ``key`` if ``token`` holds it (``wake``: a turn lock's wake list,
-        ``SessionKeys.wake``, which then wakes a turn waiting for it)."""
-        await self._locks.release_lock(key, token, wake)
-
-    async def abandon_lock(
-        self, key: str, token: str, lease: float, wake: str | None = None
-    ) -> None:
-        """Give up an attempt at lock ``key`` whose outcome is unknown (cancelled, its reply
-        lost): the lock is free afterwards even if the attempt reaches Redis later."""
-        await self._locks.abandon_lock(key, token, lease, wake)
-
-    def turn_lock(
-        self, session_id: str, timeout: float | None = None
-    ) -> AbstractAsyncContextManager[None]:
-        return self._locks.turn_lock(session_id, timeout)
-
-    def turn(
-        self,
-        session_id: str,
-        limit: int | None = None,
-        timeout: float | None = None,
-        on_miss: Callable[[], Awaitable[None]] | None = None,
-    ) -> AbstractAsyncContextManager[RedisTurn]:
-        """A turn of ``session_id``: its window, read under its turn lock; commit once.
-
-        The lock is taken by the script that reads the window and released by the script
-        that stores the turn's messages, so a locked turn costs two round trips, like an
-        unlocked one. Leaving without a commit releases the lock (one more round trip).
-
-        Args:
-            session_id: the session.
-            limit: the window (last ``limit`` messages; None: all).
-            timeout: seconds to wait for the lock (default 30).
-            on_miss: loads the session into Redis when it is missing (the TieredStore's
-                warm); None: a missing session is empty (Redis-only mode).
-
-        Raises:
-            SessionLockedError: another turn held the lock for ``timeout`` seconds.
-            StoreError: Redis failed, or the session's Redis copy is damaged.
-        """
-        return self._locks.turn(session_id, limit, timeout, on_miss)
-
-    # -- flushing (write-behind) -----------------------------------------------------------
-
-    async def sweep(
-        self,
-        buckets: Sequence[int],
-        hold: float,
-        lease: float,
-        limit: int,
-        max_rows: int,
-        gap: float = 0.0,
-    ) -> tuple[list[tuple[Claim, list[Pending | None]]] | None, int]:
-        """Claim the sessions of ``buckets`` due ``hold`` seconds ago or earlier (up to
-        ``limit`` per bucket) for ``lease`` seconds and read what they have to copy (at
-        most ``max_rows`` messages each), in one step; None when another flusher swept less
-        than ``gap`` seconds ago (see WriteBehind.sweep)."""
-        return await self._write_behind.sweep(buckets, hold, lease, limit, max_rows, gap)
-
-    async def renew_claim(self, claim: Claim, lease: float) -> bool:
-        """Extend ``claim`` by ``lease`` seconds from now, for the sessions it still holds;
-        False when it holds none any more."""
-        return await self._write_behind.renew_claim(claim, lease)
-
-    async def try_sweep(self, bucket: int, interval: float) -> bool:
-        """Take the bucket's sweep turn for ``interval`` seconds (False: taken by another)."""
-        return await self._write_behind.try_sweep(bucket, interval)
-
-    async def reschedule(self, bucket: int, session_ids: Sequence[str], delay: float) -> None:
-        """Make claimed sessions due again after ``delay`` seconds (if still dirty)."""
-        await self._write_behind.reschedule(bucket, session_ids, delay)
-
-    async def pending(self, session_ids: Sequence[str], max_rows: int) -> list[Pending | None]:
-        """Read what each claimed session still has to copy (one pipelined round trip)."""
-        return await self._write_behind.pending(session_ids, max_rows)
-
-    async def ack(
-        self, acks: Sequence[tuple[str, int, int] | tuple[str, int, int, int]]
-    ) -> list[int]:
-        """Acknowledge ``(session id, generation, flushed up to seq[, tier lease end ms])``."""
-        return await self._write_behind.ack(acks)
-
-    async def conflict(self, session_id: str, gen: int, rev: int | None, reason: str) -> bool:
-        """Set a session aside as a flush conflict (see WriteBehind.conflict)."""
-        return await self._write_behind.conflict(session_id, gen, rev, reason)
-
-    async def resolved(self, session_id: str, seq: int, gen: int) -> bool:
-        """Drop a resolved conflict's copy if unchanged (see WriteBehind.resolved)."""
-        return await self._write_behind.resolved(session_id, seq, gen)
-
-    async def conflicts(self, limit: int = 1000) -> list[Conflict]:
-        """Sessions whose flush could not be applied, oldest first."""
-        return await self._write_behind.conflicts(limit)
-
-    async def conflict_count(self) -> int:
-        """How many sessions are in conflict (one ZCARD per bucket)."""
-        return await self._write_behind.conflict_count()
-
-    async def backlog(self) -> tuple[int, float, int]:
-        """(unflushed messages, oldest dirty age in seconds, dirty sessions)."""
-        return await self._write_behind.backlog()
-
-    async def drop_clean(self, session_ids: Sequence[str]) -> int:
-        """Delete the Redis copies of these sessions, except dirty ones (their unflushed
-        messages must reach Postgres first); returns how many were dropped."""
-        return sum(code > 0 for code in await self.drop_clean_each(session_ids))
-
-    async def drop_clean_each(self, session_ids: Sequence[str]) -> list[int]:
-        """As :meth:`drop_clean`, per session: 1 dropped, 0 had no copy, -1 kept (dirty or
-        in conflict)."""
-        return await self._write_behind.drop_clean(session_ids)
 
     # -- listing ----------------------------------------------------------------------------
 
