@@ -15,12 +15,14 @@ that generation at once, then forgets the owner's details.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
-from vel.messages import validate_session_id
-from vel.stores.listing import HistoryPage, SessionDetails
+from vel.messages import Message, validate_session_id
+from vel.stores.base import SessionInfo
+from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 from vel.stores.redis import catalog as redis_catalog
@@ -98,3 +100,39 @@ async def drop_deleted_copies(hot: RedisStore, cold: PostgresStore) -> int:
         dropped += sum(code > 0 for code in codes)
         after = ids[-1]
     return dropped
+
+
+class TieredCatalog:
+    """The two-tier store's listing and :class:`~vel.stores.listing.SessionCatalog` calls. A
+    mixin, so the store's facade stays one class while these calls sit beside the functions
+    that serve them."""
+
+    hot: RedisStore
+    cold: PostgresStore
+    _replace: Callable[[str, Sequence[Message]], Awaitable[int]]
+
+    async def list_sessions(
+        self, inactive_for: float | None = None, limit: int = 1000
+    ) -> list[SessionInfo]:
+        """Sessions recorded in Postgres (a brand-new session appears once flushed)."""
+        return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
+
+    async def session_details(self, session_id: str) -> SessionDetails | None:
+        return await session_details(self.hot, self.cold, session_id)
+
+    async def set_details(
+        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
+    ) -> None:
+        await self.cold.set_details(session_id, owner, metadata)
+
+    async def find_sessions(self, query: Query) -> SessionPage:
+        """A page of a listing, read from Postgres (flushed sessions only)."""
+        return await self.cold.find_sessions(query)
+
+    async def history_page(
+        self, session_id: str, before: int | None, after: int | None, limit: int
+    ) -> HistoryPage:
+        return await history_page(self.hot, self.cold, session_id, before, after, limit)
+
+    async def delete_owner(self, owner: str) -> int:
+        return await delete_owner(self.cold, owner, lambda sid: self._replace(sid, []))

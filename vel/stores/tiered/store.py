@@ -11,17 +11,17 @@ the session's tier lease in Postgres, which keeps 'database'-mode writers off it
 may hold it; a flush that finds Postgres changed anyway becomes a conflict, resolved by an
 operator (:mod:`vel.stores.tiered.conflicts`, 3.8). Retention counts from the last write in
 both tiers (3.9).
+
+The store's listing and catalog calls are the mixin
+:class:`~vel.stores.tiered.catalog.TieredCatalog`, its purge, release and resolve the mixin
+:class:`~vel.stores.tiered.maintenance.TierMaintenance`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
 
 from vel import metrics
 from vel._sync import in_helper_thread
@@ -31,45 +31,23 @@ from vel.instrument import observed
 from vel.logs import get_logger
 from vel.messages import Message, decode_texts, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD
-from vel.namespace import place
 from vel.settings import Settings, load_settings
-from vel.stores.base import SessionInfo
-from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import MISS, UNSTAGED, RedisStore, RedisTurn, Window
 from vel.stores.redis.client import now_ms
 from vel.stores.redis.scripts import OLDER
-from vel.stores.tiered import catalog
-from vel.stores.tiered.conflicts import Resolution, resolve
+from vel.stores.tiered.catalog import TieredCatalog
 from vel.stores.tiered.embedded import EmbeddedFlusher
 from vel.stores.tiered.flusher import Flusher
-from vel.stores.tiered.verify import Verification
+from vel.stores.tiered.maintenance import TierMaintenance
+from vel.stores.tiered.verify import Verification, check_same_namespace
 from vel.stores.tiered.warm import FULL_WARM_MAX, SEED_CHUNK, WARM_MIN, Warmer
 from vel.totals import Totals
 
 log = get_logger("vel.tiered")
 
 
-def check_same_namespace(hot: RedisStore, cold: PostgresStore) -> None:
-    """Refuse tiers of two namespaces: a hot prefix whose schema is not the cold store's
-    (unless the cold store's schema was chosen explicitly).
-
-    Raises:
-        ConfigurationError: the tiers would serve different namespaces.
-    """
-    origin = cold.placement.origin
-    if not (origin.startswith("key prefix") or origin.startswith("the default prefix")):
-        return  # an explicit schema (schema=, DSN search_path, VEL_PG_SCHEMA) is the operator's
-    expected = place(schema=None, dsn=None, env_schema=None, prefix=hot.keys.prefix)
-    if expected.schema != cold.schema:
-        raise ConfigurationError(
-            f"the tiers serve two namespaces: Redis prefix {hot.keys.prefix!r} (Postgres "
-            f"{expected.describe()}) but Postgres {cold.placement.describe()}; give both the "
-            "same namespace (PostgresStore(namespace=...)) or an explicit schema"
-        )
-
-
-class TieredStore:
+class TieredStore(TieredCatalog, TierMaintenance):
     """Redis hot tier written behind to Postgres (``session_storage='redis'``).
 
     Args:
@@ -310,88 +288,6 @@ class TieredStore:
 
     async def clear(self, session_id: str) -> None:
         await self._replace(session_id, [])
-
-    async def list_sessions(
-        self, inactive_for: float | None = None, limit: int = 1000
-    ) -> list[SessionInfo]:
-        """Sessions recorded in Postgres (a brand-new session appears once flushed)."""
-        return await self.cold.list_sessions(inactive_for=inactive_for, limit=limit)
-
-    # -- organising sessions (vel.stores.listing.SessionCatalog; see .catalog) -------------
-
-    async def session_details(self, session_id: str) -> SessionDetails | None:
-        return await catalog.session_details(self.hot, self.cold, session_id)
-
-    async def set_details(
-        self, session_id: str, owner: str | _Unset | None, metadata: dict[str, Any] | _Unset
-    ) -> None:
-        await self.cold.set_details(session_id, owner, metadata)
-
-    async def find_sessions(self, query: Query) -> SessionPage:
-        """A page of a listing, read from Postgres (flushed sessions only)."""
-        return await self.cold.find_sessions(query)
-
-    async def history_page(
-        self, session_id: str, before: int | None, after: int | None, limit: int
-    ) -> HistoryPage:
-        return await catalog.history_page(self.hot, self.cold, session_id, before, after, limit)
-
-    async def delete_owner(self, owner: str) -> int:
-        return await catalog.delete_owner(self.cold, owner, lambda sid: self._replace(sid, []))
-
-    async def purge_expired(self) -> int:
-        return (await self.purge_expired_tiers())[0]
-
-    async def purge_expired_tiers(self) -> tuple[int, int]:
-        """Delete expired sessions from both tiers: their Redis copies (unless they hold
-        unflushed writes, which the flusher must bring to Postgres first), then, their tier
-        leases released, their Postgres rows. Clean Redis copies of sessions deleted behind
-        the tier (SQL through the spec's ``vel_sessions`` view) are dropped too. Returns
-        (sessions purged from Postgres, Redis copies dropped)."""
-        dropped = 0
-        after = ""
-        while True:
-            ids = await self.cold.expired_leased(500, after)
-            if not ids:
-                break
-            codes = await self.hot.drop_clean_each(ids)
-            dropped += sum(code > 0 for code in codes)
-            gone = [sid for sid, code in zip(ids, codes, strict=True) if code >= 0]
-            await self.cold.release_expired(gone)
-            after = ids[-1]
-        dropped += await catalog.drop_deleted_copies(self.hot, self.cold)
-        return await self.cold.purge_expired(), dropped
-
-    async def release(self, session_id: str) -> bool:
-        """Hand ``session_id`` back to Postgres: drop its Redis copy and end its tier lease,
-        so 'database'-mode writers may write it (until a 'redis' worker uses it again).
-
-        Returns False, changing nothing, when the copy holds writes not yet in Postgres
-        (flush first) or is in conflict (resolve first).
-        """
-        validate_session_id(session_id)
-        keys = self.hot.keys.session(session_id)
-        token = uuid.uuid4().hex
-        # Holding the warm lease, no warm can seed a copy between the drop and the release.
-        deadline = time.monotonic() + self.warm_lease
-        while not await self.hot.try_lock(keys.warm_lock, token, self.warm_lease):
-            if time.monotonic() > deadline:
-                raise StoreTimeoutError(f"session {session_id!r} is being warmed; try again")
-            await asyncio.sleep(0.05)
-        try:
-            (code,) = await self.hot.drop_clean_each([session_id])
-            if code < 0:
-                return False
-            await self.cold.release_lease([session_id])
-            return True
-        finally:
-            # Shielded and bounded; a failure leaves the lease to run out rather than replace
-            # the exception in flight.
-            await self._warmer.end_lease(keys, token)
-
-    async def resolve(self, session_id: str, keep: str) -> Resolution:
-        """Resolve a flush conflict (see :func:`vel.stores.tiered.conflicts.resolve`)."""
-        return await resolve(self.hot, self.cold, session_id, keep)
 
     def turn_lock(
         self, session_id: str, timeout: float | None = None

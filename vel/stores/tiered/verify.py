@@ -13,6 +13,9 @@ nothing:
 - a Postgres that does not answer within :data:`WAIT` seconds is an outage: the call fails
   with StoreUnavailableError and the next call tries again. (A process that has verified once
   keeps serving from Redis through later outages; only the first check needs Postgres.)
+
+Before any of that, when the store is made, :func:`check_same_namespace` refuses tiers that
+would serve two namespaces.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import weakref
 
 from vel.errors import ConfigurationError, StoreError, StoreUnavailableError
+from vel.namespace import place
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 
@@ -30,6 +34,25 @@ from vel.stores.redis import RedisStore
 WAIT = 2.0
 # Seconds a refused configuration is reported without asking Postgres again.
 RECHECK_AFTER = 1.0
+
+
+def check_same_namespace(hot: RedisStore, cold: PostgresStore) -> None:
+    """Refuse tiers of two namespaces: a hot prefix whose schema is not the cold store's
+    (unless the cold store's schema was chosen explicitly).
+
+    Raises:
+        ConfigurationError: the tiers would serve different namespaces.
+    """
+    origin = cold.placement.origin
+    if not (origin.startswith("key prefix") or origin.startswith("the default prefix")):
+        return  # an explicit schema (schema=, DSN search_path, VEL_PG_SCHEMA) is the operator's
+    expected = place(schema=None, dsn=None, env_schema=None, prefix=hot.keys.prefix)
+    if expected.schema != cold.schema:
+        raise ConfigurationError(
+            f"the tiers serve two namespaces: Redis prefix {hot.keys.prefix!r} (Postgres "
+            f"{expected.describe()}) but Postgres {cold.placement.describe()}; give both the "
+            "same namespace (PostgresStore(namespace=...)) or an explicit schema"
+        )
 
 
 class Verification:
