@@ -1,54 +1,133 @@
-"""In-process per-session locks, removed when nobody holds or waits for them."""
+"""In-process per-session locks, shared by every event loop and thread of the process, removed
+when nobody holds or waits for them.
+
+An Agent may be driven by several loops at once (threads each running ``asyncio.run`` per job),
+and the memory store's sessions are the process's, so its turn lock cannot be an
+``asyncio.Lock`` (bound to the first loop that waits on it). Each key's state is guarded by one
+``threading.Lock`` (never held across an await); a waiter parks on a future of its own loop,
+and a release hands the lock to the oldest waiter directly (first come, first served) through
+that loop's ``call_soon_threadsafe``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from vel import _fork
 from vel.errors import SessionLockedError
 from vel.metrics.histograms import LOCK_WAIT
 
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]
+
+
+class _KeyLock:
+    __slots__ = ("owner", "users", "waiters")
+
+    def __init__(self) -> None:
+        # Who holds it: the holder's future once handed over, ``True`` if taken at once,
+        # None if free.
+        self.owner: asyncio.Future[None] | bool | None = None
+        self.users = 0  # holders and waiters, so the entry goes when the last one leaves
+        self.waiters: deque[_Waiter] = deque()
+
 
 class KeyedLocks:
+    """One FIFO lock per key, usable from any loop and thread (see the module docstring)."""
+
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._guard = threading.Lock()
+        self._locks: dict[str, _KeyLock] = {}
         self.waits = 0
         _fork.forget_in_child(self)
 
     def _forget_after_fork(self) -> None:
         # Turns that held these ran on the parent's threads, which the child does not have.
+        self._guard = threading.Lock()
         self._locks = {}
 
     @asynccontextmanager
     async def hold(self, key: str, timeout: float | None = None) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            if lock.locked():
-                self.waits += 1
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(timeout):
-                    await lock.acquire()
-                LOCK_WAIT.observe(time.perf_counter() - started)
-            except TimeoutError:
-                raise SessionLockedError(
-                    f"session {key!r} is locked by another turn (waited {timeout} s)"
-                ) from None
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            held, users = self._locks.get(key, (None, 0))
-            if held is not lock:
-                pass  # forgotten by a fork that happened meanwhile (this is the child)
-            elif users <= 1:
-                del self._locks[key]
+        """Hold ``key``'s lock for the block.
+
+        Args:
+            timeout: seconds to wait for it (None: as long as it takes).
+
+        Raises:
+            SessionLockedError: another holder kept it for ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        with self._guard:
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = _KeyLock()
+            entry.users += 1
+            waiter: asyncio.Future[None] | None = None
+            if entry.owner is None:
+                entry.owner = True
             else:
-                self._locks[key] = (lock, users - 1)
+                waiter = loop.create_future()
+                entry.waiters.append((loop, waiter))
+                self.waits += 1
+        held = waiter is None
+        try:
+            if waiter is not None:
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await waiter
+                except TimeoutError:
+                    raise SessionLockedError(
+                        f"session {key!r} is locked by another turn (waited {timeout} s)"
+                    ) from None
+                finally:
+                    # Handed over (even if this waiter then timed out or was cancelled: it
+                    # passes the lock on below) or still queued (it leaves the queue).
+                    held = self._settle(key, entry, loop, waiter)
+                LOCK_WAIT.observe(time.perf_counter() - started)
+            yield
+        finally:
+            self._leave(key, entry, held)
+
+    def _settle(
+        self,
+        key: str,
+        entry: _KeyLock,
+        loop: asyncio.AbstractEventLoop,
+        waiter: asyncio.Future[None],
+    ) -> bool:
+        """Whether ``waiter`` was handed the lock; one still queued leaves the queue."""
+        with self._guard:
+            if entry.owner is waiter:
+                return True
+            with suppress(ValueError):
+                entry.waiters.remove((loop, waiter))
+            return False
+
+    def _leave(self, key: str, entry: _KeyLock, held: bool) -> None:
+        with self._guard:
+            if held:
+                entry.owner = None
+                while entry.waiters:
+                    loop, waiter = entry.waiters.popleft()
+                    try:
+                        loop.call_soon_threadsafe(_grant, waiter)
+                    except RuntimeError:
+                        continue  # its loop is closed: it waits no more
+                    entry.owner = waiter
+                    break
+            entry.users -= 1
+            if entry.users <= 0 and self._locks.get(key) is entry:
+                # (Not the entry any more: forgotten by a fork that happened meanwhile.)
+                del self._locks[key]
+
+
+def _grant(waiter: asyncio.Future[None]) -> None:
+    # A waiter cancelled (or timed out) meanwhile finds itself the owner in _settle and
+    # passes the lock on when it leaves.
+    if not waiter.done():
+        waiter.set_result(None)
