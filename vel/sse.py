@@ -15,6 +15,7 @@ The AI SDK's ``DefaultChatTransport`` (``useChat``) reads a UI message stream as
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 from contextlib import aclosing
@@ -61,11 +62,16 @@ async def sse_stream(events: AsyncIterable[Mapping[str, Any]]) -> AsyncGenerator
     if isinstance(events, AsyncGenerator):
         # Owned: this generator closes ``events``, not the loop's shutdown (vel._asyncgens).
         events = Owned(events)
+    # A loop turn after each frame: the server learns that its client went away from a loop
+    # callback (connection_lost), and events that came in one burst would otherwise all be
+    # written to the dead connection (asyncio logs each write past the fifth).
     if hasattr(events, "aclose"):
         async with aclosing(events):  # type: ignore[type-var]
             async for event in events:
                 yield encode_event(event)
+                await asyncio.sleep(0)
     else:
         async for event in events:
             yield encode_event(event)
+            await asyncio.sleep(0)
     yield DONE
