@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import warnings
 import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
 import pytest
@@ -156,3 +158,32 @@ def test_generators_first_iterated_in_an_owned_step_are_left_to_their_owner() ->
 
     asyncio.run(main())
     assert events == ["owned closed", "outer closed"]
+
+
+def test_work_that_loop_end_work_registers_runs_in_the_same_end() -> None:
+    """The drain may open a pool this loop had not needed yet: its close, registered during
+    the loop's end, runs in that end (it started an end of its own that never ran: the pool
+    stayed open, and asyncio warned that vel's loop-end generator came after its shutdown)."""
+    ran: list[str] = []
+    drained, opened = Resource(), Resource()
+
+    @contextlib.asynccontextmanager
+    async def transaction() -> AsyncIterator[None]:
+        yield
+
+    async def close(owner: Resource) -> None:
+        ran.append("close")
+
+    async def drain(owner: Resource) -> None:
+        async with transaction():  # a generator first iterated after the shutdown began
+            ran.append("drain")
+        at_loop_end(opened, close)
+
+    async def main() -> None:
+        at_loop_end(drained, drain, DRAIN)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(main())
+    assert ran == ["drain", "close"]
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -47,6 +47,9 @@ Hook = Callable[[AsyncGenerator[Any, Any]], object]
 # The task whose Owned step is running in this context (None: none). A task started during
 # the step copies the context, so the hook compares it with the current task.
 _DRIVER: ContextVar[asyncio.Task[Any] | None] = ContextVar("vel_asyncgen_driver", default=None)
+# True in vel's loop-end work and the tasks it starts: generators first iterated there run to
+# their end within it, after the loop's shutdown_asyncgens() began.
+_ENDING: ContextVar[bool] = ContextVar("vel_loop_ending", default=False)
 # The code of the stream generator functions (a generator's weak references are already
 # cleared when its finalizer runs, so it is told by its code).
 _STREAM_CODES: set[CodeType] = set()
@@ -63,7 +66,7 @@ class _FirstIter:
 
     def __call__(self, agen: AsyncGenerator[Any, Any]) -> None:
         driver = _DRIVER.get()
-        if driver is not None and driver is asyncio.current_task():
+        if (driver is not None and driver is asyncio.current_task()) or _ENDING.get():
             return
         if self.inner is not None:
             self.inner(agen)
@@ -103,6 +106,19 @@ def tracked() -> Iterator[None]:
         yield
     finally:
         _DRIVER.reset(token)
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """Generators first iterated inside, in this task or the tasks it starts, are not
+    tracked by the loop: for vel's loop-end work, which runs them to their end after the
+    loop's shutdown began (the loop would only warn that they came too late)."""
+    _wrap_hooks()
+    token = _ENDING.set(True)
+    try:
+        yield
+    finally:
+        _ENDING.reset(token)
 
 
 def _wrap_hooks() -> None:

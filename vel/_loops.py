@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import warnings
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from vel import _fork
-from vel._asyncgens import tracked
+from vel._asyncgens import tracked, untracked
 from vel._sync import blocked_in_run_sync, helper_loop
 from vel.errors import ConfigurationError
 from vel.logs import get_logger
@@ -36,6 +35,8 @@ DRAIN, CLOSE = 0, 1
 _LIMITS = (0.5, 1.0)
 # Seconds the loop's end waits, in all, for the work that holds it.
 _HELD_LIMIT = 1.0
+# Pieces of work per stage at the most (work that registered work forever must not hang it).
+_MAX_WORK = 1000
 # The loop-end work of each running loop that has any; weak, so that a loop nobody shut down
 # properly can still be collected.
 _ends: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopEnd] = weakref.WeakKeyDictionary()
@@ -71,29 +72,42 @@ async def _run_at_end(end: _LoopEnd) -> AsyncGenerator[None, None]:
         yield
     finally:
         loop = asyncio.get_running_loop()
-        _ends.pop(loop, None)
-        with warnings.catch_warnings():
-            # The work below uses async context managers (async generators) after the loop's
-            # shutdown_asyncgens() began, which asyncio reports as a ResourceWarning; they
-            # run to their end here, so nothing is left for the loop to finalize.
-            warnings.filterwarnings("ignore", "asynchronous generator", ResourceWarning)
-            if end.unclosed:
-                # Collected streams whose closing task asyncio.run cancelled before it began.
-                await asyncio.wait(
-                    [asyncio.ensure_future(_close(end, agen)) for agen in list(end.unclosed)],
-                    timeout=_HELD_LIMIT,
-                )
-            if end.holds:
-                # A turn stream the loop's shutdown (or the collector) is closing right now,
-                # in a task of its own: its lock release needs the pools closed below.
-                await asyncio.wait(list(end.holds), timeout=_HELD_LIMIT)
-            for stage, limit in zip(end.stages, _LIMITS, strict=True):
-                for owner, work in list(stage.items()):
-                    try:
-                        async with asyncio.timeout(limit):
-                            await work(owner)
-                    except Exception as exc:
-                        log.warning("%r at the end of its event loop: %r", owner, exc)
+        # The work below uses async generators (context managers) after the loop's
+        # shutdown_asyncgens() began; they run to their end here, so the loop need not track
+        # them (it would only warn that they came too late).
+        with untracked():
+            try:
+                await _end_work(end)
+            finally:
+                # Only now: what the work itself registers (a pool first needed by the drain)
+                # joins this end's stages instead of starting an end that would never run.
+                _ends.pop(loop, None)
+
+
+async def _end_work(end: _LoopEnd) -> None:
+    if end.unclosed:
+        # Collected streams whose closing task asyncio.run cancelled before it began.
+        await asyncio.wait(
+            [asyncio.ensure_future(_close(end, agen)) for agen in list(end.unclosed)],
+            timeout=_HELD_LIMIT,
+        )
+    if end.holds:
+        # A turn stream the loop's shutdown (or the collector) is closing right now, in a
+        # task of its own: its lock release needs the pools closed below.
+        await asyncio.wait(list(end.holds), timeout=_HELD_LIMIT)
+    for stage, limit in zip(end.stages, _LIMITS, strict=True):
+        # Until the stage is empty: work may register more (the drain opens a pool, whose
+        # close joins the next stage), each owner once.
+        for _ in range(_MAX_WORK):
+            try:
+                owner, work = stage.popitem()
+            except KeyError:
+                break
+            try:
+                async with asyncio.timeout(limit):
+                    await work(owner)
+            except Exception as exc:
+                log.warning("%r at the end of its event loop: %r", owner, exc)
 
 
 def _running_end() -> _LoopEnd:
