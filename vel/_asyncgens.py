@@ -22,6 +22,8 @@ waits for the lease to run out.
   its start leaves the stream untouched, and failing that at the loop's end.
 - :func:`vel._loops.hold_end` lets the loop's end wait for a turn still closing before it
   closes the pools its lock release needs.
+- :func:`untracked` covers vel's own loop-end work, which runs after the loop's shutdown
+  began: what it iterates is not tracked (the loop would only warn that it came too late).
 
 Both hooks are wrapped on the running loop's thread when a stream starts (the loop installs
 its own hooks each time it starts running and restores the previous ones when it stops);
