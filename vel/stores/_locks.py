@@ -87,7 +87,7 @@ class KeyedLocks:
                 finally:
                     # Handed over (even if this waiter then timed out or was cancelled: it
                     # passes the lock on below) or still queued (it leaves the queue).
-                    held = self._settle(key, entry, loop, waiter)
+                    held = self._settle(entry, loop, waiter)
             # Every acquisition, an uncontended one too (its wait is ~0).
             LOCK_WAIT.observe(time.perf_counter() - started)
             yield
@@ -95,11 +95,7 @@ class KeyedLocks:
             self._leave(key, entry, held)
 
     def _settle(
-        self,
-        key: str,
-        entry: _KeyLock,
-        loop: asyncio.AbstractEventLoop,
-        waiter: asyncio.Future[None],
+        self, entry: _KeyLock, loop: asyncio.AbstractEventLoop, waiter: asyncio.Future[None]
     ) -> bool:
         """Whether ``waiter`` was handed the lock; one still queued leaves the queue."""
         with self._guard:
@@ -122,8 +118,8 @@ class KeyedLocks:
                     entry.owner = waiter
                     break
             entry.users -= 1
+            # A fork meanwhile forgot the entry (this is the child): nothing to remove.
             if entry.users <= 0 and self._locks.get(key) is entry:
-                # (Not the entry any more: forgotten by a fork that happened meanwhile.)
                 del self._locks[key]
 
 
