@@ -59,7 +59,8 @@ _STREAM_CODES: set[CodeType] = set()
 
 class _FirstIter:
     """The thread's first-iteration hook, wrapped: passes on every generator but those first
-    iterated inside an :class:`Owned` step of the current task."""
+    iterated inside an :class:`Owned` step of the current task or in vel's loop-end work
+    (:func:`untracked`)."""
 
     __slots__ = ("inner",)
 
@@ -102,12 +103,14 @@ class _Finalizer:
 @contextmanager
 def tracked() -> Iterator[None]:
     """Generators first iterated inside are tracked by the loop even in an :class:`Owned`
-    step (vel's own loop-end generator must be finalized by the loop's shutdown)."""
-    token = _DRIVER.set(None)
+    step or :func:`untracked` work (vel's own loop-end generator must be finalized by the
+    loop's shutdown)."""
+    driver, ending = _DRIVER.set(None), _ENDING.set(False)
     try:
         yield
     finally:
-        _DRIVER.reset(token)
+        _ENDING.reset(ending)
+        _DRIVER.reset(driver)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from types import MappingProxyType
 from typing import Any
 
@@ -65,12 +65,8 @@ async def sse_stream(events: AsyncIterable[Mapping[str, Any]]) -> AsyncGenerator
     # A loop turn after each frame: the server learns that its client went away from a loop
     # callback (connection_lost), and events that came in one burst would otherwise all be
     # written to the dead connection (asyncio logs each write past the fifth).
-    if hasattr(events, "aclose"):
-        async with aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                yield encode_event(event)
-                await asyncio.sleep(0)
-    else:
+    closing = aclosing(events) if hasattr(events, "aclose") else nullcontext()  # type: ignore[type-var]
+    async with closing:
         async for event in events:
             yield encode_event(event)
             await asyncio.sleep(0)
