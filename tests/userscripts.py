@@ -87,6 +87,11 @@ agent = Agent(
 )
 prefix = os.environ['VEL_TEST_SESSION']
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get('VEL_TEST_RUNS', '10'))
+if os.environ.get('VEL_TEST_LOOP_END_DRAIN'):
+    # What a loaded machine does to the short loop-end drain: it runs out before a flush.
+    import vel.stores.tiered.embedded
+
+    vel.stores.tiered.embedded.LOOP_END_DRAIN = float(os.environ['VEL_TEST_LOOP_END_DRAIN'])
 after_run = []
 for i in range(runs):
     async def job():

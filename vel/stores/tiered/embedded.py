@@ -62,6 +62,7 @@ class EmbeddedFlusher:
         # The parent's flusher task belongs to a loop no thread of the child runs: the child
         # starts its own flusher on first use, and drains only its own writes.
         self._tasks = weakref.WeakKeyDictionary()
+        self.wrote = False
         self._written = set()
 
     def ensure(self) -> None:
@@ -134,17 +135,20 @@ class EmbeddedFlusher:
         loop ran no flusher and Redis answered it last)."""
         # Tasks of other loops end with their loops (_loop_ended).
         task = self._tasks.pop(asyncio.get_running_loop(), None)
-        if task is None or task.done():
-            return False
-        self.flusher.stop()
-        try:
-            await task
-        except Exception:
-            log.exception("embedded flusher failed")
+        ran = task is not None and not task.done()
+        if task is not None and ran:
+            self.flusher.stop()
+            try:
+                await task
+            except Exception:
+                log.exception("embedded flusher failed")
         # Only this process's own writes are worth waiting for at close; with none, the
         # other flushers' backlog is theirs.
-        if not self.wrote:
-            return not self.flusher.outage.ongoing  # Redis answered the last flush
+        if not self.wrote or not self.enabled:
+            return ran and not self.flusher.outage.ongoing  # Redis answered the last flush
+        # Drained even when this loop ran no flusher: a program that ran each job in its own
+        # asyncio.run() closes in a fresh loop, and what the earlier loops' short loop-end
+        # drains left would otherwise wait in Redis for another process's flusher.
         drained = await self.flusher.drain(drain_timeout)
         if not drained:
             why = self.flusher.last_error
