@@ -129,6 +129,25 @@ async def test_acl_user_runs_the_tiered_store_within_its_prefix(
         await outside.aclose()
 
 
+async def test_an_acl_user_without_multi_reads_windows_through_the_scripts() -> None:
+    """An ACL line from before window reads went beside the scripts (MULTI/EXEC): turns and
+    loads still work, each a script call alone once MULTI was refused."""
+    with RedisServer(
+        "--user", "default", "off",
+        "--user", "app", "on", f">{SECRET}", "~app:*", "+@all", "-multi", "-exec",
+    ) as server:  # fmt: skip
+        store = RedisStore(f"redis://app:{SECRET}@127.0.0.1:{server.port}/0", key_prefix="app")
+        try:
+            await store.append("s", [{"role": "user", "content": f"m{i}"} for i in range(5)])
+            for i in range(3):
+                async with store.turn("s", limit=2) as turn:
+                    assert len(turn.window) == 2
+                    await turn.commit([{"role": "assistant", "content": f"a{i}"}])
+            assert [m["content"] for m in await store.load("s", 3)] == ["a0", "a1", "a2"]
+        finally:
+            await store.aclose()
+
+
 async def test_wrong_acl_password_is_a_configuration_error(acl_redis: RedisServer) -> None:
     store = RedisStore(f"redis://app:not-{SECRET}@127.0.0.1:{acl_redis.port}/0", key_prefix="app")
     try:

@@ -198,3 +198,58 @@ async def test_a_blocking_pool_keeps_redis_py_checkout_and_wakes_its_waiters(
         assert replies == [f"b{i}".encode() for i in range(8)]
     finally:
         await client.aclose()
+
+
+async def test_a_script_and_a_list_read_in_one_transaction(server: RedisServer) -> None:
+    """``with_tail`` (a window's header script and its LRANGE in one MULTI/EXEC): the
+    script's reply and the items as the script left them; a lost script is loaded again;
+    an error reply of either command is raised only once every reply was read, so the
+    single connection's next call gets its own reply."""
+    async with _pooled(server.url, 1) as (_, client):
+        mixed = Script(client, MIXED)
+        assert mixed.direct
+        reply, items = await mixed.with_tail(["l"], ["a", "5"], "l", -2)
+        assert reply == [2, b"a", None, [1, b"two"], 5] and items == [b"a", b"5"]
+        reply, items = await mixed.with_tail(["l"], ["b", "6"], "l", 0)
+        assert reply[0] == 4 and items == [b"a", b"5", b"b", b"6"]
+        await client.script_flush()
+        reply, items = await mixed.with_tail(["l"], ["c", "7"], "l", -1)
+        assert reply[0] == 6 and items == [b"7"]
+        with pytest.raises(rexc.ResponseError, match="VELTEST refused"):
+            await mixed.with_tail(["l"], ["fail", "0"], "l", 0)
+        await client.set("s", "a string")
+        with pytest.raises(rexc.ResponseError, match="WRONGTYPE"):
+            await mixed.with_tail(["l"], ["d", "8"], "s", 0)
+        # The RPUSH ran (a transaction is not rolled back), and nothing is left unread.
+        reply, items = await mixed.with_tail(["l"], ["e", "9"], "l", -2)
+        assert reply[0] == 10 and items == [b"e", b"9"]
+        assert await client.llen("l") == 10
+
+
+async def test_a_cancelled_transaction_never_hands_its_replies_to_the_next_caller(
+    server: RedisServer,
+) -> None:
+    async with _pooled(server.url, 2) as (_, client):
+        slow = Script(client, SLOW_ECHO)
+        gate = asyncio.Semaphore(2)
+        rng = random.Random(15)
+        await client.rpush("l", "x")
+        cut = 0
+
+        async def one(i: int) -> None:
+            nonlocal cut
+            async with gate:
+                try:
+                    async with asyncio.timeout(rng.uniform(0.0, 0.004)):
+                        reply, items = await slow.with_tail([], [200000, f"s{i}"], "l", 0)
+                    assert (reply, items) == (f"s{i}".encode(), [b"x"])
+                except TimeoutError:
+                    cut += 1
+
+        await asyncio.gather(*(one(i) for i in range(100)))
+        assert cut > 5
+        for i in range(10):
+            assert await slow.with_tail([], [1, f"after{i}"], "l", 0) == (
+                f"after{i}".encode(),
+                [b"x"],
+            )

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from servers import RedisServer
 
-from vel.errors import InvalidInputError, SessionLockedError
+from vel.errors import InvalidInputError, SessionLockedError, StoreError
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
 from vel.stores.tiered import TieredStore
@@ -61,6 +62,60 @@ async def test_turn_reads_the_window_and_commit_appends_and_unlocks(
         assert await turn.commit([msg(5), msg(6, "assistant")]) == 7
         assert await lock_holder(tiered.hot, s, redis_url) is None
     assert [m["content"] for m in await tiered.load(s)] == [f"m{i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+async def test_a_turn_on_a_copy_whose_list_lost_messages_reads_the_whole_window(
+    tiered: TieredStore, redis_url: str, limit: int | None
+) -> None:
+    """The window is read after the lock script in one MULTI/EXEC, not through Lua: a list
+    gone while its meta stayed (a clean copy) goes back through the whole script, which
+    drops the copy, and the turn warms it again from Postgres; a dirty one is reported as
+    damaged and the lock is released."""
+    s = f"t-{uuid.uuid4().hex[:8]}"
+    await tiered.append(s, [msg(i) for i in range(5)])
+    assert await tiered.flush(10)
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.delete(tiered.hot.keys.session(s).messages)  # what volatile-* may evict
+        async with tiered.turn(s, limit=limit) as turn:
+            want = [f"m{i}" for i in range(5)][-(limit or 5) :]
+            assert [m["content"] for m in turn.window] == want
+            assert await turn.commit([msg(5)]) == 6
+        assert [m["content"] for m in await tiered.load(s)] == [f"m{i}" for i in range(6)]
+        # Dirty now (msg 5 unflushed): a list that loses items is damage, never a rewarm.
+        await r.delete(tiered.hot.keys.session(s).messages)
+        with pytest.raises(StoreError, match="lost part of its data"):
+            async with tiered.turn(s, limit=limit):
+                pass
+        assert await lock_holder(tiered.hot, s, redis_url) is None
+    finally:
+        await r.aclose()
+
+
+async def test_a_turn_reads_its_window_outside_lua() -> None:
+    """What issue 14 measured: 20 messages of 1 KB copied into Lua strings and back cost
+    Redis about 35 us a read; the window's LRANGE runs beside the script, in a MULTI/EXEC."""
+    with RedisServer() as server:
+        store = RedisStore(server.url, hot_ttl=60)
+        try:
+            s = f"t-{uuid.uuid4().hex[:8]}"
+            await store.append(s, [msg(i) for i in range(30)])
+            await store.load(s, 1)
+            async with store.turn(s, limit=1):
+                pass  # both scripts loaded on the fresh server before counting
+            client = aioredis.Redis.from_url(server.url)
+            await client.config_resetstat()
+            async with store.turn(s, limit=20) as turn:
+                assert len(turn.window) == 20
+                await turn.commit([msg(30)])
+            assert len(await store.load(s, 20)) == 20
+            stats = await client.info("commandstats")
+            await client.aclose()
+            assert stats["cmdstat_exec"]["calls"] == 2, stats
+            assert stats["cmdstat_lrange"]["calls"] == 2
+        finally:
+            await store.aclose()
 
 
 async def test_turn_of_a_session_only_in_postgres_warms_it(tiered: TieredStore) -> None:

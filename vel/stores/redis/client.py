@@ -120,8 +120,10 @@ class Client:
         self.waiters = asyncio.Semaphore(max(1, gate // 2) if gate > 0 else 8)
         self.scripts: list[Script] = []
         self.load = self._register(lua.LOAD)
+        self.head = self._register(lua.HEAD)
         self.take = self._register(lockscripts.TAKE_LOCK)
         self.lock_load = self._register(lockscripts.LOCK_LOAD)
+        self.lock_head = self._register(lockscripts.LOCK_HEAD)
         self.append = self._register(lua.APPEND)
         self.seed = self._register(lua.SEED)
         self.extend = self._register(editscripts.EXTEND)

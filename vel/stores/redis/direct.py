@@ -69,6 +69,10 @@ def _pack(*args: Any) -> bytes:
     return packed
 
 
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
 class Script:
     """A Lua script registered on ``redis``; called like redis-py's ``AsyncScript``.
 
@@ -77,7 +81,7 @@ class Script:
         script: its source (what SCRIPT LOAD sends).
     """
 
-    __slots__ = ("_inplace", "_pool", "_registered", "script", "sha")
+    __slots__ = ("_inplace", "_pool", "_registered", "_transactions", "script", "sha")
 
     def __init__(self, redis: Any, source: str) -> None:
         self._registered = redis.register_script(source)
@@ -87,6 +91,64 @@ class Script:
         plain = isinstance(redis, aioredis.Redis) and not redis.single_connection_client
         self._pool: aioredis.ConnectionPool | None = redis.connection_pool if plain else None
         self._inplace = plain and _inplace(self._pool)
+        self._transactions = True
+
+    @property
+    def direct(self) -> bool:
+        """Whether :meth:`with_tail` may be called: calls bypass redis-py (a plain client)
+        and the server has not refused MULTI."""
+        return self._pool is not None and self._transactions
+
+    def untransacted(self) -> None:
+        """The server refused MULTI (an ACL without it): :attr:`direct` is False from now."""
+        self._transactions = False
+
+    async def with_tail(
+        self, keys: Sequence[Any], args: Sequence[Any], list_key: str, start: int
+    ) -> tuple[Any, list[bytes]]:
+        """``MULTI; EVALSHA; LRANGE list_key start -1; EXEC`` in one round trip: the script's
+        reply, and the list's items read atomically after it (so what the script changed
+        is seen). Only on a :attr:`direct` script.
+
+        Raises:
+            redis.exceptions.RedisError: a failed command (after every reply was read, so
+                the connection stays usable).
+        """
+        command = _pack("EVALSHA", self.sha, len(keys), *keys, *args)
+        tail = _pack("LRANGE", list_key, start, -1)
+        pool: Any = self._pool
+        conn = _checkout(pool) if self._inplace else None
+        if conn is None:
+            conn = await pool.get_connection()
+        try:
+            for _ in range(2):
+                await conn.send_packed_command(_MULTI + command + tail + _EXEC, False)
+                # Every reply is read before any error is raised: one left unread would
+                # answer the connection's next command.
+                error: Exception | None = None
+                replies: list[Any] = []
+                for _ in range(4):
+                    try:
+                        replies.append(await conn.read_response())
+                    except rexc.ResponseError as exc:
+                        error = error or exc
+                        replies.append(None)
+                if error is not None:
+                    raise error
+                reply, items = replies[3]
+                if not isinstance(reply, rexc.NoScriptError):
+                    # EXEC answers each command, an error included, in its array.
+                    for part in (reply, items):
+                        if isinstance(part, Exception):
+                            raise part
+                    return reply, items
+                # A restarted or flushed server: load it and run again on this connection.
+                await conn.send_packed_command(_pack("SCRIPT", "LOAD", self.script), False)
+                await conn.read_response()
+            raise rexc.NoScriptError("script not loaded after SCRIPT LOAD")
+        finally:
+            if not (self._inplace and _checkin(pool, conn)):
+                await pool.release(conn)
 
     async def __call__(
         self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None

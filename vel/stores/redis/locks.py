@@ -28,7 +28,7 @@ from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.redis.client import Client, Connector, ms
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
-from vel.stores.redis.sessions import Sessions, Window, encode
+from vel.stores.redis.sessions import Sessions, Window, encode, read_window
 
 log = get_logger("vel.redis")
 T = TypeVar("T")
@@ -291,6 +291,7 @@ class Locks:
         limit = limit_arg(limit)
         timeout = wait_arg(timeout)
         token = new_id()
+        turn_keys = [*keys.layout, keys.turn_lock, keys.wake]
         args: list[Any] = [
             *self._sessions.common(session_id),
             -1 if limit is None else limit,
@@ -301,9 +302,9 @@ class Locks:
         ]
 
         async def attempt() -> list[Any] | None:
-            reply: list[Any] = await self._redis.call(
+            reply = await self._redis.call(
                 "lock+load",
-                lambda c: c.lock_load(keys=[*keys.layout, keys.turn_lock, keys.wake], args=args),
+                lambda c: read_window(c.lock_head, c.lock_load, turn_keys, args, args[5]),
                 idempotent=True,
             )
             if int(reply[0]) == LOCKED:

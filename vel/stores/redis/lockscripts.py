@@ -64,6 +64,15 @@ if not take_lock(8, 8, ARGV[10]) then return {-5} end
 return read_window()
 """,
 )
+# LOCK_LOAD with read_head: the window is read after it in the same MULTI/EXEC.
+LOCK_HEAD = _script(
+    "",
+    _SESSION + _READ_WINDOW + _TAKE_LOCK,
+    """
+if not take_lock(8, 8, ARGV[10]) then return {-5} end
+return read_head()
+""",
+)
 
 # Take the lock KEYS[1] for token ARGV[1], lease ARGV[2] ms. Returns 1 taken, 0 held by
 # another token.

@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis import exceptions as rexc
+
 from vel import failpoints
 from vel.bounds import limit_arg
 from vel.errors import (
@@ -39,6 +41,7 @@ from vel.messages import (
     validate_session_id,
 )
 from vel.stores.redis.client import Client, Connector, ms, now_ms
+from vel.stores.redis.direct import Script
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, MISS, REPLAY
 
@@ -85,6 +88,39 @@ class Window:
     gen: int
     rev: int | None
     messages: list[Message]
+
+
+async def read_window(
+    head: Script, full: Script, keys: Sequence[str], args: Sequence[Any], limit: int
+) -> list[Any]:
+    """A LOAD-shaped reply (``{seq, base, gen, rev, items...}`` or one negative code) from
+    ``full`` (LOAD, LOCK_LOAD) or, on a plain client, from its ``head`` twin and an LRANGE of
+    the messages (``keys[1]``) in one MULTI/EXEC: the same atomic read, with the items
+    kept out of Lua. ``limit`` is ARGV[6] (-1: all). A count that is not what the header
+    says (a list evicted without its meta) goes through ``full``, which settles it: taking
+    the lock again is idempotent for the same token. So does a Redis out of memory, which
+    queues nothing in a MULTI (a read's script runs there all the same: ``allow-oom``), and
+    an ACL user without MULTI (the script and LRANGE then ran outside one: their replies are
+    ignored)."""
+    if not head.direct or limit == 0:
+        return list(await full(keys=keys, args=args))
+    try:
+        reply, items = await head.with_tail(keys, args, keys[1], 0 if limit < 0 else -limit)
+    except rexc.OutOfMemoryError:
+        return list(await full(keys=keys, args=args))
+    except rexc.NoPermissionError as exc:
+        if "'multi'" not in str(exc).lower() and "'exec'" not in str(exc).lower():
+            raise
+        # An ACL user made without +multi +exec: the scripts alone, from now on.
+        head.untransacted()
+        return list(await full(keys=keys, args=args))
+    seq = int(reply[0])
+    if seq < 0:
+        return list(reply)
+    held = seq - int(reply[1])
+    if len(items) == (held if limit < 0 else min(limit, held)):
+        return [*reply, *items]
+    return list(await full(keys=keys, args=args))
 
 
 def _chunks(items: Sequence[str]) -> list[list[str]]:
@@ -170,8 +206,10 @@ class Sessions:
         keys = self._keys.session(validate_session_id(session_id))
         limit = limit_arg(limit)
         args = [*self.common(session_id), -1 if limit is None else limit, 0]
-        reply: list[Any] = await self._redis.call(
-            "load", lambda c: c.load(keys=keys.layout, args=args), idempotent=True
+        reply = await self._redis.call(
+            "load",
+            lambda c: read_window(c.head, c.load, keys.layout, args, args[5]),
+            idempotent=True,
         )
         return self.window(session_id, reply)
 
