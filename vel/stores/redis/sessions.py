@@ -8,7 +8,8 @@ expires). The seed installs a Postgres window only if the session is still absen
 warm lease is still held (3.4); a copy may hold only its newest messages (3.10), and
 :meth:`Sessions.extend` prepends older ones only onto the copy they were read for. A long
 history is pushed in chunks under a staging key, then swapped in by one script, so readers
-see the old history or the new one whole. Messages are stored as ``"<message id>\\n<json>"``.
+see the old history or the new one whole. How a message is stored, and the shapes a read
+returns, are in :mod:`vel.stores.redis.items`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from vel import failpoints
@@ -32,13 +32,12 @@ from vel.errors import (
 )
 from vel.messages import (
     Message,
-    check_message_ids,
     decode_items,
     decode_message,
-    encode_messages,
     validate_session_id,
 )
 from vel.stores.redis.client import Client, Connector, ms, now_ms
+from vel.stores.redis.items import Copy, Window, split
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, MISS, REPLAY
 
@@ -48,43 +47,6 @@ STAGE_ITEMS = 1000
 STAGE_BYTES = 4 * 1024 * 1024
 # A staging key left by a writer that died expires on its own.
 STAGE_TTL = 600.0
-
-
-def encode(
-    messages: Sequence[Message], message_ids: Sequence[str] | None, *, whole: bool = False
-) -> list[str]:
-    """Messages as stored items, ``"<message id>\\n<json>"`` (ids generated if None);
-    ``whole``: a whole history (the replace limit, not the append limit)."""
-    texts = encode_messages(messages, whole_history=whole)
-    ids = check_message_ids(message_ids, len(texts))
-    return [f"{mid}\n{text}" for mid, text in zip(ids, texts, strict=True)]
-
-
-def split(item: bytes | str) -> tuple[str, str]:
-    """A stored item as (message id, JSON text)."""
-    if isinstance(item, bytes):
-        item = item.decode()
-    mid, _, text = item.partition("\n")
-    return mid, text
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A window read from a session's Redis copy.
-
-    Attributes:
-        seq: the session's last seq.
-        base: the copy holds seqs ``base + 1 .. seq`` (0: the whole history).
-        gen, rev: the generation, and the Postgres revision the copy was loaded at (None:
-            unknown), which an older part read from Postgres must match.
-        messages: the last ``min(limit, seq - base)`` messages, oldest first.
-    """
-
-    seq: int
-    base: int
-    gen: int
-    rev: int | None
-    messages: list[Message]
 
 
 def _chunks(items: Sequence[str]) -> list[list[str]]:
@@ -97,26 +59,6 @@ def _chunks(items: Sequence[str]) -> list[list[str]]:
         groups[-1].append(item)
         size += len(item)
     return groups
-
-
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """A session's whole Redis copy, read in one step (for conflict resolution)."""
-
-    seq: int
-    flushed: int
-    base: int
-    gen: int
-    fgen: int
-    conflict: str | None
-    items: list[tuple[str, str]]  # (message id, JSON text) of seqs base+1 .. seq
-
-    def unflushed(self) -> list[tuple[str, str]]:
-        """What Postgres lacks of it: the messages after ``flushed``, or the whole copy
-        after a replace not yet flushed."""
-        if self.gen != self.fgen:
-            return list(self.items)
-        return self.items[self.flushed - self.base :]
 
 
 class Sessions:

@@ -48,11 +48,12 @@ from vel.stores.base import SessionInfo
 from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.redis import catalog
 from vel.stores.redis.client import Client, Connector
+from vel.stores.redis.items import Window, encode
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.leases import LeaseCalls
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks
-from vel.stores.redis.sessions import Sessions, Window, encode
+from vel.stores.redis.sessions import Sessions
 from vel.stores.redis.tier import HotTier
 from vel.stores.redis.writebehind import WriteBehind
 
