@@ -17,7 +17,8 @@ written from the spec; vel itself never reads or writes through it.
 
 The parts, each holding one responsibility and its SQL:
 
-- :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline, error translation;
+- :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline;
+- :mod:`~vel.stores.postgres.errormap`: error translation, which errors poison a connection;
 - :mod:`~vel.stores.postgres.sessions`: write-through append, load, replace, clear;
 - :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes and clears;
 - :mod:`~vel.stores.postgres.lease`: the tier lease and the warm's reads;
