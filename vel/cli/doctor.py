@@ -3,13 +3,10 @@
 A FAIL is something that can lose or corrupt data, or stop vel working (exit 1); a WARN is a
 setting with a known, bounded risk, explained in the line (exit 0 unless ``--strict``).
 
-- Redis ``maxmemory-policy`` ``allkeys-*`` FAILs: Redis could evict a session whose messages
-  are not yet in Postgres. vel gives a TTL only to clean sessions, so ``volatile-*`` policies
-  evict only what Postgres already has; ``noeviction`` is safe too (appends then fail with
-  ``StoreFullError`` instead).
-- ``appendonly no`` WARNs: a Redis crash or restart loses the turns not yet flushed (normally
-  the last fraction of a second, more while Postgres is down). With ``appendonly yes`` and
-  ``appendfsync everysec`` at most about one second of them is at risk.
+This module runs the checks and prints the report: Redis (reachability, the permissions a worker
+needs, the clock, flush conflicts and the flusher's backlog) and Postgres (schema, grants,
+clock). The verdicts on the Redis server's own settings are in
+:mod:`vel.cli.doctor_redis_server`.
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from typing import Any
 
 from vel.bounds import WAIT, cli
 from vel.cli._common import add_command, add_connection_flags, settings_from
+from vel.cli.doctor_redis_server import check_server
 from vel.errors import AccessDeniedError, ConfigurationError, VelError
 from vel.redaction import redact
 from vel.totals import read_totals
-
-MIN_REDIS = (6, 2)
 
 
 @dataclass
@@ -44,10 +40,6 @@ class Report:
 
     def count(self, level: str) -> int:
         return sum(1 for lvl, _, _ in self.lines if lvl == level)
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _clock() -> float:
@@ -123,82 +115,10 @@ async def check_redis(report: Report, settings: Any, max_skew: float, max_age: f
             )
             info = None
         if info is not None:
-            await _check_server(report, hot, info)
+            await check_server(report, hot, info)
         await _check_clock_and_backlog(report, hot, max_skew, max_age)
     finally:
         await hot.aclose()
-
-
-async def _check_server(report: Report, hot: Any, info: dict[str, Any]) -> None:
-    version = str(info.get("redis_version", "0"))
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    if parts < MIN_REDIS:
-        report.fail(
-            "redis version",
-            f"{version}; vel needs >= {'.'.join(map(str, MIN_REDIS))} -- fix: upgrade Redis",
-        )
-    else:
-        report.ok("redis version", version)
-
-    async def read_config(c: Any) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for name in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync"):
-            reply = await c.redis.config_get(name)
-            found.update({_text(k): _text(v) for k, v in reply.items()})
-        return found
-
-    try:
-        config = await hot.call("CONFIG GET", read_config)
-    except VelError as exc:
-        permission = (
-            " (this ACL user lacks +config|get)" if isinstance(exc, AccessDeniedError) else ""
-        )
-        report.warn(
-            "redis config",
-            f"cannot read it{permission}: {exc}; check by hand that maxmemory is set, "
-            "maxmemory-policy is volatile-lru (or another volatile-* or noeviction) and "
-            "appendonly is yes",
-        )
-        config = {}
-    if config.get("maxmemory") == "0":
-        report.warn(
-            "maxmemory",
-            "0 (no limit): Redis grows until the machine runs out of memory, and nothing is "
-            "evicted -- fix: CONFIG SET maxmemory <size> (and in redis.conf), sized as in "
-            "docs/operations.md",
-        )
-    policy = config.get("maxmemory-policy")
-    if policy is not None:
-        if policy.startswith("allkeys-"):
-            report.fail(
-                "maxmemory-policy",
-                f"{policy} lets Redis evict sessions whose messages are not yet in "
-                "Postgres -- fix: redis-cli CONFIG SET maxmemory-policy volatile-lru "
-                "(and `maxmemory-policy volatile-lru` in redis.conf)",
-            )
-        elif policy == "noeviction":
-            report.ok("maxmemory-policy", "noeviction (appends fail when Redis is full)")
-        else:
-            report.ok("maxmemory-policy", f"{policy} (only flushed sessions have a TTL)")
-    appendonly = config.get("appendonly")
-    if appendonly == "no":
-        report.warn(
-            "appendonly",
-            "no: a Redis crash or restart loses turns not yet flushed to Postgres "
-            "(normally under a second's worth, more while Postgres is down) -- fix: "
-            "redis-cli CONFIG SET appendonly yes; CONFIG SET appendfsync everysec "
-            "(and the same two lines in redis.conf)",
-        )
-    elif appendonly == "yes":
-        fsync = config.get("appendfsync", "?")
-        if fsync == "no":
-            report.warn(
-                "appendfsync",
-                "no: the OS decides when the AOF reaches disk (up to ~30 s of turns at "
-                "risk on a machine crash) -- fix: CONFIG SET appendfsync everysec",
-            )
-        else:
-            report.ok("appendonly", f"yes, appendfsync {fsync}")
 
 
 async def _check_clock_and_backlog(

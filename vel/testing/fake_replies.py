@@ -2,7 +2,7 @@
 
 The directives, the answers without one, token counting, and the shapes of completions,
 stream chunks and error bodies are documented in :mod:`vel.testing.fake_openai`; this module
-computes them, the server module serves them over HTTP.
+computes them, :mod:`vel.testing.fake_http` serves them over HTTP.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ each hold one responsibility: :mod:`.connector` (pools, deadlines, error transla
 """
 
 from vel.errors import FlushConflictError
+from vel.stores.postgres.flushes import FlushBatch, FlushResult
 from vel.stores.postgres.lease import Snapshot
 from vel.stores.postgres.sessions import ImportCounts, ImportEntry
-from vel.stores.postgres.sink import FlushBatch, FlushResult
 from vel.stores.postgres.store import PostgresStore
 
 __all__ = [

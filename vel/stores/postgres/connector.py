@@ -1,19 +1,19 @@
-"""The one place a Postgres connection lives and backend errors are translated.
+"""The one place a Postgres connection lives and every Postgres call is bounded.
 
 :class:`Connector` owns the per-event-loop pools (or the caller's pool), opens them (checking,
 or migrating, the schema), and runs every operation of the store's parts through
 :meth:`Connector.run`: one overall deadline (``op_timeout``) covering pool creation, connection
 acquisition and every round trip. On expiry the connection in use is terminated rather than
 returned to the pool, because its protocol state is unknown. Backend errors are translated to
-:mod:`vel.errors` exactly once, in :meth:`Connector.deadline` (DESIGN.md 3.7: timeouts on every
-network call; a frozen Postgres must not hang a worker).
+:mod:`vel.errors` exactly once, in :meth:`Connector.deadline`, by the mapping of
+:mod:`vel.stores.postgres.errormap` (DESIGN.md 3.7: timeouts on every network call; a frozen
+Postgres must not hang a worker).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeAlias, TypeVar
@@ -26,14 +26,12 @@ from vel._shield import CancelWatch
 from vel.errors import (
     AccessDeniedError,
     ConfigurationError,
-    InvalidInputError,
-    StoreError,
-    StoreTimeoutError,
-    StoreUnavailableError,
     VelError,
 )
 from vel.logs import get_logger
 from vel.redaction import redact
+from vel.stores.postgres import errormap
+from vel.stores.postgres.errormap import poisons_connection
 from vel.stores.postgres.migrate import (
     CONNECT_ERRORS,
     connect_error,
@@ -52,10 +50,6 @@ T = TypeVar("T")
 Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
-# SQLSTATE classes meaning the connection or server is in trouble rather than the statement:
-# 08 connection exception, 53 insufficient resources, 57 operator intervention (shutdown,
-# cancel), 58 system error, XX internal error.
-_TROUBLE_CLASSES = frozenset({"08", "53", "57", "58", "XX"})
 # The unique constraint on (session_id, message_id): a replayed or misplaced message.
 MESSAGE_ID_KEY = "vel_messages_message_id_key"
 # Seconds a cancelled statement's cancel request is given before its connection is
@@ -84,19 +78,6 @@ def check_injected_pool(pool: object) -> None:
             f"PostgresStore(pool=...) takes an asyncpg.Pool, got {type(pool).__name__}: "
             "pass dsn= instead"
         )
-
-
-def poisons_connection(exc: BaseException) -> bool:
-    """Whether a connection that raised ``exc`` must be discarded rather than reused.
-
-    Only errors the server reported about the statement itself leave the protocol in a known
-    state; timeouts, cancellations, I/O and driver errors may leave a half-read reply behind.
-    """
-    if isinstance(exc, VelError):
-        return False
-    if isinstance(exc, asyncpg.PostgresError):
-        return exc.sqlstate[:2] in _TROUBLE_CLASSES
-    return True
 
 
 @asynccontextmanager
@@ -137,10 +118,6 @@ async def _let_cancel_land(conn: Conn) -> None:
     # exception already in flight, a cancellation too, propagates.
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait(pending, timeout=CANCEL_GRACE)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 class Connector:
@@ -281,7 +258,9 @@ class Connector:
         except Exception as exc:
             # A frozen server or a connection still in use: closing must not hang or fail.
             pool.terminate()
-            log.warning("Postgres pool at %s closed forcibly: %s", self.where, _one_line(exc))
+            log.warning(
+                "Postgres pool at %s closed forcibly: %s", self.where, errormap.one_line(exc)
+            )
 
     async def _check_schema(self, pool: Pool) -> None:
         """Refuse to run against a missing or outdated schema (or migrate it, if allowed)."""
@@ -382,35 +361,4 @@ class Connector:
             raise self.translate(action, exc, seconds) from exc
 
     def translate(self, action: str, exc: Exception, seconds: float) -> VelError:
-        detail = redact(_one_line(exc))
-        if isinstance(exc, TimeoutError | asyncpg.QueryCanceledError):
-            return StoreTimeoutError(
-                f"Postgres {action} did not finish within {seconds:g}s ({self.where})"
-            )
-        if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-            return AccessDeniedError(
-                f"Postgres refused {action} for lack of permission ({detail}; "
-                f"insufficient_privilege) in {self.placement}: grant the role the privileges "
-                "listed in docs/operations.md (Postgres grants)"
-            )
-        if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
-            return ConfigurationError(
-                f"vel tables are missing in {self.placement} at {self.where} ({detail}): run "
-                "`vel migrate` with the same settings"
-            )
-        if isinstance(exc, asyncpg.DataError):
-            return InvalidInputError(f"Postgres rejected the data of {action}: {detail}")
-        if isinstance(exc, asyncpg.PostgresError):
-            if exc.sqlstate[:2] in _TROUBLE_CLASSES:
-                return StoreUnavailableError(f"Postgres {action} failed ({self.where}): {detail}")
-            return StoreError(f"Postgres {action} failed: {detail}")
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return ConfigurationError(
-                f"Postgres at {self.where}: the server's certificate was not accepted "
-                f"({detail}) -- give its CA with ?sslrootcert=/path/ca.pem in POSTGRES_DSN"
-            )
-        if isinstance(exc, OSError | asyncpg.InterfaceError):
-            return StoreUnavailableError(
-                f"Postgres connection failed during {action} ({self.where}): {detail}"
-            )
-        return StoreError(f"Postgres {action} failed: {detail}")
+        return errormap.translate(action, exc, seconds, where=self.where, placement=self.placement)

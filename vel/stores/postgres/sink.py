@@ -7,13 +7,13 @@ flush that began before a clear or replace is recognised as stale (3.5), and whe
 changed behind the tier (another revision, a deleted row) turns the flush into a conflict that
 is never counted as flushed (3.8). Each applied flush extends the session's tier lease and
 carries the time of the writes it copies, so retention counts from the write, not the flush
-(3.9). The warm's reads are in :mod:`vel.stores.postgres.lease`.
+(3.9). What a flush carries and gets back is in :mod:`vel.stores.postgres.flushes`; the warm's
+reads are in :mod:`vel.stores.postgres.lease`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -22,13 +22,10 @@ from vel.bounds import COUNTER
 from vel.errors import FlushConflictError, InvalidInputError
 from vel.messages import check_message_ids, validate_session_id
 from vel.stores.postgres.connector import MESSAGE_ID_KEY, Conn, Connector, transaction
+from vel.stores.postgres.flushes import CHANGED, DELETED, FlushBatch, FlushResult, as_batch
 from vel.stores.postgres.sql import AT as _AT
 from vel.stores.postgres.sql import MS as _MS
 from vel.stores.postgres.sql import Row
-
-# Conflict reasons (FlushResult.conflict): why a batch was not applied.
-CHANGED = "changed"  # Postgres' revision differs: a write outside the tier since the load
-DELETED = "deleted"  # the row the Redis copy was loaded from is gone
 
 # Lock the rows of a flush, in id order so that concurrent flushers cannot deadlock; each
 # row's expiry is judged at the time of the writes being flushed ($2, ms).
@@ -139,59 +136,6 @@ SELECT m.session_id, m.seq
  WHERE m.seq <> b.seq
  ORDER BY m.session_id, m.seq
 """
-_DELETE_MESSAGES = "DELETE FROM vel_messages WHERE session_id = $1"
-
-
-@dataclass(frozen=True, slots=True)
-class FlushBatch:
-    """One session's batch of a flush, with what the flush checks it against.
-
-    Attributes:
-        session_id, generation, rows: what to write (rows possibly empty, to record a
-            newer generation only).
-        revision: the revision the Redis copy was loaded at (None: not checked).
-        written_ms: when the session was last written (Unix ms; None: now). Retention
-            counts from it.
-        had_postgres_rows: the Redis copy was loaded from, or already flushed to, Postgres
-            rows; a missing row then means it was deleted behind the tier.
-        truncate: ``(from_generation, keep)`` after pops: a row at ``from_generation`` or
-            later (below ``generation``) reaches it by dropping the seqs above ``keep``.
-    """
-
-    session_id: str
-    generation: int
-    rows: Sequence[Row]
-    revision: int | None = None
-    written_ms: int | None = None
-    had_postgres_rows: bool = False
-    truncate: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FlushResult:
-    """Outcome of :meth:`PostgresStore.apply_flush`.
-
-    Attributes:
-        inserted: rows newly written.
-        duplicates: rows already present with the same message id (a replayed batch).
-        stale: the batch was not applied: Postgres holds a newer generation, or (with
-            ``conflict`` set) the history changed behind the tier.
-        conflict: None, or why the batch cannot be applied (``"changed"``, ``"deleted"``).
-        lease_ms: milliseconds left on the session's tier lease after the flush.
-    """
-
-    inserted: int
-    duplicates: int
-    stale: bool = False
-    conflict: str | None = None
-    lease_ms: int | None = field(default=None, compare=False)
-
-
-def _as_batch(batch: FlushBatch | tuple[str, int, Sequence[Row]]) -> FlushBatch:
-    if isinstance(batch, FlushBatch):
-        return batch
-    session_id, generation, rows = batch
-    return FlushBatch(session_id, generation, rows)
 
 
 class Sink:
@@ -214,8 +158,6 @@ class Sink:
             "flush_conflicted": float(self._flush_conflicts),
         }
 
-    # -- reads for the warm --------------------------------------------------------------------
-
     # -- flushes -------------------------------------------------------------------------------
 
     async def apply_flushes(
@@ -224,7 +166,7 @@ class Sink:
         truncations: Mapping[str, tuple[int, int]] | None = None,
         lease: float | None = None,
     ) -> list[FlushResult]:
-        work = [_as_batch(b) for b in batches]
+        work = [as_batch(b) for b in batches]
         by_sid: dict[str, FlushBatch] = {}
         flat_sids: list[str] = []
         flat_seqs: list[int] = []

@@ -17,9 +17,11 @@ written from the spec; vel itself never reads or writes through it.
 
 The parts, each holding one responsibility and its SQL:
 
-- :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline, error translation;
+- :mod:`~vel.stores.postgres.connector`: pools, the per-call deadline;
+- :mod:`~vel.stores.postgres.errormap`: error translation, which errors poison a connection;
 - :mod:`~vel.stores.postgres.sessions`: write-through append, load, replace, clear;
 - :mod:`~vel.stores.postgres.sink`: the two-tier store's flushes and clears;
+- :mod:`~vel.stores.postgres.flushes`: what a flush carries and gets back;
 - :mod:`~vel.stores.postgres.lease`: the tier lease and the warm's reads;
 - :mod:`~vel.stores.postgres.resolve`: resolutions of flush conflicts;
 - :mod:`~vel.stores.postgres.locks`: turn-lock lease rows;

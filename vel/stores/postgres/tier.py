@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from vel.stores.postgres.flushes import FlushBatch, FlushResult
 from vel.stores.postgres.lease import Snapshot, TierLease
 from vel.stores.postgres.resolve import Resolver
 from vel.stores.postgres.sessions import Sessions
-from vel.stores.postgres.sink import FlushBatch, FlushResult, Sink
+from vel.stores.postgres.sink import Sink
 from vel.stores.postgres.sql import Row
 
 

@@ -10,9 +10,9 @@ error mapping), :mod:`.sessions` (session data),
 """
 
 from vel.stores.redis.client import cluster_seeds
+from vel.stores.redis.items import Window
 from vel.stores.redis.locks import RedisTurn
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, LOCKED, MISS, REPLAY, UNSTAGED
-from vel.stores.redis.sessions import Window
 from vel.stores.redis.store import RedisStore
 from vel.stores.redis.url import CLUSTER_SCHEMES, RedisURL, parse_redis_url
 from vel.stores.redis.writebehind import Claim, Conflict, Pending

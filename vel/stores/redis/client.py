@@ -1,10 +1,11 @@
-"""The one place a Redis connection lives and redis-py errors are mapped to vel's.
+"""The one place a Redis connection lives and every Redis call is bounded.
 
 :class:`Connector` parses the URL (standalone, TLS, unix socket, or a cluster's seeds), builds
 one client per event loop with every Lua script registered (:class:`Client`), and runs every
 Redis operation of the store's parts through :meth:`Connector.call`, which bounds it by
-``op_timeout`` and translates redis-py's errors exactly once (DESIGN.md 3.7: timeouts on
-every network call). Times go to Redis as integer milliseconds (:func:`ms`, :func:`now_ms`).
+``op_timeout`` and translates redis-py's errors exactly once, by the mapping of
+:mod:`vel.stores.redis.errormap` (DESIGN.md 3.7: timeouts on every network call). Times go to
+Redis as integer milliseconds (:func:`ms`, :func:`now_ms`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,16 +26,13 @@ from redis.backoff import ExponentialWithJitterBackoff
 from vel._loops import CallerOwned, PerLoop
 from vel._shield import CancelWatch
 from vel.errors import (
-    AccessDeniedError,
     ConfigurationError,
-    StoreError,
-    StoreFullError,
     StoreTimeoutError,
     StoreUnavailableError,
     VelError,
 )
 from vel.redaction import redact
-from vel.stores.redis import editscripts, lockscripts
+from vel.stores.redis import editscripts, errormap, lockscripts
 from vel.stores.redis import scripts as lua
 from vel.stores.redis import wbscripts as wbs
 from vel.stores.redis.direct import Script
@@ -75,24 +72,6 @@ def check_injected(client: object) -> None:
             "RedisStore(client=...) needs a client made with decode_responses=False (vel "
             "stores messages as bytes): create it without decode_responses, or pass url="
         )
-
-
-def _tls_problem(exc: BaseException) -> str | None:
-    """A TLS failure that retrying cannot fix (an untrusted certificate, TLS against a plain
-    port), found anywhere in ``exc``'s chain, as text; None otherwise."""
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return f"the server's certificate was not accepted ({seen.verify_message})"
-        if isinstance(seen, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(seen):
-            return "the server does not speak TLS there (use redis:// or its TLS port)"
-        text = str(seen)
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            return "the server's certificate was not accepted (certificate verify failed)"
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def ms(seconds: float | None) -> int:
@@ -365,57 +344,7 @@ class Connector:
 
     def translate(self, what: str, exc: Exception) -> VelError:
         """The vel error for a redis-py (or socket) error raised during ``what``."""
-        detail = redact(exc)
-        if isinstance(exc, (rexc.ClusterDownError, rexc.TryAgainError, rexc.SlotNotCoveredError)):
-            return StoreUnavailableError(
-                f"Redis Cluster cannot serve {what} now (failover?): {detail}"
-            )
-        if isinstance(exc, rexc.NoPermissionError) or detail.startswith("NOPERM"):
-            return AccessDeniedError(
-                f"Redis refused {what} for lack of permission ({detail}): the ACL user of "
-                f"{self.where} needs the commands and the key pattern listed in "
-                "docs/operations.md (Redis ACL)"
-            )
-        if isinstance(exc, rexc.ResponseError):
-            if isinstance(exc, rexc.OutOfMemoryError) or "maxmemory" in detail:
-                return StoreFullError(
-                    f"Redis is out of memory during {what}; nothing was "
-                    "stored (raise maxmemory or flush faster)"
-                )
-            if "DB index is out of range" in detail:
-                return ConfigurationError(
-                    f"Redis at {self.where} has no such database ({detail}): correct the "
-                    "database number in REDIS_URL"
-                )
-            if detail.startswith("unknown command") or "ERR unknown command" in detail:
-                return ConfigurationError(
-                    f"Redis refused {what}: {detail} (a renamed or disabled command?)"
-                )
-            return StoreError(f"Redis rejected {what}: {detail}")
-        if isinstance(exc, rexc.AuthenticationError):
-            return ConfigurationError(f"Redis refused the credentials in {self.where!r}")
-        certificate = _tls_problem(exc)
-        if certificate is not None:
-            return ConfigurationError(
-                f"TLS with Redis at {self.where} failed: {certificate} -- give the server's "
-                "CA with ?ssl_ca_certs=/path/ca.pem in REDIS_URL (rediss:// for TLS)"
-            )
-        if isinstance(exc, (rexc.TimeoutError, TimeoutError)):
-            return StoreTimeoutError(f"Redis did not answer {what} within {self.op_timeout} s")
-        if isinstance(exc, (rexc.ConnectionError, OSError)):
-            return StoreUnavailableError(
-                f"Redis at {self.where} is unreachable during {what}: {detail}"
-            )
-        if isinstance(exc, (rexc.RedisError, rexc.RedisClusterException)):
-            return StoreError(f"Redis failed during {what}: {detail}")
-        if isinstance(exc, (AttributeError, TypeError)):
-            # redis-py writing to a connection the peer has just reset (or one its cluster
-            # client is tearing down) leaks the transport's internals as these instead of a
-            # ConnectionError (redis/redis-py#4287): the connection broke mid-call.
-            return StoreUnavailableError(
-                f"Redis connection broke during {what}: {type(exc).__name__}: {detail}"
-            )
-        return StoreError(f"Redis failed during {what}: {type(exc).__name__}: {detail}")
+        return errormap.translate(what, exc, where=self.where, op_timeout=self.op_timeout)
 
     @staticmethod
     async def pipelined(c: Client, fill: Callable[[Client, Any], Awaitable[None]]) -> list[Any]:

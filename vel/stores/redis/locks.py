@@ -26,9 +26,11 @@ from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
 from vel.stores.redis.client import Client, Connector, ms
+from vel.stores.redis.items import Window, encode
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import LOCKED
-from vel.stores.redis.sessions import Sessions, Window, encode, read_window
+from vel.stores.redis.sessions import Sessions
+from vel.stores.redis.windowread import read_window
 
 log = get_logger("vel.redis")
 T = TypeVar("T")

@@ -8,7 +8,8 @@ expires). The seed installs a Postgres window only if the session is still absen
 warm lease is still held (3.4); a copy may hold only its newest messages (3.10), and
 :meth:`Sessions.extend` prepends older ones only onto the copy they were read for. A long
 history is pushed in chunks under a staging key, then swapped in by one script, so readers
-see the old history or the new one whole. Messages are stored as ``"<message id>\\n<json>"``.
+see the old history or the new one whole. How a message is stored, and the shapes a read
+returns, are in :mod:`vel.stores.redis.items`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
-
-from redis import exceptions as rexc
 
 from vel import failpoints
 from vel.bounds import limit_arg
@@ -34,16 +32,15 @@ from vel.errors import (
 )
 from vel.messages import (
     Message,
-    check_message_ids,
     decode_items,
     decode_message,
-    encode_messages,
     validate_session_id,
 )
 from vel.stores.redis.client import Client, Connector, ms, now_ms
-from vel.stores.redis.direct import Script
+from vel.stores.redis.items import Copy, Window, split
 from vel.stores.redis.keys import KeyLayout, SessionKeys
 from vel.stores.redis.scripts import BACKPRESSURE, DAMAGED, MISS, REPLAY
+from vel.stores.redis.windowread import read_window
 
 # Histories longer than this are pushed to a staging key in chunks before the swap.
 STAGE_ITEMS = 1000
@@ -51,76 +48,6 @@ STAGE_ITEMS = 1000
 STAGE_BYTES = 4 * 1024 * 1024
 # A staging key left by a writer that died expires on its own.
 STAGE_TTL = 600.0
-
-
-def encode(
-    messages: Sequence[Message], message_ids: Sequence[str] | None, *, whole: bool = False
-) -> list[str]:
-    """Messages as stored items, ``"<message id>\\n<json>"`` (ids generated if None);
-    ``whole``: a whole history (the replace limit, not the append limit)."""
-    texts = encode_messages(messages, whole_history=whole)
-    ids = check_message_ids(message_ids, len(texts))
-    return [f"{mid}\n{text}" for mid, text in zip(ids, texts, strict=True)]
-
-
-def split(item: bytes | str) -> tuple[str, str]:
-    """A stored item as (message id, JSON text)."""
-    if isinstance(item, bytes):
-        item = item.decode()
-    mid, _, text = item.partition("\n")
-    return mid, text
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A window read from a session's Redis copy.
-
-    Attributes:
-        seq: the session's last seq.
-        base: the copy holds seqs ``base + 1 .. seq`` (0: the whole history).
-        gen, rev: the generation, and the Postgres revision the copy was loaded at (None:
-            unknown), which an older part read from Postgres must match.
-        messages: the last ``min(limit, seq - base)`` messages, oldest first.
-    """
-
-    seq: int
-    base: int
-    gen: int
-    rev: int | None
-    messages: list[Message]
-
-
-async def read_window(
-    head: Script, full: Script, keys: Sequence[str], args: Sequence[Any], limit: int
-) -> list[Any]:
-    """A LOAD-shaped reply (``{seq, base, gen, rev, items...}`` or one negative code) from
-    ``full`` (LOAD, LOCK_LOAD) or, on a plain client, from its ``head`` twin and an LRANGE of
-    the messages (``keys[1]``) in one MULTI/EXEC: the same atomic read, with the items
-    kept out of Lua. ``limit`` is ARGV[6] (-1: all). A count that is not what the header
-    says (a list evicted without its meta) goes through ``full``, which settles it: taking
-    the lock again is idempotent for the same token. So does a Redis out of memory, which
-    queues nothing in a MULTI (a read's script runs there all the same: ``allow-oom``), and
-    an ACL user without MULTI (the script and LRANGE then ran outside one: their replies are
-    ignored)."""
-    if not head.direct or limit == 0:
-        return list(await full(keys=keys, args=args))
-    try:
-        reply, items = await head.with_tail(keys, args, keys[1], 0 if limit < 0 else -limit)
-    except rexc.OutOfMemoryError:
-        return list(await full(keys=keys, args=args))
-    except rexc.NoPermissionError as exc:
-        if "'multi'" not in str(exc).lower() and "'exec'" not in str(exc).lower():
-            raise
-        # An ACL user made without +multi +exec: the scripts alone, from now on.
-        head.untransacted()
-        return list(await full(keys=keys, args=args))
-    seq = int(reply[0])
-    if seq < 0:
-        return list(reply)
-    held = seq - int(reply[1])
-    if len(items) == (held if limit < 0 else min(limit, held)):
-        return [*reply, *items]
-    return list(await full(keys=keys, args=args))
 
 
 def _chunks(items: Sequence[str]) -> list[list[str]]:
@@ -133,26 +60,6 @@ def _chunks(items: Sequence[str]) -> list[list[str]]:
         groups[-1].append(item)
         size += len(item)
     return groups
-
-
-@dataclass(frozen=True, slots=True)
-class Copy:
-    """A session's whole Redis copy, read in one step (for conflict resolution)."""
-
-    seq: int
-    flushed: int
-    base: int
-    gen: int
-    fgen: int
-    conflict: str | None
-    items: list[tuple[str, str]]  # (message id, JSON text) of seqs base+1 .. seq
-
-    def unflushed(self) -> list[tuple[str, str]]:
-        """What Postgres lacks of it: the messages after ``flushed``, or the whole copy
-        after a replace not yet flushed."""
-        if self.gen != self.fgen:
-            return list(self.items)
-        return self.items[self.flushed - self.base :]
 
 
 class Sessions:

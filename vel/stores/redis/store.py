@@ -9,13 +9,14 @@ slides the session's TTL, and the TTL ends the session. In both, reads slide the
 to the retention deadline, which counts from the last write (3.9).
 
 The store is a facade over parts that each hold one responsibility:
-:mod:`~vel.stores.redis.client` (connections, the one error mapping),
-:mod:`~vel.stores.redis.sessions` (session data), :mod:`~vel.stores.redis.locks` (leases and
-locked turns), :mod:`~vel.stores.redis.writebehind` (what the flusher claims and acknowledges)
-and :mod:`~vel.stores.redis.listing`; key names come from :mod:`~vel.stores.redis.keys`, Lua
-from :mod:`~vel.stores.redis.scripts` (and the modules it names). Two groups of its calls are
-mixins: :class:`~vel.stores.redis.leases.LeaseCalls` (leases and locked turns) and
-:class:`~vel.stores.redis.tier.HotTier` (the calls only the two-tier store makes).
+:mod:`~vel.stores.redis.client` (connections, bounded calls), :mod:`~vel.stores.redis.errormap`
+(the one error mapping), :mod:`~vel.stores.redis.sessions` (session data),
+:mod:`~vel.stores.redis.locks` (leases and locked turns), :mod:`~vel.stores.redis.writebehind`
+(what the flusher claims and acknowledges) and :mod:`~vel.stores.redis.listing`; key names come
+from :mod:`~vel.stores.redis.keys`, Lua from :mod:`~vel.stores.redis.scripts` (and the modules
+it names). Two groups of its calls are mixins: :class:`~vel.stores.redis.leases.LeaseCalls`
+(leases and locked turns) and :class:`~vel.stores.redis.tier.HotTier` (the calls only the
+two-tier store makes).
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ from vel.stores.base import SessionInfo
 from vel.stores.listing import HistoryPage, Query, SessionDetails, SessionPage, _Unset
 from vel.stores.redis import catalog
 from vel.stores.redis.client import Client, Connector
+from vel.stores.redis.items import Window, encode
 from vel.stores.redis.keys import KeyLayout
 from vel.stores.redis.leases import LeaseCalls
 from vel.stores.redis.listing import scan_sessions
 from vel.stores.redis.locks import Locks
-from vel.stores.redis.sessions import Sessions, Window, encode
+from vel.stores.redis.sessions import Sessions
 from vel.stores.redis.tier import HotTier
 from vel.stores.redis.writebehind import WriteBehind
 

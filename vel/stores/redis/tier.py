@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vel.stores.redis.sessions import Copy, Sessions
+from vel.stores.redis.items import Copy
+from vel.stores.redis.sessions import Sessions
 from vel.stores.redis.writebehind import Claim, Conflict, Pending, WriteBehind
 
 

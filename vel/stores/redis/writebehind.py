@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vel.stores.redis.client import Client, Connector, ms, now_ms
+from vel.stores.redis.items import split
 from vel.stores.redis.keys import KeyLayout
-from vel.stores.redis.sessions import Sessions, split
+from vel.stores.redis.sessions import Sessions
 from vel.stores.redis.wbscripts import PENDING_HEADER
 
 
