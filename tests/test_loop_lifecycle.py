@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import schema_dsn
-from userscripts import MANY_LOOPS, STREAM_LEFT_OPEN, Exit, run_script, spec_usage
+from userscripts import ACLOSE_IN_FLIGHT, MANY_LOOPS, STREAM_LEFT_OPEN, Exit, run_script, spec_usage
 from workers import worker_env
 
 from vel.stores.postgres import PostgresStore
@@ -213,3 +213,32 @@ async def test_a_stream_left_suspended_ends_its_turn_when_the_loop_ends(
         assert await store.load(sid) == []
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("pre", [0.005, 0.1])
+@pytest.mark.parametrize("mode", ["database", "redis"])
+async def test_aclose_waits_for_the_turns_in_flight_then_drains_them(
+    tmp_path: Path, env: dict[str, str], mode: str, pre: float
+) -> None:
+    """aclose() while 20 turns run (a shutdown hook while requests finish). Before: in-flight
+    turns failed with "Redis ... unreachable" (the Agent had closed its own connections), a
+    raw RuntimeError from the closed model client, or a ProviderError; or they were
+    acknowledged after aclose() had drained, and stayed in Redis with no warning; a turn
+    after aclose() worked. Now every turn ends whole before the drain, all 40 messages are
+    in Postgres when aclose() returns, and a turn after it raises AgentClosedError."""
+    script = tmp_path / "aclose_in_flight.py"
+    script.write_text(ACLOSE_IN_FLIGHT)
+    prefix = f"ac-{uuid.uuid4().hex[:8]}"
+    done = await asyncio.to_thread(
+        run_script,
+        script,
+        {**env, "VEL_TEST_MODE": mode, "VEL_TEST_SESSION": prefix, "VEL_TEST_PRE": str(pre)},
+        hang_after=30.0,
+    )
+    assert done.returncode == 0, done.describe()
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ended"] == ["ok"] * 20, report
+    assert report["unfinished_at_close"] == 0, report
+    assert report["stored"] == 40, report
+    assert report["after"] == "AgentClosedError", report
+    assert "Traceback" not in done.stderr and "ERROR" not in done.stderr, done.describe()

@@ -131,6 +131,66 @@ print(json.dumps({
 """
 
 
+# Twenty turns started as tasks on five sessions, then aclose() after VEL_TEST_PRE seconds
+# (a shutdown hook while requests finish), then one turn more; prints what each ended with and
+# how many messages Postgres holds right after aclose() returned.
+ACLOSE_IN_FLIGHT = """\
+import asyncio
+import json
+import os
+import time
+
+import asyncpg
+
+from vel import Agent, AgentClosedError
+
+agent = Agent(
+    id='my-agent',
+    model={'provider': 'openai', 'model': 'gpt-4o'},
+    session_storage=os.environ['VEL_TEST_MODE'],
+)
+prefix = os.environ['VEL_TEST_SESSION']
+
+
+async def main():
+    ended = []
+
+    async def turn(i):
+        try:
+            await agent.run({'message': f'turn {i} [[slow 0.01]]'}, session_id=f'{prefix}-{i % 5}')
+            ended.append('ok')
+        except Exception as exc:
+            ended.append(f'{type(exc).__name__}: {exc}')
+
+    tasks = [asyncio.create_task(turn(i)) for i in range(20)]
+    await asyncio.sleep(float(os.environ['VEL_TEST_PRE']))
+    began = time.monotonic()
+    await agent.aclose()
+    took = time.monotonic() - began
+    unfinished = sum(not t.done() for t in tasks)
+    conn = await asyncpg.connect(os.environ['POSTGRES_DSN'])
+    try:
+        stored = await conn.fetchval(
+            'SELECT count(*) FROM vel_messages WHERE session_id LIKE $1', prefix + '-%'
+        )
+    finally:
+        await conn.close()
+    await asyncio.gather(*tasks)
+    try:
+        await agent.run({'message': 'after'}, session_id=f'{prefix}-after')
+        after = 'ok'
+    except AgentClosedError:
+        after = 'AgentClosedError'
+    print(json.dumps({
+        'ended': ended, 'unfinished_at_close': unfinished, 'aclose_s': took,
+        'stored': stored, 'after': after,
+    }))
+
+
+asyncio.run(main())
+"""
+
+
 # A turn stream the program stops reading and never closes (no aclose(), no aclosing), then
 # main() returns: VEL_TEST_HOLDER says what holds the suspended stream then: 'global' (a
 # module-level list, so asyncio's shutdown closes it), 'sse' (the same, framed by

@@ -9,6 +9,7 @@ from vel.agent import Agent
 from vel.context import ContextManager, StatelessContextManager
 from vel.errors import (
     AccessDeniedError,
+    AgentClosedError,
     BackpressureError,
     ConfigurationError,
     InvalidInputError,
@@ -33,6 +34,7 @@ from vel.tools import Tool
 __all__ = [
     "AccessDeniedError",
     "Agent",
+    "AgentClosedError",
     "BackpressureError",
     "ConfigurationError",
     "ContextManager",

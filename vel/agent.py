@@ -13,6 +13,8 @@ released whatever ends the turn, before ``run()`` returns or raises.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -27,7 +29,14 @@ from vel._loops import hold_end
 from vel._shield import CancelWatch
 from vel.bounds import MAX_STEPS, WAIT
 from vel.context import ContextManager
-from vel.errors import ConfigurationError, InvalidInputError, TurnCancelledError, VelError
+from vel.errors import (
+    AgentClosedError,
+    ConfigurationError,
+    InvalidInputError,
+    TurnCancelledError,
+    VelError,
+)
+from vel.logs import get_logger
 from vel.messages import (
     Message,
     encode_message,
@@ -41,6 +50,10 @@ from vel.providers import Provider, make_provider
 from vel.steps import Cancelled, CancelToken, Outcome, model_step
 from vel.stores import StorageSpec, acquire_store, release_store
 from vel.tools import Tool, build_tools
+
+log = get_logger("vel.agent")
+# Seconds between aclose()'s looks at the turns still running.
+_TURN_POLL = 0.01
 
 DEFAULT_MAX_STEPS = 8
 
@@ -136,6 +149,9 @@ class Agent:
         # A safety net only: each store call has its own deadline, which ends a commit first.
         self._commit_limit = commit_limit()
         self._closed = False
+        # Turns running now, by run id: the task driving each (aclose() waits for them).
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._running_guard = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Agent(id={self.id!r}, model={self.model.get('model')!r}, store={self.store!r})"
@@ -146,14 +162,45 @@ class Agent:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Drain pending writes and release the model client and store. Idempotent."""
+    async def aclose(self, timeout: float = 30.0) -> None:
+        """Close the Agent: wait for its turns still running in other tasks (at most
+        ``timeout`` seconds), then drain pending writes and release the model client and
+        store. Idempotent.
+
+        Turns started afterwards raise :class:`~vel.errors.AgentClosedError`; so does a turn
+        that fails after ``aclose()`` stopped waiting for it (the failure as its cause). A
+        turn stream suspended in the task that calls ``aclose()`` is not waited for (only
+        that task could resume it).
+
+        Raises:
+            InvalidInputError: a timeout out of range.
+        """
+        limit = WAIT.check("timeout", timeout, InvalidInputError)
         if self._closed:
             return
         self._closed = True
+        await self._turns_ended(limit)
         await self.ctxmgr.aclose()  # its summariser uses the provider
         await self.provider.aclose()
         await release_store(self.store, self._store_key)
+
+    async def _turns_ended(self, limit: float) -> None:
+        # Polled: the turns may run on other threads' loops, which cannot wake this one.
+        me = asyncio.current_task()
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with self._running_guard:
+                waiting = [t for t in self._running.values() if t is not me and not t.done()]
+            if not waiting:
+                return
+            await asyncio.sleep(_TURN_POLL)
+        log.warning(
+            "Agent %r closed with %d turn(s) still running after %.1f s; they will fail with "
+            "AgentClosedError",
+            self.id,
+            len(waiting),
+            limit,
+        )
 
     # -- public API ----------------------------------------------------------------------
 
@@ -266,6 +313,12 @@ class Agent:
         yield ev.start(run_id)
         open_blocks: list[ev.Event] = []  # closing events for what is open, innermost last
         try:
+            if self._closed:
+                raise AgentClosedError(f"Agent {self.id!r} is closed (aclose()); make a new one")
+            task = asyncio.current_task()
+            if task is not None:
+                with self._running_guard:
+                    self._running[run_id] = task
             new_messages, client_owned = self._parse_input(input)
             if session_id is not None:
                 validate_session_id(session_id)
@@ -311,6 +364,12 @@ class Agent:
             yield ev.finish(outcome.metadata())
         except Exception as exc:
             mark(exc, outcome.receipt, session_id)
+            if self._closed and not isinstance(exc, AgentClosedError):
+                # What failed is the Agent's own closing (its pools, its model client), not
+                # the backend the message would name: say so, with the failure as the cause.
+                closed = AgentClosedError(f"Agent {self.id!r} closed while this turn ran: {exc}")
+                closed.__cause__ = exc
+                exc = closed
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
             # terminal event; run() re-raises the original exception.
             outcome.error = exc
@@ -324,6 +383,8 @@ class Agent:
             mark(exc, outcome.receipt, session_id)
             raise
         finally:
+            with self._running_guard:
+                self._running.pop(run_id, None)
             self.ctxmgr.end_run(run_id)
             TURN.observe(time.perf_counter() - started)
             tracing.end(span, outcome.error)

@@ -129,6 +129,11 @@ class ProviderError(VelError):
     """The model provider failed."""
 
 
+class AgentClosedError(VelError, RuntimeError):
+    """The Agent was closed (``Agent.aclose()``): a turn started after it, or a turn still
+    running when ``aclose()`` stopped waiting for it (the cause is what then failed)."""
+
+
 class ToolError(VelError):
     """A tool could not be described or called."""
 
