@@ -1,6 +1,11 @@
 """Work that must finish whatever cancels its caller (a turn's commit, lock releases), and
 noticing a cancellation that a driver swallowed.
 
+A commit (:func:`finish`) holds its caller until it is done: the caller must learn whether
+the turn was stored. A lock's release after a turn that stored nothing (:func:`release`)
+holds it for :data:`RELEASE_WAIT` at most, then goes on in the background: the caller learns
+nothing from it, and the lock's lease bounds a release that never lands.
+
 A cancellation reaches a task two ways. An anyio cancel scope (Starlette, FastAPI, anyio
 code) cancels the task again at every await until the scope is left, so a ``finally`` that
 awaits a release never completes. asyncio's ``task.cancel()`` (``asyncio.timeout``,
@@ -37,6 +42,10 @@ Work = Callable[[], Coroutine[Any, Any, T]]
 
 # How long a work cut off by its limit is given to end after its cancellation.
 _WIND_DOWN = 1.0
+# Seconds a caller waits for its lock's release (see release()).
+RELEASE_WAIT = 0.5
+# Releases going on in tasks of their own.
+_released: set[asyncio.Task[None]] = set()
 
 
 class CancelWatch:
@@ -119,6 +128,39 @@ async def finish(work: Work[T], limit: float, what: str) -> T:
     if done.error is not None:
         raise done.error
     return done.result  # type: ignore[return-value]
+
+
+async def release(work: Work[None], limit: float, what: str) -> None:
+    """Run ``work()``, the idempotent release of a lock by a turn that stored nothing, but
+    keep the caller at most :data:`RELEASE_WAIT` seconds, whatever cancels it meanwhile (a
+    cancellation is raised afterwards, unchanged). A release still running then goes on in
+    a task of its own, bounded by ``limit``: against a frozen backend the caller gets control
+    back near its own deadline rather than a whole operation timeout later, and the lock's
+    lease covers a release that never lands (the task ends with its loop, as every task)."""
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(_bounded(work, limit, what), name=f"vel {what}")
+    _released.add(task)  # the loop holds its tasks weakly
+    task.add_done_callback(_released.discard)
+    cancel: BaseException | None = None
+    with anyio.CancelScope(shield=True):
+        deadline = loop.time() + RELEASE_WAIT
+        while not task.done() and (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait({task}, timeout=remaining)
+            except asyncio.CancelledError as exc:
+                cancel = cancel or exc
+    if cancel is not None:
+        raise cancel
+
+
+async def _bounded(work: Work[None], limit: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(limit):
+            await work()
+    except TimeoutError:
+        log.warning("%s did not finish within %g s; the lock's lease will run out", what, limit)
+    except Exception:
+        log.exception("%s failed; the lock's lease will run out", what)
 
 
 async def _in_own_task(coro: Coroutine[Any, Any, T], limit: float, what: str) -> Settled[T]:

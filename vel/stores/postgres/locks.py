@@ -14,6 +14,7 @@ is released (:mod:`~vel.stores.postgres.handoff`), with a bounded backoff as the
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,9 +28,9 @@ from vel import tracing
 from vel._ids import new_id
 from vel._lease import DeferredKeeper, LeaseKeeper
 from vel._loops import PerLoop
-from vel._shield import finish
+from vel._shield import release
 from vel.bounds import limit_arg, wait_arg
-from vel.errors import SessionLockedError, StoreError, TierLeaseError
+from vel.errors import SessionLockedError, StoreError, StoreUnavailableError, TierLeaseError
 from vel.instrument import observed
 from vel.messages import Message, decode_texts, validate_session_id
 from vel.metrics.histograms import APPEND, LOAD, LOCK_WAIT
@@ -215,14 +216,14 @@ class TurnLocks:
             )
         except SessionLockedError:
             raise
-        except BaseException:
-            await self._abandon(session_id, token)
+        except BaseException as exc:
+            await self._abandon(session_id, token, quiet=isinstance(exc, StoreUnavailableError))
             raise
         keeper = self._keeper(session_id, token)
         try:
             yield
         finally:
-            await finish(lambda: self._end(keeper, session_id, token), self._limit, "unlock")
+            await release(lambda: self._end(keeper, session_id, token), self._limit, "unlock")
 
     @asynccontextmanager
     async def turn(
@@ -251,10 +252,10 @@ class TurnLocks:
                 LOAD.observe(time.perf_counter() - tried)
         except SessionLockedError:
             raise
-        except BaseException:
+        except BaseException as exc:
             # Postgres may have granted the lock with its reply lost, or may still receive
             # the attempt: give it up by token.
-            await self._abandon(session_id, token)
+            await self._abandon(session_id, token, quiet=isinstance(exc, StoreUnavailableError))
             raise
         # Started after a sixth of the lease, the keeper first renews at half of it.
         keeper = DeferredKeeper(lambda: self._keeper(session_id, token), self.lease / 6)
@@ -267,7 +268,7 @@ class TurnLocks:
             # left to do (and no shielded scope to pay for).
             if not turn.released:
                 # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-                await finish(lambda: self._end_turn(turn), self._limit, "unlock")
+                await release(lambda: self._end_turn(turn), self._limit, "unlock")
 
     async def _end(self, keeper: LeaseKeeper, session_id: str, token: str) -> None:
         await keeper.stop()
@@ -278,8 +279,14 @@ class TurnLocks:
         if not turn.released:
             await self._release(turn.session_id, turn.token)
 
-    async def _abandon(self, session_id: str, token: str) -> None:
-        await finish(lambda: self._release(session_id, token, _LOCK_ABANDON), self._limit, "unlock")
+    async def _abandon(self, session_id: str, token: str, *, quiet: bool = False) -> None:
+        """Give up a lock attempt by token; ``quiet``: the attempt itself found Postgres
+        unreachable, which its caller is told, so a failed abandon is not logged again."""
+        await release(
+            lambda: self._release(session_id, token, _LOCK_ABANDON, quiet=quiet),
+            self._limit,
+            "unlock",
+        )
 
     def _keeper(self, session_id: str, token: str) -> LeaseKeeper:
         return LeaseKeeper(
@@ -289,13 +296,16 @@ class TurnLocks:
             session_id,
         )
 
-    async def _release(self, session_id: str, token: str, sql: str = _LOCK_RELEASE) -> None:
+    async def _release(
+        self, session_id: str, token: str, sql: str = _LOCK_RELEASE, *, quiet: bool = False
+    ) -> None:
         try:
             await self._db.run("release turn lock", lambda c: c.execute(sql, session_id, token))
             self._released(session_id)
         except StoreError as exc:
             # Not worth failing a finished turn over: the lease runs out by itself.
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "could not release turn lock of session %r: %s",
                 session_id,
                 exc,

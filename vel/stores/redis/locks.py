@@ -9,6 +9,7 @@ and released by the append that stores its messages (DESIGN.md 4, turns).
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,9 +19,14 @@ from typing import Any, TypeVar
 from vel import tracing
 from vel._ids import new_id
 from vel._lease import LeaseKeeper
-from vel._shield import finish
+from vel._shield import release
 from vel.bounds import limit_arg, wait_arg
-from vel.errors import SessionLockedError, StoreError, StoreTimeoutError
+from vel.errors import (
+    SessionLockedError,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
 from vel.instrument import observed
 from vel.logs import get_logger
 from vel.messages import Message, validate_session_id
@@ -243,15 +249,21 @@ class Locks:
             return await until_locked
         except SessionLockedError:
             raise
-        except BaseException:
-            await finish(lambda: self._abandon(keys, token), self._limit, "turn lock release")
+        except BaseException as exc:
+            # An attempt that found Redis unreachable: its caller is told, so a failed
+            # abandon is not logged again.
+            quiet = isinstance(exc, StoreUnavailableError)
+            await release(
+                lambda: self._abandon(keys, token, quiet), self._limit, "turn lock release"
+            )
             raise
 
-    async def _abandon(self, keys: SessionKeys, token: str) -> None:
+    async def _abandon(self, keys: SessionKeys, token: str, quiet: bool = False) -> None:
         try:
             await self.abandon_lock(keys.turn_lock, token, self._lease, keys.wake)
         except StoreError:
-            log.warning(
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
                 "could not release turn lock %s; its lease will run out",
                 keys.turn_lock,
                 extra={"session_id": self._keys.session_id_of(keys.meta)},
@@ -275,7 +287,7 @@ class Locks:
             yield
         finally:
             # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-            await finish(lambda: self._end_lock(keeper, keys, token), self._limit, "unlock")
+            await release(lambda: self._end_lock(keeper, keys, token), self._limit, "unlock")
 
     async def _end_lock(self, keeper: LeaseKeeper, keys: SessionKeys, token: str) -> None:
         await keeper.stop()
@@ -341,7 +353,7 @@ class Locks:
             if turn is not None and not turn.committed:
                 held = turn
                 # Shielded and bounded: an anyio scope cancels every await of a plain finally.
-                await finish(lambda: self._end_turn(held, keys), self._limit, "unlock")
+                await release(lambda: self._end_turn(held, keys), self._limit, "unlock")
             # A committed turn has nothing left to do: its commit stopped the lease keeping
             # and released the lock.
 
