@@ -18,7 +18,7 @@ import pytest
 from conftest import model_for, schema_dsn
 from test_cli import clean_env, vel_cmd
 
-from vel import Agent
+from vel import Agent, TurnReceipt, turn_committed
 from vel.errors import TierLeaseError
 from vel.stores.postgres import PostgresStore
 from vel.stores.redis import RedisStore
@@ -152,6 +152,33 @@ async def test_a_database_mode_turn_is_refused_before_the_model_is_called(
             await admin.run({"message": "hello"}, session_id=s)
         assert len(srv.requests) == calls
     assert contents(await tier.load(s)) == ["hot"]
+
+
+async def test_a_database_turn_whose_session_the_tier_takes_meanwhile_stores_nothing(
+    both_modes: dict[str, str], srv: FakeOpenAIServer, tier: TieredStore
+) -> None:
+    """A 'redis' worker takes a brand-new session while a 'database' turn on it runs (here:
+    during its tool call): the commit is refused with TierLeaseError inside its transaction,
+    so the receipt says nothing was stored (it said "unknown": newuser trial F3, 44 of 50
+    races), and Postgres holds only the 'redis' worker's message."""
+    s = sid()
+
+    async def take(key: str) -> str:
+        await tier.append(s, [{"role": "user", "content": "redis"}])
+        return key
+
+    receipt = TurnReceipt()
+    async with Agent(
+        id="d", model=model_for(srv), session_storage="database", tools=[take]
+    ) as agent:
+        with pytest.raises(TierLeaseError) as refused:
+            await agent.run(
+                {"message": '[[call take {"key": "k"}]]'}, session_id=s, receipt=receipt
+            )
+    assert receipt.stored is False
+    assert turn_committed(refused.value) is False
+    assert await tier.flush(10)
+    assert await postgres_contents(both_modes["POSTGRES_DSN"], s) == ["redis"]
 
 
 async def test_import_in_database_mode_beside_redis_workers_is_refused_whole(

@@ -25,12 +25,19 @@ from typing import Any
 import anyio.lowlevel
 
 from vel._shield import settle
-from vel.errors import BackpressureError, ConfigurationError, InvalidInputError, StoreFullError
+from vel.errors import (
+    BackpressureError,
+    ConfigurationError,
+    InvalidInputError,
+    StoreFullError,
+    TierLeaseError,
+)
 from vel.settings import Settings, load_settings
 
 _MARK = "_vel_turn_stored"
-# Failures a store reports before anything is applied: the turn is not stored.
-_NOT_STORED = (InvalidInputError, BackpressureError, StoreFullError)
+# Failures a store reports before anything is applied: the turn is not stored. A tier
+# lease refuses a 'database' commit inside its one transaction, which rolls back whole.
+_NOT_STORED = (InvalidInputError, BackpressureError, StoreFullError, TierLeaseError)
 
 
 @dataclass
