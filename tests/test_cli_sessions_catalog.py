@@ -97,3 +97,22 @@ async def test_export_and_import_carry_the_owner(ops: Env, tmp_path: Any) -> Non
         {"title": "one"},
         6,
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (("sessions", "list", "--limit", "0"), "from 1 to 2147483647"),
+        (("sessions", "show", "a1", "--limit", "0"), "from 1 to 1000"),
+        (("sessions", "show", "a1", "--limit", "1001"), "from 1 to 1000"),
+    ],
+)
+async def test_a_limit_out_of_range_is_a_usage_error_naming_the_range(
+    ops: Env, argv: tuple[str, ...], shown: str
+) -> None:
+    """docs/operations.md: a numeric option out of its range is a usage error (exit 2) that
+    names the range. `--limit 0` ended with exit 1 from the store's own check, and `show`
+    took any integer (newuser trial F9)."""
+    done = await ops.vel(*argv)
+    assert done.returncode == 2, done.stderr
+    assert "--limit" in done.stderr and shown in done.stderr, done.stderr

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from vel.bounds import AGE, COUNT, cli
+from vel.bounds import AGE, MAX_COUNT, Bound, cli
 from vel.catalog_ops import catalog_of
 from vel.cli._common import Backends, open_backends
 from vel.errors import InvalidInputError, StoreError
@@ -27,6 +27,11 @@ from vel.stores.listing import (
     check_seq,
     make_query,
 )
+
+# --limit of `sessions list` (one page holds MAX_PAGE at most: the rest comes with --cursor) and of
+# `sessions show` (one page).
+_SESSIONS = Bound(1, MAX_COUNT, integer=True)
+_PAGE = Bound(1, MAX_PAGE, integer=True)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -161,7 +166,7 @@ def register(base: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p = base("list", "sessions with messages by last activity, a page at a time")
     p.add_argument(
         "--limit",
-        type=cli(COUNT, "--limit"),
+        type=cli(_SESSIONS, "--limit"),
         default=100,
         help=f"at most this many sessions (a page holds at most {MAX_PAGE})",
     )
@@ -186,6 +191,8 @@ def register(base: Callable[[str, str], argparse.ArgumentParser]) -> None:
     p.add_argument("session_id", help="the session to print")
     p.add_argument("--before", type=int, metavar="SEQ", help="the page before this seq")
     p.add_argument("--after", type=int, metavar="SEQ", help="the page after this seq")
-    p.add_argument("--limit", type=int, help="messages per page (default 50 when paging)")
+    p.add_argument(
+        "--limit", type=cli(_PAGE, "--limit"), help="messages per page (default 50 when paging)"
+    )
     p.add_argument("--json", action="store_true", help="the messages as one JSON array")
     p.set_defaults(run=cmd_show)
