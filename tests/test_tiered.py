@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from servers import RedisServer
 
 from vel.errors import BackpressureError, StoreFullError
@@ -333,3 +334,39 @@ async def test_a_locked_turn_counts_its_window_read_as_a_hit_or_a_miss(
         assert turn.window == [msg(1)]
         await turn.commit([msg(2)])
     assert (tiered.counters["redis_misses"], tiered.counters["redis_hits"]) == (1, 2)
+
+
+async def test_the_flusher_pipelines_scripts_without_asking_redis_whether_it_has_them(
+    pg_dsn: str, migrated_schema: str
+) -> None:
+    """The flusher's pipelined scripts (READ, ACK) go as plain EVALSHA: redis-py's script
+    objects made every pipeline ask SCRIPT EXISTS first (a round trip of its own, and a
+    cancellation during it left the pipeline holding its connection: the "Unclosed Pipeline
+    client" of loop ends on a loaded machine). A server that lost its scripts is answered
+    by loading them and running the pipeline again."""
+    with RedisServer() as server:
+        store = TieredStore(
+            RedisStore(server.url, key_prefix="p", write_behind=True, flush_delay=0),
+            PostgresStore(pg_dsn, schema=migrated_schema),
+            flusher=False,
+        )
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            s = sid()
+            await store.append(s, [msg(1)])
+            await store.hot.pending([s], 10)  # the fresh server learns the scripts
+            await client.config_resetstat()
+            # What a loop's end drain asks of each session it wrote (pipelined READ).
+            (item,) = await store.hot.pending([s], 10)
+            assert item is not None and len(item.rows) == 1
+            stats = await client.info("commandstats")
+            assert "cmdstat_script|exists" not in stats, stats
+            assert stats["cmdstat_evalsha"]["calls"] == 1, stats
+            await client.script_flush()
+            (item,) = await store.hot.pending([s], 10)
+            assert item is not None and len(item.rows) == 1
+            assert await store.flush(10)
+            assert (await store.hot.backlog())[0] == 0
+        finally:
+            await client.aclose()
+            await store.aclose()

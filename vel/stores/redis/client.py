@@ -124,14 +124,14 @@ class Client:
         self.scripts.append(script)
         return script
 
-    async def queue(self, pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-        """Add one script call to a non-transactional pipeline."""
-        if self.cluster:
-            # redis-py refuses pipe.evalsha on a cluster; the raw command is routed by its
-            # keys like any other (a node lacking the script: see Connector.pipelined).
-            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        else:
-            await script(keys=keys, args=args, client=pipe)
+    def queue(self, pipe: Any, script: Script, keys: list[str], args: list[Any]) -> None:
+        """Add one script call to a non-transactional pipeline, as a plain EVALSHA. Not
+        redis-py's script objects: with one queued, a pipeline first asks ``SCRIPT EXISTS``,
+        a round trip of its own on every execution (and a cancellation during it left the
+        pipeline holding its connection: "Unclosed Pipeline client"). A server that lacks
+        the script is :meth:`Connector.pipelined`'s to handle; a cluster pipeline routes the
+        raw command by its keys like any other."""
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def load_scripts(self) -> None:
         """Load every script on every master (a cluster's pipelines cannot load them, and a
@@ -349,16 +349,17 @@ class Connector:
     @staticmethod
     async def pipelined(c: Client, fill: Callable[[Client, Any], Awaitable[None]]) -> list[Any]:
         """Run ``fill``'s commands in one non-transactional pipeline (on a cluster: one per
-        node). A cluster pipeline cannot load a script a node lacks (a promoted replica may
-        have none), so then every script is loaded and the pipeline runs again: only
-        idempotent scripts (PENDING, ACK) are pipelined."""
+        node). Scripts are queued as plain EVALSHA (:meth:`Client.queue`), so a server that
+        lacks one (restarted, flushed, a promoted replica) answers NOSCRIPT: every script is
+        then loaded and the pipeline runs again, which is why only idempotent scripts
+        (READ, ACK, DROP_CLEAN) are pipelined."""
         for attempt in range(2):
             pipe = c.redis.pipeline(transaction=False)
             await fill(c, pipe)
             try:
                 return list(await pipe.execute())
             except rexc.NoScriptError:
-                if attempt or not c.cluster:
+                if attempt:
                     raise
                 await c.load_scripts()
         raise AssertionError("unreachable")

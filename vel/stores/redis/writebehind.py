@@ -172,7 +172,7 @@ class WriteBehind:
         async def fill(c: Client, pipe: Any) -> None:
             for bucket, sids in by_bucket.items():
                 args = [*head, *self._keys.prefixes(bucket), *sids]
-                await c.queue(pipe, c.flush_read, self._bucket_keys(bucket), args)
+                c.queue(pipe, c.flush_read, self._bucket_keys(bucket), args)
 
         replies = await self._redis.call(
             "pending", lambda c: self._redis.pipelined(c, fill), idempotent=True
@@ -214,7 +214,7 @@ class WriteBehind:
 
         async def fill(c: Client, pipe: Any) -> None:
             for keys, args in calls:
-                await c.queue(pipe, c.flush_ack, keys, args)
+                c.queue(pipe, c.flush_ack, keys, args)
 
         async def run(c: Client) -> list[Any]:
             if len(calls) == 1:
@@ -326,7 +326,7 @@ class WriteBehind:
         async def fill(c: Client, pipe: Any) -> None:
             for sid in session_ids:
                 keys = self._keys.session(sid)
-                await c.queue(pipe, c.drop_clean, [*keys.data, keys.dirty, keys.conflicts], [sid])
+                c.queue(pipe, c.drop_clean, [*keys.data, keys.dirty, keys.conflicts], [sid])
 
         if not session_ids:
             return []
