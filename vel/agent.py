@@ -149,6 +149,8 @@ class Agent:
         # A safety net only: each store call has its own deadline, which ends a commit first.
         self._commit_limit = commit_limit()
         self._closed = False
+        # Set once aclose() has stopped waiting for turns and closes what they use.
+        self._shut = False
         # Turns running now, by run id: the task driving each (aclose() waits for them).
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._running_guard = threading.Lock()
@@ -180,6 +182,7 @@ class Agent:
             return
         self._closed = True
         await self._turns_ended(limit)
+        self._shut = True
         await self.ctxmgr.aclose()  # its summariser uses the provider
         await self.provider.aclose()
         await release_store(self.store, self._store_key)
@@ -188,11 +191,13 @@ class Agent:
         # Polled: the turns may run on other threads' loops, which cannot wake this one.
         me = asyncio.current_task()
         deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
+        while True:
             with self._running_guard:
                 waiting = [t for t in self._running.values() if t is not me and not t.done()]
             if not waiting:
                 return
+            if time.monotonic() >= deadline:
+                break
             await asyncio.sleep(_TURN_POLL)
         log.warning(
             "Agent %r closed with %d turn(s) still running after %.1f s; they will fail with "
@@ -364,14 +369,14 @@ class Agent:
             yield ev.finish(outcome.metadata())
         except Exception as exc:
             mark(exc, outcome.receipt, session_id)
-            if self._closed and not isinstance(exc, AgentClosedError):
+            if self._shut and not isinstance(exc, AgentClosedError):
                 # What failed is the Agent's own closing (its pools, its model client), not
                 # the backend the message would name: say so, with the failure as the cause.
                 closed = AgentClosedError(f"Agent {self.id!r} closed while this turn ran: {exc}")
                 closed.__cause__ = exc
                 exc = closed
             # Whatever failed (vel, a backend, a bug), a stream consumer still gets its one
-            # terminal event; run() re-raises the original exception.
+            # terminal event; run() raises the exception.
             outcome.error = exc
             for closing in reversed(open_blocks):
                 yield closing
