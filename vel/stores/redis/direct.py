@@ -116,10 +116,7 @@ class Script:
         """
         command = _pack("EVALSHA", self.sha, len(keys), *keys, *args)
         tail = _pack("LRANGE", list_key, start, -1)
-        pool: Any = self._pool
-        conn = _checkout(pool) if self._inplace else None
-        if conn is None:
-            conn = await pool.get_connection()
+        conn = await self._take()
         try:
             for _ in range(2):
                 await conn.send_packed_command(_MULTI + command + tail + _EXEC, False)
@@ -147,8 +144,7 @@ class Script:
                 await conn.read_response()
             raise rexc.NoScriptError("script not loaded after SCRIPT LOAD")
         finally:
-            if not (self._inplace and _checkin(pool, conn)):
-                await pool.release(conn)
+            await self._give(conn)
 
     async def __call__(
         self, keys: Sequence[Any] = (), args: Sequence[Any] = (), client: Any = None
@@ -162,10 +158,7 @@ class Script:
         if client is not None or self._pool is None:
             return await self._registered(keys=keys, args=args, client=client)
         command = _pack("EVALSHA", self.sha, len(keys), *keys, *args)
-        pool: Any = self._pool  # redis-py's pool methods are untyped
-        conn = _checkout(pool) if self._inplace else None
-        if conn is None:
-            conn = await pool.get_connection()
+        conn = await self._take()
         try:
             await conn.send_packed_command(command, check_health=False)
             try:
@@ -179,5 +172,14 @@ class Script:
         finally:
             # A connection broken mid-call was disconnected by redis-py (its send and read
             # do that on any error, a cancellation included): the next checkout reconnects.
-            if not (self._inplace and _checkin(pool, conn)):
-                await pool.release(conn)
+            await self._give(conn)
+
+    async def _take(self) -> Any:
+        pool: Any = self._pool  # redis-py's pool methods are untyped
+        conn = _checkout(pool) if self._inplace else None
+        return conn if conn is not None else await pool.get_connection()
+
+    async def _give(self, conn: Any) -> None:
+        pool: Any = self._pool
+        if not (self._inplace and _checkin(pool, conn)):
+            await pool.release(conn)
