@@ -37,13 +37,7 @@ from vel.errors import (
     VelError,
 )
 from vel.logs import get_logger
-from vel.messages import (
-    Message,
-    encode_message,
-    encode_messages,
-    validate_message,
-    validate_session_id,
-)
+from vel.messages import Message, parse_turn_input, validate_session_id
 from vel.metrics.histograms import TURN
 from vel.outcome import TurnReceipt, commit, commit_limit, mark
 from vel.providers import Provider, make_provider
@@ -275,26 +269,6 @@ class Agent:
 
     # -- the turn --------------------------------------------------------------------------
 
-    def _parse_input(self, input: Mapping[str, Any]) -> tuple[list[Message], bool]:
-        if not isinstance(input, Mapping):
-            raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
-        if "messages" in input:
-            messages = input["messages"]
-            if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
-                raise InvalidInputError("input['messages'] must be a list of message dicts")
-            checked = [validate_message(m) for m in messages]
-            # Refuse what cannot be sent as JSON here, with a typed error, not mid-request.
-            encode_messages(checked)
-            return checked, True
-        if "message" in input:
-            content = input["message"]
-            if not isinstance(content, (str, list)):
-                raise InvalidInputError("input['message'] must be a str (or content parts)")
-            message: Message = {"role": "user", "content": content}
-            encode_message(message)  # stored at the end of the turn: refuse it before the model
-            return [message], False
-        raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
-
     def _lock(self, session_id: str | None) -> AbstractAsyncContextManager[_Turn | None]:
         if session_id is None or not self.turn_lock or not self.ctxmgr.stores_history:
             return nullcontext()
@@ -324,7 +298,7 @@ class Agent:
             if task is not None:
                 with self._running_guard:
                     self._running[run_id] = task
-            new_messages, client_owned = self._parse_input(input)
+            new_messages, client_owned = parse_turn_input(input)
             if session_id is not None:
                 validate_session_id(session_id)
             keep = session_id is not None and not client_owned and self.ctxmgr.stores_history

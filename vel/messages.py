@@ -252,3 +252,31 @@ def decode_texts(texts: Iterable[str]) -> list[Message]:
     except ValueError:  # UnicodeEncodeError included
         return [decode_message(text) for text in texts]
     return messages
+
+
+def parse_turn_input(input: Mapping[str, Any]) -> tuple[list[Message], bool]:
+    """A turn's input (``Agent.run``'s ``input``) as its new messages, and whether the caller
+    owns the history (``{'messages': [...]}``: nothing is loaded or stored).
+
+    Raises:
+        InvalidInputError: neither ``{'message': ...}`` nor ``{'messages': [...]}``, or a
+            message that cannot be stored (checked before the model is called).
+    """
+    if not isinstance(input, Mapping):
+        raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
+    if "messages" in input:
+        messages = input["messages"]
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+            raise InvalidInputError("input['messages'] must be a list of message dicts")
+        checked = [validate_message(m) for m in messages]
+        # Refuse what cannot be sent as JSON here, with a typed error, not mid-request.
+        encode_messages(checked)
+        return checked, True
+    if "message" in input:
+        content = input["message"]
+        if not isinstance(content, (str, list)):
+            raise InvalidInputError("input['message'] must be a str (or content parts)")
+        message: Message = {"role": "user", "content": content}
+        encode_message(message)  # stored at the end of the turn: refuse it before the model
+        return [message], False
+    raise InvalidInputError("input must be {'message': ...} or {'messages': [...]}")
