@@ -204,7 +204,8 @@ end
 -- The header alone ({seq, base, gen, rev}, {-1} or {-4}): the caller reads the window with
 -- LRANGE after it in one MULTI/EXEC and checks the count itself; a count that does not
 -- match is sent back through read_window, which settles it. The items do not pass through
--- Lua: copying 20 messages of 1 KB into Lua strings and back cost Redis ~35 us a read.
+-- Lua: copying 20 messages of 1 KB into Lua strings and back cost Redis 41-46 us a call
+-- alone, about 20 us of a locked turn under load (docs/benchmarks.md).
 local function read_head()
   local m = usable(meta(), tonumber(ARGV[7]), true)
   if m == nil then return {-1} end

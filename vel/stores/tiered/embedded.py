@@ -135,8 +135,9 @@ class EmbeddedFlusher:
         loop ran no flusher and Redis answered it last)."""
         # Tasks of other loops end with their loops (_loop_ended).
         task = self._tasks.pop(asyncio.get_running_loop(), None)
-        ran = task is not None and not task.done()
-        if task is not None and ran:
+        ran = False
+        if task is not None and not task.done():
+            ran = True
             self.flusher.stop()
             try:
                 await task
